@@ -1,0 +1,333 @@
+//! The operator plane (PROTOCOL B): retained records under `dps/`, their bodies, and
+//! the result and event topics edgedps publishes.
+//!
+//! Field names are those of Azure DPS enrollments (camelCase). Unknown fields are
+//! refused with their name, so a typo never silently drops a setting.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub const PREFIX: &str = "dps/";
+/// Everything the operator plane owns, as a subscription filter.
+pub const FILTER: &str = "dps/#";
+
+/// The kind of record a retained admin topic holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RecordKind {
+    Enrollment,
+    EnrollmentGroup,
+    Hub,
+    Registration,
+}
+
+impl RecordKind {
+    /// The topic segment after `dps/`.
+    pub fn segment(self) -> &'static str {
+        match self {
+            RecordKind::Enrollment => "enrollments",
+            RecordKind::EnrollmentGroup => "enrollment-groups",
+            RecordKind::Hub => "hubs",
+            RecordKind::Registration => "registrations",
+        }
+    }
+
+    pub fn record_topic(self, id: &str) -> String {
+        format!("{PREFIX}{}/{id}", self.segment())
+    }
+
+    pub fn result_topic(self, id: &str) -> String {
+        format!("{PREFIX}admin/results/{}/{id}", self.segment())
+    }
+}
+
+/// What a publish under `dps/` addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminTopic {
+    /// A retained record an operator may write.
+    Record { kind: RecordKind, id: String },
+    /// Results and events: written by edgedps only.
+    Output,
+    /// Anything else under `dps/`.
+    Unknown,
+}
+
+/// Classifies a topic under `dps/`; `None` for topics outside the operator plane.
+pub fn parse_topic(topic: &str) -> Option<AdminTopic> {
+    let rest = topic.strip_prefix(PREFIX)?;
+    let (segment, id) = match rest.split_once('/') {
+        Some(pair) => pair,
+        None => return Some(AdminTopic::Unknown),
+    };
+    let kind = match segment {
+        "enrollments" => RecordKind::Enrollment,
+        "enrollment-groups" => RecordKind::EnrollmentGroup,
+        "hubs" => RecordKind::Hub,
+        "registrations" => RecordKind::Registration,
+        "admin" | "events" => return Some(AdminTopic::Output),
+        _ => return Some(AdminTopic::Unknown),
+    };
+    if id.is_empty() || id.contains('/') || id.contains('+') || id.contains('#') {
+        return Some(AdminTopic::Unknown);
+    }
+    Some(AdminTopic::Record {
+        kind,
+        id: id.to_owned(),
+    })
+}
+
+pub fn registration_event_topic(registration_id: &str) -> String {
+    format!("{PREFIX}events/registrations/{registration_id}")
+}
+
+/// Outcome of one admin write, on `dps/admin/results/{kind}/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdminResult {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub etag: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error_code: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub message: Option<String>,
+}
+
+/// Admin error codes (HTTP-style, as the DPS service API answers them).
+pub mod codes {
+    pub const BAD_REQUEST: u16 = 400;
+    pub const FORBIDDEN: u16 = 403;
+    pub const NOT_FOUND: u16 = 404;
+    pub const PRECONDITION_FAILED: u16 = 412;
+    pub const INTERNAL: u16 = 500;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ProvisioningStatus {
+    #[default]
+    Enabled,
+    Disabled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AllocationPolicy {
+    Hashed,
+    GeoLatency,
+    Static,
+    Custom,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReprovisionPolicy {
+    #[serde(default = "yes")]
+    pub update_hub_assignment: bool,
+    #[serde(default = "yes")]
+    pub migrate_device_data: bool,
+}
+
+impl Default for ReprovisionPolicy {
+    fn default() -> Self {
+        ReprovisionPolicy {
+            update_hub_assignment: true,
+            migrate_device_data: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One certificate of an X.509 attestation: the PEM itself, or its SHA-256 thumbprint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CertificateRef {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub certificate: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub sha256_thumbprint: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CertificatePair {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub primary: Option<CertificateRef>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub secondary: Option<CertificateRef>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct X509Attestation {
+    /// Individual enrollments: the device's own certificate.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub client_certificates: Option<CertificatePair>,
+    /// Enrollment groups: the root or intermediate CA that signs the devices.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub signing_certificates: Option<CertificatePair>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SymmetricKeyAttestation {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub primary_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub secondary_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TpmAttestation {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub endorsement_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub storage_root_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AttestationType {
+    X509,
+    SymmetricKey,
+    Tpm,
+}
+
+/// `attestation` as Azure spells it: a `type` and the member of that name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Attestation {
+    #[serde(rename = "type")]
+    pub kind: AttestationType,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub x509: Option<X509Attestation>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub symmetric_key: Option<SymmetricKeyAttestation>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tpm: Option<TpmAttestation>,
+}
+
+/// The settings an individual enrollment and a group share.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollmentSettings {
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub iot_hubs: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub allocation_policy: Option<AllocationPolicy>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub initial_twin: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub capabilities: Option<Value>,
+    #[serde(default)]
+    pub provisioning_status: ProvisioningStatus,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reprovision_policy: Option<ReprovisionPolicy>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub etag: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub created_date_time_utc: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub last_updated_date_time_utc: Option<String>,
+}
+
+/// `dps/enrollments/{registrationId}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Enrollment {
+    pub registration_id: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub device_id: Option<String>,
+    pub attestation: Attestation,
+    #[serde(flatten)]
+    pub settings: EnrollmentSettings,
+}
+
+/// `dps/enrollment-groups/{groupId}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnrollmentGroup {
+    pub enrollment_group_id: String,
+    pub attestation: Attestation,
+    #[serde(flatten)]
+    pub settings: EnrollmentSettings,
+}
+
+/// `dps/hubs/{hostName}`: a hub devices can be assigned to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LinkedHub {
+    #[serde(default)]
+    pub host_name: String,
+    #[serde(default = "one")]
+    pub allocation_weight: u32,
+    #[serde(default = "yes")]
+    pub apply_allocation_policy: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub location: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub etag: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_topics_parse() {
+        assert_eq!(
+            parse_topic("dps/enrollments/dev-1"),
+            Some(AdminTopic::Record {
+                kind: RecordKind::Enrollment,
+                id: "dev-1".into()
+            })
+        );
+        assert_eq!(
+            parse_topic("dps/hubs/hub-a.example.net"),
+            Some(AdminTopic::Record {
+                kind: RecordKind::Hub,
+                id: "hub-a.example.net".into()
+            })
+        );
+        assert_eq!(parse_topic("dps/admin/results/hubs/x"), Some(AdminTopic::Output));
+        assert_eq!(parse_topic("dps/enrollments/a/b"), Some(AdminTopic::Unknown));
+        assert_eq!(parse_topic("dps/enrollments/"), Some(AdminTopic::Unknown));
+        assert_eq!(parse_topic("dps/other/x"), Some(AdminTopic::Unknown));
+        assert_eq!(parse_topic("devices/x"), None);
+    }
+
+    #[test]
+    fn enrollment_in_azure_shape_round_trips() {
+        let body = serde_json::json!({
+            "registrationId": "dev-1",
+            "attestation": {"type": "symmetricKey",
+                "symmetricKey": {"primaryKey": "a2V5", "secondaryKey": "a2V5"}},
+            "iotHubs": ["hub-a.example.net"],
+            "allocationPolicy": "static",
+            "provisioningStatus": "disabled",
+            "initialTwin": {"tags": {"floor": 1}}
+        });
+        let e: Enrollment = serde_json::from_value(body.clone()).unwrap();
+        assert_eq!(e.settings.provisioning_status, ProvisioningStatus::Disabled);
+        assert_eq!(e.settings.allocation_policy, Some(AllocationPolicy::Static));
+        assert_eq!(serde_json::to_value(&e).unwrap(), body);
+    }
+
+    #[test]
+    fn unknown_enrollment_fields_are_refused_by_name() {
+        let err = serde_json::from_value::<Enrollment>(serde_json::json!({
+            "registrationId": "dev-1",
+            "attestation": {"type": "symmetricKey"},
+            "provisioningstatus": "disabled"
+        }))
+        .unwrap_err();
+        assert!(err.to_string().contains("provisioningstatus"), "{err}");
+    }
+}

@@ -1,0 +1,124 @@
+//! Who a device says it is at CONNECT (PROTOCOL A2): the registration id rules and the
+//! username `{idScope}/registrations/{registrationId}/api-version={v}[&ClientVersion=..]`.
+
+/// Longest registration id DPS accepts.
+pub const MAX_REGISTRATION_ID: usize = 128;
+/// Longest X.509 registration id (the certificate CN limit).
+pub const MAX_X509_REGISTRATION_ID: usize = 64;
+
+/// API versions the stock SDKs send.
+pub const API_VERSIONS: &[&str] = &[
+    "2019-03-31",
+    "2021-06-01",
+    "2021-10-01",
+    "2021-11-01-preview",
+    "2025-07-01-preview",
+];
+
+/// DPS: up to 128 characters of `a-z A-Z 0-9 - . _ :`.
+pub fn valid_registration_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_REGISTRATION_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':'))
+}
+
+/// Registration ids compare case-insensitively; this is the form stored and hashed.
+pub fn canonical_registration_id(id: &str) -> String {
+    id.to_ascii_lowercase()
+}
+
+/// A parsed CONNECT username.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Username<'a> {
+    pub id_scope: &'a str,
+    pub registration_id: &'a str,
+    pub api_version: &'a str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UsernameError {
+    #[error("username is not {{idScope}}/registrations/{{registrationId}}/api-version=..")]
+    Shape,
+    #[error("username has no api-version")]
+    MissingApiVersion,
+    #[error("api-version {0} is not one edgedps speaks")]
+    UnknownApiVersion(String),
+}
+
+/// Parses a DPS username. Extra query keys (`ClientVersion`, raw or URL-encoded, and any
+/// the SDKs add later) are accepted and ignored.
+pub fn parse_username(username: &str) -> Result<Username<'_>, UsernameError> {
+    let mut parts = username.splitn(4, '/');
+    let id_scope = parts.next().ok_or(UsernameError::Shape)?;
+    if parts.next() != Some("registrations") {
+        return Err(UsernameError::Shape);
+    }
+    let registration_id = parts.next().ok_or(UsernameError::Shape)?;
+    let query = parts.next().ok_or(UsernameError::MissingApiVersion)?;
+    if id_scope.is_empty() || registration_id.is_empty() {
+        return Err(UsernameError::Shape);
+    }
+    let query = query.strip_prefix('?').unwrap_or(query);
+    let api_version = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("api-version="))
+        .ok_or(UsernameError::MissingApiVersion)?;
+    if !API_VERSIONS.contains(&api_version) {
+        return Err(UsernameError::UnknownApiVersion(api_version.to_owned()));
+    }
+    Ok(Username {
+        id_scope,
+        registration_id,
+        api_version,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames_of_the_sdks_parse() {
+        for username in [
+            "0ne00000001/registrations/dev-1/api-version=2019-03-31&ClientVersion=azure-iot-device%2F2.14.0",
+            "0ne00000001/registrations/dev-1/api-version=2021-06-01&ClientVersion=azure-iot-device/2.14.0",
+            "0ne00000001/registrations/dev-1/api-version=2021-10-01",
+            "0ne00000001/registrations/dev-1/api-version=2025-07-01-preview&future=1",
+            "0ne00000001/registrations/dev-1/ClientVersion=c%2F1.0&api-version=2021-11-01-preview",
+        ] {
+            let parsed = parse_username(username).unwrap();
+            assert_eq!(parsed.id_scope, "0ne00000001");
+            assert_eq!(parsed.registration_id, "dev-1");
+        }
+    }
+
+    #[test]
+    fn malformed_usernames_are_refused() {
+        assert_eq!(parse_username("dev-1"), Err(UsernameError::Shape));
+        assert_eq!(
+            parse_username("scope/devices/dev-1/api-version=2021-06-01"),
+            Err(UsernameError::Shape)
+        );
+        assert_eq!(
+            parse_username("scope/registrations/dev-1"),
+            Err(UsernameError::MissingApiVersion)
+        );
+        assert_eq!(
+            parse_username("scope/registrations/dev-1/api-version=1999-01-01"),
+            Err(UsernameError::UnknownApiVersion("1999-01-01".into()))
+        );
+    }
+
+    #[test]
+    fn registration_id_rules() {
+        assert!(valid_registration_id("My.Device_01:a-b"));
+        assert!(valid_registration_id(&"a".repeat(128)));
+        assert!(!valid_registration_id(&"a".repeat(129)));
+        assert!(!valid_registration_id(""));
+        assert!(!valid_registration_id("dev/1"));
+        assert!(!valid_registration_id("dev 1"));
+        assert_eq!(canonical_registration_id("Dev-A"), "dev-a");
+    }
+}
