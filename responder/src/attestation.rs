@@ -1,0 +1,261 @@
+//! Connect-time attestation (PROTOCOL A2, A6): the CONNECT's client id, username and
+//! password, and the certificate chain of the TLS handshake, against the enrollments.
+//!
+//! An individual enrollment for the registration id decides whenever there is one;
+//! otherwise the enrollment groups do. A credential that verifies against a disabled
+//! enrollment still connects: the register answers `disabled`, as DPS does.
+
+use edgedps_policies::sas::SasToken;
+use edgedps_policies::x509::{self, CertificateInfo};
+use edgedps_topics::admin::{Attestation, AttestationType, Enrollment};
+use edgedps_topics::identity::{self, MAX_X509_REGISTRATION_ID};
+
+use crate::{read, Responder};
+
+/// What the device presented.
+#[derive(Debug, Clone, Copy)]
+pub enum Credential<'a> {
+    /// The CONNECT password.
+    Sas(&'a str),
+    /// The TLS client chain, leaf first.
+    X509(&'a [Vec<u8>]),
+}
+
+/// Which enrollment admitted the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnrollmentSource {
+    Individual,
+    Group(String),
+}
+
+/// A device whose credential verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attested {
+    /// As the device spelled it in the CONNECT.
+    pub registration_id: String,
+    pub source: EnrollmentSource,
+    pub kind: AttestationType,
+}
+
+/// Why a CONNECT is refused, with the reason for the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// CONNACK 2.
+    #[error("client id is not a valid registration id: {0}")]
+    BadClientId(String),
+    /// CONNACK 4.
+    #[error("malformed username or token: {0}")]
+    Malformed(String),
+    /// CONNACK 5.
+    #[error("not authorized: {0}")]
+    NotAuthorized(String),
+    /// CONNACK 3: the store failed; the device may retry.
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl Responder {
+    /// Decides a device CONNECT. `now` is seconds since the Unix epoch.
+    pub fn authenticate(
+        &self,
+        client_id: &str,
+        username: &str,
+        credential: Credential<'_>,
+        now: u64,
+    ) -> Result<Attested, Refusal> {
+        if !identity::valid_registration_id(client_id) {
+            return Err(Refusal::BadClientId(client_id.to_owned()));
+        }
+        let parsed =
+            identity::parse_username(username).map_err(|e| Refusal::Malformed(e.to_string()))?;
+        if parsed.id_scope != self.settings.id_scope {
+            return Err(Refusal::NotAuthorized(format!(
+                "id scope `{}` is not this service's",
+                parsed.id_scope
+            )));
+        }
+        if parsed.registration_id != client_id {
+            return Err(Refusal::NotAuthorized(format!(
+                "username names `{}` but the client id is `{client_id}`",
+                parsed.registration_id
+            )));
+        }
+        let individual = self
+            .store
+            .enrollment(client_id)
+            .map_err(|e| Refusal::Unavailable(e.to_string()))?;
+        match credential {
+            Credential::Sas(password) => self.attest_sas(client_id, password, individual, now),
+            Credential::X509(chain) => self.attest_x509(client_id, chain, individual, now),
+        }
+    }
+
+    fn attest_sas(
+        &self,
+        registration_id: &str,
+        password: &str,
+        individual: Option<Enrollment>,
+        now: u64,
+    ) -> Result<Attested, Refusal> {
+        let token = SasToken::parse(password).map_err(|e| Refusal::Malformed(e.to_string()))?;
+        let scope = &self.settings.id_scope;
+        if let Some(enrollment) = individual {
+            let keys = symmetric_keys(&enrollment.attestation).ok_or_else(|| {
+                Refusal::NotAuthorized(format!(
+                    "individual enrollment `{registration_id}` is not a symmetric-key enrollment"
+                ))
+            })?;
+            token
+                .verify(scope, registration_id, &keys, now)
+                .map_err(|e| Refusal::NotAuthorized(e.to_string()))?;
+            return Ok(Attested {
+                registration_id: registration_id.to_owned(),
+                source: EnrollmentSource::Individual,
+                kind: AttestationType::SymmetricKey,
+            });
+        }
+        let groups = read(&self.groups);
+        let mut last_error = None;
+        for entry in groups.values() {
+            let Some(group_keys) = symmetric_keys(&entry.group.attestation) else {
+                continue;
+            };
+            let mut derived = Vec::with_capacity(2);
+            for key in group_keys {
+                derived.push(
+                    edgedps_policies::sas::derive_device_key(key, registration_id)
+                        .map_err(|e| Refusal::Unavailable(e.to_string()))?,
+                );
+            }
+            let derived: Vec<&str> = derived.iter().map(String::as_str).collect();
+            match token.verify(scope, registration_id, &derived, now) {
+                Ok(_) => {
+                    return Ok(Attested {
+                        registration_id: registration_id.to_owned(),
+                        source: EnrollmentSource::Group(entry.group.enrollment_group_id.clone()),
+                        kind: AttestationType::SymmetricKey,
+                    })
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(Refusal::NotAuthorized(match last_error {
+            Some(e) => format!("no enrollment accepts the token ({e})"),
+            None => format!("no enrollment for `{registration_id}`"),
+        }))
+    }
+
+    fn attest_x509(
+        &self,
+        registration_id: &str,
+        chain: &[Vec<u8>],
+        individual: Option<Enrollment>,
+        now: u64,
+    ) -> Result<Attested, Refusal> {
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return Err(Refusal::NotAuthorized(
+                "no password and no client certificate".into(),
+            ));
+        };
+        if registration_id.len() > MAX_X509_REGISTRATION_ID {
+            return Err(Refusal::BadClientId(format!(
+                "{registration_id}: X.509 registration ids are at most 64 characters"
+            )));
+        }
+        let leaf_info =
+            CertificateInfo::read(leaf).map_err(|e| Refusal::NotAuthorized(e.to_string()))?;
+        let cn = leaf_info.common_name.as_deref().unwrap_or_default();
+        if !cn.eq_ignore_ascii_case(registration_id) {
+            return Err(Refusal::NotAuthorized(format!(
+                "certificate CN `{cn}` is not the client id `{registration_id}`"
+            )));
+        }
+        if let Some(enrollment) = individual {
+            let certs = enrollment
+                .attestation
+                .x509
+                .as_ref()
+                .and_then(|x| x.client_certificates.as_ref())
+                .filter(|_| enrollment.attestation.kind == AttestationType::X509)
+                .ok_or_else(|| {
+                    Refusal::NotAuthorized(format!(
+                        "individual enrollment `{registration_id}` is not an X.509 enrollment"
+                    ))
+                })?;
+            let mut last = x509::X509Error::Mismatch;
+            for cert in [&certs.primary, &certs.secondary].into_iter().flatten() {
+                match x509::check_individual(leaf, cert, now) {
+                    Ok(()) => {
+                        return Ok(Attested {
+                            registration_id: registration_id.to_owned(),
+                            source: EnrollmentSource::Individual,
+                            kind: AttestationType::X509,
+                        })
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            return Err(Refusal::NotAuthorized(format!(
+                "individual enrollment `{registration_id}`: {last}"
+            )));
+        }
+        // DPS: the first group found walking the chain from the leaf towards the root
+        // decides. A group's certificate is found by the issuer of a presented one.
+        let groups = read(&self.groups);
+        for (depth, cert) in chain.iter().enumerate() {
+            let issuer = if depth == 0 {
+                leaf_info.issuer.clone()
+            } else {
+                match CertificateInfo::read(cert) {
+                    Ok(info) => info.issuer,
+                    Err(_) => break,
+                }
+            };
+            for entry in groups.values() {
+                if entry.group.attestation.kind != AttestationType::X509 {
+                    continue;
+                }
+                for (signing_der, subject) in &entry.signing {
+                    if *subject != issuer {
+                        continue;
+                    }
+                    let path = &intermediates[..depth.min(intermediates.len())];
+                    match x509::check_group_chain(leaf, path, signing_der, now) {
+                        Ok(()) => {
+                            return Ok(Attested {
+                                registration_id: registration_id.to_owned(),
+                                source: EnrollmentSource::Group(
+                                    entry.group.enrollment_group_id.clone(),
+                                ),
+                                kind: AttestationType::X509,
+                            })
+                        }
+                        Err(e) => {
+                            return Err(Refusal::NotAuthorized(format!(
+                                "enrollment group `{}`: {e}",
+                                entry.group.enrollment_group_id
+                            )))
+                        }
+                    }
+                }
+            }
+        }
+        Err(Refusal::NotAuthorized(format!(
+            "no enrollment or enrollment group for the certificate of `{registration_id}`"
+        )))
+    }
+}
+
+/// Primary then secondary key of a symmetric-key attestation.
+fn symmetric_keys(attestation: &Attestation) -> Option<Vec<&str>> {
+    if attestation.kind != AttestationType::SymmetricKey {
+        return None;
+    }
+    let keys = attestation.symmetric_key.as_ref()?;
+    let list: Vec<&str> = [&keys.primary_key, &keys.secondary_key]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    (!list.is_empty()).then_some(list)
+}
