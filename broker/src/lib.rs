@@ -1,1 +1,15 @@
+//! edgedps: an MQTT broker for edge gateways with an Azure-DPS-compatible provisioning
+//! service inside. This crate owns the sockets: configuration, TLS, MQTT sessions over
+//! rumqttd's codec, and the embedded rumqttd router. The decisions live in
+//! `edgedps-policies`, the state in `edgedps-responder`.
 
+pub mod codec;
+pub mod config;
+pub mod devcert;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod tls;
+
+pub use config::Config;
+pub use server::{start, Running};

@@ -1,1 +1,101 @@
-fn main() {}
+//! The `edgedps` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use edgedps::config::{Config, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "edgedps",
+    version,
+    about = "MQTT broker with an Azure-DPS-compatible provisioning service"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker and the provisioning service.
+    Serve {
+        /// TOML configuration file; without it the embedded default runs.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => serve(config),
+    }
+}
+
+fn serve(file: Option<PathBuf>) -> ExitCode {
+    let config = match Config::load(file.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("edgedps: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("edgedps: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let running = match edgedps::start(config).await {
+            Ok(running) => running,
+            Err(e) => {
+                tracing::error!(error = %e, "edgedps could not start");
+                eprintln!("edgedps: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Some(ca) = &running.dev_ca {
+            tracing::info!(ca = %ca.display(), "devices trust the development server certificate through this CA");
+        }
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        drop(running);
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(format!("{},rumqttd=warn", config.log.level)))
+        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}

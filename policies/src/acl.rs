@@ -33,7 +33,9 @@ fn wildcard_free(device_id: &str) -> bool {
 pub fn may_publish(role: &Role, topic: &str) -> bool {
     match role {
         Role::Operator => !topic.starts_with('$'),
-        Role::Device { device_id: Some(id) } => wildcard_free(id) && device_prefix_ok(id, topic),
+        Role::Device {
+            device_id: Some(id),
+        } => wildcard_free(id) && device_prefix_ok(id, topic),
         Role::Device { device_id: None } => false,
     }
 }
@@ -42,7 +44,9 @@ pub fn may_publish(role: &Role, topic: &str) -> bool {
 pub fn may_subscribe(role: &Role, filter: &str) -> bool {
     match role {
         Role::Operator => !filter.starts_with('$'),
-        Role::Device { device_id: Some(id) } => {
+        Role::Device {
+            device_id: Some(id),
+        } => {
             // The device id level itself must be literal: `devices/+/..` would read
             // other devices' traffic.
             wildcard_free(id) && device_prefix_ok(id, filter)

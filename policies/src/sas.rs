@@ -141,7 +141,11 @@ pub fn derive_device_key(group_key: &str, registration_id: &str) -> Result<Strin
 }
 
 /// `/` and everything but unreserved characters, as the Python SDK encodes `sr` and `sig`.
-const ENCODE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+const ENCODE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// Device side: a token for `{idScope}/registrations/{registrationId}` that expires at
 /// `expiry`, with the resource URL-encoded as the Python SDK sends it.
@@ -204,7 +208,12 @@ mod tests {
     fn skn_is_optional_and_fields_come_in_any_order() {
         let token = sign(KEY, "0ne00000001", "dev-1", NOW + 60).unwrap();
         let fields: Vec<&str> = token.strip_prefix(PREFIX).unwrap().split('&').collect();
-        let without_skn: Vec<&str> = fields.iter().copied().filter(|f| !f.starts_with("skn=")).rev().collect();
+        let without_skn: Vec<&str> = fields
+            .iter()
+            .copied()
+            .filter(|f| !f.starts_with("skn="))
+            .rev()
+            .collect();
         let token = format!("{PREFIX}{}", without_skn.join("&"));
         let parsed = SasToken::parse(&token).unwrap();
         assert_eq!(parsed.key_name, None);
@@ -230,7 +239,10 @@ mod tests {
             Err(SasError::Expired { .. })
         ));
         let token = sign(KEY, "scope", "dev-1", NOW - EXPIRY_SKEW_SECONDS + 1).unwrap();
-        assert!(SasToken::parse(&token).unwrap().verify("scope", "dev-1", &[KEY], NOW).is_ok());
+        assert!(SasToken::parse(&token)
+            .unwrap()
+            .verify("scope", "dev-1", &[KEY], NOW)
+            .is_ok());
     }
 
     #[test]

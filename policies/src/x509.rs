@@ -45,8 +45,8 @@ pub struct CertificateInfo {
 
 impl CertificateInfo {
     pub fn read(der: &[u8]) -> Result<CertificateInfo, X509Error> {
-        let (_, cert) = X509Certificate::from_der(der)
-            .map_err(|e| X509Error::BadCertificate(e.to_string()))?;
+        let (_, cert) =
+            X509Certificate::from_der(der).map_err(|e| X509Error::BadCertificate(e.to_string()))?;
         let common_name = cert
             .subject()
             .iter_common_name()
@@ -76,7 +76,8 @@ impl CertificateInfo {
 
 /// The first certificate of a PEM text, as DER.
 pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, X509Error> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|_| X509Error::BadPem)?;
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|_| X509Error::BadPem)?;
     if pem.label != "CERTIFICATE" {
         return Err(X509Error::BadPem);
     }
@@ -156,8 +157,7 @@ pub fn check_group_chain(
 mod tests {
     use super::*;
     use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair,
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     };
 
     const NOW: u64 = 1_800_000_000; // 2027-01-15
@@ -187,7 +187,11 @@ mod tests {
         params.distinguished_name.push(DnType::CommonName, cn);
         params.extended_key_usages = eku;
         let key = KeyPair::generate().unwrap();
-        params.signed_by(&key, &parent.issuer).unwrap().der().to_vec()
+        params
+            .signed_by(&key, &parent.issuer)
+            .unwrap()
+            .der()
+            .to_vec()
     }
 
     #[test]
@@ -195,11 +199,17 @@ mod tests {
         let root = ca("root", None);
         let inter = ca("intermediate", Some(&root));
         let device = leaf("dev-1", &inter, vec![ExtendedKeyUsagePurpose::ClientAuth]);
-        assert_eq!(check_group_chain(&device, &[inter.der.clone()], &root.der, NOW), Ok(()));
+        assert_eq!(
+            check_group_chain(&device, &[inter.der.clone()], &root.der, NOW),
+            Ok(())
+        );
         // The intermediate itself may be the group's certificate.
         assert_eq!(check_group_chain(&device, &[], &inter.der, NOW), Ok(()));
         assert_eq!(
-            CertificateInfo::read(&device).unwrap().common_name.as_deref(),
+            CertificateInfo::read(&device)
+                .unwrap()
+                .common_name
+                .as_deref(),
             Some("dev-1")
         );
     }
@@ -259,8 +269,14 @@ mod tests {
         };
         assert_eq!(check_individual(&device, &by_pem, NOW), Ok(()));
         assert_eq!(check_individual(&device, &by_print, NOW), Ok(()));
-        assert_eq!(check_individual(&other, &by_pem, NOW), Err(X509Error::Mismatch));
-        assert_eq!(check_individual(&other, &by_print, NOW), Err(X509Error::Mismatch));
+        assert_eq!(
+            check_individual(&other, &by_pem, NOW),
+            Err(X509Error::Mismatch)
+        );
+        assert_eq!(
+            check_individual(&other, &by_print, NOW),
+            Err(X509Error::Mismatch)
+        );
     }
 
     fn base64_lines(der: &[u8]) -> String {

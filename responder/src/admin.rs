@@ -76,8 +76,12 @@ impl Responder {
             count += 1;
         }
         for h in self.linked_hubs() {
-            self.publish(RecordKind::Hub.record_topic(&h.host_name), to_json(&h), true)
-                .await;
+            self.publish(
+                RecordKind::Hub.record_topic(&h.host_name),
+                to_json(&h),
+                true,
+            )
+            .await;
             count += 1;
         }
         for r in self.store.registrations()? {
@@ -92,7 +96,12 @@ impl Responder {
         Ok(count)
     }
 
-    async fn upsert(&self, kind: RecordKind, id: &str, body: &[u8]) -> Result<Option<String>, Rejection> {
+    async fn upsert(
+        &self,
+        kind: RecordKind,
+        id: &str,
+        body: &[u8],
+    ) -> Result<Option<String>, Rejection> {
         match kind {
             RecordKind::Enrollment => {
                 let mut e: Enrollment = parse_body(body)?;
@@ -273,19 +282,21 @@ fn validate_registration_id(id: &str) -> Result<(), Rejection> {
 fn valid_host_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
-        && name
-            .split('.')
-            .all(|label| !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 fn validate_settings(settings: &EnrollmentSettings) -> Result<(), Rejection> {
     match settings.allocation_policy {
-        Some(AllocationPolicy::GeoLatency) | Some(AllocationPolicy::Custom) => {
-            return Err(bad(
-                "allocationPolicy geoLatency and custom are not supported yet; use hashed or static"
-                    .into(),
-            ))
-        }
+        Some(AllocationPolicy::GeoLatency) | Some(AllocationPolicy::Custom) => return Err(bad(
+            "allocationPolicy geoLatency and custom are not supported yet; use hashed or static"
+                .into(),
+        )),
         Some(AllocationPolicy::Static) if settings.iot_hubs.len() != 1 => {
             return Err(bad(
                 "allocationPolicy static needs exactly one hub in iotHubs".into(),
@@ -315,7 +326,10 @@ fn validate_attestation(attestation: &Attestation, group: bool) -> Result<(), Re
                 .primary_key
                 .as_deref()
                 .ok_or_else(|| bad("attestation.symmetricKey.primaryKey is missing".into()))?;
-            for (name, key) in [("primaryKey", Some(primary)), ("secondaryKey", keys.secondary_key.as_deref())] {
+            for (name, key) in [
+                ("primaryKey", Some(primary)),
+                ("secondaryKey", keys.secondary_key.as_deref()),
+            ] {
                 if let Some(key) = key {
                     let len = BASE64
                         .decode(key)
@@ -343,9 +357,7 @@ fn validate_attestation(attestation: &Attestation, group: bool) -> Result<(), Re
             let pair = pair.ok_or_else(|| bad(format!("attestation.x509.{name} is missing")))?;
             validate_certificates(name, pair, group)
         }
-        AttestationType::Tpm => Err(bad(
-            "TPM attestation is not supported yet".into(),
-        )),
+        AttestationType::Tpm => Err(bad("TPM attestation is not supported yet".into())),
     }
 }
 
@@ -354,7 +366,10 @@ fn validate_certificates(name: &str, pair: &CertificatePair, group: bool) -> Res
         .primary
         .as_ref()
         .ok_or_else(|| bad(format!("attestation.x509.{name}.primary is missing")))?;
-    for (slot, cert) in [("primary", Some(primary)), ("secondary", pair.secondary.as_ref())] {
+    for (slot, cert) in [
+        ("primary", Some(primary)),
+        ("secondary", pair.secondary.as_ref()),
+    ] {
         let Some(cert) = cert else { continue };
         match (&cert.certificate, &cert.sha256_thumbprint) {
             (Some(pem), None) => {
@@ -364,9 +379,7 @@ fn validate_certificates(name: &str, pair: &CertificatePair, group: bool) -> Res
                     let info = x509::CertificateInfo::read(&der)
                         .map_err(|e| bad(format!("x509.{name}.{slot}: {e}")))?;
                     if !info.is_ca {
-                        return Err(bad(format!(
-                            "x509.{name}.{slot} is not a CA certificate"
-                        )));
+                        return Err(bad(format!("x509.{name}.{slot} is not a CA certificate")));
                     }
                 }
             }

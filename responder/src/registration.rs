@@ -75,7 +75,8 @@ impl Responder {
         let (status, body) = match self.decide(device, &operation_id).await {
             Ok(outcome) => outcome,
             Err((code, message)) => {
-                self.event(device, "failed", None, Some(code), &message).await;
+                self.event(device, "failed", None, Some(code), &message)
+                    .await;
                 return self.error(code, message);
             }
         };
@@ -118,7 +119,9 @@ impl Responder {
         match operations.get(operation_id) {
             Some(op)
                 if op.expires > Instant::now()
-                    && op.registration_id.eq_ignore_ascii_case(&device.registration_id) =>
+                    && op
+                        .registration_id
+                        .eq_ignore_ascii_case(&device.registration_id) =>
             {
                 Reply {
                     status: 200,
@@ -161,10 +164,7 @@ impl Responder {
             .store
             .registration(&device.registration_id)
             .map_err(internal)?;
-        let policy = resolved
-            .settings
-            .reprovision_policy
-            .unwrap_or_default();
+        let policy = resolved.settings.reprovision_policy.unwrap_or_default();
         let keep_hub = existing
             .as_ref()
             .filter(|r| r.status == "assigned" && !policy.update_hub_assignment)

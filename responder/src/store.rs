@@ -68,7 +68,6 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
-
 impl Store {
     /// Opens (or creates) the store in `path` and starts its flusher task; call from
     /// inside a tokio runtime.
@@ -114,11 +113,19 @@ impl Store {
     }
 
     pub fn enrollment(&self, registration_id: &str) -> Result<Option<Enrollment>, StoreError> {
-        get(&self.inner.enrollments, "enrollments", &registration_id.to_ascii_lowercase())
+        get(
+            &self.inner.enrollments,
+            "enrollments",
+            &registration_id.to_ascii_lowercase(),
+        )
     }
 
     pub fn put_enrollment(&self, e: &Enrollment) -> Result<(), StoreError> {
-        put(&self.inner.enrollments, &e.registration_id.to_ascii_lowercase(), e)
+        put(
+            &self.inner.enrollments,
+            &e.registration_id.to_ascii_lowercase(),
+            e,
+        )
     }
 
     pub fn remove_enrollment(&self, registration_id: &str) -> Result<bool, StoreError> {
@@ -157,7 +164,10 @@ impl Store {
         all(&self.inner.hubs, "hubs")
     }
 
-    pub fn registration(&self, registration_id: &str) -> Result<Option<RegistrationState>, StoreError> {
+    pub fn registration(
+        &self,
+        registration_id: &str,
+    ) -> Result<Option<RegistrationState>, StoreError> {
         get(
             &self.inner.registrations,
             "registrations",
@@ -166,7 +176,11 @@ impl Store {
     }
 
     pub fn put_registration(&self, r: &RegistrationState) -> Result<(), StoreError> {
-        put(&self.inner.registrations, &r.registration_id.to_ascii_lowercase(), r)
+        put(
+            &self.inner.registrations,
+            &r.registration_id.to_ascii_lowercase(),
+            r,
+        )
     }
 
     pub fn remove_registration(&self, registration_id: &str) -> Result<bool, StoreError> {
@@ -223,7 +237,11 @@ fn put<T: Serialize>(tree: &sled::Tree, key: &str, value: &T) -> Result<(), Stor
     Ok(())
 }
 
-fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+fn decode<T: DeserializeOwned>(
+    tree: &'static str,
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, StoreError> {
     ciborium::from_reader(bytes).map_err(|e| StoreError::Decode {
         tree,
         key: String::from_utf8_lossy(key).into_owned(),

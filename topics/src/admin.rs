@@ -296,8 +296,14 @@ mod tests {
                 id: "hub-a.example.net".into()
             })
         );
-        assert_eq!(parse_topic("dps/admin/results/hubs/x"), Some(AdminTopic::Output));
-        assert_eq!(parse_topic("dps/enrollments/a/b"), Some(AdminTopic::Unknown));
+        assert_eq!(
+            parse_topic("dps/admin/results/hubs/x"),
+            Some(AdminTopic::Output)
+        );
+        assert_eq!(
+            parse_topic("dps/enrollments/a/b"),
+            Some(AdminTopic::Unknown)
+        );
         assert_eq!(parse_topic("dps/enrollments/"), Some(AdminTopic::Unknown));
         assert_eq!(parse_topic("dps/other/x"), Some(AdminTopic::Unknown));
         assert_eq!(parse_topic("devices/x"), None);

@@ -122,9 +122,11 @@ mod tests {
     #[test]
     fn poll_topic_decodes_operation_id_and_accepts_any_key_order() {
         let op = "4.d3b1a2c0e5f6a7b8.12345678-1234-1234-1234-123456789abc";
-        let plain = format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=7&operationId={op}");
+        let plain =
+            format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=7&operationId={op}");
         let encoded = "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=7&operationId=4%2Ed3b1a2c0e5f6a7b8%2E12345678-1234-1234-1234-123456789abc";
-        let reordered = format!("$dps/registrations/GET/iotdps-get-operationstatus/?operationId={op}&$rid=7");
+        let reordered =
+            format!("$dps/registrations/GET/iotdps-get-operationstatus/?operationId={op}&$rid=7");
         for topic in [plain.as_str(), encoded, reordered.as_str()] {
             assert_eq!(
                 parse_request(topic),
@@ -140,9 +142,15 @@ mod tests {
     #[test]
     fn rid_is_echoed_byte_for_byte() {
         let rid = "a%2Fb+c";
-        let req = parse_request(&format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}")).unwrap();
+        let req = parse_request(&format!(
+            "$dps/registrations/PUT/iotdps-register/?$rid={rid}"
+        ))
+        .unwrap();
         assert_eq!(req.rid(), rid);
-        assert_eq!(response_topic(200, req.rid(), None), "$dps/registrations/res/200/?$rid=a%2Fb+c");
+        assert_eq!(
+            response_topic(200, req.rid(), None),
+            "$dps/registrations/res/200/?$rid=a%2Fb+c"
+        );
     }
 
     #[test]
@@ -176,7 +184,9 @@ mod tests {
             Err(TopicError::MissingOperationId)
         );
         assert_eq!(
-            parse_request("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=1&operationId=%FF"),
+            parse_request(
+                "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=1&operationId=%FF"
+            ),
             Err(TopicError::BadOperationId)
         );
     }

@@ -124,8 +124,14 @@ mod tests {
 
     #[test]
     fn empty_and_space_bodies_are_empty_requests() {
-        assert_eq!(RegisterRequest::parse(b"").unwrap(), RegisterRequest::default());
-        assert_eq!(RegisterRequest::parse(b" ").unwrap(), RegisterRequest::default());
+        assert_eq!(
+            RegisterRequest::parse(b"").unwrap(),
+            RegisterRequest::default()
+        );
+        assert_eq!(
+            RegisterRequest::parse(b" ").unwrap(),
+            RegisterRequest::default()
+        );
     }
 
     #[test]
@@ -139,8 +145,14 @@ mod tests {
 
     #[test]
     fn malformed_register_bodies_are_refused() {
-        assert!(matches!(RegisterRequest::parse(b"{"), Err(BodyError::NotJson(_))));
-        assert!(matches!(RegisterRequest::parse(b"[]"), Err(BodyError::NotJson(_))));
+        assert!(matches!(
+            RegisterRequest::parse(b"{"),
+            Err(BodyError::NotJson(_))
+        ));
+        assert!(matches!(
+            RegisterRequest::parse(b"[]"),
+            Err(BodyError::NotJson(_))
+        ));
         assert_eq!(
             RegisterRequest::parse(br#"{"payload":"text"}"#),
             Err(BodyError::PayloadNotObject)

@@ -1,0 +1,247 @@
+//! MQTT framing over rumqttd's protocol codec (3.1.1 and 5).
+//!
+//! rumqttd decodes and encodes the packets. Two gaps are filled here: the protocol
+//! version is read from the CONNECT before choosing a decoder, and a PUBLISH's QoS and
+//! packet id (private fields in rumqttd's `Publish`) are read from the frame and set
+//! through rumqttd's public internal-format constructor.
+
+use bytes::{Buf, BufMut, BytesMut};
+use rumqttd::protocol::{
+    self, v4, v5, ConnectReturnCode, Packet, Protocol, Publish, PublishProperties, QoS,
+    SubscribeReasonCode,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V4,
+    V5,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("malformed MQTT: {0}")]
+    Protocol(#[from] protocol::Error),
+    #[error("first packet is not a CONNECT")]
+    NotConnect,
+    #[error("unsupported MQTT protocol level {0}")]
+    UnsupportedLevel(u8),
+}
+
+/// QoS and packet id of a PUBLISH, read from its frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishMeta {
+    pub qos: u8,
+    pub pkid: u16,
+}
+
+/// A decoded packet, with the PUBLISH details rumqttd keeps private.
+#[derive(Debug)]
+pub struct Frame {
+    pub packet: Packet,
+    pub publish: Option<PublishMeta>,
+}
+
+/// Reads the protocol level of a CONNECT at the start of `buf`; `Ok(None)` until the
+/// bytes are there.
+pub fn detect_version(buf: &[u8], max_packet_size: usize) -> Result<Option<Version>, CodecError> {
+    let header = match v4::check(buf.iter(), max_packet_size) {
+        Ok(header) => header,
+        Err(protocol::Error::InsufficientBytes(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    if header.byte1 >> 4 != 1 {
+        return Err(CodecError::NotConnect);
+    }
+    let body = &buf[header.fixed_header_len..header.frame_length()];
+    // protocol name (2-byte length + "MQTT"), then the level.
+    if body.len() < 7 || &body[..6] != b"\x00\x04MQTT" {
+        return Err(CodecError::Protocol(protocol::Error::InvalidProtocol));
+    }
+    match body[6] {
+        4 => Ok(Some(Version::V4)),
+        5 => Ok(Some(Version::V5)),
+        level => Err(CodecError::UnsupportedLevel(level)),
+    }
+}
+
+pub struct Codec {
+    pub version: Version,
+    max_packet_size: usize,
+}
+
+impl Codec {
+    pub fn new(version: Version, max_packet_size: usize) -> Codec {
+        Codec {
+            version,
+            max_packet_size,
+        }
+    }
+
+    /// Takes one packet off `buf`; `Ok(None)` when more bytes are needed.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+        let header = match v4::check(buf.iter(), self.max_packet_size) {
+            Ok(header) => header,
+            Err(protocol::Error::InsufficientBytes(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let publish = if header.byte1 >> 4 == 3 {
+            let qos = (header.byte1 >> 1) & 0b11;
+            let start = header.fixed_header_len;
+            let frame = &buf[start..header.frame_length()];
+            let pkid = if qos > 0 && frame.len() >= 2 {
+                let topic_len = usize::from(u16::from_be_bytes([frame[0], frame[1]]));
+                frame
+                    .get(2 + topic_len..4 + topic_len)
+                    .map(|b| u16::from_be_bytes([b[0], b[1]]))
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            Some(PublishMeta { qos, pkid })
+        } else {
+            None
+        };
+        let packet = match self.version {
+            Version::V4 => v4::V4.read_mut(buf, self.max_packet_size)?,
+            Version::V5 => v5::V5.read_mut(buf, self.max_packet_size)?,
+        };
+        Ok(Some(Frame { packet, publish }))
+    }
+
+    pub fn encode(&self, packet: Packet, out: &mut BytesMut) -> Result<(), CodecError> {
+        match self.version {
+            Version::V4 => v4::V4.write(packet, out)?,
+            Version::V5 => v5::V5.write(packet, out)?,
+        };
+        Ok(())
+    }
+
+    /// A CONNACK refusal in the code space of this version.
+    pub fn refusal_code(&self, refusal: Refusal) -> ConnectReturnCode {
+        match (self.version, refusal) {
+            (_, Refusal::BadClientId) => ConnectReturnCode::ClientIdentifierNotValid,
+            (_, Refusal::BadCredentials) => ConnectReturnCode::BadUserNamePassword,
+            (_, Refusal::NotAuthorized) => ConnectReturnCode::NotAuthorized,
+            (Version::V4, Refusal::Unavailable) => ConnectReturnCode::ServiceUnavailable,
+            (Version::V5, Refusal::Unavailable) => ConnectReturnCode::ServerUnavailable,
+        }
+    }
+
+    /// A SUBACK failure in the code space of this version.
+    pub fn subscribe_refused(&self) -> SubscribeReasonCode {
+        match self.version {
+            Version::V4 => SubscribeReasonCode::Failure,
+            Version::V5 => SubscribeReasonCode::NotAuthorized,
+        }
+    }
+
+    pub fn subscribe_granted(&self, qos: u8) -> SubscribeReasonCode {
+        let qos = if qos >= 1 {
+            QoS::AtLeastOnce
+        } else {
+            QoS::AtMostOnce
+        };
+        match (self.version, qos) {
+            (Version::V4, qos) => SubscribeReasonCode::Success(qos),
+            (Version::V5, QoS::AtMostOnce) => SubscribeReasonCode::QoS0,
+            (Version::V5, _) => SubscribeReasonCode::QoS1,
+        }
+    }
+
+    /// Properties to pass on with a forwarded publish: only MQTT 5 has them.
+    pub fn properties(&self, properties: Option<PublishProperties>) -> Option<PublishProperties> {
+        match self.version {
+            Version::V4 => None,
+            Version::V5 => properties,
+        }
+    }
+}
+
+/// CONNACK refusals, independent of the protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    BadClientId,
+    BadCredentials,
+    NotAuthorized,
+    Unavailable,
+}
+
+/// A PUBLISH with the given QoS (0 or 1) and packet id, built through rumqttd's
+/// internal format because its constructor only makes QoS 0 packets.
+pub fn publish(topic: &[u8], payload: &[u8], qos: u8, pkid: u16, retain: bool) -> Publish {
+    let mut raw = BytesMut::with_capacity(5 + topic.len() + payload.len());
+    raw.put_u8(0b0011_0000 | u8::from(retain) | ((qos & 1) << 1));
+    raw.put_u16(if qos == 0 { 0 } else { pkid });
+    raw.put_u16(topic.len() as u16);
+    raw.put_slice(topic);
+    raw.put_slice(payload);
+    Publish::deserialize(raw.freeze())
+}
+
+/// Reads the QoS of a rumqttd `Publish` (for router deliveries) from its internal form.
+pub fn publish_qos(publish: &Publish) -> u8 {
+    let raw = publish.serialize();
+    raw.chunk().first().map(|b| (b >> 1) & 0b11).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4_connect() -> BytesMut {
+        let mut out = BytesMut::new();
+        let connect = protocol::Connect {
+            keep_alive: 30,
+            client_id: "dev-1".into(),
+            clean_session: true,
+        };
+        v4::V4
+            .write(Packet::Connect(connect, None, None, None, None), &mut out)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn version_is_read_from_the_connect() {
+        let bytes = v4_connect();
+        assert_eq!(detect_version(&bytes, 1024).unwrap(), Some(Version::V4));
+        assert_eq!(detect_version(&bytes[..3], 1024).unwrap(), None);
+        let mut other = bytes.clone();
+        other[0] = 0x30;
+        assert!(matches!(
+            detect_version(&other, 1024),
+            Err(CodecError::NotConnect)
+        ));
+    }
+
+    #[test]
+    fn publish_qos_and_pkid_survive_a_round_trip() {
+        let codec = Codec::new(Version::V4, 1024);
+        let mut out = BytesMut::new();
+        codec
+            .encode(
+                Packet::Publish(publish(b"a/b", b"hello", 1, 7, false), None),
+                &mut out,
+            )
+            .unwrap();
+        let mut decoder = Codec::new(Version::V4, 1024);
+        let frame = decoder.decode(&mut out).unwrap().unwrap();
+        assert_eq!(frame.publish, Some(PublishMeta { qos: 1, pkid: 7 }));
+        match frame.packet {
+            Packet::Publish(p, _) => {
+                assert_eq!(&p.topic[..], b"a/b");
+                assert_eq!(&p.payload[..], b"hello");
+                assert_eq!(publish_qos(&p), 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn oversized_packets_are_refused_before_they_arrive() {
+        let mut buf = BytesMut::from(&[0x30u8, 0xff, 0xff, 0x7f][..]);
+        let mut codec = Codec::new(Version::V4, 1024);
+        assert!(codec.decode(&mut buf).is_err());
+    }
+}

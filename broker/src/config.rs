@@ -1,0 +1,350 @@
+//! Configuration (PROTOCOL D): built-in defaults < TOML file < environment
+//! (`EDGEDPS__{SECTION}__{KEY}`), read with the `config` crate. Unknown keys and bad
+//! values fail at start with the key's name.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use edgedps_topics::admin::{AllocationPolicy, LinkedHub};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub id_scope: String,
+    pub data_dir: PathBuf,
+    pub allocation_policy: DefaultAllocation,
+    /// Answer register with 202 and the result on the poll, exactly like Azure.
+    pub always_accept_then_poll: bool,
+    pub retry_after_seconds: u32,
+    pub listeners: Listeners,
+    pub hubs: Vec<HubConfig>,
+    pub limits: Limits,
+    pub log: LogConfig,
+}
+
+/// The service-wide allocation policy; enrollments may name their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultAllocation {
+    Hashed,
+    Static,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listeners {
+    pub devices: Option<DeviceListener>,
+    pub local: Option<LocalListener>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceListener {
+    pub bind: SocketAddr,
+    /// PEM chain of the server certificate; with neither this nor `tls_key`, a
+    /// development certificate is generated in `data_dir` on first start.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalListener {
+    pub bind: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    pub host_name: String,
+    #[serde(default = "one")]
+    pub allocation_weight: u32,
+    #[serde(default = "yes")]
+    pub apply_allocation_policy: bool,
+    #[serde(default)]
+    pub location: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// A TLS handshake that takes longer is dropped.
+    pub handshake_timeout_ms: u64,
+    /// A connection that sends no CONNECT in this time is dropped.
+    pub connect_timeout_ms: u64,
+    /// Largest MQTT packet accepted, in bytes.
+    pub max_packet_size: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `human` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `edgedps=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            id_scope: "0ne00000001".into(),
+            data_dir: PathBuf::from("./edgedps-data"),
+            allocation_policy: DefaultAllocation::Hashed,
+            always_accept_then_poll: false,
+            retry_after_seconds: 1,
+            listeners: Listeners::default(),
+            hubs: Vec::new(),
+            limits: Limits::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Listeners {
+            devices: Some(DeviceListener {
+                bind: SocketAddr::from(([0, 0, 0, 0], 8883)),
+                tls_cert: None,
+                tls_key: None,
+            }),
+            local: Some(LocalListener {
+                bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            }),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout_ms: 10_000,
+            connect_timeout_ms: 10_000,
+            max_packet_size: 256 * 1024,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration: {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl Config {
+    /// Reads the file (if any) and the environment over the defaults.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment given (for tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("EDGEDPS__"))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("EDGEDPS")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let config: Config = builder.build()?.try_deserialize()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.id_scope.is_empty() || self.id_scope.contains('/') {
+            return Err(ConfigError::Invalid {
+                key: "id_scope",
+                message: "must be a non-empty id without `/`".into(),
+            });
+        }
+        if let Some(devices) = &self.listeners.devices {
+            if devices.tls_cert.is_some() != devices.tls_key.is_some() {
+                return Err(ConfigError::Invalid {
+                    key: "listeners.devices.tls_cert",
+                    message: "tls_cert and tls_key go together".into(),
+                });
+            }
+        }
+        if self.limits.max_packet_size < 1024 {
+            return Err(ConfigError::Invalid {
+                key: "limits.max_packet_size",
+                message: "must be at least 1024".into(),
+            });
+        }
+        for hub in &self.hubs {
+            if hub.host_name.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "hubs.host_name",
+                    message: "must not be empty".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn linked_hubs(&self) -> Vec<LinkedHub> {
+        self.hubs
+            .iter()
+            .map(|h| LinkedHub {
+                host_name: h.host_name.clone(),
+                allocation_weight: h.allocation_weight,
+                apply_allocation_policy: h.apply_allocation_policy,
+                location: h.location.clone(),
+                etag: None,
+            })
+            .collect()
+    }
+
+    pub fn default_allocation(&self) -> AllocationPolicy {
+        match self.allocation_policy {
+            DefaultAllocation::Hashed => AllocationPolicy::Hashed,
+            DefaultAllocation::Static => AllocationPolicy::Static,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn minimal_file_of_the_docs_loads() {
+        let f = file(
+            r#"
+id_scope = "0ne00000001"
+data_dir = "./edgedps-data"
+allocation_policy = "hashed"
+[listeners.devices]
+bind = "0.0.0.0:8883"
+tls_cert = "server-fullchain.pem"
+tls_key = "server.key"
+[listeners.local]
+bind = "127.0.0.1:1883"
+[[hubs]]
+host_name = "hub-a.example.net"
+allocation_weight = 1
+apply_allocation_policy = true
+"#,
+        );
+        let config = Config::load_with_env(Some(f.path()), []).unwrap();
+        assert_eq!(config.hubs[0].host_name, "hub-a.example.net");
+        assert_eq!(
+            config.listeners.devices.unwrap().tls_key,
+            Some(PathBuf::from("server.key"))
+        );
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let f = file("id_scope = \"0ne00000001\"\n");
+        let config = Config::load_with_env(
+            Some(f.path()),
+            [
+                ("EDGEDPS__ID_SCOPE".to_string(), "0ne0000000A".to_string()),
+                (
+                    "EDGEDPS__LISTENERS__DEVICES__BIND".to_string(),
+                    "127.0.0.1:9999".to_string(),
+                ),
+                (
+                    "EDGEDPS__ALWAYS_ACCEPT_THEN_POLL".to_string(),
+                    "true".to_string(),
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.id_scope, "0ne0000000A");
+        assert_eq!(config.listeners.devices.unwrap().bind.port(), 9999);
+        assert!(config.always_accept_then_poll);
+    }
+
+    #[test]
+    fn unknown_keys_fail_with_their_name() {
+        let f = file("id_scope = \"x\"\n[listeners.devices]\nbind = \"0.0.0.0:1\"\nbindd = 1\n");
+        let err = Config::load_with_env(Some(f.path()), [])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bindd"), "{err}");
+        let f = file("idscope = \"x\"\n");
+        let err = Config::load_with_env(Some(f.path()), [])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("idscope"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_fail_with_their_key() {
+        let f = file("allocation_policy = \"random\"\n");
+        let err = Config::load_with_env(Some(f.path()), [])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("random"), "{err}");
+        let f = file("[limits]\nmax_packet_size = 10\n");
+        let err = Config::load_with_env(Some(f.path()), [])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits.max_packet_size"), "{err}");
+        let f = file("[listeners.local]\nbind = \"not an address\"\n");
+        let err = Config::load_with_env(Some(f.path()), [])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bind") || err.contains("listeners"), "{err}");
+    }
+
+    #[test]
+    fn no_file_gives_the_embedded_default() {
+        let config = Config::load_with_env(None, []).unwrap();
+        assert_eq!(config.listeners.devices.unwrap().bind.port(), 8883);
+        assert_eq!(config.listeners.local.unwrap().bind.port(), 1883);
+        assert_eq!(config.data_dir, PathBuf::from("./edgedps-data"));
+    }
+}

@@ -1,0 +1,91 @@
+//! The development server certificate of the embedded default: generated on first
+//! start in `{data_dir}/tls/`, with the CA that signed it next to it (`dev-ca.pem`) so a
+//! device can trust the server. For production, configure `tls_cert` and `tls_key`.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    SanType,
+};
+
+pub struct DevCertificate {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevCertError {
+    #[error("development certificate in {dir}: {reason}")]
+    Io { dir: String, reason: String },
+    #[error("development certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+/// Returns the development certificate, generating it if it is not there yet.
+pub fn ensure(data_dir: &Path) -> Result<DevCertificate, DevCertError> {
+    let dir = data_dir.join("tls");
+    let paths = DevCertificate {
+        cert: dir.join("server-fullchain.pem"),
+        key: dir.join("server.key"),
+        ca: dir.join("dev-ca.pem"),
+    };
+    if paths.cert.exists() && paths.key.exists() && paths.ca.exists() {
+        return Ok(paths);
+    }
+    let io = |e: std::io::Error| DevCertError::Io {
+        dir: dir.display().to_string(),
+        reason: e.to_string(),
+    };
+    fs::create_dir_all(&dir).map_err(io)?;
+
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "edgedps development CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let mut names = vec!["localhost".to_string()];
+    if let Ok(host) = fs::read_to_string("/etc/hostname") {
+        let host = host.trim();
+        if !host.is_empty() && host != "localhost" {
+            names.push(host.to_string());
+        }
+    }
+    let mut params = CertificateParams::new(names)?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "edgedps development server");
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()));
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+
+    fs::write(&paths.cert, format!("{}{}", cert.pem(), ca_cert.pem())).map_err(io)?;
+    fs::write(&paths.ca, ca_cert.pem()).map_err(io)?;
+    write_private(&paths.key, key.serialize_pem().as_bytes()).map_err(io)?;
+    tracing::info!(ca = %paths.ca.display(), "generated a development server certificate; devices trust it through this CA file");
+    Ok(paths)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)
+}

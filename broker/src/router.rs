@@ -1,0 +1,93 @@
+//! The embedded rumqttd router (DESIGN: everything else goes through rumqttd's router).
+//!
+//! Sessions get a local link each, created when they first publish or subscribe outside
+//! `$dps/`; the responder's records, results and events enter through one more link.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{Packet, Publish};
+use rumqttd::{Notification, RouterConfig};
+use tokio::sync::mpsc;
+
+use edgedps_responder::Outbound;
+
+#[derive(Clone)]
+pub struct Router {
+    broker: Arc<rumqttd::Broker>,
+    links: Arc<AtomicU64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("router link: {0}")]
+pub struct RouterError(String);
+
+impl Router {
+    /// Starts the router thread (no rumqttd listeners: the front end is ours).
+    pub fn start() -> Router {
+        let config = rumqttd::Config {
+            id: 0,
+            router: RouterConfig {
+                max_connections: 100_000,
+                max_outgoing_packet_count: 200,
+                max_segment_size: 1024 * 1024,
+                max_segment_count: 10,
+                custom_segment: None,
+                initialized_filters: None,
+                shared_subscriptions_strategy: Default::default(),
+            },
+            ..Default::default()
+        };
+        Router {
+            broker: Arc::new(rumqttd::Broker::new(config)),
+            links: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// A new local link. Names are made unique: takeover by client id is not wanted
+    /// between a device's provisioning and hub sessions.
+    pub async fn link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), RouterError> {
+        let n = self.links.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{client_id}#{n}");
+        let broker = self.broker.clone();
+        // Broker::link waits for the router's answer on a blocking channel.
+        tokio::task::spawn_blocking(move || broker.link(&name))
+            .await
+            .map_err(|e| RouterError(e.to_string()))?
+            .map_err(|e| RouterError(e.to_string()))
+    }
+
+    /// Publishes what the responder emits, in order, for as long as it emits.
+    pub async fn spawn_publisher(
+        &self,
+        mut outbound: mpsc::Receiver<Outbound>,
+    ) -> Result<(), RouterError> {
+        let (mut tx, mut rx) = self.link("edgedps-responder").await?;
+        tokio::spawn(async move {
+            while let Some(message) = outbound.recv().await {
+                let publish =
+                    Publish::new(message.topic.into_bytes(), message.payload, message.retain);
+                if let Err(e) = tx.send(Packet::Publish(publish, None)).await {
+                    tracing::error!(error = %e, "router link of the responder failed; records are no longer published");
+                    return;
+                }
+            }
+        });
+        // The router answers on every link; read and discard, waking it when it asks.
+        tokio::spawn(async move {
+            loop {
+                match rx.next().await {
+                    Ok(Some(Notification::Unschedule)) => {
+                        if rx.wake().await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        Ok(())
+    }
+}

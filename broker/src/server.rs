@@ -1,0 +1,175 @@
+//! Start-up: the store, the responder, the router, the listeners (DESIGN: layout).
+//!
+//! The device listener runs each TLS handshake in its own task under a deadline, never
+//! in the accept loop, so a slow client never delays another.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use edgedps_responder::{Responder, Settings, Store};
+
+use crate::config::Config;
+use crate::router::Router;
+use crate::session::{self, ListenerKind, Shared};
+use crate::{devcert, tls};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("data directory {path}: {reason}")]
+    DataDir { path: String, reason: String },
+    #[error(transparent)]
+    Responder(#[from] edgedps_responder::Error),
+    #[error(transparent)]
+    Store(#[from] edgedps_responder::StoreError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    DevCert(#[from] devcert::DevCertError),
+    #[error(transparent)]
+    Router(#[from] crate::router::RouterError),
+    #[error("listener {name} on {addr}: {reason}")]
+    Bind {
+        name: &'static str,
+        addr: SocketAddr,
+        reason: String,
+    },
+}
+
+/// A running edgedps; dropping it stops accepting connections.
+pub struct Running {
+    pub devices_addr: Option<SocketAddr>,
+    pub local_addr: Option<SocketAddr>,
+    /// The CA of the generated development certificate, when there is one.
+    pub dev_ca: Option<PathBuf>,
+    pub responder: Arc<Responder>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| StartError::DataDir {
+        path: config.data_dir.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let store = Store::open(&config.data_dir.join("store"))?;
+    let mut settings = Settings::new(config.id_scope.clone());
+    settings.allocation_policy = config.default_allocation();
+    settings.always_accept_then_poll = config.always_accept_then_poll;
+    settings.retry_after_seconds = config.retry_after_seconds;
+    settings.hubs = config.linked_hubs();
+    let (responder, outbound) = Responder::open(settings, store)?;
+    let responder = Arc::new(responder);
+
+    let router = Router::start();
+    router.spawn_publisher(outbound).await?;
+    let republished = responder.republish().await?;
+    tracing::info!(
+        records = republished,
+        "republished the stored state as retained messages"
+    );
+
+    let shared = Arc::new(Shared {
+        responder: responder.clone(),
+        router,
+        limits: config.limits.clone(),
+    });
+    let mut running = Running {
+        devices_addr: None,
+        local_addr: None,
+        dev_ca: None,
+        responder,
+        tasks: Vec::new(),
+    };
+
+    if let Some(devices) = &config.listeners.devices {
+        let (cert, key) = match (&devices.tls_cert, &devices.tls_key) {
+            (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+            _ => {
+                let dev = devcert::ensure(&config.data_dir)?;
+                running.dev_ca = Some(dev.ca.clone());
+                (dev.cert, dev.key)
+            }
+        };
+        let acceptor = TlsAcceptor::from(tls::server_config(&cert, &key)?);
+        let listener = bind("devices", devices.bind).await?;
+        running.devices_addr = listener.local_addr().ok();
+        tracing::info!(addr = ?running.devices_addr, "device listener (MQTT over TLS) ready");
+        let handshake = Duration::from_millis(config.limits.handshake_timeout_ms);
+        let shared = shared.clone();
+        running
+            .tasks
+            .push(tokio::spawn(accept_loop(listener, move |tcp, peer| {
+                let acceptor = acceptor.clone();
+                let shared = shared.clone();
+                async move {
+                    match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let chain = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .map(|certs| certs.iter().map(|c| c.as_ref().to_vec()).collect())
+                                .unwrap_or_default();
+                            session::serve(stream, chain, ListenerKind::Devices, peer, shared)
+                                .await;
+                        }
+                        Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            })));
+    }
+    if let Some(local) = &config.listeners.local {
+        let listener = bind("local", local.bind).await?;
+        running.local_addr = listener.local_addr().ok();
+        tracing::info!(addr = ?running.local_addr, "local listener (MQTT, operator role) ready");
+        let shared = shared.clone();
+        running
+            .tasks
+            .push(tokio::spawn(accept_loop(listener, move |tcp, peer| {
+                session::serve(tcp, Vec::new(), ListenerKind::Local, peer, shared.clone())
+            })));
+    }
+    Ok(running)
+}
+
+async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).await.map_err(|e| StartError::Bind {
+        name,
+        addr,
+        reason: e.to_string(),
+    })
+}
+
+async fn accept_loop<F, Fut>(listener: TcpListener, on_connection: F)
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                let _ = tcp.set_nodelay(true);
+                tokio::spawn(on_connection(tcp, peer));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

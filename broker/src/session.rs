@@ -1,0 +1,574 @@
+//! One MQTT session, from CONNECT to close (DESIGN: data flow steps 2-5).
+//!
+//! `$dps/` requests are answered here by the responder, PUBACK first. Publishes under
+//! `dps/` from operators are admin writes. Everything else passes the topic ACL and
+//! goes packet by packet into this session's rumqttd link.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{
+    ConnAck, ConnectReturnCode, Filter, Packet, PingResp, PubAck, PubAckReason, QoS,
+    RetainForwardRule, SubAck, Subscribe, UnsubAck, UnsubAckReason, Unsubscribe,
+};
+use rumqttd::Notification;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{timeout_at, Instant};
+
+use edgedps_policies::acl::{self, Role};
+use edgedps_responder::{unix_now, Attested, Credential, Refusal as AuthRefusal, Responder};
+use edgedps_topics::admin::{self as admin_topics, AdminTopic};
+use edgedps_topics::dps::{self, DeviceRequest};
+use edgedps_topics::registration::{OperationStatus, RegistrationState};
+
+use crate::codec::{self, Codec, Frame, Refusal};
+use crate::config::Limits;
+use crate::router::Router;
+
+/// Which listener a connection came in on; it sets the role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    Devices,
+    Local,
+}
+
+/// What every session shares.
+pub struct Shared {
+    pub responder: Arc<Responder>,
+    pub router: Router,
+    pub limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Close {
+    #[error("connection closed by the peer")]
+    Eof,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Codec(#[from] codec::CodecError),
+    #[error("no CONNECT within the deadline")]
+    ConnectTimeout,
+    #[error("keep-alive expired")]
+    KeepAlive,
+    #[error("protocol violation: {0}")]
+    Violation(String),
+    #[error("not authorized: {0}")]
+    Denied(String),
+    #[error("client disconnected")]
+    Disconnect,
+    #[error("router: {0}")]
+    Router(String),
+}
+
+/// Who is on the other end, once the CONNECT is accepted.
+enum Identity {
+    Device(Attested),
+    Operator,
+}
+
+struct Session<S> {
+    stream: S,
+    peer: SocketAddr,
+    client_id: String,
+    inbuf: BytesMut,
+    out: BytesMut,
+    codec: Codec,
+    shared: Arc<Shared>,
+    identity: Identity,
+    role: Role,
+    /// QoS granted on `$dps/registrations/res/#`, once subscribed.
+    dps_qos: Option<u8>,
+    next_pkid: u16,
+    link_tx: Option<LinkTx>,
+    link_rx: Option<LinkRx>,
+    /// Seconds; 0 turns keep-alive off.
+    keep_alive: u16,
+}
+
+/// Runs a session on an established (TLS or plain) stream until it closes.
+pub async fn serve<S>(
+    stream: S,
+    chain: Vec<Vec<u8>>,
+    kind: ListenerKind,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match accept(stream, chain, kind, peer, shared).await {
+        Ok(Some(mut session)) => {
+            let result = session.run().await;
+            match result {
+                Err(Close::Eof) | Err(Close::Disconnect) => {
+                    tracing::debug!(peer = %session.peer, client_id = %session.client_id, "session ended")
+                }
+                Err(e) => {
+                    tracing::info!(peer = %session.peer, client_id = %session.client_id, reason = %e, "session closed")
+                }
+                Ok(()) => {}
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::info!(%peer, reason = %e, "connection dropped before CONNECT was accepted")
+        }
+    }
+}
+
+/// Reads the CONNECT under its deadline and decides it. `Ok(None)`: refused (CONNACK sent).
+async fn accept<S>(
+    mut stream: S,
+    chain: Vec<Vec<u8>>,
+    kind: ListenerKind,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+) -> Result<Option<Session<S>>, Close>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let deadline = Instant::now() + Duration::from_millis(shared.limits.connect_timeout_ms);
+    let max = shared.limits.max_packet_size;
+    let mut inbuf = BytesMut::with_capacity(512);
+    let version = loop {
+        if let Some(version) = codec::detect_version(&inbuf, max)? {
+            break version;
+        }
+        read_more(&mut stream, &mut inbuf, deadline).await?;
+    };
+    let mut codec = Codec::new(version, max);
+    let frame = loop {
+        if let Some(frame) = codec.decode(&mut inbuf)? {
+            break frame;
+        }
+        read_more(&mut stream, &mut inbuf, deadline).await?;
+    };
+    let Packet::Connect(connect, _properties, _will, _will_properties, login) = frame.packet else {
+        return Err(Close::Violation("first packet is not a CONNECT".into()));
+    };
+    let client_id = connect.client_id.clone();
+    let (identity, role) = match kind {
+        ListenerKind::Local => (Identity::Operator, Role::Operator),
+        ListenerKind::Devices => {
+            let (username, password) = login.map(|l| (l.username, l.password)).unwrap_or_default();
+            let credential = if password.is_empty() {
+                Credential::X509(&chain)
+            } else {
+                Credential::Sas(&password)
+            };
+            match shared
+                .responder
+                .authenticate(&client_id, &username, credential, unix_now())
+            {
+                Ok(attested) => {
+                    let device_id = match shared.responder.assigned_device_id(&client_id) {
+                        Ok(id) => id,
+                        Err(e) => {
+                            tracing::warn!(%peer, %client_id, error = %e, "could not read the registration record");
+                            None
+                        }
+                    };
+                    tracing::info!(%peer, %client_id, source = ?attested.source, kind = ?attested.kind, "device connected");
+                    (Identity::Device(attested), Role::Device { device_id })
+                }
+                Err(refusal) => {
+                    tracing::warn!(%peer, %client_id, reason = %refusal, "connect refused");
+                    let code = codec.refusal_code(match refusal {
+                        AuthRefusal::BadClientId(_) => Refusal::BadClientId,
+                        AuthRefusal::Malformed(_) => Refusal::BadCredentials,
+                        AuthRefusal::NotAuthorized(_) => Refusal::NotAuthorized,
+                        AuthRefusal::Unavailable(_) => Refusal::Unavailable,
+                    });
+                    let mut out = BytesMut::with_capacity(8);
+                    codec.encode(connack(code), &mut out)?;
+                    stream.write_all(&out).await?;
+                    stream.flush().await?;
+                    let _ = stream.shutdown().await;
+                    return Ok(None);
+                }
+            }
+        }
+    };
+    let mut session = Session {
+        stream,
+        peer,
+        client_id,
+        inbuf,
+        out: BytesMut::with_capacity(256),
+        codec,
+        shared,
+        identity,
+        role,
+        dps_qos: None,
+        next_pkid: 0,
+        link_tx: None,
+        link_rx: None,
+        keep_alive: connect.keep_alive,
+    };
+    session.send(connack(ConnectReturnCode::Success))?;
+    session.flush().await?;
+    Ok(Some(session))
+}
+
+fn connack(code: ConnectReturnCode) -> Packet {
+    // DPS: SessionPresent is always 0; provisioning sessions are never persisted.
+    Packet::ConnAck(
+        ConnAck {
+            session_present: false,
+            code,
+        },
+        None,
+    )
+}
+
+async fn read_more<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    deadline: Instant,
+) -> Result<(), Close> {
+    match timeout_at(deadline, stream.read_buf(buf)).await {
+        Err(_) => Err(Close::ConnectTimeout),
+        Ok(Ok(0)) => Err(Close::Eof),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.into()),
+    }
+}
+
+async fn next_notification(
+    rx: &mut Option<LinkRx>,
+) -> Option<Result<Option<Notification>, String>> {
+    match rx {
+        Some(rx) => Some(rx.next().await.map_err(|e| e.to_string())),
+        None => std::future::pending().await,
+    }
+}
+
+enum Event {
+    Read(Result<usize, std::io::Error>),
+    KeepAliveExpired,
+    Router(Option<Result<Option<Notification>, String>>),
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    async fn run(&mut self) -> Result<(), Close> {
+        // Packets that arrived with the CONNECT.
+        self.drain_input().await?;
+        self.flush().await?;
+        loop {
+            // MQTT: the server closes after one and a half keep-alive periods of silence.
+            let deadline = (self.keep_alive > 0)
+                .then(|| Instant::now() + Duration::from_millis(u64::from(self.keep_alive) * 1500));
+            let event = {
+                let read = self.stream.read_buf(&mut self.inbuf);
+                let notification = next_notification(&mut self.link_rx);
+                tokio::select! {
+                    r = async {
+                        match deadline {
+                            Some(d) => timeout_at(d, read).await.ok(),
+                            None => Some(read.await),
+                        }
+                    } => match r {
+                        Some(r) => Event::Read(r),
+                        None => Event::KeepAliveExpired,
+                    },
+                    n = notification => Event::Router(n),
+                }
+            };
+            match event {
+                Event::Read(Ok(0)) => return Err(Close::Eof),
+                Event::Read(Ok(_)) => self.drain_input().await?,
+                Event::Read(Err(e)) => return Err(e.into()),
+                Event::KeepAliveExpired => return Err(Close::KeepAlive),
+                Event::Router(notification) => self.forward(notification).await?,
+            }
+            self.flush().await?;
+        }
+    }
+
+    async fn drain_input(&mut self) -> Result<(), Close> {
+        while let Some(frame) = self.codec.decode(&mut self.inbuf)? {
+            self.handle(frame).await?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, packet: Packet) -> Result<(), Close> {
+        self.codec.encode(packet, &mut self.out)?;
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), Close> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await?;
+            self.stream.flush().await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    fn pkid(&mut self) -> u16 {
+        self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+        self.next_pkid
+    }
+
+    async fn handle(&mut self, frame: Frame) -> Result<(), Close> {
+        match frame.packet {
+            Packet::Publish(publish, properties) => {
+                let meta = frame
+                    .publish
+                    .unwrap_or(codec::PublishMeta { qos: 0, pkid: 0 });
+                if meta.qos > 1 {
+                    return Err(Close::Violation("QoS 2 is not supported".into()));
+                }
+                let topic = std::str::from_utf8(&publish.topic)
+                    .map_err(|_| Close::Violation("topic is not UTF-8".into()))?
+                    .to_owned();
+                if dps::is_dps_topic(&topic) {
+                    return self.dps_request(&topic, &publish.payload, meta).await;
+                }
+                if let Some(admin) = admin_topics::parse_topic(&topic) {
+                    return self
+                        .admin_write(&topic, admin, &publish.payload, meta)
+                        .await;
+                }
+                if !acl::may_publish(&self.role, &topic) {
+                    return Err(Close::Denied(format!("publish to `{topic}`")));
+                }
+                let forward = rumqttd::protocol::Publish::new(
+                    publish.topic.clone(),
+                    publish.payload.clone(),
+                    publish.retain,
+                );
+                self.router_send(Packet::Publish(forward, self.codec.properties(properties)))
+                    .await?;
+                self.puback(meta)
+            }
+            Packet::Subscribe(subscribe, _) => self.subscribe(subscribe).await,
+            Packet::Unsubscribe(unsubscribe, _) => self.unsubscribe(unsubscribe).await,
+            Packet::PingReq(_) => self.send(Packet::PingResp(PingResp)),
+            Packet::Disconnect(..) => Err(Close::Disconnect),
+            // Acknowledgements of what we delivered: nothing is retransmitted, so
+            // nothing to settle.
+            Packet::PubAck(..) => Ok(()),
+            Packet::Connect(..) => Err(Close::Violation("second CONNECT".into())),
+            other => Err(Close::Violation(format!("unexpected packet {other:?}"))),
+        }
+    }
+
+    fn puback(&mut self, meta: codec::PublishMeta) -> Result<(), Close> {
+        if meta.qos == 1 {
+            self.send(Packet::PubAck(
+                PubAck {
+                    pkid: meta.pkid,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            ))?;
+        }
+        Ok(())
+    }
+
+    /// PROTOCOL A3: a `$dps/` request, answered in process.
+    async fn dps_request(
+        &mut self,
+        topic: &str,
+        body: &[u8],
+        meta: codec::PublishMeta,
+    ) -> Result<(), Close> {
+        let Identity::Device(device) = &self.identity else {
+            return Err(Close::Denied(format!("`{topic}` is for devices")));
+        };
+        let device = device.clone();
+        let request = dps::parse_request(topic)
+            .map_err(|e| Close::Violation(format!("bad DPS request: {e}")))?;
+        // PUBACK before the response.
+        self.puback(meta)?;
+        let reply = match &request {
+            DeviceRequest::Register { .. } => self.shared.responder.register(&device, body).await,
+            DeviceRequest::Poll { operation_id, .. } => {
+                self.shared.responder.poll(&device, operation_id)
+            }
+        };
+        if reply.status == 200 {
+            self.learn_device_id(&reply.body);
+        }
+        let Some(qos) = self.dps_qos else {
+            tracing::warn!(client_id = %self.client_id, "DPS request before subscribing to $dps/registrations/res/#; no response sent");
+            return Ok(());
+        };
+        let topic = dps::response_topic(reply.status, request.rid(), reply.retry_after);
+        let pkid = self.pkid();
+        let publish = codec::publish(topic.as_bytes(), &reply.body, qos, pkid, false);
+        self.send(Packet::Publish(publish, None))
+    }
+
+    /// After `assigned`, the device may use `devices/{deviceId}/#`.
+    fn learn_device_id(&mut self, body: &[u8]) {
+        if let Ok(OperationStatus {
+            status,
+            registration_state:
+                Some(RegistrationState {
+                    device_id: Some(id),
+                    ..
+                }),
+            ..
+        }) = serde_json::from_slice::<OperationStatus>(body)
+        {
+            if status == "assigned" {
+                self.role = Role::Device {
+                    device_id: Some(id),
+                };
+            }
+        }
+    }
+
+    /// PROTOCOL B: an operator's write of a retained record.
+    async fn admin_write(
+        &mut self,
+        topic: &str,
+        admin: AdminTopic,
+        body: &[u8],
+        meta: codec::PublishMeta,
+    ) -> Result<(), Close> {
+        if self.role != Role::Operator {
+            return Err(Close::Denied(format!("publish to `{topic}`")));
+        }
+        let AdminTopic::Record { kind, id } = admin else {
+            return Err(Close::Denied(format!(
+                "`{topic}` is not an operator record (enrollments, enrollment-groups, hubs, registrations)"
+            )));
+        };
+        self.puback(meta)?;
+        // Flush the PUBACK first: the result arrives on its own topic.
+        self.flush().await?;
+        let result = self.shared.responder.apply_admin(kind, &id, body).await;
+        tracing::info!(client_id = %self.client_id, kind = kind.segment(), %id, ok = result.ok, "admin write");
+        Ok(())
+    }
+
+    async fn subscribe(&mut self, subscribe: Subscribe) -> Result<(), Close> {
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        let mut forward = Vec::new();
+        for filter in subscribe.filters {
+            let requested = filter.qos as u8;
+            if filter.path == dps::RESPONSE_FILTER && matches!(self.identity, Identity::Device(_)) {
+                let granted = requested.min(1);
+                self.dps_qos = Some(granted);
+                codes.push(self.codec.subscribe_granted(granted));
+            } else if !rumqttd::protocol::valid_filter(&filter.path)
+                || !acl::may_subscribe(&self.role, &filter.path)
+            {
+                tracing::warn!(client_id = %self.client_id, filter = %filter.path, "subscription refused");
+                codes.push(self.codec.subscribe_refused());
+            } else {
+                // Router deliveries go out at QoS 0 (see docs/protocol.md).
+                codes.push(self.codec.subscribe_granted(0));
+                forward.push(Filter {
+                    path: filter.path,
+                    qos: QoS::AtMostOnce,
+                    nolocal: filter.nolocal,
+                    preserve_retain: filter.preserve_retain,
+                    retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+                });
+            }
+        }
+        if !forward.is_empty() {
+            self.router_send(Packet::Subscribe(
+                Subscribe {
+                    pkid: subscribe.pkid,
+                    filters: forward,
+                },
+                None,
+            ))
+            .await?;
+        }
+        self.send(Packet::SubAck(
+            SubAck {
+                pkid: subscribe.pkid,
+                return_codes: codes,
+            },
+            None,
+        ))
+    }
+
+    async fn unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Result<(), Close> {
+        let reasons = vec![UnsubAckReason::Success; unsubscribe.filters.len()];
+        let forward: Vec<String> = unsubscribe
+            .filters
+            .into_iter()
+            .filter(|f| !dps::is_dps_topic(f))
+            .collect();
+        if !forward.is_empty() && self.link_tx.is_some() {
+            self.router_send(Packet::Unsubscribe(
+                Unsubscribe {
+                    pkid: unsubscribe.pkid,
+                    filters: forward,
+                },
+                None,
+            ))
+            .await?;
+        }
+        self.send(Packet::UnsubAck(
+            UnsubAck {
+                pkid: unsubscribe.pkid,
+                reasons,
+            },
+            None,
+        ))
+    }
+
+    /// Sends into this session's router link, creating it on first use.
+    async fn router_send(&mut self, packet: Packet) -> Result<(), Close> {
+        if self.link_tx.is_none() {
+            let (tx, rx) = self
+                .shared
+                .router
+                .link(&self.client_id)
+                .await
+                .map_err(|e| Close::Router(e.to_string()))?;
+            self.link_tx = Some(tx);
+            self.link_rx = Some(rx);
+        }
+        if let Some(tx) = self.link_tx.as_mut() {
+            tx.send(packet)
+                .await
+                .map_err(|e| Close::Router(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// A notification of the router: deliver publishes, wake it when it asks.
+    async fn forward(
+        &mut self,
+        notification: Option<Result<Option<Notification>, String>>,
+    ) -> Result<(), Close> {
+        match notification {
+            None | Some(Ok(None)) => Ok(()),
+            Some(Err(e)) => Err(Close::Router(e)),
+            Some(Ok(Some(Notification::Forward(forward)))) => {
+                let properties = self.codec.properties(forward.properties);
+                let publish = codec::publish(
+                    &forward.publish.topic,
+                    &forward.publish.payload,
+                    0,
+                    0,
+                    forward.publish.retain,
+                );
+                self.send(Packet::Publish(publish, properties))
+            }
+            Some(Ok(Some(Notification::Unschedule))) => {
+                if let Some(rx) = self.link_rx.as_ref() {
+                    rx.wake().await.map_err(|e| Close::Router(e.to_string()))?;
+                }
+                Ok(())
+            }
+            Some(Ok(Some(Notification::Disconnect(..)))) => {
+                Err(Close::Router("router disconnected the link".into()))
+            }
+            Some(Ok(Some(_))) => Ok(()),
+        }
+    }
+}
