@@ -49,7 +49,12 @@ impl Router {
     /// between a device's provisioning and hub sessions.
     pub async fn link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), RouterError> {
         let n = self.links.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{client_id}#{n}");
+        // The router refuses `+ $ # /` in link names.
+        let safe: String = client_id
+            .chars()
+            .map(|c| if "+$#/".contains(c) { '_' } else { c })
+            .collect();
+        let name = format!("{safe}~{n}");
         let broker = self.broker.clone();
         // Broker::link waits for the router's answer on a blocking channel.
         tokio::task::spawn_blocking(move || broker.link(&name))

@@ -1,1 +1,360 @@
-//! placeholder
+//! Test harness for the end-to-end tests: PKI generated once per test binary, edgedps
+//! started in process on port 0 (or as the real binary), an operator client on the
+//! local listener, and device clients on the TLS listener.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    SanType,
+};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use serde_json::Value;
+
+pub use edgedps_device::provision::{DeviceAuth, DeviceConfig, Outcome};
+
+pub const ID_SCOPE: &str = "0ne00000001";
+
+/// A CA that can sign certificates.
+pub struct Ca {
+    pub pem: String,
+    pub der: Vec<u8>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// A certificate with its key, PEM.
+#[derive(Clone)]
+pub struct Identity {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Ca {
+    pub fn root(name: &str) -> Ca {
+        Self::make(name, None)
+    }
+
+    pub fn intermediate(&self, name: &str) -> Ca {
+        Self::make(name, Some(self))
+    }
+
+    fn make(name: &str, parent: Option<&Ca>) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().expect("key");
+        let cert = match parent {
+            Some(p) => params.signed_by(&key, &p.issuer),
+            None => params.self_signed(&key),
+        }
+        .expect("sign");
+        Ca {
+            pem: cert.pem(),
+            der: cert.der().to_vec(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A device (client) certificate with subject CN `cn`.
+    pub fn device(&self, cn: &str) -> Identity {
+        self.leaf(cn, |p| {
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        })
+    }
+
+    /// A certificate with custom parameters.
+    pub fn leaf(&self, cn: &str, adjust: impl FnOnce(&mut CertificateParams)) -> Identity {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        adjust(&mut params);
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        Identity {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    /// The TLS server certificate for `localhost` and 127.0.0.1.
+    pub fn server(&self) -> Identity {
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        Identity {
+            cert_pem: format!("{}{}", cert.pem(), self.pem),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
+
+/// A self-signed device certificate (no CA at all).
+pub fn self_signed(cn: &str) -> Identity {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.distinguished_name.push(DnType::CommonName, cn);
+    let key = KeyPair::generate().expect("key");
+    let cert = params.self_signed(&key).expect("sign");
+    Identity {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    }
+}
+
+/// The PKI of one test binary.
+pub struct Pki {
+    pub server_ca: Ca,
+    pub server: Identity,
+    pub device_root: Ca,
+    pub device_intermediate: Ca,
+    pub rogue_root: Ca,
+}
+
+pub fn pki() -> &'static Pki {
+    static PKI: OnceLock<Pki> = OnceLock::new();
+    PKI.get_or_init(|| {
+        let server_ca = Ca::root("edgedps test server CA");
+        let server = server_ca.server();
+        let device_root = Ca::root("edgedps test device root");
+        let device_intermediate = device_root.intermediate("edgedps test device intermediate");
+        let rogue_root = Ca::root("edgedps test device root");
+        Pki {
+            server_ca,
+            server,
+            device_root,
+            device_intermediate,
+            rogue_root,
+        }
+    })
+}
+
+/// An edgedps started in process with its own data directory.
+pub struct Server {
+    pub running: edgedps::Running,
+    pub dir: tempfile::TempDir,
+    pub devices_port: u16,
+    pub local_port: u16,
+}
+
+/// Writes the server certificate into `dir` and returns a config using it, ports 0.
+pub fn test_config(dir: &Path) -> edgedps::Config {
+    let pki = pki();
+    let cert = dir.join("server-fullchain.pem");
+    let key = dir.join("server.key");
+    std::fs::write(&cert, &pki.server.cert_pem).expect("write cert");
+    std::fs::write(&key, &pki.server.key_pem).expect("write key");
+    let mut config = edgedps::Config::default();
+    config.data_dir = dir.join("data");
+    config.id_scope = ID_SCOPE.into();
+    if let Some(devices) = config.listeners.devices.as_mut() {
+        devices.bind = "127.0.0.1:0".parse().expect("addr");
+        devices.tls_cert = Some(cert);
+        devices.tls_key = Some(key);
+    }
+    if let Some(local) = config.listeners.local.as_mut() {
+        local.bind = "127.0.0.1:0".parse().expect("addr");
+    }
+    config.hubs = vec![edgedps::config::HubConfig {
+        host_name: "hub-a.example.net".into(),
+        allocation_weight: 1,
+        apply_allocation_policy: true,
+        location: None,
+    }];
+    config
+}
+
+impl Server {
+    pub async fn start() -> Server {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut edgedps::Config)) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = test_config(dir.path());
+        adjust(&mut config);
+        let running = edgedps::start(config).await.expect("edgedps starts");
+        let devices_port = running.devices_addr.map(|a| a.port()).unwrap_or_default();
+        let local_port = running.local_addr.map(|a| a.port()).unwrap_or_default();
+        Server {
+            running,
+            dir,
+            devices_port,
+            local_port,
+        }
+    }
+
+    pub async fn operator(&self) -> Operator {
+        Operator::connect(self.local_port).await
+    }
+
+    pub fn device(&self, registration_id: &str, auth: DeviceAuth) -> DeviceConfig {
+        device_config(self.devices_port, registration_id, auth)
+    }
+}
+
+pub fn device_config(port: u16, registration_id: &str, auth: DeviceAuth) -> DeviceConfig {
+    DeviceConfig::new(
+        "localhost",
+        port,
+        ID_SCOPE,
+        registration_id,
+        auth,
+        pki().server_ca.pem.clone().into_bytes(),
+    )
+}
+
+pub fn sas(key: &str) -> DeviceAuth {
+    DeviceAuth::SymmetricKey { key: key.into() }
+}
+
+pub fn x509(identity: &Identity, chain: &[&Ca]) -> DeviceAuth {
+    let mut chain_pem = identity.cert_pem.clone();
+    for ca in chain {
+        chain_pem.push_str(&ca.pem);
+    }
+    DeviceAuth::X509 {
+        chain_pem: chain_pem.into_bytes(),
+        key_pem: identity.key_pem.clone().into_bytes(),
+    }
+}
+
+/// An MQTT client with the operator role on the local listener.
+pub struct Operator {
+    pub client: AsyncClient,
+    pub eventloop: EventLoop,
+}
+
+impl Operator {
+    pub async fn connect(port: u16) -> Operator {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut options = MqttOptions::new(format!("operator-{n}"), "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        edgedps_device::provision::wait_for(&mut eventloop, "CONNACK", |p| {
+            matches!(p, Packet::ConnAck(_))
+        })
+        .await
+        .expect("operator connects");
+        client
+            .subscribe("dps/admin/results/#", QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        edgedps_device::provision::wait_for(&mut eventloop, "SUBACK", |p| {
+            matches!(p, Packet::SubAck(_))
+        })
+        .await
+        .expect("suback");
+        Operator { client, eventloop }
+    }
+
+    /// Publishes a retained record and returns the result edgedps reports for it.
+    pub async fn write(&mut self, topic: &str, body: &[u8]) -> Value {
+        let result_topic = topic.replacen("dps/", "dps/admin/results/", 1);
+        self.client
+            .publish(topic, QoS::AtLeastOnce, true, body.to_vec())
+            .await
+            .expect("publish");
+        let packet = edgedps_device::provision::wait_for(
+            &mut self.eventloop,
+            "admin result",
+            |p| matches!(p, Packet::Publish(p) if p.topic == result_topic),
+        )
+        .await
+        .expect("admin result arrives");
+        match packet {
+            Packet::Publish(p) => serde_json::from_slice(&p.payload).expect("result is JSON"),
+            _ => Value::Null,
+        }
+    }
+
+    /// Writes a record and asserts it was accepted.
+    pub async fn put(&mut self, topic: &str, body: Value) -> Value {
+        let result = self
+            .write(topic, &serde_json::to_vec(&body).expect("json"))
+            .await;
+        assert_eq!(result["ok"], true, "write to {topic} refused: {result}");
+        result
+    }
+
+    pub async fn next_publish(&mut self, topic_prefix: &str) -> Option<(String, Vec<u8>)> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match tokio::time::timeout_at(deadline, self.eventloop.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::Publish(p))))
+                    if p.topic.starts_with(topic_prefix) =>
+                {
+                    return Some((p.topic, p.payload.to_vec()))
+                }
+                Ok(Ok(_)) => {}
+                _ => return None,
+            }
+        }
+    }
+}
+
+pub fn symmetric_enrollment(registration_id: &str, key: &str) -> Value {
+    serde_json::json!({
+        "registrationId": registration_id,
+        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}}
+    })
+}
+
+pub fn x509_enrollment(registration_id: &str, cert_pem: &str) -> Value {
+    serde_json::json!({
+        "registrationId": registration_id,
+        "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": cert_pem}}}}
+    })
+}
+
+pub fn symmetric_group(group_id: &str, key: &str) -> Value {
+    serde_json::json!({
+        "enrollmentGroupId": group_id,
+        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}}
+    })
+}
+
+pub fn x509_group(group_id: &str, ca_pem: &str) -> Value {
+    serde_json::json!({
+        "enrollmentGroupId": group_id,
+        "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": ca_pem}}}}
+    })
+}
+
+/// A fresh random base64 key of 32 bytes.
+pub fn new_key() -> String {
+    use base64::Engine;
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("random bytes");
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The `edgedps` binary of this workspace, built if needed.
+pub fn edgedps_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    // target/{profile}/deps/test-binary -> target/{profile}/edgedps
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    let binary = profile_dir.join("edgedps");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "-p", "edgedps", "--bin", "edgedps"])
+        .status()
+        .expect("cargo build runs");
+    assert!(status.success(), "building edgedps failed");
+    binary
+}
