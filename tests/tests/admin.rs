@@ -1,0 +1,292 @@
+//! The operator plane end to end (PROTOCOL B): retained writes, validation before the
+//! store, etags, deletes, hubs, registration records and events.
+
+use edgedps_device::provision::{register, wait_for, DeviceError};
+use edgedps_tests::*;
+use rumqttc::{ConnectReturnCode, Packet, QoS};
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_writes_are_rejected_with_a_reason_and_leave_the_store_unchanged() {
+    let server = Server::start().await;
+    let mut operator = server.operator().await;
+    let key = new_key();
+    operator
+        .put("dps/enrollments/keep", symmetric_enrollment("keep", &key))
+        .await;
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "dps/enrollments/keep",
+            json!({"registrationId": "other", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": new_key()}}}),
+            "topic",
+        ),
+        (
+            "dps/enrollments/keep",
+            json!({"registrationId": "keep", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": "c2hvcnQ="}}}),
+            "16 to 64 bytes",
+        ),
+        (
+            "dps/enrollments/keep",
+            json!({"registrationId": "keep", "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": "not a pem"}}}}}),
+            "PEM",
+        ),
+        (
+            "dps/enrollments/keep",
+            json!({"registrationId": "keep", "attestation": {"type": "symmetricKey"}, "provisioningstatus": "disabled"}),
+            "provisioningstatus",
+        ),
+        (
+            "dps/enrollments/keep",
+            json!({"registrationId": "keep", "attestation": {"type": "tpm", "tpm": {"endorsementKey": "AAAA"}}}),
+            "TPM",
+        ),
+        (
+            "dps/enrollment-groups/g1",
+            json!({"enrollmentGroupId": "g1", "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": pki().device_root.device("leaf").cert_pem}}}}}),
+            "not a CA",
+        ),
+        (
+            "dps/hubs/hub-c.example.net",
+            json!({"allocationWeight": 5000}),
+            "allocationWeight",
+        ),
+    ];
+    for (topic, body, reason) in cases {
+        let result = operator
+            .write(topic, &serde_json::to_vec(&body).unwrap())
+            .await;
+        assert_eq!(result["ok"], false, "{topic} {body}");
+        assert_eq!(result["errorCode"], 400, "{result}");
+        let message = result["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(reason),
+            "{message} should mention {reason}"
+        );
+    }
+    let result = operator.write("dps/enrollments/keep", b"{not json").await;
+    assert_eq!(result["errorCode"], 400);
+    // The enrollment is still the valid one.
+    let outcome = register(&server.device("keep", sas(&key)), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome.status_word(), Some("assigned"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etag_mismatch_is_refused_and_matching_etag_is_accepted() {
+    let server = Server::start().await;
+    let mut operator = server.operator().await;
+    let key = new_key();
+    let first = operator
+        .put(
+            "dps/enrollments/tagged",
+            symmetric_enrollment("tagged", &key),
+        )
+        .await;
+    let etag = first["etag"].as_str().unwrap().to_owned();
+    let mut stale = symmetric_enrollment("tagged", &key);
+    stale["etag"] = json!("\"stale\"");
+    let result = operator
+        .write(
+            "dps/enrollments/tagged",
+            &serde_json::to_vec(&stale).unwrap(),
+        )
+        .await;
+    assert_eq!(result["ok"], false);
+    assert_eq!(result["errorCode"], 412);
+    let mut fresh = symmetric_enrollment("tagged", &key);
+    fresh["etag"] = json!(etag);
+    let result = operator.put("dps/enrollments/tagged", fresh).await;
+    assert_ne!(result["etag"], json!(etag));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_retained_message_deletes_the_enrollment() {
+    let server = Server::start().await;
+    let mut operator = server.operator().await;
+    let key = new_key();
+    operator
+        .put("dps/enrollments/gone", symmetric_enrollment("gone", &key))
+        .await;
+    let result = operator.write("dps/enrollments/gone", b"").await;
+    assert_eq!(result["ok"], true, "{result}");
+    match register(&server.device("gone", sas(&key)), None).await {
+        Err(DeviceError::Refused(code)) => assert_eq!(code, ConnectReturnCode::NotAuthorized),
+        other => panic!("deleted enrollment still admits: {other:?}"),
+    }
+    let result = operator.write("dps/enrollments/gone", b"").await;
+    assert_eq!(result["errorCode"], 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_records_show_the_stored_state_without_keys() {
+    let server = Server::start().await;
+    let mut operator = server.operator().await;
+    let key = new_key();
+    operator
+        .put("dps/enrollments/shown", symmetric_enrollment("shown", &key))
+        .await;
+    register(&server.device("shown", sas(&key)), None)
+        .await
+        .unwrap();
+
+    let mut watcher = server.operator().await;
+    watcher
+        .client
+        .subscribe("dps/enrollments/#", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let (topic, payload) = watcher
+        .next_publish("dps/enrollments/")
+        .await
+        .expect("retained enrollment");
+    assert_eq!(topic, "dps/enrollments/shown");
+    let body: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(body["registrationId"], "shown");
+    assert!(body["etag"].is_string());
+    assert!(
+        !String::from_utf8_lossy(&payload).contains(&key),
+        "key leaked: {body}"
+    );
+
+    watcher
+        .client
+        .subscribe("dps/registrations/#", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let (topic, payload) = watcher
+        .next_publish("dps/registrations/")
+        .await
+        .expect("retained registration");
+    assert_eq!(topic, "dps/registrations/shown");
+    let record: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(record["assignedHub"], "hub-a.example.net");
+    assert_eq!(record["status"], "assigned");
+
+    // Publishing the redacted record back keeps the stored keys.
+    operator.put("dps/enrollments/shown", body).await;
+    let outcome = register(&server.device("shown", sas(&key)), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome.status_word(), Some("assigned"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_events_are_published() {
+    let server = Server::start().await;
+    let mut operator = server.operator().await;
+    operator
+        .client
+        .subscribe("dps/events/registrations/#", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    wait_for(&mut operator.eventloop, "SUBACK", |p| {
+        matches!(p, Packet::SubAck(_))
+    })
+    .await
+    .unwrap();
+    let key = new_key();
+    operator
+        .put(
+            "dps/enrollments/evented",
+            symmetric_enrollment("evented", &key),
+        )
+        .await;
+    register(&server.device("evented", sas(&key)), None)
+        .await
+        .unwrap();
+    let (topic, payload) = operator.next_publish("dps/events/").await.expect("event");
+    assert_eq!(topic, "dps/events/registrations/evented");
+    let event: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(event["outcome"], "assigned");
+    assert_eq!(event["assignedHub"], "hub-a.example.net");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linked_hubs_and_iot_hubs_decide_the_assignment() {
+    let server = Server::start_with(|c| c.hubs.clear()).await;
+    let mut operator = server.operator().await;
+    let key = new_key();
+    operator
+        .put(
+            "dps/enrollments/hubless",
+            symmetric_enrollment("hubless", &key),
+        )
+        .await;
+    // No hub linked: 400208.
+    let outcome = register(&server.device("hubless", sas(&key)), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome.status, 400, "{}", outcome.body);
+    assert_eq!(outcome.body["errorCode"], 400208);
+    assert!(outcome.body["trackingId"].is_string());
+
+    operator
+        .put("dps/hubs/hub-x.example.net", json!({"allocationWeight": 1}))
+        .await;
+    operator
+        .put(
+            "dps/hubs/hub-y.example.net",
+            json!({"allocationWeight": 1, "applyAllocationPolicy": false}),
+        )
+        .await;
+    let outcome = register(&server.device("hubless", sas(&key)), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome.assigned_hub(), Some("hub-x.example.net"));
+
+    // Static allocation to a hub outside the policy set.
+    let mut pinned = symmetric_enrollment("pinned", &key);
+    pinned["allocationPolicy"] = json!("static");
+    pinned["iotHubs"] = json!(["hub-y.example.net"]);
+    operator.put("dps/enrollments/pinned", pinned).await;
+    let outcome = register(&server.device("pinned", sas(&key)), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome.assigned_hub(), Some("hub-y.example.net"));
+
+    // Unlinking the only candidate leaves the enrollment with none.
+    assert_eq!(
+        operator.write("dps/hubs/hub-y.example.net", b"").await["ok"],
+        true
+    );
+    let mut moved = symmetric_enrollment("pinned", &key);
+    moved["allocationPolicy"] = json!("static");
+    moved["iotHubs"] = json!(["hub-y.example.net"]);
+    operator.put("dps/enrollments/pinned", moved).await;
+    let outcome = register(&server.device("pinned", sas(&key)), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome.body["errorCode"], 400208);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_clears_a_registration_record() {
+    let server = Server::start().await;
+    let mut operator = server.operator().await;
+    let key = new_key();
+    operator
+        .put("dps/enrollments/dereg", symmetric_enrollment("dereg", &key))
+        .await;
+    let first = register(&server.device("dereg", sas(&key)), None)
+        .await
+        .unwrap();
+    // Records are edgedps's to write.
+    let result = operator.write("dps/registrations/dereg", b"{}").await;
+    assert_eq!(result["errorCode"], 403);
+    assert_eq!(
+        operator.write("dps/registrations/dereg", b"").await["ok"],
+        true
+    );
+    let second = register(&server.device("dereg", sas(&key)), None)
+        .await
+        .unwrap();
+    assert_ne!(
+        first.body["registrationState"]["etag"],
+        second.body["registrationState"]["etag"]
+    );
+    assert_eq!(
+        second.body["registrationState"]["substatus"],
+        "initialAssignment"
+    );
+}
