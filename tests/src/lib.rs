@@ -358,3 +358,95 @@ pub fn edgedps_binary() -> PathBuf {
     assert!(status.success(), "building edgedps failed");
     binary
 }
+
+/// Two ports free right now on 127.0.0.1 (for the real binary, which needs them in its
+/// configuration before it starts).
+pub fn free_ports() -> (u16, u16) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let b = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    (
+        a.local_addr().expect("addr").port(),
+        b.local_addr().expect("addr").port(),
+    )
+}
+
+/// The real `edgedps serve` binary, killed when dropped.
+pub struct Process {
+    pub child: std::process::Child,
+    pub devices_port: u16,
+    pub local_port: u16,
+}
+
+impl Process {
+    /// Starts `edgedps serve --config {dir}/edgedps.toml` and waits for both listeners.
+    pub async fn start(dir: &Path, devices_port: u16, local_port: u16, extra: &str) -> Process {
+        let pki = pki();
+        std::fs::write(dir.join("server-fullchain.pem"), &pki.server.cert_pem).expect("cert");
+        std::fs::write(dir.join("server.key"), &pki.server.key_pem).expect("key");
+        let config = format!(
+            r#"id_scope = "{ID_SCOPE}"
+data_dir = "{data}"
+{extra}
+[listeners.devices]
+bind = "127.0.0.1:{devices_port}"
+tls_cert = "{dir}/server-fullchain.pem"
+tls_key = "{dir}/server.key"
+[listeners.local]
+bind = "127.0.0.1:{local_port}"
+[[hubs]]
+host_name = "hub-a.example.net"
+"#,
+            data = dir.join("data").display(),
+            dir = dir.display(),
+        );
+        let path = dir.join("edgedps.toml");
+        std::fs::write(&path, config).expect("config");
+        let log = std::fs::File::create(dir.join("edgedps.log")).expect("log");
+        let child = std::process::Command::new(edgedps_binary())
+            .args(["serve", "--config"])
+            .arg(&path)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("edgedps starts");
+        let mut process = Process {
+            child,
+            devices_port,
+            local_port,
+        };
+        for port in [devices_port, local_port] {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "edgedps did not listen on {port}: {}",
+                    std::fs::read_to_string(dir.join("edgedps.log")).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        // Another process may hold the port; make sure the listener is ours.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(Some(status)) = process.child.try_wait() {
+            panic!(
+                "edgedps exited ({status}): {}",
+                std::fs::read_to_string(dir.join("edgedps.log")).unwrap_or_default()
+            );
+        }
+        process
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

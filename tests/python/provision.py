@@ -1,0 +1,63 @@
+"""Provision devices with the stock Azure IoT device SDK for Python (azure-iot-device).
+
+Reads a JSON list of cases on stdin, runs each through ProvisioningDeviceClient against
+edgedps on localhost:8883 (the SDK's fixed port), and prints one JSON object per case.
+The SDK is used exactly as a device would use it: nothing here is patched.
+"""
+
+import json
+import sys
+import traceback
+
+from azure.iot.device import ProvisioningDeviceClient, X509
+
+
+def run(case, server_ca):
+    common = dict(
+        provisioning_host="localhost",
+        registration_id=case["registrationId"],
+        id_scope=case["idScope"],
+        server_verification_cert=server_ca,
+    )
+    if case["kind"] == "symmetricKey":
+        client = ProvisioningDeviceClient.create_from_symmetric_key(
+            symmetric_key=case["key"], **common
+        )
+    else:
+        client = ProvisioningDeviceClient.create_from_x509_certificate(
+            x509=X509(cert_file=case["certFile"], key_file=case["keyFile"]), **common
+        )
+    if "payload" in case:
+        client.provisioning_payload = case["payload"]
+    result = client.register()
+    state = result.registration_state
+    payload = state.response_payload if state else None
+    # The SDK hands `payload` back as JSON text.
+    if isinstance(payload, str):
+        payload = json.loads(payload)
+    return {
+        "name": case["name"],
+        "status": result.status,
+        "operationId": result.operation_id,
+        "assignedHub": state.assigned_hub if state else None,
+        "deviceId": state.device_id if state else None,
+        "substatus": state.sub_status if state else None,
+        "etag": state.etag if state else None,
+        "payload": payload,
+    }
+
+
+def main():
+    request = json.load(sys.stdin)
+    with open(request["serverCaFile"]) as f:
+        server_ca = f.read()
+    for case in request["cases"]:
+        try:
+            out = run(case, server_ca)
+        except Exception as e:  # report, keep going: the Rust test asserts per case
+            out = {"name": case["name"], "error": repr(e), "trace": traceback.format_exc()}
+        print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
