@@ -57,10 +57,11 @@ impl Router {
         let name = format!("{safe}~{n}");
         let broker = self.broker.clone();
         // Broker::link waits for the router's answer on a blocking channel.
-        tokio::task::spawn_blocking(move || broker.link(&name))
-            .await
-            .map_err(|e| RouterError(e.to_string()))?
-            .map_err(|e| RouterError(e.to_string()))
+        tokio::task::spawn_blocking(move || {
+            broker.link(&name).map_err(|e| RouterError(e.to_string()))
+        })
+        .await
+        .map_err(|e| RouterError(e.to_string()))?
     }
 
     /// Publishes what the responder emits, in order, for as long as it emits.

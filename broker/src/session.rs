@@ -249,7 +249,7 @@ async fn next_notification(
 enum Event {
     Read(Result<usize, std::io::Error>),
     KeepAliveExpired,
-    Router(Option<Result<Option<Notification>, String>>),
+    Router(Box<Option<Result<Option<Notification>, String>>>),
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -274,7 +274,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         Some(r) => Event::Read(r),
                         None => Event::KeepAliveExpired,
                     },
-                    n = notification => Event::Router(n),
+                    n = notification => Event::Router(Box::new(n)),
                 }
             };
             match event {
@@ -282,7 +282,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Event::Read(Ok(_)) => self.drain_input().await?,
                 Event::Read(Err(e)) => return Err(e.into()),
                 Event::KeepAliveExpired => return Err(Close::KeepAlive),
-                Event::Router(notification) => self.forward(notification).await?,
+                Event::Router(notification) => self.forward(*notification).await?,
             }
             self.flush().await?;
         }

@@ -200,7 +200,7 @@ mod tests {
         let inter = ca("intermediate", Some(&root));
         let device = leaf("dev-1", &inter, vec![ExtendedKeyUsagePurpose::ClientAuth]);
         assert_eq!(
-            check_group_chain(&device, &[inter.der.clone()], &root.der, NOW),
+            check_group_chain(&device, std::slice::from_ref(&inter.der), &root.der, NOW),
             Ok(())
         );
         // The intermediate itself may be the group's certificate.

@@ -150,9 +150,11 @@ pub fn test_config(dir: &Path) -> edgedps::Config {
     let key = dir.join("server.key");
     std::fs::write(&cert, &pki.server.cert_pem).expect("write cert");
     std::fs::write(&key, &pki.server.key_pem).expect("write key");
-    let mut config = edgedps::Config::default();
-    config.data_dir = dir.join("data");
-    config.id_scope = ID_SCOPE.into();
+    let mut config = edgedps::Config {
+        data_dir: dir.join("data"),
+        id_scope: ID_SCOPE.into(),
+        ..Default::default()
+    };
     if let Some(devices) = config.listeners.devices.as_mut() {
         devices.bind = "127.0.0.1:0".parse().expect("addr");
         devices.tls_cert = Some(cert);
