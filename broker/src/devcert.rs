@@ -89,3 +89,23 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .open(path)?;
     file.write_all(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = ensure(dir.path()).unwrap();
+        let pem = fs::read_to_string(&first.cert).unwrap();
+        assert_eq!(pem.matches("BEGIN CERTIFICATE").count(), 2, "server and CA");
+        let config = crate::tls::server_config(&first.cert, &first.key);
+        assert!(config.is_ok());
+        let again = ensure(dir.path()).unwrap();
+        assert_eq!(fs::read_to_string(&again.cert).unwrap(), pem);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(&first.key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the key is private");
+    }
+}

@@ -72,7 +72,7 @@ impl Responder {
             key,
         };
         let operation_id = self.operation_id();
-        let (status, body) = match self.decide(device, &operation_id).await {
+        let body = match self.decide(device, &operation_id).await {
             Ok(outcome) => outcome,
             Err((code, message)) => {
                 self.event(device, "failed", None, Some(code), &message)
@@ -105,7 +105,6 @@ impl Responder {
                 body: to_json(&accepted),
             };
         }
-        let _ = status;
         Reply {
             status: 200,
             retry_after: None,
@@ -139,12 +138,12 @@ impl Responder {
         }
     }
 
-    /// Runs the registration; returns the final status word and the 200 body.
+    /// Runs the registration; returns the body of the 200 answer.
     async fn decide(
         &self,
         device: &Attested,
         operation_id: &str,
-    ) -> Result<(&'static str, Vec<u8>), (u32, String)> {
+    ) -> Result<Vec<u8>, (u32, String)> {
         let resolved = self.resolve(device)?;
         if resolved.settings.provisioning_status == ProvisioningStatus::Disabled {
             let body = OperationStatus {
@@ -158,7 +157,7 @@ impl Responder {
             };
             self.event(device, "disabled", None, None, "enrollment is disabled")
                 .await;
-            return Ok(("disabled", to_json(&body)));
+            return Ok(to_json(&body));
         }
         let existing = self
             .store
@@ -242,7 +241,7 @@ impl Responder {
             status: "assigned".into(),
             registration_state: Some(state),
         };
-        Ok(("assigned", to_json(&body)))
+        Ok(to_json(&body))
     }
 
     /// The current enrollment behind an attested device.

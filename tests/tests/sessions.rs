@@ -1,0 +1,170 @@
+//! MQTT session behaviour on the real listeners: MQTT 5, clean_session = 0, deadlines,
+//! keep-alive, oversized packets.
+
+use std::time::Duration;
+
+use edgedps_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads until EOF or error; returns the bytes read and how long it took.
+async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<(Vec<u8>, Duration)> {
+    let start = std::time::Instant::now();
+    let mut all = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(limit, stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some((all, start.elapsed())),
+            Ok(Ok(n)) => all.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A hand-made MQTT 3.1.1 CONNECT: client id `ka`, clean session, the given keep-alive.
+fn connect_packet(keep_alive: u16) -> Vec<u8> {
+    let mut packet = vec![0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02];
+    packet.extend_from_slice(&keep_alive.to_be_bytes());
+    packet.extend_from_slice(&[0, 2, b'k', b'a']);
+    packet
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_without_connect_is_closed_at_the_deadline() {
+    let server = Server::start_with(|c| {
+        c.limits.connect_timeout_ms = 300;
+        c.limits.handshake_timeout_ms = 300;
+    })
+    .await;
+    // No CONNECT on the local listener.
+    let mut idle = TcpStream::connect(("127.0.0.1", server.local_port))
+        .await
+        .unwrap();
+    let (_, took) = read_until_closed(&mut idle, Duration::from_secs(5))
+        .await
+        .expect("closed");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    // No TLS handshake on the device listener.
+    let mut stalled = TcpStream::connect(("127.0.0.1", server.devices_port))
+        .await
+        .unwrap();
+    let (_, took) = read_until_closed(&mut stalled, Duration::from_secs(5))
+        .await
+        .expect("closed");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_session_is_closed_after_one_and_a_half_keep_alives() {
+    let server = Server::start().await;
+    let mut stream = TcpStream::connect(("127.0.0.1", server.local_port))
+        .await
+        .unwrap();
+    stream.write_all(&connect_packet(1)).await.unwrap();
+    let (bytes, took) = read_until_closed(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("closed");
+    assert_eq!(
+        &bytes[..4],
+        &[0x20, 2, 0, 0],
+        "CONNACK accepted, session present 0"
+    );
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_packet_closes_the_session() {
+    let server = Server::start_with(|c| c.limits.max_packet_size = 4096).await;
+    let mut stream = TcpStream::connect(("127.0.0.1", server.local_port))
+        .await
+        .unwrap();
+    stream.write_all(&connect_packet(60)).await.unwrap();
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).await.unwrap();
+    // PUBLISH announcing 1 MiB: refused from its header, before the body arrives.
+    stream.write_all(&[0x30, 0x80, 0x80, 0x40]).await.unwrap();
+    assert!(read_until_closed(&mut stream, Duration::from_secs(2))
+        .await
+        .is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_first_packet_closes_the_connection() {
+    let server = Server::start().await;
+    let mut stream = TcpStream::connect(("127.0.0.1", server.local_port))
+        .await
+        .unwrap();
+    // A PINGREQ where the CONNECT must be.
+    stream.write_all(&[0xc0, 0x00]).await.unwrap();
+    let (bytes, _) = read_until_closed(&mut stream, Duration::from_secs(2))
+        .await
+        .expect("closed");
+    assert!(bytes.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_device_with_persistent_session_flag_provisions() {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    use rumqttc::{TlsConfiguration, Transport};
+
+    let server = Server::start().await;
+    let mut operator = server.operator().await;
+    let key = new_key();
+    operator
+        .put(
+            "dps/enrollments/v5-dev",
+            symmetric_enrollment("v5-dev", &key),
+        )
+        .await;
+    let config = server.device("v5-dev", sas(&key));
+    let token = edgedps_policies::sas::sign(
+        &key,
+        ID_SCOPE,
+        "v5-dev",
+        edgedps_responder::unix_now() + 600,
+    )
+    .unwrap();
+    let mut options = MqttOptions::new("v5-dev", "localhost", server.devices_port);
+    options.set_credentials(config.username(), token);
+    options.set_clean_start(false);
+    let tls = edgedps_device::tls::client_config(&config.server_ca_pem, None).unwrap();
+    options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    let (client, mut eventloop) = AsyncClient::new(options, 8);
+    client
+        .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    client
+        .publish(
+            "$dps/registrations/PUT/iotdps-register/?$rid=v5",
+            QoS::AtLeastOnce,
+            false,
+            "",
+        )
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut session_present = None;
+    loop {
+        let event = tokio::time::timeout_at(deadline, eventloop.poll())
+            .await
+            .expect("response in time")
+            .expect("connection stays up");
+        match event {
+            Event::Incoming(Packet::ConnAck(ack)) => session_present = Some(ack.session_present),
+            Event::Incoming(Packet::Publish(p)) => {
+                assert_eq!(&p.topic[..], b"$dps/registrations/res/200/?$rid=v5");
+                let body: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                assert_eq!(body["status"], "assigned");
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(session_present, Some(false));
+}
