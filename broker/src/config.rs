@@ -337,7 +337,7 @@ apply_allocation_policy = true
         let err = Config::load_with_env(Some(f.path()), [])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("bind") || err.contains("listeners"), "{err}");
+        assert!(err.contains("listeners.local.bind"), "{err}");
     }
 
     #[test]

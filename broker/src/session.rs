@@ -22,7 +22,6 @@ use edgedps_policies::acl::{self, Role};
 use edgedps_responder::{unix_now, Attested, Credential, Refusal as AuthRefusal, Responder};
 use edgedps_topics::admin::{self as admin_topics, AdminTopic};
 use edgedps_topics::dps::{self, DeviceRequest};
-use edgedps_topics::registration::{OperationStatus, RegistrationState};
 
 use crate::codec::{self, Codec, Frame, Refusal};
 use crate::config::Limits;
@@ -392,8 +391,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.shared.responder.poll(&device, operation_id)
             }
         };
-        if reply.status == 200 {
-            self.learn_device_id(&reply.body);
+        if let Some(device_id) = reply.assigned_device_id {
+            // After `assigned`, the device may use `devices/{deviceId}/#`.
+            self.role = Role::Device {
+                device_id: Some(device_id),
+            };
         }
         let Some(qos) = self.dps_qos else {
             tracing::warn!(client_id = %self.client_id, "DPS request before subscribing to $dps/registrations/res/#; no response sent");
@@ -403,26 +405,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let pkid = self.pkid();
         let publish = codec::publish(topic.as_bytes(), &reply.body, qos, pkid, false);
         self.send(Packet::Publish(publish, None))
-    }
-
-    /// After `assigned`, the device may use `devices/{deviceId}/#`.
-    fn learn_device_id(&mut self, body: &[u8]) {
-        if let Ok(OperationStatus {
-            status,
-            registration_state:
-                Some(RegistrationState {
-                    device_id: Some(id),
-                    ..
-                }),
-            ..
-        }) = serde_json::from_slice::<OperationStatus>(body)
-        {
-            if status == "assigned" {
-                self.role = Role::Device {
-                    device_id: Some(id),
-                };
-            }
-        }
     }
 
     /// PROTOCOL B: an operator's write of a retained record.

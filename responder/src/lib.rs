@@ -82,6 +82,7 @@ struct GroupEntry {
 struct Operation {
     registration_id: String,
     body: Vec<u8>,
+    device_id: Option<String>,
     expires: Instant,
 }
 

@@ -21,6 +21,14 @@ pub struct Reply {
     pub status: u16,
     pub retry_after: Option<u32>,
     pub body: Vec<u8>,
+    /// Set when the answer is `assigned`: the device may now use its hub topics.
+    pub assigned_device_id: Option<String>,
+}
+
+/// The outcome of a registration: the 200 body and, when assigned, the device id.
+struct Decision {
+    body: Vec<u8>,
+    device_id: Option<String>,
 }
 
 /// The enrollment a registration follows, whichever kind it is.
@@ -72,7 +80,7 @@ impl Responder {
             key,
         };
         let operation_id = self.operation_id();
-        let body = match self.decide(device, &operation_id).await {
+        let decision = match self.decide(device, &operation_id).await {
             Ok(outcome) => outcome,
             Err((code, message)) => {
                 self.event(device, "failed", None, Some(code), &message)
@@ -89,7 +97,8 @@ impl Responder {
                 operation_id.clone(),
                 Operation {
                     registration_id: device.registration_id.to_ascii_lowercase(),
-                    body,
+                    body: decision.body,
+                    device_id: decision.device_id,
                     expires,
                 },
             );
@@ -103,12 +112,14 @@ impl Responder {
                 status: 202,
                 retry_after: Some(self.settings.retry_after_seconds),
                 body: to_json(&accepted),
+                assigned_device_id: None,
             };
         }
         Reply {
             status: 200,
             retry_after: None,
-            body,
+            body: decision.body,
+            assigned_device_id: decision.device_id,
         }
     }
 
@@ -126,6 +137,7 @@ impl Responder {
                     status: 200,
                     retry_after: None,
                     body: op.body.clone(),
+                    assigned_device_id: op.device_id.clone(),
                 }
             }
             _ => {
@@ -138,12 +150,12 @@ impl Responder {
         }
     }
 
-    /// Runs the registration; returns the body of the 200 answer.
+    /// Runs the registration; returns the 200 answer.
     async fn decide(
         &self,
         device: &Attested,
         operation_id: &str,
-    ) -> Result<Vec<u8>, (u32, String)> {
+    ) -> Result<Decision, (u32, String)> {
         let resolved = self.resolve(device)?;
         if resolved.settings.provisioning_status == ProvisioningStatus::Disabled {
             let body = OperationStatus {
@@ -157,7 +169,10 @@ impl Responder {
             };
             self.event(device, "disabled", None, None, "enrollment is disabled")
                 .await;
-            return Ok(to_json(&body));
+            return Ok(Decision {
+                body: to_json(&body),
+                device_id: None,
+            });
         }
         let existing = self
             .store
@@ -241,7 +256,10 @@ impl Responder {
             status: "assigned".into(),
             registration_state: Some(state),
         };
-        Ok(to_json(&body))
+        Ok(Decision {
+            body: to_json(&body),
+            device_id: Some(resolved.device_id),
+        })
     }
 
     /// The current enrollment behind an attested device.
@@ -389,6 +407,7 @@ impl Responder {
             retry_after: (code == codes::THROTTLED || code == codes::INTERNAL)
                 .then_some(self.settings.retry_after_seconds),
             body: to_json(&body),
+            assigned_device_id: None,
         }
     }
 
@@ -405,4 +424,77 @@ fn internal(e: impl std::fmt::Display) -> (u32, String) {
 pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
     // Serializing our own types to JSON cannot fail (string keys, no custom impls).
     serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Settings, Store};
+
+    fn responder(dir: &std::path::Path) -> Responder {
+        let store = Store::open(dir).unwrap();
+        let mut settings = Settings::new("scope");
+        settings.hubs = vec![edgedps_topics::admin::LinkedHub {
+            host_name: "hub-a.example.net".into(),
+            allocation_weight: 1,
+            apply_allocation_policy: true,
+            location: None,
+            etag: None,
+        }];
+        Responder::open(settings, store).unwrap().0
+    }
+
+    fn device(id: &str) -> Attested {
+        Attested {
+            registration_id: id.into(),
+            source: EnrollmentSource::Individual,
+            kind: AttestationType::SymmetricKey,
+        }
+    }
+
+    #[tokio::test]
+    async fn second_register_of_the_same_device_at_once_is_a_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let responder = responder(dir.path());
+        lock(&responder.in_flight).insert("dev-1".into());
+        let reply = responder.register(&device("DEV-1"), b"").await;
+        assert_eq!(reply.status, 409);
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(body["errorCode"], codes::CONFLICT);
+        // The guard of the refused attempt did not release the running one.
+        assert!(lock(&responder.in_flight).contains("dev-1"));
+    }
+
+    #[tokio::test]
+    async fn body_naming_another_registration_is_malformed() {
+        let dir = tempfile::tempdir().unwrap();
+        let responder = responder(dir.path());
+        let reply = responder
+            .register(&device("dev-1"), br#"{"registrationId":"dev-2"}"#)
+            .await;
+        assert_eq!(reply.status, 400);
+        let reply = responder
+            .register(&device("dev-1"), br#"{"payload":[1]}"#)
+            .await;
+        assert_eq!(reply.status, 400);
+    }
+
+    #[tokio::test]
+    async fn unknown_operation_and_another_devices_operation_are_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let responder = responder(dir.path());
+        let reply = responder.poll(&device("dev-1"), "4.nope");
+        assert_eq!(reply.status, 404);
+        lock(&responder.operations).insert(
+            "4.op".into(),
+            Operation {
+                registration_id: "dev-2".into(),
+                body: b"{}".to_vec(),
+                device_id: Some("dev-2".into()),
+                expires: Instant::now() + std::time::Duration::from_secs(60),
+            },
+        );
+        assert_eq!(responder.poll(&device("dev-1"), "4.op").status, 404);
+        assert_eq!(responder.poll(&device("dev-2"), "4.op").status, 200);
+    }
 }

@@ -33,6 +33,8 @@ pub enum StoreError {
 /// Flush progress shared between writers and the flusher task.
 #[derive(Debug, Clone, Default)]
 struct FlushState {
+    /// How many flushes ran (each may cover many writes).
+    flushes: u64,
     flushed: u64,
     failed: u64,
     error: Option<String>,
@@ -110,6 +112,11 @@ impl Store {
                 state.error.clone().unwrap_or_else(|| "unknown".into()),
             ))
         }
+    }
+
+    /// How many disk flushes have run: less than the writes when they share flushes.
+    pub fn flush_count(&self) -> u64 {
+        self.inner.commit.state.borrow().flushes
     }
 
     pub fn enrollment(&self, registration_id: &str) -> Result<Option<Enrollment>, StoreError> {
@@ -216,7 +223,10 @@ async fn flusher(store: Weak<Inner>, commit: Arc<GroupCommit>) {
             Err(e) => Err(format!("flush task: {e}")),
         };
         commit.state.send_modify(|state| match outcome {
-            Ok(()) => state.flushed = state.flushed.max(target),
+            Ok(()) => {
+                state.flushes += 1;
+                state.flushed = state.flushed.max(target);
+            }
             Err(error) => {
                 tracing::error!(%error, "store flush failed; pending writes are reported as failed");
                 state.failed = state.failed.max(target);
@@ -295,6 +305,11 @@ mod tests {
             for t in tasks {
                 t.await.unwrap();
             }
+            let flushes = store.flush_count();
+            assert!(
+                (1..50).contains(&flushes),
+                "50 writes took {flushes} flushes"
+            );
         }
         // The flusher may hold the database for the length of a flush after the last
         // handle is gone; wait for the lock to be released.
