@@ -101,9 +101,13 @@ pub async fn serve<S>(
     match accept(stream, chain, kind, peer, shared).await {
         Ok(Some(mut session)) => {
             let result = session.run().await;
+            session.release_link().await;
             match result {
                 Err(Close::Eof) | Err(Close::Disconnect) => {
                     tracing::debug!(peer = %session.peer, client_id = %session.client_id, "session ended")
+                }
+                Err(e @ Close::Denied(_)) => {
+                    tracing::warn!(peer = %session.peer, client_id = %session.client_id, reason = %e, "session closed")
                 }
                 Err(e) => {
                     tracing::info!(peer = %session.peer, client_id = %session.client_id, reason = %e, "session closed")
@@ -520,6 +524,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .map_err(|e| Close::Router(e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// Tells the router this session is gone, so it drops its subscriptions.
+    async fn release_link(&mut self) {
+        if let Some(mut tx) = self.link_tx.take() {
+            let disconnect = rumqttd::protocol::Disconnect {
+                reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
+            };
+            let _ = tx.send(Packet::Disconnect(disconnect, None)).await;
+        }
+        self.link_rx = None;
     }
 
     /// A notification of the router: deliver publishes, wake it when it asks.
