@@ -258,6 +258,19 @@ impl Operator {
         Operator { client, eventloop }
     }
 
+    /// Subscribes and waits for the SUBACK.
+    pub async fn subscribe(&mut self, filter: &str) {
+        self.client
+            .subscribe(filter, QoS::AtMostOnce)
+            .await
+            .expect("subscribe");
+        edgedps_device::provision::wait_for(&mut self.eventloop, "SUBACK", |p| {
+            matches!(p, Packet::SubAck(_))
+        })
+        .await
+        .expect("suback");
+    }
+
     /// Publishes a retained record and returns the result edgedps reports for it.
     pub async fn write(&mut self, topic: &str, body: &[u8]) -> Value {
         let result_topic = topic.replacen("dps/", "dps/admin/results/", 1);
@@ -450,5 +463,28 @@ host_name = "hub-a.example.net"
 impl Drop for Process {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Connects to the device listener with raw credentials (no client certificate) and
+/// returns the CONNACK refusal code, or `None` when the connection was accepted.
+pub async fn connack_refusal(
+    port: u16,
+    client_id: &str,
+    username: &str,
+    password: &str,
+) -> Option<rumqttc::ConnectReturnCode> {
+    let mut options = MqttOptions::new(client_id, "localhost", port);
+    options.set_credentials(username, password);
+    let tls = edgedps_device::tls::client_config(pki().server_ca.pem.as_bytes(), None)
+        .expect("client TLS");
+    options.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(tls),
+    ));
+    let (_client, mut eventloop) = AsyncClient::new(options, 4);
+    match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+        Ok(Err(rumqttc::ConnectionError::ConnectionRefused(code))) => Some(code),
+        Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => None,
+        other => panic!("{client_id}: neither accepted nor refused: {other:?}"),
     }
 }

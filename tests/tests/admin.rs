@@ -1,9 +1,9 @@
 //! The operator plane end to end (PROTOCOL B): retained writes, validation before the
 //! store, etags, deletes, hubs, registration records and events.
 
-use edgedps_device::provision::{register, wait_for, DeviceError};
+use edgedps_device::provision::{register, DeviceError};
 use edgedps_tests::*;
-use rumqttc::{ConnectReturnCode, Packet, QoS};
+use rumqttc::ConnectReturnCode;
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,11 +131,7 @@ async fn retained_records_show_the_stored_state_without_keys() {
         .unwrap();
 
     let mut watcher = server.operator().await;
-    watcher
-        .client
-        .subscribe("dps/enrollments/#", QoS::AtMostOnce)
-        .await
-        .unwrap();
+    watcher.subscribe("dps/enrollments/#").await;
     let (topic, payload) = watcher
         .next_publish("dps/enrollments/")
         .await
@@ -149,11 +145,7 @@ async fn retained_records_show_the_stored_state_without_keys() {
         "key leaked: {body}"
     );
 
-    watcher
-        .client
-        .subscribe("dps/registrations/#", QoS::AtMostOnce)
-        .await
-        .unwrap();
+    watcher.subscribe("dps/registrations/#").await;
     let (topic, payload) = watcher
         .next_publish("dps/registrations/")
         .await
@@ -175,16 +167,7 @@ async fn retained_records_show_the_stored_state_without_keys() {
 async fn registration_events_are_published() {
     let server = Server::start().await;
     let mut operator = server.operator().await;
-    operator
-        .client
-        .subscribe("dps/events/registrations/#", QoS::AtMostOnce)
-        .await
-        .unwrap();
-    wait_for(&mut operator.eventloop, "SUBACK", |p| {
-        matches!(p, Packet::SubAck(_))
-    })
-    .await
-    .unwrap();
+    operator.subscribe("dps/events/registrations/#").await;
     let key = new_key();
     operator
         .put(

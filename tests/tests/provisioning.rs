@@ -266,7 +266,6 @@ async fn re_registering_without_change_is_idempotent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_forged_and_misdirected_sas_tokens_are_refused() {
-    use rumqttc::{MqttOptions, TlsConfiguration, Transport};
     let server = Server::start().await;
     let mut operator = server.operator().await;
     let key = new_key();
@@ -301,17 +300,14 @@ async fn expired_forged_and_misdirected_sas_tokens_are_refused() {
     ];
     let config = server.device("sas-dev", sas(&key));
     for (name, password, expected) in cases {
-        let mut options = MqttOptions::new("sas-dev", "localhost", server.devices_port);
-        options.set_credentials(config.username(), password);
-        let tls = edgedps_device::tls::client_config(&config.server_ca_pem, None).unwrap();
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-        let (_client, mut eventloop) = rumqttc::AsyncClient::new(options, 4);
-        match eventloop.poll().await {
-            Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
-                assert_eq!(code, expected, "{name}")
-            }
-            other => panic!("{name}: expected a refusal, got {other:?}"),
-        }
+        let refusal = connack_refusal(
+            server.devices_port,
+            "sas-dev",
+            &config.username(),
+            &password,
+        )
+        .await;
+        assert_eq!(refusal, Some(expected), "{name}");
     }
     // The device itself is unaffected.
     let outcome = register(&config, None).await.unwrap();
@@ -320,7 +316,6 @@ async fn expired_forged_and_misdirected_sas_tokens_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn username_for_another_id_and_bad_client_ids_are_refused() {
-    use rumqttc::{MqttOptions, TlsConfiguration, Transport};
     let server = Server::start().await;
     let mut operator = server.operator().await;
     let key = new_key();
@@ -351,18 +346,8 @@ async fn username_for_another_id_and_bad_client_ids_are_refused() {
             ConnectReturnCode::BadClientId,
         ),
     ];
-    let ca = pki().server_ca.pem.clone().into_bytes();
     for (client_id, username, expected) in cases {
-        let mut options = MqttOptions::new(client_id, "localhost", server.devices_port);
-        options.set_credentials(username.clone(), token.clone());
-        let tls = edgedps_device::tls::client_config(&ca, None).unwrap();
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-        let (_client, mut eventloop) = rumqttc::AsyncClient::new(options, 4);
-        match eventloop.poll().await {
-            Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
-                assert_eq!(code, expected, "{client_id} {username}")
-            }
-            other => panic!("{username}: expected a refusal, got {other:?}"),
-        }
+        let refusal = connack_refusal(server.devices_port, client_id, &username, &token).await;
+        assert_eq!(refusal, Some(expected), "{client_id} {username}");
     }
 }

@@ -3,7 +3,6 @@
 
 use edgedps_device::provision::register;
 use edgedps_tests::*;
-use rumqttc::QoS;
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,11 +37,7 @@ async fn enrollments_and_registrations_survive_a_restart() {
 
     let _process = Process::start(dir.path(), devices_port, local_port, "").await;
     let mut watcher = Operator::connect(local_port).await;
-    watcher
-        .client
-        .subscribe("dps/enrollments/#", QoS::AtMostOnce)
-        .await
-        .unwrap();
+    watcher.subscribe("dps/enrollments/#").await;
     let (topic, payload) = watcher
         .next_publish("dps/enrollments/")
         .await
@@ -50,11 +45,7 @@ async fn enrollments_and_registrations_survive_a_restart() {
     assert_eq!(topic, "dps/enrollments/survivor");
     let body: Value = serde_json::from_slice(&payload).unwrap();
     assert_eq!(body["registrationId"], "survivor");
-    watcher
-        .client
-        .subscribe("dps/enrollment-groups/#", QoS::AtMostOnce)
-        .await
-        .unwrap();
+    watcher.subscribe("dps/enrollment-groups/#").await;
     let (topic, _) = watcher
         .next_publish("dps/enrollment-groups/")
         .await

@@ -106,7 +106,7 @@ async fn malformed_first_packet_closes_the_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mqtt5_device_with_persistent_session_flag_provisions() {
+async fn mqtt5_device_with_persistent_session_flag_provisions_puback_first() {
     use rumqttc::v5::mqttbytes::v5::Packet;
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -150,6 +150,7 @@ async fn mqtt5_device_with_persistent_session_flag_provisions() {
         .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut session_present = None;
+    let mut acked = false;
     loop {
         let event = tokio::time::timeout_at(deadline, eventloop.poll())
             .await
@@ -157,7 +158,9 @@ async fn mqtt5_device_with_persistent_session_flag_provisions() {
             .expect("connection stays up");
         match event {
             Event::Incoming(Packet::ConnAck(ack)) => session_present = Some(ack.session_present),
+            Event::Incoming(Packet::PubAck(_)) => acked = true,
             Event::Incoming(Packet::Publish(p)) => {
+                assert!(acked, "PUBACK of the register comes before the response");
                 assert_eq!(&p.topic[..], b"$dps/registrations/res/200/?$rid=v5");
                 let body: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
                 assert_eq!(body["status"], "assigned");
