@@ -27,12 +27,69 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Provision many simulated devices against a fresh edgedps and report.
+    Loadgen(edgedps_device::loadgen::LoadgenArgs),
+    /// The bare TLS server the load generator compares against.
+    #[command(hide = true)]
+    BenchServer {
+        #[arg(long)]
+        bind: std::net::SocketAddr,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => serve(config),
+        Command::Loadgen(args) => loadgen(args),
+        Command::BenchServer { bind, cert, key } => {
+            match runtime().and_then(|rt| {
+                rt.block_on(edgedps::baseline::run(bind, &cert, &key))
+                    .map_err(|e| e.to_string())
+            }) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("edgedps bench-server: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+fn loadgen(args: edgedps_device::loadgen::LoadgenArgs) -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("edgedps loadgen: cannot find this executable: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime().and_then(|rt| rt.block_on(edgedps_device::loadgen::main(args, &exe)));
+    match result {
+        Ok(reports)
+            if reports
+                .iter()
+                .all(|r| r.errors.keys().all(|k| k.starts_with("retried"))) =>
+        {
+            ExitCode::SUCCESS
+        }
+        Ok(_) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("edgedps loadgen: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

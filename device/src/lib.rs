@@ -1,7 +1,10 @@
 //! Device side of edgedps: a DPS provisioning client over rumqttc, speaking the same
-//! MQTT protocol as the stock Azure device SDKs (PROTOCOL A). Used by the tests and,
-//! later, by the load generator and the manufacturing tools.
+//! MQTT protocol as the stock Azure device SDKs (PROTOCOL A); an operator client for the
+//! `dps/` topics; certificates for manufacturing; and the load generator.
 
+pub mod admin;
+pub mod loadgen;
+pub mod manufacture;
 pub mod provision;
 pub mod tls;
 

@@ -91,6 +91,8 @@ pub struct Outcome {
     pub body: Value,
     /// How many 202s came before it.
     pub polls: u32,
+    /// How many 429s (throttled, retried after `retry-after`) came before it.
+    pub throttled: u32,
 }
 
 impl Outcome {
@@ -104,12 +106,30 @@ impl Outcome {
     }
 }
 
+/// The TLS client configuration a device needs: the server CA, and its certificate
+/// for X.509 attestation.
+pub fn tls_config(config: &DeviceConfig) -> Result<Arc<rustls::ClientConfig>, DeviceError> {
+    let identity = match &config.auth {
+        DeviceAuth::SymmetricKey { .. } => None,
+        DeviceAuth::X509 { chain_pem, key_pem } => Some((chain_pem.as_slice(), key_pem.as_slice())),
+    };
+    Ok(crate::tls::client_config(&config.server_ca_pem, identity)?)
+}
+
 /// Opens an MQTT connection as the device and waits for the CONNACK.
 pub async fn connect(config: &DeviceConfig) -> Result<(AsyncClient, EventLoop), DeviceError> {
+    connect_with(config, tls_config(config)?).await
+}
+
+/// As [`connect`], with a TLS configuration built once by the caller.
+pub async fn connect_with(
+    config: &DeviceConfig,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<(AsyncClient, EventLoop), DeviceError> {
     let mut options = MqttOptions::new(&config.registration_id, &config.host, config.port);
     options.set_keep_alive(Duration::from_secs(30));
     options.set_clean_session(true);
-    let identity = match &config.auth {
+    match &config.auth {
         DeviceAuth::SymmetricKey { key } => {
             let expiry = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -123,14 +143,11 @@ pub async fn connect(config: &DeviceConfig) -> Result<(AsyncClient, EventLoop), 
                 expiry,
             )?;
             options.set_credentials(config.username(), token);
-            None
         }
-        DeviceAuth::X509 { chain_pem, key_pem } => {
+        DeviceAuth::X509 { .. } => {
             options.set_credentials(config.username(), "");
-            Some((chain_pem.as_slice(), key_pem.as_slice()))
         }
-    };
-    let tls = crate::tls::client_config(&config.server_ca_pem, identity)?;
+    }
     options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
     let (client, mut eventloop) = AsyncClient::new(options, 16);
     loop {
@@ -164,28 +181,40 @@ pub async fn exchange(
     eventloop: &mut EventLoop,
     payload: Option<Value>,
 ) -> Result<Outcome, DeviceError> {
-    let mqtt = |e: rumqttc::ClientError| DeviceError::Connection(e.to_string());
     client
         .subscribe(dps::RESPONSE_FILTER, QoS::AtLeastOnce)
         .await
-        .map_err(mqtt)?;
+        .map_err(client_error)?;
     wait_for(eventloop, "SUBACK", |p| matches!(p, Packet::SubAck(_))).await?;
+    register_on(config, client, eventloop, payload).await
+}
+
+/// Registers (and polls, and retries after 429) on a connection already subscribed to
+/// the responses.
+pub async fn register_on(
+    config: &DeviceConfig,
+    client: &AsyncClient,
+    eventloop: &mut EventLoop,
+    payload: Option<Value>,
+) -> Result<Outcome, DeviceError> {
     let mut body = serde_json::json!({ "registrationId": config.registration_id });
     if let Some(payload) = payload {
         body["payload"] = payload;
     }
-    client
-        .publish(
-            "$dps/registrations/PUT/iotdps-register/?$rid=1",
-            QoS::AtLeastOnce,
-            false,
-            serde_json::to_vec(&body).unwrap_or_default(),
-        )
-        .await
-        .map_err(mqtt)?;
-    let mut polls = 0;
-    let mut rid = 1;
+    let body = serde_json::to_vec(&body).unwrap_or_default();
+    let (mut polls, mut throttled, mut rid) = (0, 0, 1u32);
+    let mut request = format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}");
+    let mut request_body = body.clone();
     loop {
+        client
+            .publish(
+                request.as_str(),
+                QoS::AtLeastOnce,
+                false,
+                request_body.clone(),
+            )
+            .await
+            .map_err(client_error)?;
         let Packet::Publish(publish) = wait_for(
             eventloop,
             "a DPS response",
@@ -196,33 +225,50 @@ pub async fn exchange(
             return Err(DeviceError::BadResponse("not a publish".into()));
         };
         let (status, retry_after) = parse_response_topic(&publish.topic);
-        let body: Value = serde_json::from_slice(&publish.payload)
+        let answer: Value = serde_json::from_slice(&publish.payload)
             .map_err(|e| DeviceError::BadResponse(e.to_string()))?;
-        if status != 202 {
-            return Ok(Outcome {
-                status,
-                body,
-                polls,
-            });
-        }
-        polls += 1;
-        let operation_id = body
-            .get("operationId")
-            .and_then(Value::as_str)
-            .ok_or_else(|| DeviceError::BadResponse("202 without operationId".into()))?
-            .to_owned();
-        tokio::time::sleep(Duration::from_secs(u64::from(retry_after.unwrap_or(1)))).await;
+        let wait = Duration::from_secs(u64::from(retry_after.unwrap_or(1)));
         rid += 1;
-        client
-            .publish(
-                format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={operation_id}"),
-                QoS::AtLeastOnce,
-                false,
-                Vec::new(),
-            )
-            .await
-            .map_err(mqtt)?;
+        match status {
+            202 => {
+                polls += 1;
+                let operation_id = answer
+                    .get("operationId")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| DeviceError::BadResponse("202 without operationId".into()))?;
+                request = format!(
+                    "$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={operation_id}"
+                );
+                request_body = Vec::new();
+            }
+            429 => {
+                // Throttled: the same request again after `retry-after`, as the SDKs do.
+                throttled += 1;
+                if request.contains("iotdps-register") {
+                    request = format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}");
+                } else if let Some((path, _)) = request.split_once("?$rid=") {
+                    let operation = request
+                        .split_once("&operationId=")
+                        .map(|(_, op)| op.to_owned())
+                        .unwrap_or_default();
+                    request = format!("{path}?$rid={rid}&operationId={operation}");
+                }
+            }
+            _ => {
+                return Ok(Outcome {
+                    status,
+                    body: answer,
+                    polls,
+                    throttled,
+                })
+            }
+        }
+        tokio::time::sleep(wait).await;
     }
+}
+
+fn client_error(e: rumqttc::ClientError) -> DeviceError {
+    DeviceError::Connection(e.to_string())
 }
 
 /// Polls the event loop until a packet matches, for at most 10 s.

@@ -43,11 +43,14 @@ pub fn client_config(
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots);
-    let config = match identity {
+    let mut config = match identity {
         Some((chain, key)) => {
             builder.with_client_auth_cert(certificates(chain)?, private_key(key)?)?
         }
         None => builder.with_no_client_auth(),
     };
+    // Every connection is a full handshake, as for a fleet of distinct devices (and for
+    // the load generator, which plays one).
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }

@@ -1,0 +1,124 @@
+//! The baseline of the load generator (`edgedps bench-server`): the same TLS
+//! configuration as the device listener, and nothing else. It completes the handshake
+//! and answers each MQTT packet with canned bytes, so "edgedps rate / baseline rate"
+//! measures what provisioning costs on top of TLS, on one machine in one run.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::tls;
+
+const CONNACK: &[u8] = &[0x20, 0x02, 0x00, 0x00];
+const PINGRESP: &[u8] = &[0xd0, 0x00];
+const RESPONSE_TOPIC: &[u8] = b"$dps/registrations/res/200/?$rid=1";
+const RESPONSE_BODY: &[u8] = br#"{"operationId":"4.baseline","status":"assigned","registrationState":{"registrationId":"baseline","assignedHub":"hub-a.example.net","deviceId":"baseline","status":"assigned","substatus":"initialAssignment","etag":"\"baseline\""}}"#;
+
+/// Serves until the process ends.
+pub async fn run(
+    bind: SocketAddr,
+    cert: &Path,
+    key: &Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let acceptor = TlsAcceptor::from(tls::server_config(cert, key)?);
+    let listener = TcpListener::bind(bind).await?;
+    println!("baseline listening on {}", listener.local_addr()?);
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(pair) => pair,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            if let Ok(Ok(stream)) =
+                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+            {
+                let _ = answer(stream).await;
+            }
+        });
+    }
+}
+
+/// Answers packets by type: CONNECT, SUBSCRIBE, PUBLISH (PUBACK and a canned response),
+/// PINGREQ; DISCONNECT or EOF ends it.
+async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut out = Vec::new();
+        while let Some((kind, flags, body_start, len)) = frame(&buf) {
+            let body = &buf[body_start..body_start + len];
+            match kind {
+                1 => out.extend_from_slice(CONNACK),
+                8 if body.len() >= 2 => {
+                    out.extend_from_slice(&[0x90, 0x03, body[0], body[1], 0x01])
+                }
+                3 => {
+                    let qos = (flags >> 1) & 0b11;
+                    if qos > 0 && body.len() >= 2 {
+                        let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                        if let Some(pkid) = body.get(2 + topic_len..4 + topic_len) {
+                            out.extend_from_slice(&[0x40, 0x02, pkid[0], pkid[1]]);
+                        }
+                    }
+                    let remaining = 2 + RESPONSE_TOPIC.len() + RESPONSE_BODY.len();
+                    out.push(0x30);
+                    let mut x = remaining;
+                    loop {
+                        let mut byte = (x % 128) as u8;
+                        x /= 128;
+                        if x > 0 {
+                            byte |= 0x80;
+                        }
+                        out.push(byte);
+                        if x == 0 {
+                            break;
+                        }
+                    }
+                    out.extend_from_slice(&(RESPONSE_TOPIC.len() as u16).to_be_bytes());
+                    out.extend_from_slice(RESPONSE_TOPIC);
+                    out.extend_from_slice(RESPONSE_BODY);
+                }
+                12 => out.extend_from_slice(PINGRESP),
+                14 => {
+                    stream.write_all(&out).await?;
+                    return Ok(());
+                }
+                _ => {}
+            }
+            buf.drain(..body_start + len);
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+        }
+    }
+}
+
+/// (packet type, flags, offset of the body, body length) of the first whole frame.
+fn frame(buf: &[u8]) -> Option<(u8, u8, usize, usize)> {
+    let first = *buf.first()?;
+    let mut len = 0usize;
+    for (i, byte) in buf.iter().skip(1).take(4).enumerate() {
+        len += usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            let start = 2 + i;
+            return (buf.len() >= start + len).then_some((first >> 4, first & 0x0f, start, len));
+        }
+    }
+    None
+}

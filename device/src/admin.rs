@@ -1,0 +1,111 @@
+//! A small operator client: writes retained records under `dps/` and waits for the
+//! result of each on `dps/admin/results/...` (PROTOCOL B).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("operator connection: {0}")]
+    Connection(String),
+    #[error("write to {topic} refused: {message}")]
+    Refused { topic: String, message: String },
+    #[error("no result for {0} writes within 60 s")]
+    Timeout(usize),
+}
+
+/// Writes every record (topic, JSON body) as a retained message and waits until edgedps
+/// has accepted each. Large lists go over 8 connections, whose writes share flushes.
+pub async fn write_all(addr: SocketAddr, records: &[(String, Value)]) -> Result<(), AdminError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let size = records.len().div_ceil(8);
+    let mut tasks = Vec::new();
+    for (n, chunk) in records.chunks(size).enumerate() {
+        let chunk = chunk.to_vec();
+        tasks.push(tokio::spawn(
+            async move { write_chunk(addr, n, chunk).await },
+        ));
+    }
+    for task in tasks {
+        task.await
+            .map_err(|e| AdminError::Connection(e.to_string()))??;
+    }
+    Ok(())
+}
+
+async fn write_chunk(
+    addr: SocketAddr,
+    n: usize,
+    records: Vec<(String, Value)>,
+) -> Result<(), AdminError> {
+    let mut options = MqttOptions::new(
+        format!("edgedps-admin-{}-{n}", std::process::id()),
+        addr.ip().to_string(),
+        addr.port(),
+    );
+    options.set_keep_alive(Duration::from_secs(60));
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = AsyncClient::new(options, 256);
+    let connection = |e: rumqttc::ClientError| AdminError::Connection(e.to_string());
+    client
+        .subscribe("dps/admin/results/#", QoS::AtLeastOnce)
+        .await
+        .map_err(connection)?;
+    // Publish once subscribed, from a task, while this one reads the results.
+    let total = records.len();
+    let publisher = client.clone();
+    let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel::<()>();
+    let publishing = tokio::spawn(async move {
+        if subscribed_rx.await.is_err() {
+            return;
+        }
+        for (topic, body) in records {
+            let bytes = serde_json::to_vec(&body).unwrap_or_default();
+            if publisher
+                .publish(topic, QoS::AtLeastOnce, true, bytes)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let mut subscribed = Some(subscribed_tx);
+    let mut results = 0;
+    while results < total {
+        let event = tokio::time::timeout(Duration::from_secs(60), eventloop.poll())
+            .await
+            .map_err(|_| AdminError::Timeout(total - results))?
+            .map_err(|e| AdminError::Connection(e.to_string()))?;
+        match event {
+            Event::Incoming(Packet::SubAck(_)) => {
+                if let Some(tx) = subscribed.take() {
+                    let _ = tx.send(());
+                }
+            }
+            Event::Incoming(Packet::Publish(p)) if p.topic.starts_with("dps/admin/results/") => {
+                let result: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                if result.get("ok") != Some(&Value::Bool(true)) {
+                    publishing.abort();
+                    return Err(AdminError::Refused {
+                        topic: p.topic,
+                        message: result
+                            .get("message")
+                            .and_then(Value::as_str)
+                            .unwrap_or("no reason")
+                            .to_owned(),
+                    });
+                }
+                results += 1;
+            }
+            _ => {}
+        }
+    }
+    let _ = client.try_disconnect();
+    Ok(())
+}
