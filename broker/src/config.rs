@@ -86,6 +86,16 @@ pub struct Limits {
     pub connect_timeout_ms: u64,
     /// Largest MQTT packet accepted, in bytes.
     pub max_packet_size: usize,
+    /// Open connections on all listeners; beyond it new ones are closed at once.
+    pub max_connections: usize,
+    /// TLS handshakes running at once; more wait (within the handshake deadline).
+    pub max_handshakes: usize,
+    /// Polls per device in 10 s (DPS: 5); beyond them 429.
+    pub polls_per_device: usize,
+    /// Registrations per device per minute; beyond them 429.
+    pub registrations_per_device_per_minute: usize,
+    /// Registrations per second over all devices; beyond them 429.
+    pub registrations_per_second: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -141,6 +151,11 @@ impl Default for Limits {
             handshake_timeout_ms: 10_000,
             connect_timeout_ms: 10_000,
             max_packet_size: 256 * 1024,
+            max_connections: 50_000,
+            max_handshakes: 512,
+            polls_per_device: 5,
+            registrations_per_device_per_minute: 10,
+            registrations_per_second: 10_000,
         }
     }
 }
@@ -214,6 +229,26 @@ impl Config {
                 message: "must be at least 1024".into(),
             });
         }
+        for (key, value) in [
+            ("limits.max_connections", self.limits.max_connections),
+            ("limits.max_handshakes", self.limits.max_handshakes),
+            ("limits.polls_per_device", self.limits.polls_per_device),
+            (
+                "limits.registrations_per_device_per_minute",
+                self.limits.registrations_per_device_per_minute,
+            ),
+            (
+                "limits.registrations_per_second",
+                self.limits.registrations_per_second as usize,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: "must be at least 1".into(),
+                });
+            }
+        }
         for hub in &self.hubs {
             if hub.host_name.is_empty() {
                 return Err(ConfigError::Invalid {
@@ -236,6 +271,16 @@ impl Config {
                 etag: None,
             })
             .collect()
+    }
+
+    pub fn rate_limits(&self) -> edgedps_responder::RateLimits {
+        edgedps_responder::RateLimits {
+            polls_per_device: self.limits.polls_per_device,
+            poll_window: std::time::Duration::from_secs(10),
+            registrations_per_device: self.limits.registrations_per_device_per_minute,
+            register_window: std::time::Duration::from_secs(60),
+            registrations_per_second: self.limits.registrations_per_second,
+        }
     }
 
     pub fn default_allocation(&self) -> AllocationPolicy {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
@@ -70,6 +71,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     settings.always_accept_then_poll = config.always_accept_then_poll;
     settings.retry_after_seconds = config.retry_after_seconds;
     settings.hubs = config.linked_hubs();
+    settings.rate_limits = config.rate_limits();
     let (responder, outbound) = Responder::open(settings, store)?;
     let responder = Arc::new(responder);
 
@@ -94,6 +96,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         tasks: Vec::new(),
     };
 
+    // One budget of connections for both listeners.
+    let connections = Arc::new(Semaphore::new(config.limits.max_connections));
     if let Some(devices) = &config.listeners.devices {
         let (cert, key) = match (&devices.tls_cert, &devices.tls_key) {
             (Some(cert), Some(key)) => (cert.clone(), key.clone()),
@@ -108,40 +112,48 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         running.devices_addr = listener.local_addr().ok();
         tracing::info!(addr = ?running.devices_addr, "device listener (MQTT over TLS) ready");
         let handshake = Duration::from_millis(config.limits.handshake_timeout_ms);
+        let handshakes = Arc::new(Semaphore::new(config.limits.max_handshakes));
         let shared = shared.clone();
-        running
-            .tasks
-            .push(tokio::spawn(accept_loop(listener, move |tcp, peer| {
-                let acceptor = acceptor.clone();
-                let shared = shared.clone();
-                async move {
-                    match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            let chain = stream
-                                .get_ref()
-                                .1
-                                .peer_certificates()
-                                .map(|certs| certs.iter().map(|c| c.as_ref().to_vec()).collect())
-                                .unwrap_or_default();
-                            session::serve(stream, chain, ListenerKind::Devices, peer, shared)
-                                .await;
-                        }
-                        Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+        let accept = accept_loop(listener, connections.clone(), move |tcp, peer| {
+            let acceptor = acceptor.clone();
+            let shared = shared.clone();
+            let handshakes = handshakes.clone();
+            async move {
+                // A storm queues here instead of starving the sessions already running.
+                let Ok(Ok(permit)) =
+                    tokio::time::timeout(handshake, handshakes.acquire_owned()).await
+                else {
+                    tracing::warn!(%peer, "no handshake slot within the deadline; connection closed");
+                    return;
+                };
+                let accepted = tokio::time::timeout(handshake, acceptor.accept(tcp)).await;
+                drop(permit);
+                match accepted {
+                    Ok(Ok(stream)) => {
+                        let chain = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .map(|certs| certs.iter().map(|c| c.as_ref().to_vec()).collect())
+                            .unwrap_or_default();
+                        session::serve(stream, chain, ListenerKind::Devices, peer, shared).await;
                     }
+                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
                 }
-            })));
+            }
+        });
+        running.tasks.push(tokio::spawn(accept));
     }
     if let Some(local) = &config.listeners.local {
         let listener = bind("local", local.bind).await?;
         running.local_addr = listener.local_addr().ok();
         tracing::info!(addr = ?running.local_addr, "local listener (MQTT, operator role) ready");
         let shared = shared.clone();
-        running
-            .tasks
-            .push(tokio::spawn(accept_loop(listener, move |tcp, peer| {
-                session::serve(tcp, Vec::new(), ListenerKind::Local, peer, shared.clone())
-            })));
+        let accept = accept_loop(listener, connections.clone(), move |tcp, peer| {
+            session::serve(tcp, Vec::new(), ListenerKind::Local, peer, shared.clone())
+        });
+        running.tasks.push(tokio::spawn(accept));
     }
     Ok(running)
 }
@@ -154,7 +166,7 @@ async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
     })
 }
 
-async fn accept_loop<F, Fut>(listener: TcpListener, on_connection: F)
+async fn accept_loop<F, Fut>(listener: TcpListener, connections: Arc<Semaphore>, on_connection: F)
 where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -162,8 +174,18 @@ where
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
+                let Ok(permit) = connections.clone().try_acquire_owned() else {
+                    // Full: refuse fast, the device retries.
+                    tracing::warn!(%peer, "connection limit reached; connection refused");
+                    drop(tcp);
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
-                tokio::spawn(on_connection(tcp, peer));
+                let session = on_connection(tcp, peer);
+                tokio::spawn(async move {
+                    session.await;
+                    drop(permit);
+                });
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.

@@ -11,6 +11,7 @@ mod admin;
 mod attestation;
 mod registration;
 pub mod store;
+mod throttle;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, RwLock};
@@ -26,6 +27,7 @@ use edgedps_topics::admin::{AllocationPolicy, EnrollmentGroup, LinkedHub};
 pub use attestation::{Attested, Credential, EnrollmentSource, Refusal};
 pub use registration::Reply;
 pub use store::{Store, StoreError};
+pub use throttle::RateLimits;
 
 /// What the responder needs from the configuration.
 #[derive(Debug, Clone)]
@@ -40,6 +42,7 @@ pub struct Settings {
     pub hubs: Vec<LinkedHub>,
     /// How long a 202 operation can be polled.
     pub operation_ttl: std::time::Duration,
+    pub rate_limits: RateLimits,
 }
 
 impl Settings {
@@ -51,6 +54,7 @@ impl Settings {
             retry_after_seconds: 1,
             hubs: Vec::new(),
             operation_ttl: std::time::Duration::from_secs(300),
+            rate_limits: RateLimits::default(),
         }
     }
 }
@@ -95,6 +99,7 @@ pub struct Responder {
     in_flight: Mutex<HashSet<String>>,
     outbound: mpsc::Sender<Outbound>,
     random: SystemRandom,
+    throttle: throttle::Throttle,
 }
 
 impl Responder {
@@ -119,8 +124,10 @@ impl Responder {
             .into_iter()
             .map(|h| (h.host_name.clone(), h))
             .collect();
+        let throttle = throttle::Throttle::new(&settings.rate_limits);
         Ok((
             Responder {
+                throttle,
                 settings,
                 store,
                 groups: RwLock::new(groups),

@@ -69,6 +69,9 @@ impl Responder {
             }
         }
         let key = device.registration_id.to_ascii_lowercase();
+        if let Err(retry_after) = self.throttle.admit_registration(&key, Instant::now()) {
+            return self.throttled(retry_after, "registration rate limit");
+        }
         if !lock(&self.in_flight).insert(key.clone()) {
             return self.error(
                 codes::CONFLICT,
@@ -125,6 +128,10 @@ impl Responder {
 
     /// Handles `GET iotdps-get-operationstatus`.
     pub fn poll(&self, device: &Attested, operation_id: &str) -> Reply {
+        let key = device.registration_id.to_ascii_lowercase();
+        if let Err(retry_after) = self.throttle.admit_poll(&key, Instant::now()) {
+            return self.throttled(retry_after, "more than 5 polls in 10 s");
+        }
         let operations = lock(&self.operations);
         match operations.get(operation_id) {
             Some(op)
@@ -393,6 +400,8 @@ impl Responder {
     pub fn error(&self, code: u32, message: String) -> Reply {
         if code >= codes::INTERNAL {
             tracing::error!(code, %message, "registration failed");
+        } else if code == codes::THROTTLED {
+            tracing::debug!(code, %message, "registration throttled");
         } else {
             tracing::info!(code, %message, "registration refused");
         }
@@ -409,6 +418,13 @@ impl Responder {
             body: to_json(&body),
             assigned_device_id: None,
         }
+    }
+
+    /// A 429 with the wait the limit asks for.
+    fn throttled(&self, retry_after: u32, why: &str) -> Reply {
+        let mut reply = self.error(codes::THROTTLED, format!("throttled: {why}"));
+        reply.retry_after = Some(retry_after);
+        reply
     }
 
     /// Operation ids in the shape Azure uses: `4.{16 hex}.{uuid-like}`.

@@ -1,0 +1,174 @@
+//! Throttling and connection limits end to end: 429 with retry-after, never a crash or
+//! a stall, and other devices unaffected.
+
+use std::time::Duration;
+
+use edgedps_device::provision::{connect, exchange, parse_response_topic, register, wait_for};
+use edgedps_tests::*;
+use rumqttc::{Packet, QoS};
+use tokio::io::AsyncReadExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixth_poll_within_ten_seconds_gets_429_with_retry_after() {
+    let server = Server::start_with(|c| c.always_accept_then_poll = true).await;
+    let mut operator = server.operator().await;
+    let key = new_key();
+    operator
+        .put(
+            "dps/enrollments/poller",
+            symmetric_enrollment("poller", &key),
+        )
+        .await;
+    let config = server.device("poller", sas(&key));
+    let (client, mut eventloop) = connect(&config).await.unwrap();
+    client
+        .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    client
+        .publish(
+            "$dps/registrations/PUT/iotdps-register/?$rid=r",
+            QoS::AtLeastOnce,
+            false,
+            "",
+        )
+        .await
+        .unwrap();
+    let accepted = wait_for(&mut eventloop, "202", |p| matches!(p, Packet::Publish(_)))
+        .await
+        .unwrap();
+    let Packet::Publish(accepted) = accepted else {
+        unreachable!()
+    };
+    assert!(accepted.topic.starts_with("$dps/registrations/res/202/"));
+    let body: serde_json::Value = serde_json::from_slice(&accepted.payload).unwrap();
+    let operation = body["operationId"].as_str().unwrap().to_owned();
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        client
+            .publish(
+                format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=p{i}&operationId={operation}"),
+                QoS::AtLeastOnce,
+                false,
+                "",
+            )
+            .await
+            .unwrap();
+        let Ok(Packet::Publish(p)) = wait_for(&mut eventloop, "poll answer", |p| {
+            matches!(p, Packet::Publish(_))
+        })
+        .await
+        else {
+            panic!("no answer to poll {i}");
+        };
+        statuses.push(parse_response_topic(&p.topic));
+    }
+    assert!(statuses[..5].iter().all(|(s, _)| *s == 200), "{statuses:?}");
+    let (status, retry_after) = statuses[5];
+    assert_eq!(status, 429);
+    assert!(matches!(retry_after, Some(1..=10)), "{retry_after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_rate_limit_throttles_and_every_device_is_assigned_eventually() {
+    let server = Server::start_with(|c| c.limits.registrations_per_second = 2).await;
+    let mut operator = server.operator().await;
+    let group_key = new_key();
+    operator
+        .put(
+            "dps/enrollment-groups/rated",
+            symmetric_group("rated", &group_key),
+        )
+        .await;
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let id = format!("rated-{i}");
+        let key = edgedps_policies::sas::derive_device_key(&group_key, &id).unwrap();
+        let config = server.device(&id, sas(&key));
+        tasks.push(tokio::spawn(async move { register(&config, None).await }));
+    }
+    let mut throttled = 0;
+    for task in tasks {
+        let outcome = task.await.unwrap().unwrap();
+        assert_eq!(outcome.status_word(), Some("assigned"), "{}", outcome.body);
+        throttled += outcome.throttled;
+    }
+    assert!(
+        throttled >= 1,
+        "six registrations at 2/s were never throttled"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_device_registration_limit_answers_429() {
+    let server = Server::start_with(|c| c.limits.registrations_per_device_per_minute = 2).await;
+    let mut operator = server.operator().await;
+    let key = new_key();
+    operator
+        .put("dps/enrollments/eager", symmetric_enrollment("eager", &key))
+        .await;
+    let config = server.device("eager", sas(&key));
+    let (client, mut eventloop) = connect(&config).await.unwrap();
+    exchange(&config, &client, &mut eventloop, None)
+        .await
+        .unwrap();
+    let mut statuses = Vec::new();
+    for i in 0..2 {
+        client
+            .publish(
+                format!("$dps/registrations/PUT/iotdps-register/?$rid=again{i}"),
+                QoS::AtLeastOnce,
+                false,
+                "",
+            )
+            .await
+            .unwrap();
+        let Ok(Packet::Publish(p)) = wait_for(&mut eventloop, "answer", |p| {
+            matches!(p, Packet::Publish(_))
+        })
+        .await
+        else {
+            panic!("no answer");
+        };
+        statuses.push(parse_response_topic(&p.topic));
+    }
+    assert_eq!(statuses[0].0, 200);
+    assert_eq!(statuses[1].0, 429);
+    assert!(matches!(statuses[1].1, Some(1..=60)));
+    // Another device is not affected.
+    let other_key = new_key();
+    operator
+        .put(
+            "dps/enrollments/calm",
+            symmetric_enrollment("calm", &other_key),
+        )
+        .await;
+    let outcome = register(&server.device("calm", sas(&other_key)), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome.status_word(), Some("assigned"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_refused_fast() {
+    let server = Server::start_with(|c| {
+        c.limits.max_connections = 2;
+        c.limits.connect_timeout_ms = 30_000;
+    })
+    .await;
+    let _first = tokio::net::TcpStream::connect(("127.0.0.1", server.local_port))
+        .await
+        .unwrap();
+    let _second = tokio::net::TcpStream::connect(("127.0.0.1", server.local_port))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = tokio::net::TcpStream::connect(("127.0.0.1", server.local_port))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 8];
+    let read = tokio::time::timeout(Duration::from_secs(2), third.read(&mut buf))
+        .await
+        .expect("the third connection is closed at once");
+    assert!(matches!(read, Ok(0) | Err(_)));
+}
