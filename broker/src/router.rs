@@ -24,12 +24,13 @@ pub struct Router {
 pub struct RouterError(String);
 
 impl Router {
-    /// Starts the router thread (no rumqttd listeners: the front end is ours).
-    pub fn start() -> Router {
+    /// Starts the router thread (no rumqttd listeners: the front end is ours) with room
+    /// for `max_links` links; rumqttd reserves its tables for them up front.
+    pub fn start(max_links: usize) -> Router {
         let config = rumqttd::Config {
             id: 0,
             router: RouterConfig {
-                max_connections: 100_000,
+                max_connections: max_links,
                 max_outgoing_packet_count: 200,
                 max_segment_size: 1024 * 1024,
                 max_segment_count: 10,

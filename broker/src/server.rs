@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
@@ -75,7 +75,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let (responder, outbound) = Responder::open(settings, store)?;
     let responder = Arc::new(responder);
 
-    let router = Router::start();
+    // Every session may hold a link, plus the responder's.
+    let router = Router::start(config.limits.max_connections + 1);
     router.spawn_publisher(outbound).await?;
     let republished = responder.republish().await?;
     tracing::info!(
@@ -114,7 +115,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         let handshake = Duration::from_millis(config.limits.handshake_timeout_ms);
         let handshakes = Arc::new(Semaphore::new(config.limits.max_handshakes));
         let shared = shared.clone();
-        let accept = accept_loop(listener, connections.clone(), move |tcp, peer| {
+        let accept = accept_loop(listener, connections.clone(), move |tcp, peer, slot| {
             let acceptor = acceptor.clone();
             let shared = shared.clone();
             let handshakes = handshakes.clone();
@@ -136,7 +137,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                             .peer_certificates()
                             .map(|certs| certs.iter().map(|c| c.as_ref().to_vec()).collect())
                             .unwrap_or_default();
-                        session::serve(stream, chain, ListenerKind::Devices, peer, shared).await;
+                        // A task of its own: the handshake task's state is not carried
+                        // for the life of the session (see BENCHMARKS.md, idle memory).
+                        tokio::spawn(session::serve(
+                            stream,
+                            chain,
+                            ListenerKind::Devices,
+                            peer,
+                            shared,
+                            slot,
+                        ));
                     }
                     Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
@@ -150,8 +160,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         running.local_addr = listener.local_addr().ok();
         tracing::info!(addr = ?running.local_addr, "local listener (MQTT, operator role) ready");
         let shared = shared.clone();
-        let accept = accept_loop(listener, connections.clone(), move |tcp, peer| {
-            session::serve(tcp, Vec::new(), ListenerKind::Local, peer, shared.clone())
+        let accept = accept_loop(listener, connections.clone(), move |tcp, peer, slot| {
+            session::serve(
+                tcp,
+                Vec::new(),
+                ListenerKind::Local,
+                peer,
+                shared.clone(),
+                slot,
+            )
         });
         running.tasks.push(tokio::spawn(accept));
     }
@@ -168,7 +185,7 @@ async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 
 async fn accept_loop<F, Fut>(listener: TcpListener, connections: Arc<Semaphore>, on_connection: F)
 where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
+    F: Fn(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -181,11 +198,7 @@ where
                     continue;
                 };
                 let _ = tcp.set_nodelay(true);
-                let session = on_connection(tcp, peer);
-                tokio::spawn(async move {
-                    session.await;
-                    drop(permit);
-                });
+                tokio::spawn(on_connection(tcp, peer, permit));
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.

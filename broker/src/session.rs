@@ -88,17 +88,19 @@ struct Session<S> {
     keep_alive: u16,
 }
 
-/// Runs a session on an established (TLS or plain) stream until it closes.
+/// Runs a session on an established (TLS or plain) stream until it closes. `_slot` is
+/// the session's place in the connection limit, given back when it ends.
 pub async fn serve<S>(
     stream: S,
     chain: Vec<Vec<u8>>,
     kind: ListenerKind,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match accept(stream, chain, kind, peer, shared).await {
+    match Box::pin(accept(stream, chain, kind, peer, shared)).await {
         Ok(Some(mut session)) => {
             let result = session.run().await;
             session.release_link().await;
@@ -285,7 +287,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Event::Read(Ok(_)) => self.drain_input().await?,
                 Event::Read(Err(e)) => return Err(e.into()),
                 Event::KeepAliveExpired => return Err(Close::KeepAlive),
-                Event::Router(notification) => self.forward(*notification).await?,
+                Event::Router(notification) => Box::pin(self.forward(*notification)).await?,
             }
             self.flush().await?;
         }
@@ -293,7 +295,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn drain_input(&mut self) -> Result<(), Close> {
         while let Some(frame) = self.codec.decode(&mut self.inbuf)? {
-            self.handle(frame).await?;
+            // Boxed: the register path is a deep future; inline, every idle session
+            // would carry its size (see BENCHMARKS.md, idle session memory).
+            Box::pin(self.handle(frame)).await?;
         }
         Ok(())
     }

@@ -56,8 +56,12 @@ async fn write_chunk(
         .subscribe("dps/admin/results/#", QoS::AtLeastOnce)
         .await
         .map_err(connection)?;
+    // Results of every operator's writes arrive on the subscription: count our own.
+    let mut pending: std::collections::HashSet<String> = records
+        .iter()
+        .map(|(topic, _)| topic.replacen("dps/", "dps/admin/results/", 1))
+        .collect();
     // Publish once subscribed, from a task, while this one reads the results.
-    let total = records.len();
     let publisher = client.clone();
     let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel::<()>();
     let publishing = tokio::spawn(async move {
@@ -76,11 +80,10 @@ async fn write_chunk(
         }
     });
     let mut subscribed = Some(subscribed_tx);
-    let mut results = 0;
-    while results < total {
+    while !pending.is_empty() {
         let event = tokio::time::timeout(Duration::from_secs(60), eventloop.poll())
             .await
-            .map_err(|_| AdminError::Timeout(total - results))?
+            .map_err(|_| AdminError::Timeout(pending.len()))?
             .map_err(|e| AdminError::Connection(e.to_string()))?;
         match event {
             Event::Incoming(Packet::SubAck(_)) => {
@@ -88,7 +91,7 @@ async fn write_chunk(
                     let _ = tx.send(());
                 }
             }
-            Event::Incoming(Packet::Publish(p)) if p.topic.starts_with("dps/admin/results/") => {
+            Event::Incoming(Packet::Publish(p)) if pending.contains(&p.topic) => {
                 let result: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
                 if result.get("ok") != Some(&Value::Bool(true)) {
                     publishing.abort();
@@ -101,7 +104,7 @@ async fn write_chunk(
                             .to_owned(),
                     });
                 }
-                results += 1;
+                pending.remove(&p.topic);
             }
             _ => {}
         }

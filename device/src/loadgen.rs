@@ -40,6 +40,10 @@ pub struct LoadgenArgs {
     /// Storm: start all devices spread evenly over this many seconds, no concurrency cap.
     #[arg(long)]
     pub arrival_secs: Option<f64>,
+    /// After the first round, connect every device again and keep the sessions open to
+    /// measure the server memory of an idle session.
+    #[arg(long)]
+    pub hold: bool,
     /// Print the final report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -336,6 +340,15 @@ pub struct ChildProcess(pub Child);
 
 impl Drop for ChildProcess {
     fn drop(&mut self) {
+        // SIGTERM first, so a profiler wrapping the server can write its output.
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -378,7 +391,19 @@ pub async fn spawn_server(
     let path = dir.join("edgedps.toml");
     std::fs::write(&path, config).map_err(|e| e.to_string())?;
     let log = std::fs::File::create(dir.join("edgedps.log")).map_err(|e| e.to_string())?;
-    let child = Command::new(exe)
+    // EDGEDPS_LOADGEN_WRAPPER runs the server under a profiler, e.g.
+    // "valgrind --tool=massif --massif-out-file=/tmp/massif.out".
+    let wrapper = std::env::var("EDGEDPS_LOADGEN_WRAPPER").unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(words).arg(exe);
+            command
+        }
+        None => Command::new(exe),
+    };
+    let child = command
         .args(["serve", "--config"])
         .arg(&path)
         .stdout(Stdio::null())
@@ -542,6 +567,7 @@ pub async fn main(args: LoadgenArgs, exe: &Path) -> Result<Vec<Report>, String> 
             &server_ca,
         )
         .await?;
+        let again = (args.hold && round == 0).then(|| devices.clone());
         let report = run_devices(
             "edgedps",
             devices,
@@ -553,6 +579,9 @@ pub async fn main(args: LoadgenArgs, exe: &Path) -> Result<Vec<Report>, String> 
         .await;
         print_report(&report, args.json);
         reports.push(report);
+        if let Some(devices) = again {
+            hold_sessions(devices, args.concurrency, server.0.id(), args.json).await;
+        }
         if let Some((child, port)) = &baseline {
             let devices = prepare(
                 args.attestation,
@@ -582,6 +611,50 @@ pub async fn main(args: LoadgenArgs, exe: &Path) -> Result<Vec<Report>, String> 
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(reports)
+}
+
+/// Connects every (already registered) device again, registers (idempotent: no new
+/// records), and keeps the sessions open; the server's RSS growth over the count is the
+/// memory of one idle session.
+async fn hold_sessions(devices: Vec<SimulatedDevice>, concurrency: usize, pid: u32, as_json: bool) {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = ProcessStats::read(pid).rss_kib;
+    let devices = Arc::new(devices);
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (devices, held, next) = (devices.clone(), held.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            while let Some(device) = devices.get(next.fetch_add(1, Ordering::Relaxed)) {
+                if let Ok((client, mut eventloop)) =
+                    provision::connect_with(&device.config, device.tls.clone()).await
+                {
+                    if provision::exchange(&device.config, &client, &mut eventloop, None)
+                        .await
+                        .is_ok()
+                    {
+                        held.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((client, eventloop));
+                    }
+                }
+            }
+        }));
+    }
+    futures_join(tasks).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = ProcessStats::read(pid).rss_kib;
+    let count = held.lock().unwrap_or_else(|p| p.into_inner()).len();
+    let per_session = (after.saturating_sub(before)) as f64 / count.max(1) as f64;
+    if as_json {
+        println!(
+            "{}",
+            json!({"idle_sessions": count, "rss_kib_before": before, "rss_kib_after": after, "kib_per_session": per_session})
+        );
+    } else {
+        println!("idle     {count} sessions held: server RSS {before} -> {after} KiB = {per_session:.1} KiB per idle session");
+    }
 }
 
 fn print_report(r: &Report, as_json: bool) {

@@ -7,11 +7,22 @@ async fn smoke(attestation: Attestation, devices: usize) {
     let server = Server::start().await;
     let admin = ([127, 0, 0, 1], server.local_port).into();
     let ca = pki().server_ca.pem.as_bytes();
-    let fleet = prepare(attestation, devices, 0, server.devices_port, Some(admin), ca)
-        .await
-        .expect("enrollments accepted");
+    let fleet = prepare(
+        attestation,
+        devices,
+        0,
+        server.devices_port,
+        Some(admin),
+        ca,
+    )
+    .await
+    .expect("enrollments accepted");
     let report = run_devices("edgedps", fleet, 32, None, None, false).await;
-    assert_eq!(report.assigned, devices, "{attestation:?}: {:?}", report.errors);
+    assert_eq!(
+        report.assigned, devices,
+        "{attestation:?}: {:?}",
+        report.errors
+    );
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert!(report.total_us.p50 > 0);
 }
