@@ -29,6 +29,14 @@ enum Command {
     },
     /// Provision many simulated devices against a fresh edgedps and report.
     Loadgen(edgedps_device::loadgen::LoadgenArgs),
+    /// Fill a store with enrollments, for start-up benchmarks.
+    #[command(hide = true)]
+    BenchStore {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        enrollments: usize,
+    },
     /// The bare TLS server the load generator compares against.
     #[command(hide = true)]
     BenchServer {
@@ -46,6 +54,16 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(config),
         Command::Loadgen(args) => loadgen(args),
+        Command::BenchStore {
+            data_dir,
+            enrollments,
+        } => match runtime().and_then(|rt| rt.block_on(bench_store(&data_dir, enrollments))) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("edgedps bench-store: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::BenchServer { bind, cert, key } => {
             match runtime().and_then(|rt| {
                 rt.block_on(edgedps::baseline::run(bind, &cert, &key))
@@ -66,6 +84,35 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+/// Writes `count` symmetric-key enrollments straight into the store of `data_dir`.
+async fn bench_store(data_dir: &std::path::Path, count: usize) -> Result<(), String> {
+    use edgedps_topics::admin::{
+        Attestation, AttestationType, Enrollment, SymmetricKeyAttestation,
+    };
+    let store =
+        edgedps_responder::Store::open(&data_dir.join("store")).map_err(|e| e.to_string())?;
+    for i in 0..count {
+        let enrollment = Enrollment {
+            registration_id: format!("bulk-{i}"),
+            device_id: None,
+            attestation: Attestation {
+                kind: AttestationType::SymmetricKey,
+                x509: None,
+                symmetric_key: Some(SymmetricKeyAttestation {
+                    primary_key: Some("VGhpcyBpcyBhIHRlc3Qga2V5IGZvciBkb2NzIG9ubHkhIQ==".into()),
+                    secondary_key: None,
+                }),
+                tpm: None,
+            },
+            settings: Default::default(),
+        };
+        store
+            .put_enrollment(&enrollment)
+            .map_err(|e| e.to_string())?;
+    }
+    store.durable().await.map_err(|e| e.to_string())
 }
 
 fn loadgen(args: edgedps_device::loadgen::LoadgenArgs) -> ExitCode {
@@ -150,7 +197,9 @@ fn init_logging(config: &Config) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(format!("{},rumqttd=warn", config.log.level)))
         .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Human => builder.init(),

@@ -465,6 +465,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 });
             }
         }
+        let mut early = Vec::new();
         if !forward.is_empty() {
             self.router_send(Packet::Subscribe(
                 Subscribe {
@@ -474,6 +475,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 None,
             ))
             .await?;
+            early = self.await_router_ack().await?;
         }
         self.send(Packet::SubAck(
             SubAck {
@@ -481,7 +483,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return_codes: codes,
             },
             None,
-        ))
+        ))?;
+        // Retained messages the router sent with its acknowledgement follow the SUBACK.
+        for notification in early {
+            self.forward(Some(Ok(Some(notification)))).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the router has applied what this session sent it: only then is the
+    /// subscription live, and only then may the client be told so (otherwise a publish
+    /// right after the SUBACK could miss it). Returns what arrived meanwhile.
+    async fn await_router_ack(&mut self) -> Result<Vec<Notification>, Close> {
+        let mut early = Vec::new();
+        let Some(rx) = self.link_rx.as_mut() else {
+            return Ok(early);
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match timeout_at(deadline, rx.next()).await {
+                Err(_) => return Err(Close::Router("no acknowledgement within 10 s".into())),
+                Ok(Err(e)) => return Err(Close::Router(e.to_string())),
+                Ok(Ok(Some(Notification::DeviceAck(_)))) => return Ok(early),
+                Ok(Ok(Some(Notification::Unschedule))) => {
+                    rx.wake().await.map_err(|e| Close::Router(e.to_string()))?
+                }
+                Ok(Ok(Some(other))) => early.push(other),
+                Ok(Ok(None)) => {}
+            }
+        }
     }
 
     async fn unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Result<(), Close> {

@@ -44,6 +44,10 @@ pub struct LoadgenArgs {
     /// measure the server memory of an idle session.
     #[arg(long)]
     pub hold: bool,
+    /// Before starting the server, fill its store with this many enrollments and report
+    /// how long the server takes to start.
+    #[arg(long, default_value_t = 0)]
+    pub preload: usize,
     /// Print the final report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -548,7 +552,42 @@ fn random_key() -> String {
 pub async fn main(args: LoadgenArgs, exe: &Path) -> Result<Vec<Report>, String> {
     let dir = std::env::temp_dir().join(format!("edgedps-loadgen-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    if args.preload > 0 {
+        let filled = Instant::now();
+        let status = Command::new(exe)
+            .args([
+                "bench-store",
+                "--enrollments",
+                &args.preload.to_string(),
+                "--data-dir",
+            ])
+            .arg(dir.join("data"))
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err("bench-store failed".into());
+        }
+        eprintln!(
+            "preloaded {} enrollments in {:.1} s",
+            args.preload,
+            filled.elapsed().as_secs_f64()
+        );
+    }
+    let started = Instant::now();
     let (server, devices_port, local_port, ca_path) = spawn_server(exe, &dir).await?;
+    let startup = started.elapsed().as_secs_f64();
+    let stats = ProcessStats::read(server.0.id());
+    if args.json {
+        println!(
+            "{}",
+            json!({"startup_seconds": startup, "preloaded": args.preload, "rss_kib": stats.rss_kib})
+        );
+    } else {
+        println!(
+            "start-up with {} stored enrollments: {startup:.2} s to listening, RSS {} KiB",
+            args.preload, stats.rss_kib
+        );
+    }
     let server_ca = std::fs::read(&ca_path).map_err(|e| format!("{}: {e}", ca_path.display()))?;
     let baseline = if args.baseline {
         Some(spawn_baseline(exe, &dir).await?)

@@ -171,3 +171,29 @@ async fn mqtt5_device_with_persistent_session_flag_provisions_puback_first() {
     }
     assert_eq!(session_present, Some(false));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_is_live_when_the_suback_arrives() {
+    // Operators that subscribe to their results and write at once, while the router
+    // is busy with the writes of others: a SUBACK sent before the router applied the
+    // subscription loses the first results, and a writer then waits forever.
+    let server = Server::start().await;
+    let admin = ([127, 0, 0, 1], server.local_port).into();
+    for round in 0..6 {
+        let records: Vec<_> = (0..1000)
+            .map(|i| {
+                let id = format!("live-{round}-{i}");
+                (
+                    format!("dps/enrollments/{id}"),
+                    symmetric_enrollment(&id, &new_key()),
+                )
+            })
+            .collect();
+        let written = tokio::time::timeout(
+            Duration::from_secs(30),
+            edgedps_device::admin::write_all(admin, &records),
+        )
+        .await;
+        assert!(matches!(written, Ok(Ok(()))), "round {round}: {written:?}");
+    }
+}
