@@ -172,7 +172,15 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
             tracing::info!(ca = %ca.display(), "devices trust the development server certificate through this CA");
         }
         wait_for_signal().await;
-        tracing::info!("shutting down");
+        let latency = running.responder.register_latency();
+        tracing::info!(
+            registrations = latency.count,
+            p50_us = latency.p50_us,
+            p90_us = latency.p90_us,
+            p99_us = latency.p99_us,
+            max_us = latency.max_us,
+            "register latency (server side, request to durable answer); shutting down"
+        );
         drop(running);
         ExitCode::SUCCESS
     })
@@ -199,7 +207,8 @@ fn init_logging(config: &Config) {
         .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Human => builder.init(),

@@ -176,7 +176,7 @@ where
                             None
                         }
                     };
-                    tracing::info!(%peer, %client_id, source = ?attested.source, kind = ?attested.kind, "device connected");
+                    tracing::debug!(%peer, %client_id, source = ?attested.source, kind = ?attested.kind, "device connected");
                     (Identity::Device(attested), Role::Device { device_id })
                 }
                 Err(refusal) => {

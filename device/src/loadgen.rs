@@ -389,7 +389,7 @@ pub async fn spawn_server(
         free_port().map_err(|e| e.to_string())?,
     );
     let config = format!(
-        "id_scope = \"0ne00000001\"\ndata_dir = \"{}\"\n[listeners.devices]\nbind = \"127.0.0.1:{devices}\"\n[listeners.local]\nbind = \"127.0.0.1:{local}\"\n[log]\nlevel = \"warn\"\n",
+        "id_scope = \"0ne00000001\"\ndata_dir = \"{}\"\n[listeners.devices]\nbind = \"127.0.0.1:{devices}\"\n[listeners.local]\nbind = \"127.0.0.1:{local}\"\n[log]\nlevel = \"info\"\n",
         dir.join("data").display()
     );
     let path = dir.join("edgedps.toml");
@@ -648,6 +648,11 @@ pub async fn main(args: LoadgenArgs, exe: &Path) -> Result<Vec<Report>, String> 
         print_ratio(&reports, args.json);
     }
     drop(server);
+    // The server logs its own register latency when it stops.
+    let log = std::fs::read_to_string(dir.join("edgedps.log")).unwrap_or_default();
+    for line in log.lines().filter(|l| l.contains("register latency")) {
+        println!("server   {}", line.trim());
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(reports)
 }

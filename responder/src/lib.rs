@@ -9,6 +9,7 @@
 
 mod admin;
 mod attestation;
+mod latency;
 mod registration;
 pub mod store;
 mod throttle;
@@ -25,6 +26,7 @@ use tokio::sync::mpsc;
 use edgedps_topics::admin::{AllocationPolicy, EnrollmentGroup, LinkedHub};
 
 pub use attestation::{Attested, Credential, EnrollmentSource, Refusal};
+pub use latency::LatencySummary;
 pub use registration::Reply;
 pub use store::{Store, StoreError};
 pub use throttle::RateLimits;
@@ -100,6 +102,7 @@ pub struct Responder {
     outbound: mpsc::Sender<Outbound>,
     random: SystemRandom,
     throttle: throttle::Throttle,
+    register_latency: latency::LatencyHistogram,
 }
 
 impl Responder {
@@ -128,6 +131,7 @@ impl Responder {
         Ok((
             Responder {
                 throttle,
+                register_latency: latency::LatencyHistogram::default(),
                 settings,
                 store,
                 groups: RwLock::new(groups),
@@ -143,6 +147,11 @@ impl Responder {
 
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// Server-side latency of the registrations answered so far.
+    pub fn register_latency(&self) -> LatencySummary {
+        self.register_latency.summary()
     }
 
     pub fn store(&self) -> &Store {

@@ -53,6 +53,13 @@ impl Drop for InFlight<'_> {
 impl Responder {
     /// Handles `PUT iotdps-register` from an attested device.
     pub async fn register(&self, device: &Attested, body: &[u8]) -> Reply {
+        let started = Instant::now();
+        let reply = self.register_inner(device, body).await;
+        self.register_latency.record(started.elapsed());
+        reply
+    }
+
+    async fn register_inner(&self, device: &Attested, body: &[u8]) -> Reply {
         let request = match RegisterRequest::parse(body) {
             Ok(request) => request,
             Err(e) => return self.error(codes::MALFORMED_BODY, e.to_string()),
