@@ -78,11 +78,20 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     // Every session may hold a link, plus the responder's.
     let router = Router::start(config.limits.max_connections + 1);
     router.spawn_publisher(outbound).await?;
-    let republished = responder.republish().await?;
-    tracing::info!(
-        records = republished,
-        "republished the stored state as retained messages"
-    );
+    // The stored state goes back out as retained messages in the background: with a
+    // million enrollments that takes seconds, and devices need not wait for it.
+    let republishing = responder.clone();
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        match republishing.republish().await {
+            Ok(records) => tracing::info!(
+                records,
+                seconds = started.elapsed().as_secs_f64(),
+                "republished the stored state as retained messages"
+            ),
+            Err(e) => tracing::error!(error = %e, "republishing the stored state failed"),
+        }
+    });
 
     let shared = Arc::new(Shared {
         responder: responder.clone(),

@@ -34,13 +34,19 @@ impl Default for LatencyHistogram {
 impl LatencyHistogram {
     pub fn record(&self, elapsed: Duration) {
         let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        let index = usize::try_from(us / BUCKET_US).unwrap_or(BUCKETS).min(BUCKETS - 1);
+        let index = usize::try_from(us / BUCKET_US)
+            .unwrap_or(BUCKETS)
+            .min(BUCKETS - 1);
         self.buckets[index].fetch_add(1, Ordering::Relaxed);
         self.max_us.fetch_max(us, Ordering::Relaxed);
     }
 
     pub fn summary(&self) -> LatencySummary {
-        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
         let count: u64 = counts.iter().sum();
         let at = |q: f64| {
             let rank = ((count as f64) * q).ceil().max(1.0) as u64;
