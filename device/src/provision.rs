@@ -34,6 +34,11 @@ pub struct DeviceConfig {
     /// The CA the server certificate chains to.
     pub server_ca_pem: Vec<u8>,
     pub api_version: String,
+    /// QoS of the register and poll requests (the SDKs use 1).
+    pub request_qos: QoS,
+    /// TCP_NODELAY: off by default, as in rumqttc; a device that registers again on
+    /// the same connection wants it on, or its request waits behind its last PUBACK.
+    pub tcp_nodelay: bool,
 }
 
 impl DeviceConfig {
@@ -53,6 +58,8 @@ impl DeviceConfig {
             auth,
             server_ca_pem,
             api_version: "2019-03-31".into(),
+            request_qos: QoS::AtLeastOnce,
+            tcp_nodelay: false,
         }
     }
 
@@ -150,6 +157,9 @@ pub async fn connect_with(
     }
     options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
     let (client, mut eventloop) = AsyncClient::new(options, 16);
+    eventloop
+        .network_options
+        .set_tcp_nodelay(config.tcp_nodelay);
     loop {
         match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
             Err(_) => return Err(DeviceError::Timeout("CONNACK")),
@@ -209,7 +219,7 @@ pub async fn register_on(
         client
             .publish(
                 request.as_str(),
-                QoS::AtLeastOnce,
+                config.request_qos,
                 false,
                 request_body.clone(),
             )
