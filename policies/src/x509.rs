@@ -85,6 +85,35 @@ pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, X509Error> {
     Ok(pem.contents)
 }
 
+/// The first certificate of a PEM text, as DER, decoded but not parsed: for enrollment
+/// data that was validated when it was written.
+pub fn pem_der(pem: &str) -> Result<Vec<u8>, X509Error> {
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|_| X509Error::BadPem)?;
+    Ok(pem.contents)
+}
+
+/// A group's signing certificate, read once when the group is loaded or written.
+#[derive(Debug, Clone)]
+pub struct SigningCertificate {
+    /// DER of its subject name: the issuer of the certificates it signs.
+    pub subject: Vec<u8>,
+    anchor: rustls_pki_types::TrustAnchor<'static>,
+}
+
+impl SigningCertificate {
+    pub fn from_der(der: &[u8]) -> Result<SigningCertificate, X509Error> {
+        let info = CertificateInfo::read(der)?;
+        let anchor = webpki::anchor_from_trusted_cert(&CertificateDer::from(der))
+            .map_err(|e| X509Error::Chain(format!("signing certificate: {e}")))?
+            .to_owned();
+        Ok(SigningCertificate {
+            subject: info.subject,
+            anchor,
+        })
+    }
+}
+
 /// SHA-256 of the DER, upper-case hex, as Azure shows thumbprints.
 pub fn thumbprint(der: &[u8]) -> String {
     let hash = digest::digest(&digest::SHA256, der);
@@ -102,9 +131,14 @@ pub fn normalize_thumbprint(text: &str) -> Result<String, X509Error> {
 
 /// Individual enrollment: the leaf is the enrolled certificate (by DER or thumbprint)
 /// and is valid now.
-pub fn check_individual(leaf: &[u8], enrolled: &CertificateRef, now: u64) -> Result<(), X509Error> {
+pub fn check_individual(
+    leaf: &[u8],
+    leaf_info: &CertificateInfo,
+    enrolled: &CertificateRef,
+    now: u64,
+) -> Result<(), X509Error> {
     let matches = if let Some(pem) = &enrolled.certificate {
-        pem_to_der(pem)? == leaf
+        pem_der(pem)? == leaf
     } else if let Some(print) = &enrolled.sha256_thumbprint {
         normalize_thumbprint(print)? == thumbprint(leaf)
     } else {
@@ -113,7 +147,7 @@ pub fn check_individual(leaf: &[u8], enrolled: &CertificateRef, now: u64) -> Res
     if !matches {
         return Err(X509Error::Mismatch);
     }
-    if !CertificateInfo::read(leaf)?.valid_at(now) {
+    if !leaf_info.valid_at(now) {
         return Err(X509Error::NotValidNow);
     }
     Ok(())
@@ -125,12 +159,9 @@ pub fn check_individual(leaf: &[u8], enrolled: &CertificateRef, now: u64) -> Res
 pub fn check_group_chain(
     leaf: &[u8],
     intermediates: &[Vec<u8>],
-    signing_certificate: &[u8],
+    signing_certificate: &SigningCertificate,
     now: u64,
 ) -> Result<(), X509Error> {
-    let anchor_der = CertificateDer::from(signing_certificate);
-    let anchor = webpki::anchor_from_trusted_cert(&anchor_der)
-        .map_err(|e| X509Error::Chain(format!("signing certificate: {e}")))?;
     let leaf_der = CertificateDer::from(leaf);
     let end_entity = webpki::EndEntityCert::try_from(&leaf_der)
         .map_err(|e| X509Error::Chain(format!("leaf: {e}")))?;
@@ -142,7 +173,7 @@ pub fn check_group_chain(
     end_entity
         .verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
-            &[anchor],
+            std::slice::from_ref(&signing_certificate.anchor),
             &intermediates,
             time,
             webpki::KeyUsage::client_auth(),
@@ -161,6 +192,14 @@ mod tests {
     };
 
     const NOW: u64 = 1_800_000_000; // 2027-01-15
+
+    fn signing(der: &[u8]) -> SigningCertificate {
+        SigningCertificate::from_der(der).unwrap()
+    }
+
+    fn info(der: &[u8]) -> CertificateInfo {
+        CertificateInfo::read(der).unwrap()
+    }
 
     struct Ca {
         der: Vec<u8>,
@@ -200,11 +239,19 @@ mod tests {
         let inter = ca("intermediate", Some(&root));
         let device = leaf("dev-1", &inter, vec![ExtendedKeyUsagePurpose::ClientAuth]);
         assert_eq!(
-            check_group_chain(&device, std::slice::from_ref(&inter.der), &root.der, NOW),
+            check_group_chain(
+                &device,
+                std::slice::from_ref(&inter.der),
+                &signing(&root.der),
+                NOW
+            ),
             Ok(())
         );
         // The intermediate itself may be the group's certificate.
-        assert_eq!(check_group_chain(&device, &[], &inter.der, NOW), Ok(()));
+        assert_eq!(
+            check_group_chain(&device, &[], &signing(&inter.der), NOW),
+            Ok(())
+        );
         assert_eq!(
             CertificateInfo::read(&device)
                 .unwrap()
@@ -220,7 +267,7 @@ mod tests {
         let rogue = ca("root", None);
         let device = leaf("dev-1", &rogue, vec![ExtendedKeyUsagePurpose::ClientAuth]);
         assert!(matches!(
-            check_group_chain(&device, &[], &root.der, NOW),
+            check_group_chain(&device, &[], &signing(&root.der), NOW),
             Err(X509Error::Chain(_))
         ));
     }
@@ -229,9 +276,9 @@ mod tests {
     fn server_only_leaf_and_ca_as_leaf_are_refused() {
         let root = ca("root", None);
         let server = leaf("dev-1", &root, vec![ExtendedKeyUsagePurpose::ServerAuth]);
-        assert!(check_group_chain(&server, &[], &root.der, NOW).is_err());
+        assert!(check_group_chain(&server, &[], &signing(&root.der), NOW).is_err());
         let sub_ca = ca("dev-1", Some(&root));
-        assert!(check_group_chain(&sub_ca.der, &[], &root.der, NOW).is_err());
+        assert!(check_group_chain(&sub_ca.der, &[], &signing(&root.der), NOW).is_err());
     }
 
     #[test]
@@ -244,7 +291,7 @@ mod tests {
         let key = KeyPair::generate().unwrap();
         let device = params.signed_by(&key, &root.issuer).unwrap().der().to_vec();
         assert!(matches!(
-            check_group_chain(&device, &[], &root.der, NOW),
+            check_group_chain(&device, &[], &signing(&root.der), NOW),
             Err(X509Error::Chain(_))
         ));
         assert!(!CertificateInfo::read(&device).unwrap().valid_at(NOW));
@@ -267,14 +314,20 @@ mod tests {
             certificate: None,
             sha256_thumbprint: Some(thumbprint(&device).to_lowercase()),
         };
-        assert_eq!(check_individual(&device, &by_pem, NOW), Ok(()));
-        assert_eq!(check_individual(&device, &by_print, NOW), Ok(()));
         assert_eq!(
-            check_individual(&other, &by_pem, NOW),
+            check_individual(&device, &info(&device), &by_pem, NOW),
+            Ok(())
+        );
+        assert_eq!(
+            check_individual(&device, &info(&device), &by_print, NOW),
+            Ok(())
+        );
+        assert_eq!(
+            check_individual(&other, &info(&other), &by_pem, NOW),
             Err(X509Error::Mismatch)
         );
         assert_eq!(
-            check_individual(&other, &by_print, NOW),
+            check_individual(&other, &info(&other), &by_print, NOW),
             Err(X509Error::Mismatch)
         );
     }

@@ -184,7 +184,7 @@ impl Responder {
                 })?;
             let mut last = x509::X509Error::Mismatch;
             for cert in [&certs.primary, &certs.secondary].into_iter().flatten() {
-                match x509::check_individual(leaf, cert, now) {
+                match x509::check_individual(leaf, &leaf_info, cert, now) {
                     Ok(()) => {
                         return Ok(Attested {
                             registration_id: registration_id.to_owned(),
@@ -215,12 +215,12 @@ impl Responder {
                 if entry.group.attestation.kind != AttestationType::X509 {
                     continue;
                 }
-                for (signing_der, subject) in &entry.signing {
-                    if *subject != issuer {
+                for signing in &entry.signing {
+                    if signing.subject != issuer {
                         continue;
                     }
                     let path = &intermediates[..depth.min(intermediates.len())];
-                    match x509::check_group_chain(leaf, path, signing_der, now) {
+                    match x509::check_group_chain(leaf, path, signing, now) {
                         Ok(()) => {
                             return Ok(Attested {
                                 registration_id: registration_id.to_owned(),

@@ -80,8 +80,8 @@ pub enum Error {
 /// An enrollment group with its signing certificates read once.
 struct GroupEntry {
     group: EnrollmentGroup,
-    /// (DER, subject DER) of the primary and secondary signing certificates.
-    signing: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The primary and secondary signing certificates.
+    signing: Vec<edgedps_policies::x509::SigningCertificate>,
 }
 
 /// A 202 operation a device may poll.
@@ -222,9 +222,10 @@ impl GroupEntry {
             for cert in [&certs.primary, &certs.secondary].into_iter().flatten() {
                 if let Some(pem) = &cert.certificate {
                     let der = edgedps_policies::x509::pem_to_der(pem).map_err(|e| e.to_string())?;
-                    let info = edgedps_policies::x509::CertificateInfo::read(&der)
-                        .map_err(|e| e.to_string())?;
-                    signing.push((der, info.subject));
+                    signing.push(
+                        edgedps_policies::x509::SigningCertificate::from_der(&der)
+                            .map_err(|e| e.to_string())?,
+                    );
                 }
             }
         }
