@@ -34,3 +34,54 @@ async fn five_hundred_devices_are_all_assigned() {
     smoke(Attestation::X509, 100).await;
     smoke(Attestation::X509Group, 100).await;
 }
+
+#[test]
+fn loadgen_command_runs_edgedps_and_the_baseline_and_reports_json() {
+    let output = std::process::Command::new(edgedps_binary())
+        .args([
+            "loadgen",
+            "--devices",
+            "60",
+            "--concurrency",
+            "8",
+            "--attestation",
+            "x509-group",
+            "--rounds",
+            "1",
+            "--baseline",
+            "--json",
+        ])
+        .output()
+        .expect("edgedps loadgen runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("JSON lines"))
+        .collect();
+    let rounds: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l.get("target").is_some()).collect();
+    assert_eq!(rounds.len(), 2, "{stdout}");
+    for round in rounds {
+        assert_eq!(round["assigned"], 60, "{round}");
+        assert!(round["server_cpu_seconds"].as_f64().is_some());
+        assert!(
+            round["server_rss_kib_after"].as_u64().unwrap_or(0) > 0,
+            "{round}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["ratio"]["rate_edgedps_over_baseline"]
+                .as_f64()
+                .unwrap_or(0.0)
+                > 0.0),
+        "{stdout}"
+    );
+}
