@@ -92,6 +92,31 @@ impl Responder {
         let operation_id = self.operation_id();
         let decision = match self.decide(device, &operation_id).await {
             Ok(outcome) => outcome,
+            Err((code, message))
+                if code == codes::NO_HUB || code == codes::CUSTOM_ALLOCATION_FAILED =>
+            {
+                // DPS: an assignment that cannot be made completes the operation as
+                // `failed` (a 200), with the reason in the registration state.
+                self.event(device, "failed", None, Some(code), &message)
+                    .await;
+                tracing::info!(code, %message, registration_id = %device.registration_id, "registration failed");
+                let failed = OperationStatus {
+                    operation_id: operation_id.clone(),
+                    status: "failed".into(),
+                    registration_state: Some(RegistrationState {
+                        registration_id: device.registration_id.clone(),
+                        status: "failed".into(),
+                        last_updated_date_time_utc: Some(timestamp_now()),
+                        error_code: Some(code),
+                        error_message: Some(message),
+                        ..Default::default()
+                    }),
+                };
+                Decision {
+                    body: to_json(&failed),
+                    device_id: None,
+                }
+            }
             Err((code, message)) => {
                 self.event(device, "failed", None, Some(code), &message)
                     .await;

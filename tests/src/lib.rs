@@ -271,6 +271,17 @@ impl Operator {
         .expect("suback");
     }
 
+    /// Enrolls `registration_id` with a new symmetric key and returns the key.
+    pub async fn enroll(&mut self, registration_id: &str) -> String {
+        let key = new_key();
+        self.put(
+            &format!("dps/enrollments/{registration_id}"),
+            symmetric_enrollment(registration_id, &key),
+        )
+        .await;
+        key
+    }
+
     /// Publishes a retained record and returns the result edgedps reports for it.
     pub async fn write(&mut self, topic: &str, body: &[u8]) -> Value {
         let result_topic = topic.replacen("dps/", "dps/admin/results/", 1);

@@ -174,10 +174,7 @@ async fn device_publishing_outside_its_topics_is_disconnected_and_others_are_una
 async fn unprovisioned_device_may_use_nothing_outside_dps() {
     let server = Server::start().await;
     let mut operator = server.operator().await;
-    let key = new_key();
-    operator
-        .put("dps/enrollments/fresh", symmetric_enrollment("fresh", &key))
-        .await;
+    let key = operator.enroll("fresh").await;
     let (client, mut eventloop) = connect(&server.device("fresh", sas(&key))).await.unwrap();
     assert_eq!(
         suback(&client, &mut eventloop, "devices/fresh/#").await,

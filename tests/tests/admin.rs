@@ -10,10 +10,7 @@ use serde_json::{json, Value};
 async fn invalid_writes_are_rejected_with_a_reason_and_leave_the_store_unchanged() {
     let server = Server::start().await;
     let mut operator = server.operator().await;
-    let key = new_key();
-    operator
-        .put("dps/enrollments/keep", symmetric_enrollment("keep", &key))
-        .await;
+    let key = operator.enroll("keep").await;
     let cases: Vec<(&str, Value, &str)> = vec![
         (
             "dps/enrollments/keep",
@@ -104,10 +101,7 @@ async fn etag_mismatch_is_refused_and_matching_etag_is_accepted() {
 async fn empty_retained_message_deletes_the_enrollment() {
     let server = Server::start().await;
     let mut operator = server.operator().await;
-    let key = new_key();
-    operator
-        .put("dps/enrollments/gone", symmetric_enrollment("gone", &key))
-        .await;
+    let key = operator.enroll("gone").await;
     let result = operator.write("dps/enrollments/gone", b"").await;
     assert_eq!(result["ok"], true, "{result}");
     match register(&server.device("gone", sas(&key)), None).await {
@@ -122,10 +116,7 @@ async fn empty_retained_message_deletes_the_enrollment() {
 async fn retained_records_show_the_stored_state_without_keys() {
     let server = Server::start().await;
     let mut operator = server.operator().await;
-    let key = new_key();
-    operator
-        .put("dps/enrollments/shown", symmetric_enrollment("shown", &key))
-        .await;
+    let key = operator.enroll("shown").await;
     register(&server.device("shown", sas(&key)), None)
         .await
         .unwrap();
@@ -168,13 +159,7 @@ async fn registration_events_are_published() {
     let server = Server::start().await;
     let mut operator = server.operator().await;
     operator.subscribe("dps/events/registrations/#").await;
-    let key = new_key();
-    operator
-        .put(
-            "dps/enrollments/evented",
-            symmetric_enrollment("evented", &key),
-        )
-        .await;
+    let key = operator.enroll("evented").await;
     register(&server.device("evented", sas(&key)), None)
         .await
         .unwrap();
@@ -189,20 +174,16 @@ async fn registration_events_are_published() {
 async fn linked_hubs_and_iot_hubs_decide_the_assignment() {
     let server = Server::start_with(|c| c.hubs.clear()).await;
     let mut operator = server.operator().await;
-    let key = new_key();
-    operator
-        .put(
-            "dps/enrollments/hubless",
-            symmetric_enrollment("hubless", &key),
-        )
-        .await;
-    // No hub linked: 400208.
+    let key = operator.enroll("hubless").await;
+    // No hub linked: the operation completes as failed, 400208 in the state.
     let outcome = register(&server.device("hubless", sas(&key)), None)
         .await
         .unwrap();
-    assert_eq!(outcome.status, 400, "{}", outcome.body);
-    assert_eq!(outcome.body["errorCode"], 400208);
-    assert!(outcome.body["trackingId"].is_string());
+    assert_eq!(outcome.status, 200, "{}", outcome.body);
+    assert_eq!(outcome.status_word(), Some("failed"));
+    assert_eq!(outcome.body["registrationState"]["status"], "failed");
+    assert_eq!(outcome.body["registrationState"]["errorCode"], 400208);
+    assert!(outcome.body["registrationState"]["errorMessage"].is_string());
 
     operator
         .put("dps/hubs/hub-x.example.net", json!({"allocationWeight": 1}))
@@ -240,17 +221,14 @@ async fn linked_hubs_and_iot_hubs_decide_the_assignment() {
     let outcome = register(&server.device("pinned", sas(&key)), None)
         .await
         .unwrap();
-    assert_eq!(outcome.body["errorCode"], 400208);
+    assert_eq!(outcome.body["registrationState"]["errorCode"], 400208);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_clears_a_registration_record() {
     let server = Server::start().await;
     let mut operator = server.operator().await;
-    let key = new_key();
-    operator
-        .put("dps/enrollments/dereg", symmetric_enrollment("dereg", &key))
-        .await;
+    let key = operator.enroll("dereg").await;
     let first = register(&server.device("dereg", sas(&key)), None)
         .await
         .unwrap();

@@ -30,10 +30,7 @@ fn refused_with(result: Result<Outcome, DeviceError>, code: ConnectReturnCode) {
 async fn symmetric_key_individual_enrollment_is_assigned_in_one_round_trip() {
     let server = Server::start().await;
     let mut operator = server.operator().await;
-    let key = new_key();
-    operator
-        .put("dps/enrollments/sym-1", symmetric_enrollment("sym-1", &key))
-        .await;
+    let key = operator.enroll("sym-1").await;
     let outcome = register(&server.device("sym-1", sas(&key)), None)
         .await
         .unwrap();
@@ -51,13 +48,7 @@ async fn symmetric_key_individual_enrollment_is_assigned_in_one_round_trip() {
 async fn accept_then_poll_answers_202_then_assigned() {
     let server = Server::start_with(|c| c.always_accept_then_poll = true).await;
     let mut operator = server.operator().await;
-    let key = new_key();
-    operator
-        .put(
-            "dps/enrollments/poller",
-            symmetric_enrollment("poller", &key),
-        )
-        .await;
+    let key = operator.enroll("poller").await;
     let outcome = register(&server.device("poller", sas(&key)), None)
         .await
         .unwrap();
@@ -247,10 +238,7 @@ async fn disabled_enrollment_answers_disabled_and_individual_overrides_group() {
 async fn re_registering_without_change_is_idempotent() {
     let server = Server::start().await;
     let mut operator = server.operator().await;
-    let key = new_key();
-    operator
-        .put("dps/enrollments/again", symmetric_enrollment("again", &key))
-        .await;
+    let key = operator.enroll("again").await;
     let first = register(&server.device("again", sas(&key)), None)
         .await
         .unwrap();
@@ -268,13 +256,7 @@ async fn re_registering_without_change_is_idempotent() {
 async fn expired_forged_and_misdirected_sas_tokens_are_refused() {
     let server = Server::start().await;
     let mut operator = server.operator().await;
-    let key = new_key();
-    operator
-        .put(
-            "dps/enrollments/sas-dev",
-            symmetric_enrollment("sas-dev", &key),
-        )
-        .await;
+    let key = operator.enroll("sas-dev").await;
     let now = edgedps_responder::unix_now();
     let cases = [
         (
@@ -318,10 +300,7 @@ async fn expired_forged_and_misdirected_sas_tokens_are_refused() {
 async fn username_for_another_id_and_bad_client_ids_are_refused() {
     let server = Server::start().await;
     let mut operator = server.operator().await;
-    let key = new_key();
-    operator
-        .put("dps/enrollments/dev-u", symmetric_enrollment("dev-u", &key))
-        .await;
+    let key = operator.enroll("dev-u").await;
     let now = edgedps_responder::unix_now();
     let token = edgedps_policies::sas::sign(&key, ID_SCOPE, "dev-u", now + 3600).unwrap();
     let cases = [

@@ -116,6 +116,11 @@ async fn stock_python_sdk_provisions_every_attestation_kind_in_both_modes() {
         .unwrap();
         std::fs::write(&member_key, &member.key_pem).unwrap();
 
+        // An enrollment that no linked hub can serve: the operation fails as a 200.
+        let mut stranded = symmetric_enrollment("py-stranded", &individual_key);
+        stranded["iotHubs"] = json!(["hub-z.example.net"]);
+        operator.put("dps/enrollments/py-stranded", stranded).await;
+
         let server_ca = dir.path().join("server-ca.pem");
         std::fs::write(&server_ca, &pki.server_ca.pem).unwrap();
         let request = json!({
@@ -129,10 +134,19 @@ async fn stock_python_sdk_provisions_every_attestation_kind_in_both_modes() {
                  "registrationId": "py-x509-1", "certFile": individual_cert_file, "keyFile": individual_key_file},
                 {"name": "x509 group via intermediate", "kind": "x509", "idScope": ID_SCOPE,
                  "registrationId": "py-x509-member", "certFile": member_chain, "keyFile": member_key},
+                {"name": "no hub can be assigned", "kind": "symmetricKey", "idScope": ID_SCOPE,
+                 "registrationId": "py-stranded", "key": individual_key},
             ]
         });
-        let results = run_sdk(request).await;
-        assert_eq!(results.len(), 4, "{results:?}");
+        let mut results = run_sdk(request).await;
+        assert_eq!(results.len(), 5, "{results:?}");
+        // The SDK reports a `failed` operation as a service error, as it does for Azure.
+        let stranded = results.pop().unwrap_or_default();
+        let trace = stranded["trace"].as_str().unwrap_or_default();
+        assert!(
+            trace.contains("failed registration status with a status code of 200"),
+            "{mode}: {stranded}"
+        );
         for result in &results {
             assert!(
                 result.get("error").is_none(),

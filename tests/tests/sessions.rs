@@ -43,7 +43,7 @@ async fn connection_without_connect_is_closed_at_the_deadline() {
     let (_, took) = read_until_closed(&mut idle, Duration::from_secs(5))
         .await
         .expect("closed");
-    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
     // No TLS handshake on the device listener.
     let mut stalled = TcpStream::connect(("127.0.0.1", server.devices_port))
         .await
@@ -51,7 +51,7 @@ async fn connection_without_connect_is_closed_at_the_deadline() {
     let (_, took) = read_until_closed(&mut stalled, Duration::from_secs(5))
         .await
         .expect("closed");
-    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,7 +70,7 @@ async fn silent_session_is_closed_after_one_and_a_half_keep_alives() {
         "CONNACK accepted, session present 0"
     );
     assert!(
-        took >= Duration::from_millis(1400) && took < Duration::from_secs(3),
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(5),
         "{took:?}"
     );
 }
@@ -114,13 +114,7 @@ async fn mqtt5_device_with_persistent_session_flag_provisions_puback_first() {
 
     let server = Server::start().await;
     let mut operator = server.operator().await;
-    let key = new_key();
-    operator
-        .put(
-            "dps/enrollments/v5-dev",
-            symmetric_enrollment("v5-dev", &key),
-        )
-        .await;
+    let key = operator.enroll("v5-dev").await;
     let config = server.device("v5-dev", sas(&key));
     let token = edgedps_policies::sas::sign(
         &key,

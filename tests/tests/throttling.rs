@@ -12,13 +12,7 @@ use tokio::io::AsyncReadExt;
 async fn sixth_poll_within_ten_seconds_gets_429_with_retry_after() {
     let server = Server::start_with(|c| c.always_accept_then_poll = true).await;
     let mut operator = server.operator().await;
-    let key = new_key();
-    operator
-        .put(
-            "dps/enrollments/poller",
-            symmetric_enrollment("poller", &key),
-        )
-        .await;
+    let key = operator.enroll("poller").await;
     let config = server.device("poller", sas(&key));
     let (client, mut eventloop) = connect(&config).await.unwrap();
     client
@@ -103,10 +97,7 @@ async fn global_rate_limit_throttles_and_every_device_is_assigned_eventually() {
 async fn per_device_registration_limit_answers_429() {
     let server = Server::start_with(|c| c.limits.registrations_per_device_per_minute = 2).await;
     let mut operator = server.operator().await;
-    let key = new_key();
-    operator
-        .put("dps/enrollments/eager", symmetric_enrollment("eager", &key))
-        .await;
+    let key = operator.enroll("eager").await;
     let config = server.device("eager", sas(&key));
     let (client, mut eventloop) = connect(&config).await.unwrap();
     exchange(&config, &client, &mut eventloop, None)
@@ -136,13 +127,7 @@ async fn per_device_registration_limit_answers_429() {
     assert_eq!(statuses[1].0, 429);
     assert!(matches!(statuses[1].1, Some(1..=60)));
     // Another device is not affected.
-    let other_key = new_key();
-    operator
-        .put(
-            "dps/enrollments/calm",
-            symmetric_enrollment("calm", &other_key),
-        )
-        .await;
+    let other_key = operator.enroll("calm").await;
     let outcome = register(&server.device("calm", sas(&other_key)), None)
         .await
         .unwrap();
