@@ -13,6 +13,9 @@ use tokio::sync::mpsc;
 
 use edgedps_responder::Outbound;
 
+/// Retained messages a new subscription receives at most (a rumqttd limit).
+pub const RETAINED_PER_SUBSCRIPTION: u64 = 100_000;
+
 #[derive(Clone)]
 pub struct Router {
     broker: Arc<rumqttd::Broker>,
@@ -31,7 +34,10 @@ impl Router {
             id: 0,
             router: RouterConfig {
                 max_connections: max_links,
-                max_outgoing_packet_count: 200,
+                // rumqttd delivers at most this many retained messages on a new
+                // subscription (it reads them all and drops the excess): high enough
+                // for the operator plane's retained records (docs/operators.md).
+                max_outgoing_packet_count: RETAINED_PER_SUBSCRIPTION,
                 max_segment_size: 1024 * 1024,
                 max_segment_count: 10,
                 custom_segment: None,

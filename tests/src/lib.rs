@@ -366,8 +366,13 @@ pub fn new_key() -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-/// The `edgedps` binary of this workspace, built if needed.
+/// The `edgedps` binary of this workspace, built (once per test binary) if needed.
 pub fn edgedps_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(build_edgedps).clone()
+}
+
+fn build_edgedps() -> PathBuf {
     let exe = std::env::current_exe().expect("test exe");
     // target/{profile}/deps/test-binary -> target/{profile}/edgedps
     let profile_dir = exe

@@ -251,3 +251,29 @@ async fn operator_clears_a_registration_record() {
         "initialAssignment"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_receives_every_retained_record() {
+    // rumqttd's default batch (200) used to cut the retained list short.
+    let server = Server::start().await;
+    let admin = ([127, 0, 0, 1], server.local_port).into();
+    let records: Vec<_> = (0..600)
+        .map(|i| {
+            let id = format!("listed-{i}");
+            (
+                format!("dps/enrollments/{id}"),
+                symmetric_enrollment(&id, &new_key()),
+            )
+        })
+        .collect();
+    edgedps_device::admin::write_all(admin, &records)
+        .await
+        .unwrap();
+    let mut watcher = server.operator().await;
+    watcher.subscribe("dps/enrollments/#").await;
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some((topic, _)) = watcher.next_publish("dps/enrollments/").await {
+        seen.insert(topic);
+    }
+    assert_eq!(seen.len(), 600);
+}
