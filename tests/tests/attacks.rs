@@ -1,0 +1,268 @@
+//! The attack matrix (docs/security.md): each attempt is refused, and a bystander
+//! device provisions normally afterwards.
+
+use std::time::Duration;
+
+use edgedps_device::provision::{register, DeviceError};
+use edgedps_tests::*;
+use rumqttc::ConnectReturnCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn bystander_provisions(server: &Server, operator: &mut Operator) {
+    let id = format!("bystander-{}", new_key().len() + server.local_port as usize);
+    let key = operator.enroll(&id).await;
+    let outcome = register(&server.device(&id, sas(&key)), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome.status_word(), Some("assigned"), "{}", outcome.body);
+}
+
+fn refused(result: Result<Outcome, DeviceError>, what: &str) {
+    match result {
+        Err(DeviceError::Refused(code)) => {
+            assert_eq!(code, ConnectReturnCode::NotAuthorized, "{what}")
+        }
+        other => panic!("{what}: expected CONNACK 5, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_misused_certificates_are_refused_for_a_group() {
+    let server = Server::start().await;
+    let mut operator = server.operator().await;
+    let pki = pki();
+    operator
+        .put(
+            "dps/enrollment-groups/fleet",
+            x509_group("fleet", &pki.device_root.pem),
+        )
+        .await;
+    let other_intermediate = pki.device_root.intermediate("another intermediate");
+    let cases: Vec<(&str, Identity, Vec<&Ca>)> = vec![
+        ("self-signed leaf", self_signed("atk-1"), vec![]),
+        (
+            "leaf of a rogue CA with the same name",
+            pki.rogue_root.device("atk-2"),
+            vec![],
+        ),
+        (
+            "chain through the wrong intermediate",
+            pki.device_intermediate.device("atk-3"),
+            vec![&other_intermediate],
+        ),
+        (
+            "expired leaf",
+            pki.device_root.leaf("atk-4", |p| {
+                p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+                p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+            }),
+            vec![],
+        ),
+        (
+            "not yet valid leaf",
+            pki.device_root.leaf("atk-5", |p| {
+                p.not_before = rcgen::date_time_ymd(2090, 1, 1);
+                p.not_after = rcgen::date_time_ymd(2091, 1, 1);
+            }),
+            vec![],
+        ),
+        (
+            "CA certificate used as a leaf",
+            pki.device_root.leaf("atk-6", |p| {
+                p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            }),
+            vec![],
+        ),
+        (
+            "leaf for servers only (no clientAuth)",
+            pki.device_root.leaf("atk-7", |p| {
+                p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+            }),
+            vec![],
+        ),
+    ];
+    for (i, (what, identity, chain)) in cases.into_iter().enumerate() {
+        let id = format!("atk-{}", i + 1);
+        refused(
+            register(&server.device(&id, x509(&identity, &chain)), None).await,
+            what,
+        );
+    }
+    // A good member of the same group still gets in, and so does a bystander.
+    let member = pki.device_root.device("atk-ok");
+    let outcome = register(&server.device("atk-ok", x509(&member, &[])), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome.status_word(), Some("assigned"));
+    bystander_provisions(&server, &mut operator).await;
+}
+
+/// Sends raw bytes after a valid CONNECT on the local listener and returns whether the
+/// server closed the connection within two seconds.
+async fn closes_after(server: &Server, bytes: &[u8]) -> bool {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", server.local_port))
+        .await
+        .unwrap();
+    let connect = [
+        0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 2, b'r', b'w',
+    ];
+    stream.write_all(&connect).await.unwrap();
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    stream.write_all(bytes).await.unwrap();
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_mqtt_closes_the_session_and_nothing_else() {
+    let server = Server::start_with(|c| c.limits.max_packet_size = 32 * 1024).await;
+    let mut operator = server.operator().await;
+    let mut big_topic = vec![0x30];
+    let topic_len = 64 * 1024 - 1;
+    let remaining = 2 + topic_len + 1;
+    let mut x = remaining;
+    loop {
+        let mut byte = (x % 128) as u8;
+        x /= 128;
+        if x > 0 {
+            byte |= 0x80;
+        }
+        big_topic.push(byte);
+        if x == 0 {
+            break;
+        }
+    }
+    big_topic.extend_from_slice(&(topic_len as u16).to_be_bytes());
+    big_topic.extend(std::iter::repeat_n(b'a', topic_len));
+    big_topic.push(b'x');
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "remaining length of five bytes",
+            vec![0x30, 0xff, 0xff, 0xff, 0xff, 0x01],
+        ),
+        (
+            "topic that is not UTF-8",
+            vec![0x30, 0x05, 0x00, 0x02, 0xc3, 0x28, b'x'],
+        ),
+        ("reserved packet type 0", vec![0x00, 0x00]),
+        ("reserved packet type 15", vec![0xf0, 0x00]),
+        (
+            "QoS 3 publish",
+            vec![0x36, 0x05, 0x00, 0x01, b'a', 0x00, 0x01],
+        ),
+        ("subscribe with no filter", vec![0x82, 0x02, 0x00, 0x01]),
+        (
+            "a second CONNECT",
+            vec![
+                0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 2, b'r', b'w',
+            ],
+        ),
+        ("64 KiB topic over the packet limit", big_topic),
+    ];
+    for (what, bytes) in cases {
+        assert!(
+            closes_after(&server, &bytes).await,
+            "{what} did not close the session"
+        );
+    }
+    bystander_provisions(&server, &mut operator).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_register_bodies_get_400004() {
+    use edgedps_device::provision::{connect, parse_response_topic, wait_for};
+    use rumqttc::{Packet, QoS};
+    let server = Server::start().await;
+    let mut operator = server.operator().await;
+    let key = operator.enroll("bodies").await;
+    let config = server.device("bodies", sas(&key));
+    let (client, mut eventloop) = connect(&config).await.unwrap();
+    client
+        .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    for (i, body) in [
+        &b"{"[..],
+        b"[1,2]",
+        b"\"text\"",
+        br#"{"payload": 5}"#,
+        br#"{"registrationId": "someone-else"}"#,
+        b"\xff\xfe",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        client
+            .publish(
+                format!("$dps/registrations/PUT/iotdps-register/?$rid=b{i}"),
+                QoS::AtLeastOnce,
+                false,
+                body.to_vec(),
+            )
+            .await
+            .unwrap();
+        let Ok(Packet::Publish(p)) = wait_for(&mut eventloop, "answer", |p| {
+            matches!(p, Packet::Publish(_))
+        })
+        .await
+        else {
+            panic!("no answer to body {i}");
+        };
+        assert_eq!(parse_response_topic(&p.topic).0, 400, "body {i}");
+        let answer: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+        assert_eq!(answer["errorCode"], 400004, "body {i}: {answer}");
+    }
+    bystander_provisions(&server, &mut operator).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshakes_do_not_stop_other_devices() {
+    let server = Server::start_with(|c| c.limits.handshake_timeout_ms = 2_000).await;
+    let mut operator = server.operator().await;
+    // 200 connections that never speak TLS (slowloris), held open.
+    let mut stalled = Vec::new();
+    for _ in 0..200 {
+        stalled.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", server.devices_port))
+                .await
+                .unwrap(),
+        );
+    }
+    // 100 devices provision meanwhile.
+    let group_key = new_key();
+    operator
+        .put(
+            "dps/enrollment-groups/busy",
+            symmetric_group("busy", &group_key),
+        )
+        .await;
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let id = format!("busy-{i}");
+        let key = edgedps_policies::sas::derive_device_key(&group_key, &id).unwrap();
+        let config = server.device(&id, sas(&key));
+        tasks.push(tokio::spawn(async move { register(&config, None).await }));
+    }
+    for task in tasks {
+        let outcome = task.await.unwrap().unwrap();
+        assert_eq!(outcome.status_word(), Some("assigned"));
+    }
+    // The stalled ones are closed at the handshake deadline.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let mut buf = [0u8; 8];
+    for mut stream in stalled {
+        let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "a stalled handshake was not closed"
+        );
+    }
+}
