@@ -84,6 +84,14 @@ impl Codec {
             Err(protocol::Error::InsufficientBytes(_)) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
+        // Packets only a server sends: rumqttd's MQTT 5 decoder reaches `unreachable!()`
+        // on some of them (found by fuzzing), and no client may send them anyway.
+        let kind = header.byte1 >> 4;
+        if matches!(kind, 2 | 9 | 11 | 13) {
+            return Err(CodecError::Protocol(protocol::Error::InvalidPacketType(
+                kind,
+            )));
+        }
         let publish = if header.byte1 >> 4 == 3 {
             let qos = (header.byte1 >> 1) & 0b11;
             let start = header.fixed_header_len;
@@ -236,6 +244,24 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn server_only_packets_from_a_client_are_errors_not_panics() {
+        // fuzz/artifacts: an MQTT 5 CONNECT followed by a CONNACK made rumqttd panic.
+        let crash: &[u8] = &[
+            0x10, 0x10, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3c, 0x00, 0x00,
+            0x02, 0x05, 0x02, 0x00, 0x29, 0x05, 0x00, 0x3c, 0x00, 0x00, 0x02, 0x00, 0x78,
+        ];
+        for version in [Version::V4, Version::V5] {
+            let mut buf = BytesMut::from(crash);
+            let mut codec = Codec::new(version, 1024);
+            while let Ok(Some(_)) = codec.decode(&mut buf) {}
+            for kind in [2u8, 9, 11, 13] {
+                let mut buf = BytesMut::from(&[kind << 4, 0x02, 0x00, 0x01][..]);
+                assert!(codec.decode(&mut buf).is_err(), "type {kind}");
+            }
+        }
     }
 
     #[test]
