@@ -60,7 +60,7 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
             return Ok(());
         }
         buf.extend_from_slice(&chunk[..n]);
-        let mut out = Vec::new();
+        let mut out = bytes::BytesMut::new();
         while let Some((kind, flags, body_start, len)) = frame(&buf) {
             let body = &buf[body_start..body_start + len];
             match kind {
@@ -77,19 +77,9 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                         }
                     }
                     let remaining = 2 + RESPONSE_TOPIC.len() + RESPONSE_BODY.len();
-                    out.push(0x30);
-                    let mut x = remaining;
-                    loop {
-                        let mut byte = (x % 128) as u8;
-                        x /= 128;
-                        if x > 0 {
-                            byte |= 0x80;
-                        }
-                        out.push(byte);
-                        if x == 0 {
-                            break;
-                        }
-                    }
+                    out.extend_from_slice(&[0x30]);
+                    rumqttd::protocol::v4::write_remaining_length(&mut out, remaining)
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
                     out.extend_from_slice(&(RESPONSE_TOPIC.len() as u16).to_be_bytes());
                     out.extend_from_slice(RESPONSE_TOPIC);
                     out.extend_from_slice(RESPONSE_BODY);

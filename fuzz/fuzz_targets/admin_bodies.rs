@@ -20,7 +20,10 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(g) = serde_json::from_slice::<EnrollmentGroup>(data) {
         if let Some(pair) = g.attestation.x509.and_then(|x| x.signing_certificates) {
             for cert in [pair.primary, pair.secondary].into_iter().flatten() {
-                if let Some(der) = cert.certificate.and_then(|pem| edgedps_policies::x509::pem_to_der(&pem).ok()) {
+                if let Some(der) = cert
+                    .certificate
+                    .and_then(|pem| edgedps_policies::x509::pem_to_der(&pem).ok())
+                {
                     let _ = edgedps_policies::x509::SigningCertificate::from_der(&der);
                 }
             }

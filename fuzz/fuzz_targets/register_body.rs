@@ -4,6 +4,9 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(request) = edgedps_topics::registration::RegisterRequest::parse(data) {
-        assert!(matches!(request.payload, None | Some(serde_json::Value::Object(_))));
+        assert!(matches!(
+            request.payload,
+            None | Some(serde_json::Value::Object(_))
+        ));
     }
 });

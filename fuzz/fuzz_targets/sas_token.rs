@@ -11,7 +11,8 @@ fuzz_target!(|data: &[u8]| {
             let verdict = token.verify("0ne00000001", "dev-1", &[KEY], 1_800_000_000);
             if verdict.is_ok() {
                 // Only possible with the real signature over this very sr and se.
-                let resigned = edgedps_policies::sas::sign_resource(KEY, &token.resource(), token.expiry());
+                let resigned =
+                    edgedps_policies::sas::sign_resource(KEY, &token.resource(), token.expiry());
                 assert!(resigned.is_ok());
             }
         }

@@ -227,6 +227,39 @@ pub fn x509(identity: &Identity, chain: &[&Ca]) -> DeviceAuth {
     }
 }
 
+impl Server {
+    /// Enrolls a symmetric-key group `group` and registers `count` of its devices at
+    /// once; returns each device's outcome.
+    pub async fn register_group_devices(
+        &self,
+        operator: &mut Operator,
+        group: &str,
+        count: usize,
+    ) -> Vec<Outcome> {
+        let group_key = new_key();
+        operator
+            .put(
+                &format!("dps/enrollment-groups/{group}"),
+                symmetric_group(group, &group_key),
+            )
+            .await;
+        let mut tasks = Vec::new();
+        for i in 0..count {
+            let id = format!("{group}-{i}");
+            let key = edgedps_policies::sas::derive_device_key(&group_key, &id).expect("key");
+            let config = self.device(&id, sas(&key));
+            tasks.push(tokio::spawn(async move {
+                edgedps_device::provision::register(&config, None).await
+            }));
+        }
+        let mut outcomes = Vec::new();
+        for task in tasks {
+            outcomes.push(task.await.expect("task").expect("registers"));
+        }
+        outcomes
+    }
+}
+
 /// An MQTT client with the operator role on the local listener.
 pub struct Operator {
     pub client: AsyncClient,

@@ -237,22 +237,10 @@ async fn stalled_handshakes_do_not_stop_other_devices() {
         );
     }
     // 100 devices provision meanwhile.
-    let group_key = new_key();
-    operator
-        .put(
-            "dps/enrollment-groups/busy",
-            symmetric_group("busy", &group_key),
-        )
-        .await;
-    let mut tasks = Vec::new();
-    for i in 0..100 {
-        let id = format!("busy-{i}");
-        let key = edgedps_policies::sas::derive_device_key(&group_key, &id).unwrap();
-        let config = server.device(&id, sas(&key));
-        tasks.push(tokio::spawn(async move { register(&config, None).await }));
-    }
-    for task in tasks {
-        let outcome = task.await.unwrap().unwrap();
+    for outcome in server
+        .register_group_devices(&mut operator, "busy", 100)
+        .await
+    {
         assert_eq!(outcome.status_word(), Some("assigned"));
     }
     // The stalled ones are closed at the handshake deadline.

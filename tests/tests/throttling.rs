@@ -67,23 +67,11 @@ async fn sixth_poll_within_ten_seconds_gets_429_with_retry_after() {
 async fn global_rate_limit_throttles_and_every_device_is_assigned_eventually() {
     let server = Server::start_with(|c| c.limits.registrations_per_second = 2).await;
     let mut operator = server.operator().await;
-    let group_key = new_key();
-    operator
-        .put(
-            "dps/enrollment-groups/rated",
-            symmetric_group("rated", &group_key),
-        )
-        .await;
-    let mut tasks = Vec::new();
-    for i in 0..6 {
-        let id = format!("rated-{i}");
-        let key = edgedps_policies::sas::derive_device_key(&group_key, &id).unwrap();
-        let config = server.device(&id, sas(&key));
-        tasks.push(tokio::spawn(async move { register(&config, None).await }));
-    }
     let mut throttled = 0;
-    for task in tasks {
-        let outcome = task.await.unwrap().unwrap();
+    for outcome in server
+        .register_group_devices(&mut operator, "rated", 6)
+        .await
+    {
         assert_eq!(outcome.status_word(), Some("assigned"), "{}", outcome.body);
         throttled += outcome.throttled;
     }
