@@ -262,10 +262,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Packets that arrived with the CONNECT.
         self.drain_input().await?;
         self.flush().await?;
+        let mut last_heard = Instant::now();
         loop {
-            // MQTT: the server closes after one and a half keep-alive periods of silence.
+            // MQTT: the server closes after one and a half keep-alive periods in which the
+            // client sent nothing (what the router sends it does not count).
             let deadline = (self.keep_alive > 0)
-                .then(|| Instant::now() + Duration::from_millis(u64::from(self.keep_alive) * 1500));
+                .then(|| last_heard + Duration::from_millis(u64::from(self.keep_alive) * 1500));
             let event = {
                 let read = self.stream.read_buf(&mut self.inbuf);
                 let notification = next_notification(&mut self.link_rx);
@@ -284,7 +286,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             };
             match event {
                 Event::Read(Ok(0)) => return Err(Close::Eof),
-                Event::Read(Ok(_)) => self.drain_input().await?,
+                Event::Read(Ok(_)) => {
+                    last_heard = Instant::now();
+                    self.drain_input().await?
+                }
                 Event::Read(Err(e)) => return Err(e.into()),
                 Event::KeepAliveExpired => return Err(Close::KeepAlive),
                 Event::Router(notification) => Box::pin(self.forward(*notification)).await?,

@@ -191,3 +191,37 @@ async fn subscription_is_live_when_the_suback_arrives() {
         assert!(matches!(written, Ok(Ok(()))), "round {round}: {written:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_to_a_silent_client_do_not_keep_it_alive() {
+    let server = Server::start().await;
+    let mut stream = TcpStream::connect(("127.0.0.1", server.local_port))
+        .await
+        .unwrap();
+    stream.write_all(&connect_packet(1)).await.unwrap();
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).await.unwrap();
+    // SUBSCRIBE pkid 1 to `flood/#` at QoS 0.
+    stream
+        .write_all(&[
+            0x82, 0x0c, 0x00, 0x01, 0x00, 0x07, b'f', b'l', b'o', b'o', b'd', b'/', b'#', 0x00,
+        ])
+        .await
+        .unwrap();
+    let mut publisher = server.operator().await;
+    let flood = tokio::spawn(async move {
+        for _ in 0..100 {
+            let _ = publisher
+                .client
+                .publish("flood/x", rumqttc::QoS::AtMostOnce, false, "tick")
+                .await;
+            let _ =
+                tokio::time::timeout(Duration::from_millis(100), publisher.eventloop.poll()).await;
+        }
+    });
+    let (_, took) = read_until_closed(&mut stream, Duration::from_secs(8))
+        .await
+        .expect("the silent client is closed although it receives messages");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    flood.abort();
+}
