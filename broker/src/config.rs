@@ -96,6 +96,10 @@ pub struct Limits {
     pub registrations_per_device_per_minute: usize,
     /// Registrations per second over all devices; beyond them 429.
     pub registrations_per_second: u32,
+    /// Subscriptions one session may hold (besides `$dps/registrations/res/#`).
+    pub max_subscriptions_per_session: usize,
+    /// Largest body of an operator write (enrollment, group, hub), in bytes.
+    pub max_enrollment_body_size: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -156,6 +160,8 @@ impl Default for Limits {
             polls_per_device: 5,
             registrations_per_device_per_minute: 10,
             registrations_per_second: 10_000,
+            max_subscriptions_per_session: 64,
+            max_enrollment_body_size: 64 * 1024,
         }
     }
 }
@@ -240,6 +246,14 @@ impl Config {
             (
                 "limits.registrations_per_second",
                 self.limits.registrations_per_second as usize,
+            ),
+            (
+                "limits.max_subscriptions_per_session",
+                self.limits.max_subscriptions_per_session,
+            ),
+            (
+                "limits.max_enrollment_body_size",
+                self.limits.max_enrollment_body_size,
             ),
         ] {
             if value == 0 {

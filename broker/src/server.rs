@@ -72,6 +72,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     settings.retry_after_seconds = config.retry_after_seconds;
     settings.hubs = config.linked_hubs();
     settings.rate_limits = config.rate_limits();
+    settings.max_admin_body = config.limits.max_enrollment_body_size;
     let (responder, outbound) = Responder::open(settings, store)?;
     let responder = Arc::new(responder);
 

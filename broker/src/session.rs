@@ -86,6 +86,8 @@ struct Session<S> {
     link_rx: Option<LinkRx>,
     /// Seconds; 0 turns keep-alive off.
     keep_alive: u16,
+    /// Filters held in the router, for `limits.max_subscriptions_per_session`.
+    subscriptions: std::collections::HashSet<String>,
 }
 
 /// Runs a session on an established (TLS or plain) stream until it closes. `_slot` is
@@ -212,6 +214,7 @@ where
         link_tx: None,
         link_rx: None,
         keep_alive: connect.keep_alive,
+        subscriptions: std::collections::HashSet::new(),
     };
     session.send(connack(ConnectReturnCode::Success))?;
     session.flush().await?;
@@ -458,8 +461,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             {
                 tracing::warn!(client_id = %self.client_id, filter = %filter.path, "subscription refused");
                 codes.push(self.codec.subscribe_refused());
+            } else if !self.subscriptions.contains(&filter.path)
+                && self.subscriptions.len() >= self.shared.limits.max_subscriptions_per_session
+            {
+                tracing::warn!(client_id = %self.client_id, filter = %filter.path, "subscription refused: limits.max_subscriptions_per_session reached");
+                codes.push(self.codec.subscribe_refused());
             } else {
                 // Router deliveries go out at QoS 0 (see docs/protocol.md).
+                self.subscriptions.insert(filter.path.clone());
                 codes.push(self.codec.subscribe_granted(0));
                 forward.push(Filter {
                     path: filter.path,
@@ -526,6 +535,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .into_iter()
             .filter(|f| !dps::is_dps_topic(f))
             .collect();
+        for filter in &forward {
+            self.subscriptions.remove(filter);
+        }
         if !forward.is_empty() && self.link_tx.is_some() {
             self.router_send(Packet::Unsubscribe(
                 Unsubscribe {

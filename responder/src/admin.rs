@@ -25,6 +25,12 @@ impl Responder {
     pub async fn apply_admin(&self, kind: RecordKind, id: &str, body: &[u8]) -> AdminResult {
         let outcome = if body.is_empty() {
             self.delete(kind, id).await
+        } else if body.len() > self.settings.max_admin_body {
+            Err(bad(format!(
+                "body of {} bytes is larger than limits.max_enrollment_body_size ({})",
+                body.len(),
+                self.settings.max_admin_body
+            )))
         } else {
             self.upsert(kind, id, body).await
         };

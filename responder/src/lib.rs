@@ -45,6 +45,8 @@ pub struct Settings {
     /// How long a 202 operation can be polled.
     pub operation_ttl: std::time::Duration,
     pub rate_limits: RateLimits,
+    /// Largest body of an operator write, in bytes.
+    pub max_admin_body: usize,
 }
 
 impl Settings {
@@ -57,6 +59,7 @@ impl Settings {
             hubs: Vec::new(),
             operation_ttl: std::time::Duration::from_secs(300),
             rate_limits: RateLimits::default(),
+            max_admin_body: 64 * 1024,
         }
     }
 }

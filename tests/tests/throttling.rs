@@ -145,3 +145,55 @@ async fn connections_beyond_the_limit_are_refused_fast() {
         .expect("the third connection is closed at once");
     assert!(matches!(read, Ok(0) | Err(_)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_beyond_the_limit_are_refused() {
+    let server = Server::start_with(|c| c.limits.max_subscriptions_per_session = 3).await;
+    let mut operator = server.operator().await;
+    // The operator client already holds `dps/admin/results/#`.
+    let mut codes = Vec::new();
+    for filter in ["a/#", "b/#", "c/#", "a/#"] {
+        operator
+            .client
+            .subscribe(filter, QoS::AtMostOnce)
+            .await
+            .unwrap();
+        match wait_for(&mut operator.eventloop, "SUBACK", |p| {
+            matches!(p, Packet::SubAck(_))
+        })
+        .await
+        {
+            Ok(Packet::SubAck(ack)) => codes.push(ack.return_codes[0]),
+            other => panic!("{other:?}"),
+        }
+    }
+    use rumqttc::SubscribeReasonCode::{Failure, Success};
+    assert_eq!(
+        codes,
+        vec![
+            Success(QoS::AtMostOnce),
+            Success(QoS::AtMostOnce),
+            Failure,
+            Success(QoS::AtMostOnce)
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_bodies_over_the_limit_are_rejected() {
+    let server = Server::start_with(|c| c.limits.max_enrollment_body_size = 2048).await;
+    let mut operator = server.operator().await;
+    let mut big = symmetric_enrollment("big", &new_key());
+    big["initialTwin"] = serde_json::json!({"tags": {"filler": "x".repeat(4096)}});
+    let result = operator
+        .write("dps/enrollments/big", &serde_json::to_vec(&big).unwrap())
+        .await;
+    assert_eq!(result["ok"], false);
+    assert_eq!(result["errorCode"], 400);
+    assert!(result["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("max_enrollment_body_size"));
+    // A body under the limit is accepted.
+    operator.enroll("small").await;
+}
