@@ -254,3 +254,34 @@ async fn stalled_handshakes_do_not_stop_other_devices() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_flood_does_not_stop_provisioning() {
+    let server = Server::start_with(|c| c.limits.handshake_timeout_ms = 3_000).await;
+    let mut operator = server.operator().await;
+    let port = server.devices_port;
+    // 2,000 connections opened as fast as possible: most close at once, 500 stay open
+    // (and are closed by the server at the handshake deadline).
+    let flood = tokio::spawn(async move {
+        let mut held = Vec::new();
+        for i in 0..2_000 {
+            if let Ok(stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                if i % 4 == 0 {
+                    held.push(stream);
+                }
+            }
+        }
+        held
+    });
+    for outcome in server
+        .register_group_devices(&mut operator, "flooded", 50)
+        .await
+    {
+        assert_eq!(outcome.status_word(), Some("assigned"), "{}", outcome.body);
+    }
+    let held = flood.await.unwrap();
+    assert!(!held.is_empty());
+    drop(held);
+    // Still serving afterwards.
+    bystander_provisions(&server, &mut operator).await;
+}
