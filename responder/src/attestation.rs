@@ -56,7 +56,41 @@ pub enum Refusal {
 
 impl Responder {
     /// Decides a device CONNECT. `now` is seconds since the Unix epoch.
+    /// The decision is also published as an event on `dps/events/attestation/{id}`.
     pub fn authenticate(
+        &self,
+        client_id: &str,
+        username: &str,
+        credential: Credential<'_>,
+        now: u64,
+    ) -> Result<Attested, Refusal> {
+        let decision = self.decide_attestation(client_id, username, credential, now);
+        let mut event = serde_json::json!({
+            "registrationId": client_id,
+            "timestampUtc": crate::timestamp_now(),
+        });
+        match &decision {
+            Ok(attested) => {
+                event["outcome"] = "accepted".into();
+                event["attestation"] = serde_json::to_value(attested.kind).unwrap_or_default();
+                if let EnrollmentSource::Group(group) = &attested.source {
+                    event["enrollmentGroupId"] = group.clone().into();
+                }
+            }
+            Err(refusal) => {
+                event["outcome"] = "refused".into();
+                // Reasons name ids, certificates' names and times, never keys or tokens.
+                event["reason"] = refusal.to_string().into();
+            }
+        }
+        self.try_publish(
+            edgedps_topics::admin::attestation_event_topic(client_id),
+            crate::registration::to_json(&event),
+        );
+        decision
+    }
+
+    fn decide_attestation(
         &self,
         client_id: &str,
         username: &str,

@@ -196,6 +196,19 @@ impl Responder {
         }
     }
 
+    /// Publishes without waiting (for callers that cannot await); a full queue is
+    /// logged, not silent.
+    fn try_publish(&self, topic: String, payload: Vec<u8>) {
+        let message = Outbound {
+            topic,
+            payload,
+            retain: false,
+        };
+        if let Err(e) = self.outbound.try_send(message) {
+            tracing::warn!(topic = %e.into_inner().topic, "event not published: outbound queue full");
+        }
+    }
+
     /// Random id material, URL-safe.
     fn random_token(&self, bytes: usize) -> String {
         let mut buf = vec![0u8; bytes];

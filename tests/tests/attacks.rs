@@ -285,3 +285,44 @@ async fn connection_flood_does_not_stop_provisioning() {
     // Still serving afterwards.
     bystander_provisions(&server, &mut operator).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attestation_decisions_are_events_without_secrets() {
+    let server = Server::start().await;
+    let mut operator = server.operator().await;
+    let key = operator.enroll("audited").await;
+    let mut watcher = server.operator().await;
+    watcher.subscribe("dps/events/attestation/#").await;
+    let forged_key = new_key();
+    refused(
+        register(&server.device("audited", sas(&forged_key)), None).await,
+        "forged key",
+    );
+    register(&server.device("audited", sas(&key)), None)
+        .await
+        .unwrap();
+    let mut events = Vec::new();
+    while let Some((topic, payload)) = watcher.next_publish("dps/events/attestation/").await {
+        assert_eq!(topic, "dps/events/attestation/audited");
+        let text = String::from_utf8_lossy(&payload).into_owned();
+        for secret in [key.as_str(), forged_key.as_str(), "SharedAccessSignature", "sig="] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        events.push(serde_json::from_str::<serde_json::Value>(&text).unwrap());
+        if events.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0]["outcome"], "refused");
+    assert!(
+        events[0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("signature"),
+        "{}",
+        events[0]
+    );
+    assert_eq!(events[1]["outcome"], "accepted");
+    assert_eq!(events[1]["attestation"], "symmetricKey");
+}

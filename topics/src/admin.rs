@@ -79,6 +79,16 @@ pub fn registration_event_topic(registration_id: &str) -> String {
     format!("{PREFIX}events/registrations/{registration_id}")
 }
 
+/// Where connect-time attestation decisions go. Ids that are not valid registration ids
+/// (they may hold `/`, `+` or `#`) share `_invalid`.
+pub fn attestation_event_topic(registration_id: &str) -> String {
+    if crate::identity::valid_registration_id(registration_id) {
+        format!("{PREFIX}events/attestation/{registration_id}")
+    } else {
+        format!("{PREFIX}events/attestation/_invalid")
+    }
+}
+
 /// Outcome of one admin write, on `dps/admin/results/{kind}/{id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
