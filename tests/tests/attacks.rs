@@ -305,7 +305,12 @@ async fn attestation_decisions_are_events_without_secrets() {
     while let Some((topic, payload)) = watcher.next_publish("dps/events/attestation/").await {
         assert_eq!(topic, "dps/events/attestation/audited");
         let text = String::from_utf8_lossy(&payload).into_owned();
-        for secret in [key.as_str(), forged_key.as_str(), "SharedAccessSignature", "sig="] {
+        for secret in [
+            key.as_str(),
+            forged_key.as_str(),
+            "SharedAccessSignature",
+            "sig=",
+        ] {
             assert!(!text.contains(secret), "{secret} in {text}");
         }
         events.push(serde_json::from_str::<serde_json::Value>(&text).unwrap());
