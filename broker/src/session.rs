@@ -178,11 +178,11 @@ where
                             None
                         }
                     };
-                    tracing::debug!(%peer, %client_id, source = ?attested.source, kind = ?attested.kind, "device connected");
+                    tracing::info!(target: "edgedps::audit", %peer, %client_id, source = ?attested.source, kind = ?attested.kind, "connect accepted");
                     (Identity::Device(attested), Role::Device { device_id })
                 }
                 Err(refusal) => {
-                    tracing::warn!(%peer, %client_id, reason = %refusal, "connect refused");
+                    tracing::warn!(target: "edgedps::audit", %peer, %client_id, reason = %refusal, "connect refused");
                     let code = codec.refusal_code(match refusal {
                         AuthRefusal::BadClientId(_) => Refusal::BadClientId,
                         AuthRefusal::Malformed(_) => Refusal::BadCredentials,
@@ -442,8 +442,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.puback(meta)?;
         // Flush the PUBACK first: the result arrives on its own topic.
         self.flush().await?;
-        let result = self.shared.responder.apply_admin(kind, &id, body).await;
-        tracing::info!(client_id = %self.client_id, kind = kind.segment(), %id, ok = result.ok, "admin write");
+        self.shared
+            .responder
+            .apply_admin(&self.client_id, kind, &id, body)
+            .await;
         Ok(())
     }
 

@@ -10,8 +10,9 @@ use base64::Engine;
 
 use edgedps_policies::x509;
 use edgedps_topics::admin::{
-    codes, AdminResult, AllocationPolicy, Attestation, AttestationType, CertificatePair,
-    Enrollment, EnrollmentGroup, EnrollmentSettings, LinkedHub, RecordKind,
+    admin_event_topic, codes, AdminEvent, AdminOperation, AdminOutcome, AdminResult,
+    AllocationPolicy, Attestation, AttestationType, CertificatePair, Enrollment, EnrollmentGroup,
+    EnrollmentSettings, LinkedHub, ProvisioningStatus, RecordKind, Retirement,
 };
 use edgedps_topics::identity;
 
@@ -20,9 +21,53 @@ use crate::{read, timestamp_now, write, GroupEntry, Responder};
 
 type Rejection = (u16, String);
 
+/// What an accepted write did.
+struct Applied {
+    etag: Option<String>,
+    outcome: AdminOutcome,
+    retirement: Option<Retirement>,
+    status: Option<ProvisioningStatus>,
+}
+
+impl Applied {
+    /// A created or updated enrollment or group; `stored` is the status before.
+    fn record(
+        etag: String,
+        stored: Option<ProvisioningStatus>,
+        now: ProvisioningStatus,
+    ) -> Applied {
+        let retired = now == ProvisioningStatus::Disabled && stored != Some(now);
+        Applied {
+            etag: Some(etag),
+            outcome: if stored.is_some() {
+                AdminOutcome::Updated
+            } else {
+                AdminOutcome::Created
+            },
+            retirement: retired.then_some(Retirement::Disabled),
+            status: Some(now),
+        }
+    }
+}
+
 impl Responder {
     /// Applies one write of an operator. An empty body deletes the record.
-    pub async fn apply_admin(&self, kind: RecordKind, id: &str, body: &[u8]) -> AdminResult {
+    ///
+    /// The result goes to `dps/admin/results/{kind}/{id}`; the audit event (who, what,
+    /// the outcome, whether it retired something) to `dps/events/admin/{kind}/{id}` and
+    /// to the log under the `edgedps::audit` target.
+    pub async fn apply_admin(
+        &self,
+        operator: &str,
+        kind: RecordKind,
+        id: &str,
+        body: &[u8],
+    ) -> AdminResult {
+        let operation = if body.is_empty() {
+            AdminOperation::Delete
+        } else {
+            AdminOperation::Write
+        };
         let outcome = if body.is_empty() {
             self.delete(kind, id).await
         } else if body.len() > self.settings.max_admin_body {
@@ -34,24 +79,54 @@ impl Responder {
         } else {
             self.upsert(kind, id, body).await
         };
-        let result = match outcome {
-            Ok(etag) => AdminResult {
-                ok: true,
-                etag,
-                error_code: None,
-                message: None,
-            },
-            Err((code, message)) => {
-                tracing::warn!(kind = kind.segment(), id, code, %message, "admin write rejected");
+        let (result, event) = match outcome {
+            Ok(applied) => (
+                AdminResult {
+                    ok: true,
+                    etag: applied.etag.clone(),
+                    error_code: None,
+                    message: None,
+                },
+                AdminEvent {
+                    operator: operator.to_owned(),
+                    kind: kind.segment().to_owned(),
+                    id: id.to_owned(),
+                    operation,
+                    outcome: applied.outcome,
+                    retirement: applied.retirement,
+                    provisioning_status: applied.status,
+                    etag: applied.etag,
+                    error_code: None,
+                    message: None,
+                    timestamp_utc: timestamp_now(),
+                },
+            ),
+            Err((code, message)) => (
                 AdminResult {
                     ok: false,
                     etag: None,
                     error_code: Some(code),
+                    message: Some(message.clone()),
+                },
+                AdminEvent {
+                    operator: operator.to_owned(),
+                    kind: kind.segment().to_owned(),
+                    id: id.to_owned(),
+                    operation,
+                    outcome: AdminOutcome::Rejected,
+                    retirement: None,
+                    provisioning_status: None,
+                    etag: None,
+                    error_code: Some(code),
                     message: Some(message),
-                }
-            }
+                    timestamp_utc: timestamp_now(),
+                },
+            ),
         };
+        audit_log(&event);
         self.publish(kind.result_topic(id), to_json(&result), false)
+            .await;
+        self.publish(admin_event_topic(kind, id), to_json(&event), false)
             .await;
         result
     }
@@ -102,12 +177,7 @@ impl Responder {
         Ok(count)
     }
 
-    async fn upsert(
-        &self,
-        kind: RecordKind,
-        id: &str,
-        body: &[u8],
-    ) -> Result<Option<String>, Rejection> {
+    async fn upsert(&self, kind: RecordKind, id: &str, body: &[u8]) -> Result<Applied, Rejection> {
         match kind {
             RecordKind::Enrollment => {
                 let mut e: Enrollment = parse_body(body)?;
@@ -124,6 +194,7 @@ impl Responder {
                     }
                 }
                 let stored = self.store.enrollment(id).map_err(internal)?;
+                let before = stored.as_ref().map(|s| s.settings.provisioning_status);
                 let old = stored.as_ref().map(|s| (&s.settings, &s.attestation));
                 keep_stored_keys(&mut e.attestation, old.map(|o| o.1));
                 validate_attestation(&e.attestation, false)?;
@@ -131,9 +202,10 @@ impl Responder {
                 let etag = self.stamp(&mut e.settings, old.map(|o| o.0))?;
                 self.store.put_enrollment(&e).map_err(internal)?;
                 self.store.durable().await.map_err(internal)?;
+                let applied = Applied::record(etag, before, e.settings.provisioning_status);
                 let topic = kind.record_topic(&e.registration_id);
                 self.publish(topic, to_json(&redact_enrollment(e)), true).await;
-                Ok(Some(etag))
+                Ok(applied)
             }
             RecordKind::EnrollmentGroup => {
                 let mut g: EnrollmentGroup = parse_body(body)?;
@@ -145,6 +217,7 @@ impl Responder {
                 }
                 validate_registration_id(id)?;
                 let stored = read(&self.groups).get(id).map(|entry| entry.group.clone());
+                let before = stored.as_ref().map(|s| s.settings.provisioning_status);
                 let old = stored.as_ref().map(|s| (&s.settings, &s.attestation));
                 keep_stored_keys(&mut g.attestation, old.map(|o| o.1));
                 validate_attestation(&g.attestation, true)?;
@@ -154,9 +227,10 @@ impl Responder {
                 self.store.put_group(&g).map_err(internal)?;
                 self.store.durable().await.map_err(internal)?;
                 write(&self.groups).insert(id.to_owned(), entry);
+                let applied = Applied::record(etag, before, g.settings.provisioning_status);
                 self.publish(kind.record_topic(id), to_json(&redact_group(g)), true)
                     .await;
-                Ok(Some(etag))
+                Ok(applied)
             }
             RecordKind::Hub => {
                 let mut hub: LinkedHub = parse_body(body)?;
@@ -181,9 +255,19 @@ impl Responder {
                 hub.etag = Some(etag.clone());
                 self.store.put_hub(&hub).map_err(internal)?;
                 self.store.durable().await.map_err(internal)?;
-                write(&self.hubs).insert(id.to_owned(), hub.clone());
+                let existed = write(&self.hubs).insert(id.to_owned(), hub.clone()).is_some()
+                    || self.settings.hubs.iter().any(|h| h.host_name == id);
                 self.publish(kind.record_topic(id), to_json(&hub), true).await;
-                Ok(Some(etag))
+                Ok(Applied {
+                    etag: Some(etag),
+                    outcome: if existed {
+                        AdminOutcome::Updated
+                    } else {
+                        AdminOutcome::Created
+                    },
+                    retirement: None,
+                    status: None,
+                })
             }
             RecordKind::Registration => Err((
                 codes::FORBIDDEN,
@@ -192,7 +276,7 @@ impl Responder {
         }
     }
 
-    async fn delete(&self, kind: RecordKind, id: &str) -> Result<Option<String>, Rejection> {
+    async fn delete(&self, kind: RecordKind, id: &str) -> Result<Applied, Rejection> {
         let existed = match kind {
             RecordKind::Enrollment => self.store.remove_enrollment(id).map_err(internal)?,
             RecordKind::EnrollmentGroup => {
@@ -219,7 +303,16 @@ impl Responder {
         // Clear the retained record either way, so subscribers agree with the store.
         self.publish(kind.record_topic(id), Vec::new(), true).await;
         if existed {
-            Ok(None)
+            Ok(Applied {
+                etag: None,
+                outcome: AdminOutcome::Deleted,
+                retirement: Some(match kind {
+                    RecordKind::Enrollment | RecordKind::EnrollmentGroup => Retirement::Deleted,
+                    RecordKind::Hub => Retirement::Unlinked,
+                    RecordKind::Registration => Retirement::Deregistered,
+                }),
+                status: None,
+            })
         } else {
             Err((codes::NOT_FOUND, format!("no {} `{id}`", kind.segment())))
         }
@@ -249,8 +342,80 @@ impl Responder {
     }
 }
 
+/// One log line per admin write, under the `edgedps::audit` target.
+fn audit_log(event: &AdminEvent) {
+    let outcome = format!("{:?}", event.outcome).to_lowercase();
+    let retirement = event.retirement.map(|r| format!("{r:?}").to_lowercase());
+    match event.outcome {
+        AdminOutcome::Rejected => tracing::warn!(
+            target: "edgedps::audit",
+            operator = %event.operator,
+            kind = %event.kind,
+            id = %event.id,
+            operation = ?event.operation,
+            %outcome,
+            code = event.error_code,
+            reason = event.message.as_deref().unwrap_or_default(),
+            "admin write rejected"
+        ),
+        _ => tracing::info!(
+            target: "edgedps::audit",
+            operator = %event.operator,
+            kind = %event.kind,
+            id = %event.id,
+            operation = ?event.operation,
+            %outcome,
+            retirement,
+            status = ?event.provisioning_status,
+            etag = event.etag.as_deref().unwrap_or_default(),
+            "admin write applied"
+        ),
+    }
+}
+
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Rejection> {
-    serde_json::from_slice(body).map_err(|e| bad(format!("body is not a valid record: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        bad(format!(
+            "body is not a valid record: {}",
+            without_values(&e.to_string())
+        ))
+    })
+}
+
+/// serde's messages quote the offending value (`invalid type: string "..."`,
+/// ``unknown variant `...` ``). A key pasted into the wrong field would then travel
+/// to the results topic, the audit event and the log, so values are cut out; field
+/// names, expected types and positions stay.
+fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    if let Some(after) = rest.strip_prefix("unknown variant `") {
+        match after.rfind("`, expected") {
+            Some(end) => {
+                out.push_str("unknown variant");
+                rest = &after[end + 1..];
+            }
+            None => return "unknown variant".into(),
+        }
+    }
+    let mut chars = rest.chars();
+    while let Some(c) = chars.next() {
+        if c != '"' {
+            out.push(c);
+            continue;
+        }
+        // A quoted value, as serde writes it (Debug escaping): skip to its closing quote.
+        out.push_str("\"…\"");
+        let mut escaped = false;
+        for c in chars.by_ref() {
+            match (escaped, c) {
+                (false, '\\') => escaped = true,
+                (false, '"') => break,
+                _ => escaped = false,
+            }
+        }
+    }
+    out
 }
 
 fn bad(message: String) -> Rejection {
@@ -434,4 +599,77 @@ fn redact_enrollment(mut e: Enrollment) -> Enrollment {
 fn redact_group(mut g: EnrollmentGroup) -> EnrollmentGroup {
     redact(&mut g.attestation);
     g
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "c2VjcmV0LWtleS1tYXRlcmlhbC0wMTIzNDU2Nzg5YWI=";
+
+    fn message_for(body: &str) -> String {
+        parse_body::<Enrollment>(body.as_bytes())
+            .map(|_| String::new())
+            .unwrap_or_else(|(_, message)| message)
+    }
+
+    #[test]
+    fn parse_errors_do_not_quote_values() {
+        let wrong_type = format!(
+            r#"{{"registrationId":"d","attestation":{{"type":"symmetricKey"}},"iotHubs":"{KEY}"}}"#
+        );
+        let wrong_variant = format!(r#"{{"registrationId":"d","attestation":{{"type":"{KEY}"}}}}"#);
+        let escaped = r#"{"registrationId":"d","attestation":{"type":"symmetricKey"},"iotHubs":"a\"b\\c-SECRET"}"#;
+        for body in [wrong_type.as_str(), wrong_variant.as_str(), escaped] {
+            let message = message_for(body);
+            assert!(
+                message.starts_with("body is not a valid record"),
+                "{message}"
+            );
+            assert!(!message.contains(KEY), "{message}");
+            assert!(!message.contains("SECRET"), "{message}");
+            assert!(message.contains("line 1 column"), "{message}");
+        }
+        let message = message_for(&wrong_type);
+        assert!(message.contains("expected a sequence"), "{message}");
+        let message = message_for(&wrong_variant);
+        assert!(message.contains("expected one of `x509`"), "{message}");
+    }
+
+    #[test]
+    fn parse_errors_keep_field_names_and_syntax_positions() {
+        let message =
+            message_for(r#"{"registrationId":"d","attestation":{"type":"x509"},"iotHub":"h"}"#);
+        assert!(message.contains("unknown field `iotHub`"), "{message}");
+        let message = message_for(r#"{"registrationId":"d","#);
+        assert!(message.contains("EOF while parsing"), "{message}");
+    }
+
+    #[test]
+    fn disabling_is_a_retirement_and_enabling_is_not() {
+        use ProvisioningStatus::{Disabled, Enabled};
+        let cases = [
+            (None, Enabled, AdminOutcome::Created, None),
+            (
+                None,
+                Disabled,
+                AdminOutcome::Created,
+                Some(Retirement::Disabled),
+            ),
+            (
+                Some(Enabled),
+                Disabled,
+                AdminOutcome::Updated,
+                Some(Retirement::Disabled),
+            ),
+            (Some(Disabled), Disabled, AdminOutcome::Updated, None),
+            (Some(Disabled), Enabled, AdminOutcome::Updated, None),
+        ];
+        for (before, now, outcome, retirement) in cases {
+            let applied = Applied::record("\"e\"".into(), before, now);
+            assert_eq!(applied.outcome, outcome, "{before:?} -> {now:?}");
+            assert_eq!(applied.retirement, retirement, "{before:?} -> {now:?}");
+            assert_eq!(applied.status, Some(now));
+        }
+    }
 }

@@ -277,3 +277,120 @@ async fn a_subscriber_receives_every_retained_record() {
     }
     assert_eq!(seen.len(), 600);
 }
+
+/// Writes through `operator` and returns the result and the audit event that follows it.
+async fn audited(operator: &mut Operator, topic: &str, body: &[u8]) -> (Value, Value) {
+    let result = operator.write(topic, body).await;
+    let event_topic = topic.replacen("dps/", "dps/events/admin/", 1);
+    let (topic, payload) = operator
+        .next_publish("dps/events/admin/")
+        .await
+        .expect("an audit event follows every result");
+    assert_eq!(topic, event_topic);
+    let event: Value = serde_json::from_slice(&payload).expect("event is JSON");
+    assert!(event["operator"]
+        .as_str()
+        .is_some_and(|o| o.starts_with("operator-")));
+    assert!(event["timestampUtc"].is_string(), "{event}");
+    (result, event)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_admin_write_and_retirement_is_an_audit_event() {
+    let server = Server::start().await;
+    let mut operator = server.operator().await;
+    operator.subscribe("dps/events/admin/#").await;
+    let key = new_key();
+    let body = |value: Value| serde_json::to_vec(&value).unwrap();
+
+    let (result, event) = audited(
+        &mut operator,
+        "dps/enrollments/audited",
+        &body(symmetric_enrollment("audited", &key)),
+    )
+    .await;
+    assert_eq!(result["ok"], true);
+    assert_eq!(event["kind"], "enrollments");
+    assert_eq!(event["id"], "audited");
+    assert_eq!(event["operation"], "write");
+    assert_eq!(event["outcome"], "created");
+    assert_eq!(event["provisioningStatus"], "enabled");
+    assert_eq!(event["etag"], result["etag"]);
+    assert!(event.get("retirement").is_none(), "{event}");
+
+    // Disabling retires the device; enabling again does not.
+    let mut disabled = symmetric_enrollment("audited", &key);
+    disabled["provisioningStatus"] = json!("disabled");
+    let (_, event) = audited(&mut operator, "dps/enrollments/audited", &body(disabled)).await;
+    assert_eq!(event["outcome"], "updated");
+    assert_eq!(event["retirement"], "disabled");
+    let (_, event) = audited(
+        &mut operator,
+        "dps/enrollments/audited",
+        &body(symmetric_enrollment("audited", &key)),
+    )
+    .await;
+    assert_eq!(event["outcome"], "updated");
+    assert!(event.get("retirement").is_none(), "{event}");
+
+    // Blocking one certificate of a group: a disabled individual enrollment for it.
+    let group_ca = &pki().device_root;
+    audited(
+        &mut operator,
+        "dps/enrollment-groups/fleet",
+        &body(x509_group("fleet", &group_ca.pem)),
+    )
+    .await;
+    let mut block = x509_enrollment("stolen", &group_ca.device("stolen").cert_pem);
+    block["provisioningStatus"] = json!("disabled");
+    let (_, event) = audited(&mut operator, "dps/enrollments/stolen", &body(block)).await;
+    assert_eq!(event["outcome"], "created");
+    assert_eq!(event["retirement"], "disabled");
+    assert_eq!(event["provisioningStatus"], "disabled");
+
+    // Deregistration.
+    let outcome = register(&server.device("audited", sas(&key)), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome.status_word(), Some("assigned"));
+    let (_, event) = audited(&mut operator, "dps/registrations/audited", b"").await;
+    assert_eq!(event["kind"], "registrations");
+    assert_eq!(event["operation"], "delete");
+    assert_eq!(event["outcome"], "deleted");
+    assert_eq!(event["retirement"], "deregistered");
+
+    // A rejected write names the reason and quotes no value, not even a misplaced key.
+    let mut misplaced = symmetric_enrollment("audited", &key);
+    misplaced["iotHubs"] = json!(key);
+    let (result, event) = audited(&mut operator, "dps/enrollments/audited", &body(misplaced)).await;
+    assert_eq!(result["ok"], false);
+    assert_eq!(event["outcome"], "rejected");
+    assert_eq!(event["errorCode"], 400);
+    assert_eq!(event["message"], result["message"]);
+    let message = event["message"].as_str().unwrap_or_default();
+    assert!(message.contains("expected a sequence"), "{event}");
+    assert!(!event.to_string().contains(&key), "{event}");
+    assert!(!result.to_string().contains(&key), "{result}");
+
+    // Hubs: linked, unlinked.
+    let (_, event) = audited(
+        &mut operator,
+        "dps/hubs/hub-z.example.net",
+        &body(json!({"allocationWeight": 3})),
+    )
+    .await;
+    assert_eq!(event["outcome"], "created");
+    let (_, event) = audited(&mut operator, "dps/hubs/hub-z.example.net", b"").await;
+    assert_eq!(event["retirement"], "unlinked");
+
+    // Deleting: the enrollment, the group; deleting what is not there is rejected.
+    let (_, event) = audited(&mut operator, "dps/enrollments/audited", b"").await;
+    assert_eq!(event["outcome"], "deleted");
+    assert_eq!(event["retirement"], "deleted");
+    let (_, event) = audited(&mut operator, "dps/enrollment-groups/fleet", b"").await;
+    assert_eq!(event["kind"], "enrollment-groups");
+    assert_eq!(event["retirement"], "deleted");
+    let (_, event) = audited(&mut operator, "dps/enrollments/audited", b"").await;
+    assert_eq!(event["outcome"], "rejected");
+    assert_eq!(event["errorCode"], 404);
+}

@@ -89,6 +89,70 @@ pub fn attestation_event_topic(registration_id: &str) -> String {
     }
 }
 
+/// Where the audit event of each admin write goes: `dps/events/admin/{kind}/{id}`.
+pub fn admin_event_topic(kind: RecordKind, id: &str) -> String {
+    format!("{PREFIX}events/admin/{}/{id}", kind.segment())
+}
+
+/// What an operator asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AdminOperation {
+    /// A retained record with a body.
+    Write,
+    /// An empty retained message.
+    Delete,
+}
+
+/// What became of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AdminOutcome {
+    Created,
+    Updated,
+    Deleted,
+    Rejected,
+}
+
+/// A write that takes a device, a group or a hub out of service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Retirement {
+    /// An enrollment or group now `disabled` that was enabled or did not exist (a
+    /// disabled individual enrollment is how one certificate of a group is blocked).
+    Disabled,
+    /// An enrollment or group deleted.
+    Deleted,
+    /// A registration record cleared.
+    Deregistered,
+    /// A linked hub removed.
+    Unlinked,
+}
+
+/// The audit event of one admin write, on [`admin_event_topic`]. It carries no record
+/// body, so no key can travel in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdminEvent {
+    /// The operator's MQTT client id.
+    pub operator: String,
+    pub kind: String,
+    pub id: String,
+    pub operation: AdminOperation,
+    pub outcome: AdminOutcome,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub retirement: Option<Retirement>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub provisioning_status: Option<ProvisioningStatus>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub etag: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error_code: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub message: Option<String>,
+    pub timestamp_utc: String,
+}
+
 /// Outcome of one admin write, on `dps/admin/results/{kind}/{id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
