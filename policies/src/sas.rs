@@ -105,7 +105,7 @@ impl<'a> SasToken<'a> {
         let resource = self.resource();
         let expected = format!("{id_scope}/registrations/{registration_id}");
         if !resource.eq_ignore_ascii_case(&expected) {
-            return Err(SasError::WrongResource(resource));
+            return Err(SasError::WrongResource(quotable_resource(&resource)));
         }
         if self.expiry.saturating_add(EXPIRY_SKEW_SECONDS) < now {
             return Err(SasError::Expired {
@@ -130,6 +130,32 @@ impl<'a> SasToken<'a> {
             }
         }
         Err(SasError::BadSignature)
+    }
+}
+
+/// The resource as the refusal may quote it: a registration resource names a scope and
+/// an id and is worth showing; anything else could be a key pasted into the wrong
+/// place and is described, not quoted.
+fn quotable_resource(resource: &str) -> String {
+    let shaped = resource
+        .split_once("/registrations/")
+        .is_some_and(|(scope, id)| {
+            let plain = |s: &str| {
+                !s.is_empty()
+                    && s.len() <= 128
+                    && s.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':')
+                    })
+            };
+            plain(scope) && plain(id)
+        });
+    if shaped {
+        resource.to_owned()
+    } else {
+        format!(
+            "({} bytes, not {{idScope}}/registrations/{{registrationId}})",
+            resource.len()
+        )
     }
 }
 
@@ -252,6 +278,21 @@ mod tests {
         assert_eq!(
             parsed.verify("scope", "dev-1", &[KEY], NOW),
             Err(SasError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn a_resource_that_is_not_a_registration_is_not_quoted() {
+        let token = sign_resource(KEY, KEY, NOW + 60).unwrap();
+        let parsed = SasToken::parse(&token).unwrap();
+        let refusal = parsed.verify("scope", "dev-1", &[KEY], NOW).unwrap_err();
+        assert!(!refusal.to_string().contains(KEY), "{refusal}");
+        let token = sign(KEY, "scope", "dev-2", NOW + 60).unwrap();
+        let parsed = SasToken::parse(&token).unwrap();
+        let refusal = parsed.verify("scope", "dev-1", &[KEY], NOW).unwrap_err();
+        assert!(
+            refusal.to_string().contains("scope/registrations/dev-2"),
+            "{refusal}"
         );
     }
 

@@ -183,14 +183,14 @@ impl Responder {
                 let mut e: Enrollment = parse_body(body)?;
                 if !e.registration_id.eq_ignore_ascii_case(id) {
                     return Err(bad(format!(
-                        "registrationId `{}` is not the topic's `{id}`",
-                        e.registration_id
+                        "registrationId {} is not the topic's `{id}`",
+                        shown(&e.registration_id)
                     )));
                 }
                 validate_registration_id(&e.registration_id)?;
                 if let Some(device_id) = &e.device_id {
                     if !identity::valid_registration_id(device_id) {
-                        return Err(bad(format!("deviceId `{device_id}` is not valid")));
+                        return Err(bad(format!("deviceId {} is not valid", shown(device_id))));
                     }
                 }
                 let stored = self.store.enrollment(id).map_err(internal)?;
@@ -211,8 +211,8 @@ impl Responder {
                 let mut g: EnrollmentGroup = parse_body(body)?;
                 if g.enrollment_group_id != id {
                     return Err(bad(format!(
-                        "enrollmentGroupId `{}` is not the topic's `{id}`",
-                        g.enrollment_group_id
+                        "enrollmentGroupId {} is not the topic's `{id}`",
+                        shown(&g.enrollment_group_id)
                     )));
                 }
                 validate_registration_id(id)?;
@@ -239,8 +239,8 @@ impl Responder {
                 }
                 if hub.host_name != id {
                     return Err(bad(format!(
-                        "hostName `{}` is not the topic's `{id}`",
-                        hub.host_name
+                        "hostName {} is not the topic's `{id}`",
+                        shown(&hub.host_name)
                     )));
                 }
                 if !valid_host_name(id) {
@@ -418,6 +418,16 @@ fn without_values(message: &str) -> String {
     out
 }
 
+/// A value from the body as an error may show it: ids and host names are quoted; any
+/// other value (it may be a key in the wrong field) is described by its length only.
+fn shown(value: &str) -> String {
+    if identity::valid_registration_id(value) {
+        format!("`{value}`")
+    } else {
+        format!("({} bytes, not a valid id)", value.len())
+    }
+}
+
 fn bad(message: String) -> Rejection {
     (codes::BAD_REQUEST, message)
 }
@@ -430,10 +440,10 @@ fn check_etag(sent: Option<&str>, stored: Option<&str>) -> Result<(), Rejection>
     match (sent, stored) {
         (None, _) | (Some("*"), _) => Ok(()),
         (Some(sent), Some(stored)) if sent == stored => Ok(()),
-        (Some(sent), stored) => Err((
+        (Some(_), stored) => Err((
             codes::PRECONDITION_FAILED,
             format!(
-                "etag {sent} does not match the stored {}",
+                "the etag sent does not match the stored {}",
                 stored.unwrap_or("(none: the record does not exist)")
             ),
         )),
@@ -476,7 +486,10 @@ fn validate_settings(settings: &EnrollmentSettings) -> Result<(), Rejection> {
         _ => {}
     }
     if let Some(hub) = settings.iot_hubs.iter().find(|h| !valid_host_name(h)) {
-        return Err(bad(format!("iotHubs entry `{hub}` is not a host name")));
+        return Err(bad(format!(
+            "iotHubs entry {} is not a host name",
+            shown(hub)
+        )));
     }
     if let Some(twin) = &settings.initial_twin {
         if !twin.is_object() {

@@ -444,6 +444,18 @@ pub struct Process {
 impl Process {
     /// Starts `edgedps serve --config {dir}/edgedps.toml` and waits for both listeners.
     pub async fn start(dir: &Path, devices_port: u16, local_port: u16, extra: &str) -> Process {
+        Process::start_env(dir, devices_port, local_port, extra, &[]).await
+    }
+
+    /// As [`Process::start`], with environment variables for the process. The log goes
+    /// to `{dir}/edgedps.log`, overwritten at each start.
+    pub async fn start_env(
+        dir: &Path,
+        devices_port: u16,
+        local_port: u16,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Process {
         let pki = pki();
         std::fs::write(dir.join("server-fullchain.pem"), &pki.server.cert_pem).expect("cert");
         std::fs::write(dir.join("server.key"), &pki.server.key_pem).expect("key");
@@ -469,6 +481,7 @@ host_name = "hub-a.example.net"
         let child = std::process::Command::new(edgedps_binary())
             .args(["serve", "--config"])
             .arg(&path)
+            .envs(env.iter().copied())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
