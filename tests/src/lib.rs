@@ -415,10 +415,28 @@ fn build_edgedps() -> PathBuf {
         .to_path_buf();
     let binary = profile_dir.join("edgedps");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = std::process::Command::new(cargo)
-        .args(["build", "-p", "edgedps", "--bin", "edgedps"])
-        .status()
-        .expect("cargo build runs");
+    let mut command = std::process::Command::new(cargo);
+    command.args(["build", "-p", "edgedps", "--bin", "edgedps"]);
+    // `cargo test` sets the package's variables for the test; a build script that
+    // watches one (ring watches CARGO_MANIFEST_DIR) would rebuild half the tree, and the
+    // next `cargo test` would rebuild it back.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_BIN_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                name.as_ref(),
+                "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+            )
+        {
+            command.env_remove(name.as_ref());
+        }
+    }
+    let status = command.status().expect("cargo build runs");
     assert!(status.success(), "building edgedps failed");
     binary
 }

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::Duration;
 
+use edgedps_device::provision::register;
 use edgedps_tests::*;
 use rumqttc::{AsyncClient, MqttOptions, Packet, QoS};
 
@@ -48,6 +49,26 @@ async fn full_disk_fails_writes_clearly_and_loses_nothing_acknowledged() {
     })
     .await
     .unwrap();
+    // Devices assigned while there is room.
+    let group_key = new_key();
+    let mut operator = Operator::connect(local_port).await;
+    operator
+        .put(
+            "dps/enrollment-groups/cramped",
+            symmetric_group("cramped", &group_key),
+        )
+        .await;
+    let mut assigned = BTreeSet::new();
+    for i in 0..5 {
+        let id = format!("early-{i}");
+        let key = edgedps_policies::sas::derive_device_key(&group_key, &id).unwrap();
+        let outcome = register(&device_config(devices_port, &id, sas(&key)), None)
+            .await
+            .unwrap();
+        assert_eq!(outcome.status_word(), Some("assigned"), "{}", outcome.body);
+        assigned.insert(id);
+    }
+
     let filler = "x".repeat(16 * 1024);
     let mut acknowledged = BTreeSet::new();
     let mut refusal = None;
@@ -93,6 +114,28 @@ async fn full_disk_fails_writes_clearly_and_loses_nothing_acknowledged() {
     );
     assert!(!acknowledged.is_empty());
 
+    // Devices registering now: assigned while a record still fits, then 500000 with
+    // the store's reason; never `assigned` without the record on disk.
+    let mut failed = None;
+    for i in 0..200 {
+        let id = format!("late-{i}");
+        let key = edgedps_policies::sas::derive_device_key(&group_key, &id).unwrap();
+        let outcome = register(&device_config(devices_port, &id, sas(&key)), None)
+            .await
+            .unwrap();
+        if outcome.status_word() == Some("assigned") {
+            assigned.insert(id);
+        } else {
+            failed = Some(outcome);
+            break;
+        }
+    }
+    let failed = failed.expect("a full disk still assigned 200 devices");
+    assert_eq!(failed.status, 500, "{}", failed.body);
+    assert_eq!(failed.body["errorCode"], 500000, "{}", failed.body);
+    let message = failed.body["message"].as_str().unwrap_or_default();
+    assert!(message.contains("store"), "{message}");
+
     // Still up: the operator connection works and the process lives.
     assert!(
         process.child.try_wait().unwrap().is_none(),
@@ -116,8 +159,20 @@ async fn full_disk_fails_writes_clearly_and_loses_nothing_acknowledged() {
         .collect();
     let lost: Vec<_> = acknowledged.difference(&stored).collect();
     assert!(lost.is_empty(), "lost after a full disk: {lost:?}");
+    let registered: BTreeSet<String> = store
+        .registrations()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.registration_id)
+        .collect();
+    let lost: Vec<_> = assigned.difference(&registered).collect();
+    assert!(
+        lost.is_empty(),
+        "assigned devices lost after a full disk: {lost:?}"
+    );
     eprintln!(
-        "{} writes acknowledged before the disk filled; all kept",
-        acknowledged.len()
+        "{} writes and {} registrations acknowledged before the disk filled; all kept",
+        acknowledged.len(),
+        assigned.len()
     );
 }
