@@ -11,7 +11,9 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
+use tokio::time::Instant;
+use tokio_rustls::rustls::server::Acceptor;
+use tokio_rustls::LazyConfigAcceptor;
 
 use edgedps_responder::{Responder, Settings, Store};
 
@@ -118,7 +120,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 (dev.cert, dev.key)
             }
         };
-        let acceptor = TlsAcceptor::from(tls::server_config(&cert, &key)?);
+        let tls_config = tls::server_config(&cert, &key)?;
         let listener = bind("devices", devices.bind).await?;
         running.devices_addr = listener.local_addr().ok();
         tracing::info!(addr = ?running.devices_addr, "device listener (MQTT over TLS) ready");
@@ -126,18 +128,36 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         let handshakes = Arc::new(Semaphore::new(config.limits.max_handshakes));
         let shared = shared.clone();
         let accept = accept_loop(listener, connections.clone(), move |tcp, peer, slot| {
-            let acceptor = acceptor.clone();
+            let tls_config = tls_config.clone();
             let shared = shared.clone();
             let handshakes = handshakes.clone();
             async move {
+                // One deadline for the whole handshake. The ClientHello is read before a
+                // handshake slot is taken: a client that never sends one (slowloris)
+                // holds a connection until the deadline, never a slot, so the slots
+                // bound only the handshakes that cost CPU.
+                let deadline = Instant::now() + handshake;
+                let start = LazyConfigAcceptor::new(Acceptor::default(), tcp);
+                let hello = match tokio::time::timeout_at(deadline, start).await {
+                    Ok(Ok(hello)) => hello,
+                    Ok(Err(e)) => {
+                        tracing::info!(%peer, error = %e, "TLS handshake failed before the ClientHello");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%peer, "no TLS ClientHello within the handshake deadline; connection closed");
+                        return;
+                    }
+                };
                 // A storm queues here instead of starving the sessions already running.
                 let Ok(Ok(permit)) =
-                    tokio::time::timeout(handshake, handshakes.acquire_owned()).await
+                    tokio::time::timeout_at(deadline, handshakes.acquire_owned()).await
                 else {
                     tracing::warn!(%peer, "no handshake slot within the deadline; connection closed");
                     return;
                 };
-                let accepted = tokio::time::timeout(handshake, acceptor.accept(tcp)).await;
+                let accepted =
+                    tokio::time::timeout_at(deadline, hello.into_stream(tls_config)).await;
                 drop(permit);
                 match accepted {
                     Ok(Ok(stream)) => {

@@ -224,35 +224,87 @@ async fn malformed_register_bodies_get_400004() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_handshakes_do_not_stop_other_devices() {
-    let server = Server::start_with(|c| c.limits.handshake_timeout_ms = 2_000).await;
+async fn slowloris_does_not_stop_a_thousand_devices() {
+    // Fewer handshake slots than slow clients: they must not hold slots.
+    let server = Server::start_with(|c| {
+        c.limits.handshake_timeout_ms = 3_000;
+        c.limits.max_handshakes = 64;
+    })
+    .await;
     let mut operator = server.operator().await;
-    // 200 connections that never speak TLS (slowloris), held open.
-    let mut stalled = Vec::new();
-    for _ in 0..200 {
-        stalled.push(
-            tokio::net::TcpStream::connect(("127.0.0.1", server.devices_port))
+    let port = server.devices_port;
+    // 600 slow clients: silent; a TLS record header and nothing more; a ClientHello
+    // dripped one byte every 300 ms.
+    let mut slow = Vec::new();
+    for i in 0..600 {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        if i % 3 == 1 {
+            stream
+                .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
                 .await
-                .unwrap(),
-        );
+                .unwrap();
+        }
+        slow.push(stream);
     }
-    // 100 devices provision meanwhile.
-    for outcome in server
-        .register_group_devices(&mut operator, "busy", 100)
-        .await
-    {
-        assert_eq!(outcome.status_word(), Some("assigned"));
+    let drip = tokio::spawn({
+        let drippers: Vec<usize> = (0..600).filter(|i| i % 3 == 2).collect();
+        let mut streams: Vec<_> = drippers.iter().rev().map(|&i| slow.remove(i)).collect();
+        async move {
+            let hello = [0x16u8, 0x03, 0x01, 0x02, 0x00];
+            for step in 0..12 {
+                let byte = hello.get(step).copied().unwrap_or(0x01);
+                for stream in &mut streams {
+                    let _ = stream.write_all(&[byte]).await;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            streams
+        }
+    });
+    // 1,000 devices provision meanwhile, 100 at a time.
+    let started = std::time::Instant::now();
+    let group_key = new_key();
+    operator
+        .put(
+            "dps/enrollment-groups/besieged",
+            symmetric_group("besieged", &group_key),
+        )
+        .await;
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(100));
+    let mut tasks = Vec::new();
+    for i in 0..1_000 {
+        let id = format!("besieged-{i}");
+        let key = edgedps_policies::sas::derive_device_key(&group_key, &id).unwrap();
+        let config = server.device(&id, sas(&key));
+        let limit = limit.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = limit.acquire_owned().await.unwrap();
+            register(&config, None).await
+        }));
     }
-    // The stalled ones are closed at the handshake deadline.
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    for task in tasks {
+        let outcome = task.await.unwrap().unwrap();
+        assert_eq!(outcome.status_word(), Some("assigned"), "{}", outcome.body);
+    }
+    eprintln!(
+        "1,000 devices assigned in {:?} beside 600 slow clients",
+        started.elapsed()
+    );
+    // Every slow client is closed at the handshake deadline.
+    let mut slow = slow;
+    slow.extend(drip.await.unwrap());
+    tokio::time::sleep(Duration::from_millis(3_500).saturating_sub(started.elapsed())).await;
     let mut buf = [0u8; 8];
-    for mut stream in stalled {
-        let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await;
+    for stream in &mut slow {
+        let read = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf)).await;
         assert!(
             matches!(read, Ok(Ok(0)) | Ok(Err(_))),
-            "a stalled handshake was not closed"
+            "a slow client was not closed at the deadline: {read:?}"
         );
     }
+    bystander_provisions(&server, &mut operator).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

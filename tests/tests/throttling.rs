@@ -197,3 +197,88 @@ async fn enrollment_bodies_over_the_limit_are_rejected() {
     // A body under the limit is accepted.
     operator.enroll("small").await;
 }
+
+/// Opens a TLS connection and sends only its ClientHello: the server then holds a
+/// handshake slot for it until the client goes away or the deadline passes.
+async fn client_hello_only(port: u16) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let config = edgedps_device::tls::client_config(pki().server_ca.pem.as_bytes(), None)
+        .expect("client TLS");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let mut tls = rustls::ClientConnection::new(config, name).expect("client");
+    let mut hello = Vec::new();
+    tls.write_tls(&mut hello).expect("ClientHello");
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tcp.write_all(&hello).await.unwrap();
+    tcp
+}
+
+/// Did the server start answering (its ServerHello) within `within`?
+async fn answered(tcp: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(within, tcp.read(&mut byte)).await,
+        Ok(Ok(n)) if n > 0
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_beyond_the_limit_wait_for_a_slot() {
+    let server = Server::start_with(|c| c.limits.max_handshakes = 2).await;
+    let port = server.devices_port;
+    // Two handshakes in progress take both slots.
+    let mut first = client_hello_only(port).await;
+    let mut second = client_hello_only(port).await;
+    assert!(answered(&mut first, Duration::from_secs(5)).await);
+    assert!(answered(&mut second, Duration::from_secs(5)).await);
+    // The third is queued: no ServerHello while the slots are held.
+    let mut third = client_hello_only(port).await;
+    assert!(
+        !answered(&mut third, Duration::from_millis(1_500)).await,
+        "a third handshake ran beside two with limits.max_handshakes = 2"
+    );
+    // One of the two goes away; the third proceeds at once.
+    drop(first);
+    assert!(
+        answered(&mut third, Duration::from_secs(5)).await,
+        "the freed slot was not given to the waiting handshake"
+    );
+    drop((second, third));
+
+    // The control: with a third slot the same third handshake is answered at once.
+    let roomy = Server::start_with(|c| c.limits.max_handshakes = 3).await;
+    let held = [
+        client_hello_only(roomy.devices_port).await,
+        client_hello_only(roomy.devices_port).await,
+    ];
+    let mut third = client_hello_only(roomy.devices_port).await;
+    assert!(answered(&mut third, Duration::from_secs(5)).await);
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_say_hello_take_no_handshake_slot() {
+    // One slot; a hundred silent connections. The slot is only taken for a ClientHello.
+    let server = Server::start_with(|c| c.limits.max_handshakes = 1).await;
+    let mut operator = server.operator().await;
+    let mut silent = Vec::new();
+    for _ in 0..100 {
+        silent.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", server.devices_port))
+                .await
+                .unwrap(),
+        );
+    }
+    let key = operator.enroll("past-the-silent").await;
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(5),
+        register(&server.device("past-the-silent", sas(&key)), None),
+    )
+    .await
+    .expect("registered well before the handshake deadline (10 s)")
+    .unwrap();
+    assert_eq!(outcome.status_word(), Some("assigned"));
+    drop(silent);
+}
