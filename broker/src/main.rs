@@ -148,7 +148,7 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config);
+    let _log = init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -201,16 +201,25 @@ async fn wait_for_signal() {
     }
 }
 
-fn init_logging(config: &Config) {
+/// Logs go to stderr through a writer thread: the tasks that log (one audit line per
+/// CONNECT) only queue the line, and the thread writes lines in batches while busy and
+/// flushes whenever its queue is empty. Keep the guard: dropping it flushes the rest.
+fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(format!("{},rumqttd=warn", config.log.level)))
         .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Lossless: when the queue is full a logging task waits rather than drop a line.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::BufWriter::new(std::io::stderr()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_writer(writer)
+        .with_ansi(ansi);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Human => builder.init(),
     }
+    guard
 }
