@@ -11,8 +11,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
-    ConnAck, ConnectReturnCode, Filter, Packet, PingResp, PubAck, PubAckReason, QoS,
-    RetainForwardRule, SubAck, Subscribe, UnsubAck, UnsubAckReason, Unsubscribe,
+    ConnAck, ConnectReturnCode, Filter, Packet, PingResp, PubAck, PubAckReason, PublishProperties,
+    QoS, RetainForwardRule, SubAck, Subscribe, UnsubAck, UnsubAckReason, Unsubscribe,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -22,6 +22,7 @@ use edgedps_policies::acl::{self, Role};
 use edgedps_responder::{unix_now, Attested, Credential, Refusal as AuthRefusal, Responder};
 use edgedps_topics::admin::{self as admin_topics, AdminTopic};
 use edgedps_topics::dps::{self, DeviceRequest};
+use edgedps_topics::encoding::{Encoding, CBOR_CONTENT_TYPE};
 
 use crate::codec::{self, Codec, Frame, Refusal};
 use crate::config::Limits;
@@ -81,6 +82,8 @@ struct Session<S> {
     role: Role,
     /// QoS granted on `$dps/registrations/res/#`, once subscribed.
     dps_qos: Option<u8>,
+    /// The encoding of this connection's last register; its polls are answered in it.
+    dps_encoding: Encoding,
     next_pkid: u16,
     link_tx: Option<LinkTx>,
     link_rx: Option<LinkRx>,
@@ -210,6 +213,7 @@ where
         identity,
         role,
         dps_qos: None,
+        dps_encoding: Encoding::Json,
         next_pkid: 0,
         link_tx: None,
         link_rx: None,
@@ -341,12 +345,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let topic = std::str::from_utf8(&publish.topic)
                     .map_err(|_| Close::Violation("topic is not UTF-8".into()))?
                     .to_owned();
+                let content_type = properties.as_ref().and_then(|p| p.content_type.as_deref());
                 if dps::is_dps_topic(&topic) {
-                    return self.dps_request(&topic, &publish.payload, meta).await;
+                    return self
+                        .dps_request(&topic, &publish.payload, content_type, meta)
+                        .await;
                 }
                 if let Some(admin) = admin_topics::parse_topic(&topic) {
+                    let encoding = Encoding::detect(&publish.payload, content_type);
                     return self
-                        .admin_write(&topic, admin, &publish.payload, meta)
+                        .admin_write(&topic, admin, &publish.payload, encoding, meta)
                         .await;
                 }
                 if !acl::may_publish(&self.role, &topic) {
@@ -391,6 +399,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         &mut self,
         topic: &str,
         body: &[u8],
+        content_type: Option<&str>,
         meta: codec::PublishMeta,
     ) -> Result<(), Close> {
         let Identity::Device(device) = &self.identity else {
@@ -402,9 +411,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // PUBACK before the response.
         self.puback(meta)?;
         let reply = match &request {
-            DeviceRequest::Register { .. } => self.shared.responder.register(&device, body).await,
+            DeviceRequest::Register { .. } => {
+                self.dps_encoding = Encoding::detect(body, content_type);
+                let encoding = self.dps_encoding;
+                self.shared
+                    .responder
+                    .register(&device, body, encoding)
+                    .await
+            }
             DeviceRequest::Poll { operation_id, .. } => {
-                self.shared.responder.poll(&device, operation_id)
+                let encoding = match Encoding::detect(body, content_type) {
+                    Encoding::Cbor => Encoding::Cbor,
+                    Encoding::Json => self.dps_encoding,
+                };
+                self.shared.responder.poll(&device, operation_id, encoding)
             }
         };
         if let Some(device_id) = reply.assigned_device_id {
@@ -420,7 +440,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let topic = dps::response_topic(reply.status, request.rid(), reply.retry_after);
         let pkid = self.pkid();
         let publish = codec::publish(topic.as_bytes(), &reply.body, qos, pkid, false);
-        self.send(Packet::Publish(publish, None))
+        let properties = (reply.encoding == Encoding::Cbor).then(|| PublishProperties {
+            content_type: Some(CBOR_CONTENT_TYPE.into()),
+            ..Default::default()
+        });
+        self.send(Packet::Publish(publish, self.codec.properties(properties)))
     }
 
     /// PROTOCOL B: an operator's write of a retained record.
@@ -429,6 +453,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         topic: &str,
         admin: AdminTopic,
         body: &[u8],
+        encoding: Encoding,
         meta: codec::PublishMeta,
     ) -> Result<(), Close> {
         if self.role != Role::Operator {
@@ -444,7 +469,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.flush().await?;
         self.shared
             .responder
-            .apply_admin(&self.client_id, kind, &id, body)
+            .apply_admin(&self.client_id, kind, &id, body, encoding)
             .await;
         Ok(())
     }

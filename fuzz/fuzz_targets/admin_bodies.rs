@@ -2,10 +2,11 @@
 //! the way an admin write parses them.
 #![no_main]
 use edgedps_topics::admin::{Enrollment, EnrollmentGroup, LinkedHub};
+use edgedps_topics::encoding::Encoding;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(e) = serde_json::from_slice::<Enrollment>(data) {
+    if let Ok(e) = Encoding::Json.decode::<Enrollment>(data) {
         if let Some(pair) = e.attestation.x509.and_then(|x| x.client_certificates) {
             for cert in [pair.primary, pair.secondary].into_iter().flatten() {
                 if let Some(pem) = cert.certificate {
@@ -17,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    if let Ok(g) = serde_json::from_slice::<EnrollmentGroup>(data) {
+    if let Ok(g) = Encoding::Json.decode::<EnrollmentGroup>(data) {
         if let Some(pair) = g.attestation.x509.and_then(|x| x.signing_certificates) {
             for cert in [pair.primary, pair.secondary].into_iter().flatten() {
                 if let Some(der) = cert
@@ -29,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    let _ = serde_json::from_slice::<LinkedHub>(data);
+    let _ = Encoding::Json.decode::<LinkedHub>(data);
     // Raw DER as a presented certificate.
     let _ = edgedps_policies::x509::CertificateInfo::read(data);
 });

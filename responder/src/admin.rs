@@ -14,6 +14,7 @@ use edgedps_topics::admin::{
     AllocationPolicy, Attestation, AttestationType, CertificatePair, Enrollment, EnrollmentGroup,
     EnrollmentSettings, LinkedHub, ProvisioningStatus, RecordKind, Retirement,
 };
+use edgedps_topics::encoding::Encoding;
 use edgedps_topics::identity;
 
 use crate::registration::to_json;
@@ -56,12 +57,16 @@ impl Responder {
     /// The result goes to `dps/admin/results/{kind}/{id}`; the audit event (who, what,
     /// the outcome, whether it retired something) to `dps/events/admin/{kind}/{id}` and
     /// to the log under the `edgedps::audit` target.
+    ///
+    /// `encoding` is the body's (see [`Encoding::detect`]); the result is published in
+    /// it. Retained records and events are always JSON.
     pub async fn apply_admin(
         &self,
         operator: &str,
         kind: RecordKind,
         id: &str,
         body: &[u8],
+        encoding: Encoding,
     ) -> AdminResult {
         let operation = if body.is_empty() {
             AdminOperation::Delete
@@ -77,7 +82,7 @@ impl Responder {
                 self.settings.max_admin_body
             )))
         } else {
-            self.upsert(kind, id, body).await
+            self.upsert(kind, id, body, encoding).await
         };
         let (result, event) = match outcome {
             Ok(applied) => (
@@ -124,7 +129,7 @@ impl Responder {
             ),
         };
         audit_log(&event);
-        self.publish(kind.result_topic(id), to_json(&result), false)
+        self.publish(kind.result_topic(id), encoding.encode(&result), false)
             .await;
         self.publish(admin_event_topic(kind, id), to_json(&event), false)
             .await;
@@ -177,10 +182,16 @@ impl Responder {
         Ok(count)
     }
 
-    async fn upsert(&self, kind: RecordKind, id: &str, body: &[u8]) -> Result<Applied, Rejection> {
+    async fn upsert(
+        &self,
+        kind: RecordKind,
+        id: &str,
+        body: &[u8],
+        encoding: Encoding,
+    ) -> Result<Applied, Rejection> {
         match kind {
             RecordKind::Enrollment => {
-                let mut e: Enrollment = parse_body(body)?;
+                let mut e: Enrollment = parse_body(body, encoding)?;
                 if !e.registration_id.eq_ignore_ascii_case(id) {
                     return Err(bad(format!(
                         "registrationId {} is not the topic's `{id}`",
@@ -208,7 +219,7 @@ impl Responder {
                 Ok(applied)
             }
             RecordKind::EnrollmentGroup => {
-                let mut g: EnrollmentGroup = parse_body(body)?;
+                let mut g: EnrollmentGroup = parse_body(body, encoding)?;
                 if g.enrollment_group_id != id {
                     return Err(bad(format!(
                         "enrollmentGroupId {} is not the topic's `{id}`",
@@ -233,7 +244,7 @@ impl Responder {
                 Ok(applied)
             }
             RecordKind::Hub => {
-                let mut hub: LinkedHub = parse_body(body)?;
+                let mut hub: LinkedHub = parse_body(body, encoding)?;
                 if hub.host_name.is_empty() {
                     hub.host_name = id.to_owned();
                 }
@@ -373,49 +384,13 @@ fn audit_log(event: &AdminEvent) {
     }
 }
 
-fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Rejection> {
-    serde_json::from_slice(body).map_err(|e| {
-        bad(format!(
-            "body is not a valid record: {}",
-            without_values(&e.to_string())
-        ))
-    })
-}
-
-/// serde's messages quote the offending value (`invalid type: string "..."`,
-/// ``unknown variant `...` ``). A key pasted into the wrong field would then travel
-/// to the results topic, the audit event and the log, so values are cut out; field
-/// names, expected types and positions stay.
-fn without_values(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    let mut rest = message;
-    if let Some(after) = rest.strip_prefix("unknown variant `") {
-        match after.rfind("`, expected") {
-            Some(end) => {
-                out.push_str("unknown variant");
-                rest = &after[end + 1..];
-            }
-            None => return "unknown variant".into(),
-        }
-    }
-    let mut chars = rest.chars();
-    while let Some(c) = chars.next() {
-        if c != '"' {
-            out.push(c);
-            continue;
-        }
-        // A quoted value, as serde writes it (Debug escaping): skip to its closing quote.
-        out.push_str("\"…\"");
-        let mut escaped = false;
-        for c in chars.by_ref() {
-            match (escaped, c) {
-                (false, '\\') => escaped = true,
-                (false, '"') => break,
-                _ => escaped = false,
-            }
-        }
-    }
-    out
+fn parse_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    encoding: Encoding,
+) -> Result<T, Rejection> {
+    encoding
+        .decode(body)
+        .map_err(|e| bad(format!("body is not a valid record: {e}")))
 }
 
 /// A value from the body as an error may show it: ids and host names are quoted; any
@@ -621,7 +596,7 @@ mod tests {
     const KEY: &str = "c2VjcmV0LWtleS1tYXRlcmlhbC0wMTIzNDU2Nzg5YWI=";
 
     fn message_for(body: &str) -> String {
-        parse_body::<Enrollment>(body.as_bytes())
+        parse_body::<Enrollment>(body.as_bytes(), Encoding::Json)
             .map(|_| String::new())
             .unwrap_or_else(|(_, message)| message)
     }

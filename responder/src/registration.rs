@@ -9,6 +9,7 @@ use edgedps_policies::allocation::{self, Candidate};
 use edgedps_topics::admin::{
     self, AllocationPolicy, AttestationType, EnrollmentSettings, ProvisioningStatus, RecordKind,
 };
+use edgedps_topics::encoding::Encoding;
 use edgedps_topics::registration::{
     codes, AttestationSource, ErrorBody, OperationStatus, RegisterRequest, RegistrationState,
 };
@@ -21,6 +22,8 @@ pub struct Reply {
     pub status: u16,
     pub retry_after: Option<u32>,
     pub body: Vec<u8>,
+    /// The body's encoding (for the MQTT 5 content type).
+    pub encoding: Encoding,
     /// Set when the answer is `assigned`: the device may now use its hub topics.
     pub assigned_device_id: Option<String>,
 }
@@ -51,12 +54,23 @@ impl Drop for InFlight<'_> {
 }
 
 impl Responder {
-    /// Handles `PUT iotdps-register` from an attested device.
-    pub async fn register(&self, device: &Attested, body: &[u8]) -> Reply {
+    /// Handles `PUT iotdps-register` from an attested device. A CBOR request (see
+    /// [`Encoding::detect`]) is read as the same JSON document and answered in CBOR.
+    pub async fn register(&self, device: &Attested, body: &[u8], encoding: Encoding) -> Reply {
         let started = Instant::now();
-        let reply = self.register_inner(device, body).await;
+        let reply = match encoding {
+            Encoding::Json => self.register_inner(device, body).await,
+            Encoding::Cbor if body.is_empty() => self.register_inner(device, body).await,
+            Encoding::Cbor => match Encoding::Cbor.decode::<serde_json::Value>(body) {
+                Ok(document) => self.register_inner(device, &to_json(&document)).await,
+                Err(e) => self.error(
+                    codes::MALFORMED_BODY,
+                    format!("register body is not a CBOR map: {e}"),
+                ),
+            },
+        };
         self.register_latency.record(started.elapsed());
-        reply
+        reply.in_encoding(encoding)
     }
 
     async fn register_inner(&self, device: &Attested, body: &[u8]) -> Reply {
@@ -144,6 +158,7 @@ impl Responder {
                 registration_state: None,
             };
             return Reply {
+                encoding: Encoding::Json,
                 status: 202,
                 retry_after: Some(self.settings.retry_after_seconds),
                 body: to_json(&accepted),
@@ -151,6 +166,7 @@ impl Responder {
             };
         }
         Reply {
+            encoding: Encoding::Json,
             status: 200,
             retry_after: None,
             body: decision.body,
@@ -158,8 +174,12 @@ impl Responder {
         }
     }
 
-    /// Handles `GET iotdps-get-operationstatus`.
-    pub fn poll(&self, device: &Attested, operation_id: &str) -> Reply {
+    /// Handles `GET iotdps-get-operationstatus`, answered in `encoding`.
+    pub fn poll(&self, device: &Attested, operation_id: &str, encoding: Encoding) -> Reply {
+        self.poll_inner(device, operation_id).in_encoding(encoding)
+    }
+
+    fn poll_inner(&self, device: &Attested, operation_id: &str) -> Reply {
         let key = device.registration_id.to_ascii_lowercase();
         if let Err(retry_after) = self.throttle.admit_poll(&key, Instant::now()) {
             return self.throttled(retry_after, "more than 5 polls in 10 s");
@@ -173,6 +193,7 @@ impl Responder {
                         .eq_ignore_ascii_case(&device.registration_id) =>
             {
                 Reply {
+                    encoding: Encoding::Json,
                     status: 200,
                     retry_after: None,
                     body: op.body.clone(),
@@ -444,6 +465,7 @@ impl Responder {
             timestamp_utc: timestamp_now(),
         };
         Reply {
+            encoding: Encoding::Json,
             status: codes::status_of(code),
             retry_after: (code == codes::THROTTLED || code == codes::INTERNAL)
                 .then_some(self.settings.retry_after_seconds),
@@ -467,6 +489,19 @@ impl Responder {
 
 fn internal(e: impl std::fmt::Display) -> (u32, String) {
     (codes::INTERNAL, format!("internal error: {e}"))
+}
+
+impl Reply {
+    /// The same answer in `encoding`: bodies are built as JSON and re-encoded for CBOR.
+    fn in_encoding(mut self, encoding: Encoding) -> Reply {
+        if encoding != self.encoding {
+            if let Ok(document) = self.encoding.decode::<serde_json::Value>(&self.body) {
+                self.body = encoding.encode(&document);
+                self.encoding = encoding;
+            }
+        }
+        self
+    }
 }
 
 pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
@@ -505,7 +540,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let responder = responder(dir.path());
         lock(&responder.in_flight).insert("dev-1".into());
-        let reply = responder.register(&device("DEV-1"), b"").await;
+        let reply = responder
+            .register(&device("DEV-1"), b"", Encoding::Json)
+            .await;
         assert_eq!(reply.status, 409);
         let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
         assert_eq!(body["errorCode"], codes::CONFLICT);
@@ -518,11 +555,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let responder = responder(dir.path());
         let reply = responder
-            .register(&device("dev-1"), br#"{"registrationId":"dev-2"}"#)
+            .register(
+                &device("dev-1"),
+                br#"{"registrationId":"dev-2"}"#,
+                Encoding::Json,
+            )
             .await;
         assert_eq!(reply.status, 400);
         let reply = responder
-            .register(&device("dev-1"), br#"{"payload":[1]}"#)
+            .register(&device("dev-1"), br#"{"payload":[1]}"#, Encoding::Json)
             .await;
         assert_eq!(reply.status, 400);
     }
@@ -531,7 +572,7 @@ mod tests {
     async fn unknown_operation_and_another_devices_operation_are_not_found() {
         let dir = tempfile::tempdir().unwrap();
         let responder = responder(dir.path());
-        let reply = responder.poll(&device("dev-1"), "4.nope");
+        let reply = responder.poll(&device("dev-1"), "4.nope", Encoding::Json);
         assert_eq!(reply.status, 404);
         lock(&responder.operations).insert(
             "4.op".into(),
@@ -542,7 +583,17 @@ mod tests {
                 expires: Instant::now() + std::time::Duration::from_secs(60),
             },
         );
-        assert_eq!(responder.poll(&device("dev-1"), "4.op").status, 404);
-        assert_eq!(responder.poll(&device("dev-2"), "4.op").status, 200);
+        assert_eq!(
+            responder
+                .poll(&device("dev-1"), "4.op", Encoding::Json)
+                .status,
+            404
+        );
+        assert_eq!(
+            responder
+                .poll(&device("dev-2"), "4.op", Encoding::Json)
+                .status,
+            200
+        );
     }
 }

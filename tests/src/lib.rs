@@ -317,6 +317,12 @@ impl Operator {
 
     /// Publishes a retained record and returns the result edgedps reports for it.
     pub async fn write(&mut self, topic: &str, body: &[u8]) -> Value {
+        let result = self.write_raw(topic, body).await;
+        serde_json::from_slice(&result).expect("result is JSON")
+    }
+
+    /// Publishes a retained record and returns the result's bytes as published.
+    pub async fn write_raw(&mut self, topic: &str, body: &[u8]) -> Vec<u8> {
         let result_topic = topic.replacen("dps/", "dps/admin/results/", 1);
         self.client
             .publish(topic, QoS::AtLeastOnce, true, body.to_vec())
@@ -330,8 +336,8 @@ impl Operator {
         .await
         .expect("admin result arrives");
         match packet {
-            Packet::Publish(p) => serde_json::from_slice(&p.payload).expect("result is JSON"),
-            _ => Value::Null,
+            Packet::Publish(p) => p.payload.to_vec(),
+            _ => Vec::new(),
         }
     }
 
@@ -567,4 +573,16 @@ pub async fn connack_refusal(
         Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => None,
         other => panic!("{client_id}: neither accepted nor refused: {other:?}"),
     }
+}
+
+/// `value` as CBOR (PROTOCOL C).
+pub fn cbor(value: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(value, &mut out).expect("CBOR");
+    out
+}
+
+/// A CBOR body read back as a JSON document; panics when it is not CBOR.
+pub fn from_cbor(bytes: &[u8]) -> Value {
+    ciborium::from_reader(bytes).expect("a CBOR body")
 }

@@ -224,6 +224,76 @@ async fn malformed_register_bodies_get_400004() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_cbor_register_bodies_get_400004_in_cbor() {
+    use edgedps_device::provision::{connect, parse_response_topic, wait_for};
+    use rumqttc::{Packet, QoS};
+    let server = Server::start().await;
+    let mut operator = server.operator().await;
+    let key = operator.enroll("cbor-bodies").await;
+    let config = server.device("cbor-bodies", sas(&key));
+    let (client, mut eventloop) = connect(&config).await.unwrap();
+    client
+        .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let mut trailing = cbor(&serde_json::json!({"registrationId": "cbor-bodies"}));
+    trailing.push(0xff);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("a map cut short", vec![0xa1, 0x6e]),
+        ("reserved additional information", vec![0xa1, 0x1d]),
+        ("a break outside an indefinite item", vec![0xa1, 0xff]),
+        (
+            "2^64 entries",
+            vec![0xbb, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+        ),
+        (
+            "a text of 2^32 bytes",
+            vec![0xa1, 0x7a, 0xff, 0xff, 0xff, 0xff, 0x61],
+        ),
+        ("nested past the recursion limit", vec![0xa1; 5_000]),
+        ("bytes after the item", trailing),
+        ("integer keys", vec![0xa1, 0x01, 0x02]),
+        ("a byte-string payload", {
+            let mut body = vec![0xa1, 0x67];
+            body.extend_from_slice(b"payload");
+            body.extend_from_slice(&[0x42, 0x01, 0x02]);
+            body
+        }),
+        (
+            "payload not a map",
+            cbor(&serde_json::json!({"payload": 5})),
+        ),
+        (
+            "another registrationId",
+            cbor(&serde_json::json!({"registrationId": "someone-else"})),
+        ),
+    ];
+    for (i, (what, body)) in cases.into_iter().enumerate() {
+        client
+            .publish(
+                format!("$dps/registrations/PUT/iotdps-register/?$rid=c{i}"),
+                QoS::AtLeastOnce,
+                false,
+                body,
+            )
+            .await
+            .unwrap();
+        let answer = wait_for(&mut eventloop, "answer", |p| {
+            matches!(p, Packet::Publish(_))
+        })
+        .await;
+        let Ok(Packet::Publish(p)) = answer else {
+            panic!("no answer to {what}: {answer:?}");
+        };
+        assert_eq!(parse_response_topic(&p.topic).0, 400, "{what}");
+        let answer = from_cbor(&p.payload);
+        assert_eq!(answer["errorCode"], 400004, "{what}: {answer}");
+        assert!(answer["message"].is_string(), "{what}: {answer}");
+    }
+    bystander_provisions(&server, &mut operator).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_does_not_stop_a_thousand_devices() {
     // Fewer handshake slots than slow clients: they must not hold slots.
     let server = Server::start_with(|c| {

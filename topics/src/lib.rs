@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod dps;
+pub mod encoding;
 pub mod identity;
 pub mod registration;
 

@@ -48,8 +48,9 @@ impl RegisterRequest {
         if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(BodyError::NotJson("expected a JSON object".into()));
         }
-        let request: RegisterRequest =
-            serde_json::from_slice(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
+        let request: RegisterRequest = crate::encoding::Encoding::Json
+            .decode(body)
+            .map_err(BodyError::NotJson)?;
         match &request.payload {
             None | Some(Value::Null) | Some(Value::Object(_)) => Ok(request),
             Some(_) => Err(BodyError::PayloadNotObject),

@@ -1,0 +1,240 @@
+//! CBOR bodies (PROTOCOL C): a register body that starts with a CBOR map, or an MQTT 5
+//! content type `application/cbor`, is answered in CBOR with the same field names; so are
+//! operator writes. Retained records and events stay JSON.
+
+use std::time::Duration;
+
+use edgedps_device::provision::{connect, parse_response_topic, wait_for};
+use edgedps_tests::*;
+use rumqttc::{Packet, QoS};
+use serde_json::{json, Value};
+
+/// Publishes a request on an open device connection and returns the status and body
+/// of the answer.
+async fn ask(
+    client: &rumqttc::AsyncClient,
+    eventloop: &mut rumqttc::EventLoop,
+    topic: &str,
+    body: Vec<u8>,
+) -> (u16, Vec<u8>) {
+    client
+        .publish(topic, QoS::AtLeastOnce, false, body)
+        .await
+        .unwrap();
+    let Ok(Packet::Publish(p)) = wait_for(
+        eventloop,
+        "answer",
+        |p| matches!(p, Packet::Publish(p) if p.topic.starts_with("$dps/registrations/res/")),
+    )
+    .await
+    else {
+        panic!("no answer on {topic}");
+    };
+    (parse_response_topic(&p.topic).0, p.payload.to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cbor_register_is_answered_in_cbor() {
+    let server = Server::start().await;
+    let mut operator = server.operator().await;
+    let key = operator.enroll("cbor-dev").await;
+    let (client, mut eventloop) = connect(&server.device("cbor-dev", sas(&key)))
+        .await
+        .unwrap();
+    client
+        .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let body = cbor(&json!({"registrationId": "cbor-dev", "payload": {"model": "m1", "n": 3}}));
+    let (status, answer) = ask(
+        &client,
+        &mut eventloop,
+        "$dps/registrations/PUT/iotdps-register/?$rid=1",
+        body,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let answer = from_cbor(&answer);
+    assert_eq!(answer["status"], "assigned", "{answer}");
+    assert_eq!(
+        answer["registrationState"]["assignedHub"],
+        "hub-a.example.net"
+    );
+    assert_eq!(answer["registrationState"]["registrationId"], "cbor-dev");
+    assert!(answer["operationId"].is_string());
+
+    // The same device in JSON gets JSON, with the same assignment (idempotent).
+    let (_, again) = ask(
+        &client,
+        &mut eventloop,
+        "$dps/registrations/PUT/iotdps-register/?$rid=2",
+        br#"{"registrationId":"cbor-dev","payload":{"model":"m1","n":3}}"#.to_vec(),
+    )
+    .await;
+    let again: Value = serde_json::from_slice(&again).expect("JSON for a JSON request");
+    assert_eq!(
+        again["registrationState"]["etag"],
+        answer["registrationState"]["etag"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_then_poll_in_cbor() {
+    let server = Server::start_with(|c| c.always_accept_then_poll = true).await;
+    let mut operator = server.operator().await;
+    let key = operator.enroll("cbor-poller").await;
+    let (client, mut eventloop) = connect(&server.device("cbor-poller", sas(&key)))
+        .await
+        .unwrap();
+    client
+        .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (status, accepted) = ask(
+        &client,
+        &mut eventloop,
+        "$dps/registrations/PUT/iotdps-register/?$rid=1",
+        cbor(&json!({"registrationId": "cbor-poller"})),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let accepted = from_cbor(&accepted);
+    assert_eq!(accepted["status"], "assigning");
+    let operation = accepted["operationId"].as_str().unwrap().to_owned();
+    // The poll has no body: it is answered in the encoding of the register.
+    let (status, done) = ask(
+        &client,
+        &mut eventloop,
+        &format!(
+            "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=2&operationId={operation}"
+        ),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(from_cbor(&done)["status"], "assigned");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_content_type_asks_for_cbor_and_gets_it_labelled() {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    use rumqttc::{TlsConfiguration, Transport};
+
+    let server = Server::start().await;
+    let mut operator = server.operator().await;
+    let key = operator.enroll("cbor-v5").await;
+    let config = server.device("cbor-v5", sas(&key));
+    let token = edgedps_policies::sas::sign(
+        &key,
+        ID_SCOPE,
+        "cbor-v5",
+        edgedps_responder::unix_now() + 600,
+    )
+    .unwrap();
+    let mut options = MqttOptions::new("cbor-v5", "localhost", server.devices_port);
+    options.set_credentials(config.username(), token);
+    let tls = edgedps_device::tls::client_config(&config.server_ca_pem, None).unwrap();
+    options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    let (client, mut eventloop) = AsyncClient::new(options, 8);
+    client
+        .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    // An empty body: only the content type says CBOR.
+    let properties = PublishProperties {
+        content_type: Some("application/cbor".into()),
+        ..Default::default()
+    };
+    client
+        .publish_with_properties(
+            "$dps/registrations/PUT/iotdps-register/?$rid=v5",
+            QoS::AtLeastOnce,
+            false,
+            Vec::new(),
+            properties,
+        )
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let event = tokio::time::timeout_at(deadline, eventloop.poll())
+            .await
+            .expect("answer in time")
+            .expect("connection stays up");
+        if let Event::Incoming(Packet::Publish(p)) = event {
+            assert_eq!(&p.topic[..], b"$dps/registrations/res/200/?$rid=v5");
+            let content_type = p.properties.and_then(|p| p.content_type);
+            assert_eq!(content_type.as_deref(), Some("application/cbor"));
+            assert_eq!(from_cbor(&p.payload)["status"], "assigned");
+            break;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_write_in_cbor_and_records_stay_json() {
+    let server = Server::start().await;
+    let mut operator = server.operator().await;
+    let key = new_key();
+    let result = from_cbor(
+        &operator
+            .write_raw(
+                "dps/enrollments/cbor-enrolled",
+                &cbor(&symmetric_enrollment("cbor-enrolled", &key)),
+            )
+            .await,
+    );
+    assert_eq!(result["ok"], true, "{result}");
+    // The retained record, as a new subscriber sees it.
+    operator.subscribe("dps/enrollments/#").await;
+    let (topic, record) = operator
+        .next_publish("dps/enrollments/")
+        .await
+        .expect("retained record");
+    assert_eq!(topic, "dps/enrollments/cbor-enrolled");
+    let record: Value = serde_json::from_slice(&record).expect("records are JSON");
+    assert_eq!(record["registrationId"], "cbor-enrolled");
+    assert!(record["attestation"]["symmetricKey"]
+        .get("primaryKey")
+        .is_none());
+    // The device enrolled in CBOR provisions.
+    let outcome =
+        edgedps_device::provision::register(&server.device("cbor-enrolled", sas(&key)), None)
+            .await
+            .unwrap();
+    assert_eq!(outcome.status_word(), Some("assigned"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_cbor_operator_writes_are_rejected_in_cbor() {
+    let server = Server::start().await;
+    let mut operator = server.operator().await;
+    let key = new_key();
+    let mut wrong_type = symmetric_enrollment("cbor-bad", &key);
+    wrong_type["iotHubs"] = json!(key);
+    let mut trailing = cbor(&symmetric_enrollment("cbor-bad", &key));
+    trailing.push(0x00);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated map", vec![0xa2, 0x61, 0x61]),
+        ("reserved additional information", vec![0xa1, 0x1c]),
+        (
+            "2^64 entries",
+            vec![0xbb, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+        ),
+        ("nested too deeply", vec![0xa1; 5_000]),
+        ("bytes after the item", trailing),
+        ("a key in the wrong field", cbor(&wrong_type)),
+        ("integer keys", vec![0xa1, 0x01, 0x02]),
+    ];
+    for (what, body) in cases {
+        let result = from_cbor(&operator.write_raw("dps/enrollments/cbor-bad", &body).await);
+        assert_eq!(result["ok"], false, "{what}: {result}");
+        assert_eq!(result["errorCode"], 400, "{what}: {result}");
+        assert!(!result.to_string().contains(&key), "{what}: {result}");
+    }
+    // Nothing was stored, and the service still answers.
+    let result = operator.write("dps/enrollments/cbor-bad", b"").await;
+    assert_eq!(result["errorCode"], 404, "{result}");
+}
