@@ -25,6 +25,43 @@ pub enum CodecError {
     NotConnect,
     #[error("unsupported MQTT protocol level {0}")]
     UnsupportedLevel(u8),
+    #[error("reserved flags {flags:#06b} set on packet type {kind}")]
+    ReservedFlags { kind: u8, flags: u8 },
+    #[error("reserved bits set in subscription options {0:#010b}")]
+    ReservedOptions(u8),
+}
+
+/// The first subscription options byte of a SUBSCRIBE body with reserved bits set (bits
+/// 2 to 7 in MQTT 3.1.1, 6 and 7 in MQTT 5), which rumqttd's decoder ignores. A body too
+/// short to read is left to the decoder, which refuses it.
+fn reserved_subscription_options(body: &[u8], version: Version) -> Option<u8> {
+    let mut at = 2; // packet id
+    let reserved = match version {
+        Version::V4 => 0b1111_1100,
+        Version::V5 => {
+            // Properties: a variable byte integer length, then that many bytes.
+            let mut length = 0usize;
+            for shift in 0..4 {
+                let byte = *body.get(at)?;
+                at += 1;
+                length |= usize::from(byte & 0x7f) << (7 * shift);
+                if byte & 0x80 == 0 {
+                    break;
+                }
+            }
+            at += length;
+            0b1100_0000
+        }
+    };
+    while at < body.len() {
+        let len = usize::from(u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?]));
+        let options = *body.get(at + 2 + len)?;
+        if options & reserved != 0 {
+            return Some(options);
+        }
+        at += 3 + len;
+    }
+    None
 }
 
 /// QoS and packet id of a PUBLISH, read from its frame.
@@ -91,6 +128,39 @@ impl Codec {
             return Err(CodecError::Protocol(protocol::Error::InvalidPacketType(
                 kind,
             )));
+        }
+        // The fixed header's low nibble is fixed for every type but PUBLISH (MQTT 3.1.1
+        // and 5, 2.1.3); rumqttd does not look, and a packet that breaks it is malformed.
+        let flags = header.byte1 & 0x0f;
+        let expected = match kind {
+            3 => flags,
+            6 | 8 | 10 => 0b0010,
+            _ => 0,
+        };
+        if flags != expected {
+            return Err(CodecError::ReservedFlags { kind, flags });
+        }
+        if kind == 1 {
+            // CONNECT flags: bit 0 is reserved (3.1.2.3). After the protocol name
+            // (length-prefixed) and the level.
+            let body = &buf[header.fixed_header_len..header.frame_length()];
+            let name = body
+                .get(..2)
+                .map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+            if let Some(flags) = body.get(2 + name + 1) {
+                if flags & 1 != 0 {
+                    return Err(CodecError::ReservedFlags {
+                        kind,
+                        flags: *flags,
+                    });
+                }
+            }
+        }
+        if kind == 8 {
+            let body = &buf[header.fixed_header_len..header.frame_length()];
+            if let Some(options) = reserved_subscription_options(body, self.version) {
+                return Err(CodecError::ReservedOptions(options));
+            }
         }
         let publish = if header.byte1 >> 4 == 3 {
             let qos = (header.byte1 >> 1) & 0b11;
@@ -207,6 +277,59 @@ mod tests {
             .write(Packet::Connect(connect, None, None, None, None), &mut out)
             .unwrap();
         out
+    }
+
+    #[test]
+    fn reserved_fixed_header_flags_are_errors() {
+        for version in [Version::V4, Version::V5] {
+            // (packet, accepted): SUBSCRIBE, UNSUBSCRIBE and PUBREL need 0010, the rest 0.
+            let cases: [(&[u8], bool); 6] = [
+                (&[0x80, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x00], false),
+                (&[0xa0, 0x05, 0x00, 0x01, 0x00, 0x01, b'a'], false),
+                (&[0xc1, 0x00], false),
+                (&[0x42, 0x02, 0x00, 0x01], false),
+                (&[0x60, 0x02, 0x00, 0x01], false),
+                (&[0xc0, 0x00], true),
+            ];
+            for (bytes, accepted) in cases {
+                let mut codec = Codec::new(version, 1024);
+                let mut buf = BytesMut::from(bytes);
+                let decoded = codec.decode(&mut buf);
+                assert_eq!(
+                    decoded.is_ok(),
+                    accepted,
+                    "{version:?} {bytes:02x?}: {decoded:?}"
+                );
+            }
+        }
+        // Subscription options: QoS 1 is fine, bits 6-7 are reserved in both versions,
+        // bits 2-5 only in 3.1.1 (no local, retain as published, retain handling in 5).
+        let v4_ok: &[u8] = &[0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x01];
+        let v5_ok: &[u8] = &[0x82, 0x07, 0x00, 0x01, 0x00, 0x00, 0x01, b'a', 0x0d];
+        let v4_bad: &[u8] = &[0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x05];
+        let v5_bad: &[u8] = &[0x82, 0x07, 0x00, 0x01, 0x00, 0x00, 0x01, b'a', 0x41];
+        for (version, bytes, accepted) in [
+            (Version::V4, v4_ok, true),
+            (Version::V5, v5_ok, true),
+            (Version::V4, v4_bad, false),
+            (Version::V5, v5_bad, false),
+        ] {
+            let mut codec = Codec::new(version, 1024);
+            let mut buf = BytesMut::from(bytes);
+            let decoded = codec.decode(&mut buf);
+            assert_eq!(
+                decoded.is_ok(),
+                accepted,
+                "{version:?} {bytes:02x?}: {decoded:?}"
+            );
+        }
+        // The reserved bit of the CONNECT flags.
+        let mut connect = v4_connect();
+        connect[9] |= 0x01;
+        let decoded = Codec::new(Version::V4, 1024).decode(&mut connect);
+        assert!(decoded.is_err(), "{decoded:?}");
+        let decoded = Codec::new(Version::V4, 1024).decode(&mut v4_connect());
+        assert!(decoded.is_ok(), "{decoded:?}");
     }
 
     #[test]

@@ -160,6 +160,20 @@ async fn malformed_mqtt_closes_the_session_and_nothing_else() {
         ),
         ("subscribe with no filter", vec![0x82, 0x02, 0x00, 0x01]),
         (
+            "subscribe with reserved flags 0000",
+            vec![0x80, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x00],
+        ),
+        (
+            "unsubscribe with reserved flags 0000",
+            vec![0xa0, 0x05, 0x00, 0x01, 0x00, 0x01, b'a'],
+        ),
+        ("pingreq with reserved flags", vec![0xc1, 0x00]),
+        ("disconnect with reserved flags", vec![0xe3, 0x00]),
+        (
+            "subscribe with reserved bits in its options",
+            vec![0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0xf0],
+        ),
+        (
             "a second CONNECT",
             vec![
                 0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 2, b'r', b'w',
@@ -173,6 +187,20 @@ async fn malformed_mqtt_closes_the_session_and_nothing_else() {
             "{what} did not close the session"
         );
     }
+    // A first CONNECT with the reserved flag bit set: closed without a CONNACK.
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", server.local_port))
+        .await
+        .unwrap();
+    let connect = [
+        0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x03, 0, 60, 0, 2, b'r', b'x',
+    ];
+    stream.write_all(&connect).await.unwrap();
+    let mut buf = [0u8; 8];
+    let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a CONNECT with the reserved flag was answered: {read:?} {buf:02x?}"
+    );
     bystander_provisions(&server, &mut operator).await;
 }
 
