@@ -586,3 +586,16 @@ pub fn cbor(value: &Value) -> Vec<u8> {
 pub fn from_cbor(bytes: &[u8]) -> Value {
     ciborium::from_reader(bytes).expect("a CBOR body")
 }
+
+/// A device that was never involved provisions normally: the check that follows every
+/// refused attempt in the attack matrix.
+pub async fn bystander_provisions(server: &Server, operator: &mut Operator) {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = format!("bystander-{}-{n}", server.local_port);
+    let key = operator.enroll(&id).await;
+    let outcome = edgedps_device::provision::register(&server.device(&id, sas(&key)), None)
+        .await
+        .expect("the bystander registers");
+    assert_eq!(outcome.status_word(), Some("assigned"), "{}", outcome.body);
+}

@@ -79,6 +79,7 @@ async fn device_subscribes_to_its_own_topics_only() {
             "{filter}"
         );
     }
+    bystander_provisions(&server, &mut operator).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,4 +187,5 @@ async fn unprovisioned_device_may_use_nothing_outside_dps() {
         suback(&client, &mut eventloop, "$dps/registrations/res/#").await,
         SubscribeReasonCode::Success(QoS::AtLeastOnce)
     ));
+    bystander_provisions(&server, &mut operator).await;
 }

@@ -110,6 +110,7 @@ async fn empty_retained_message_deletes_the_enrollment() {
     }
     let result = operator.write("dps/enrollments/gone", b"").await;
     assert_eq!(result["errorCode"], 404);
+    bystander_provisions(&server, &mut operator).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

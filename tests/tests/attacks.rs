@@ -8,15 +8,6 @@ use edgedps_tests::*;
 use rumqttc::ConnectReturnCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn bystander_provisions(server: &Server, operator: &mut Operator) {
-    let id = format!("bystander-{}", new_key().len() + server.local_port as usize);
-    let key = operator.enroll(&id).await;
-    let outcome = register(&server.device(&id, sas(&key)), None)
-        .await
-        .unwrap();
-    assert_eq!(outcome.status_word(), Some("assigned"), "{}", outcome.body);
-}
-
 fn refused(result: Result<Outcome, DeviceError>, what: &str) {
     match result {
         Err(DeviceError::Refused(code)) => {

@@ -86,6 +86,7 @@ async fn symmetric_key_group_admits_devices_with_derived_keys_only() {
         register(&server.device("fleet-dev-9", sas(&device_key)), None).await,
         ConnectReturnCode::NotAuthorized,
     );
+    bystander_provisions(&server, &mut operator).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,6 +128,12 @@ async fn x509_individual_enrollment_by_certificate_and_thumbprint() {
         register(&server.device("x509-ind-1", x509(&impostor, &[])), None).await,
         ConnectReturnCode::NotAuthorized,
     );
+    // The owner of the certificate is unaffected, and so is everyone else.
+    let outcome = register(&server.device("x509-ind-1", x509(&device, &[])), None)
+        .await
+        .unwrap();
+    assert_assigned(&outcome, "x509-ind-1", "hub-a.example.net");
+    bystander_provisions(&server, &mut operator).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,6 +188,7 @@ async fn x509_group_via_intermediate_and_its_refusals() {
         .await,
         ConnectReturnCode::NotAuthorized,
     );
+    bystander_provisions(&server, &mut operator).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,4 +337,5 @@ async fn username_for_another_id_and_bad_client_ids_are_refused() {
         let refusal = connack_refusal(server.devices_port, client_id, &username, &token).await;
         assert_eq!(refusal, Some(expected), "{client_id} {username}");
     }
+    bystander_provisions(&server, &mut operator).await;
 }
