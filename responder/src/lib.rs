@@ -90,7 +90,9 @@ struct GroupEntry {
 /// A 202 operation a device may poll.
 struct Operation {
     registration_id: String,
+    /// JSON; answered in `encoding`, the register's.
     body: Vec<u8>,
+    encoding: edgedps_topics::encoding::Encoding,
     device_id: Option<String>,
     expires: Instant,
 }

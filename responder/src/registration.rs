@@ -59,10 +59,13 @@ impl Responder {
     pub async fn register(&self, device: &Attested, body: &[u8], encoding: Encoding) -> Reply {
         let started = Instant::now();
         let reply = match encoding {
-            Encoding::Json => self.register_inner(device, body).await,
-            Encoding::Cbor if body.is_empty() => self.register_inner(device, body).await,
+            Encoding::Json => self.register_inner(device, body, encoding).await,
+            Encoding::Cbor if body.is_empty() => self.register_inner(device, body, encoding).await,
             Encoding::Cbor => match Encoding::Cbor.decode::<serde_json::Value>(body) {
-                Ok(document) => self.register_inner(device, &to_json(&document)).await,
+                Ok(document) => {
+                    self.register_inner(device, &to_json(&document), encoding)
+                        .await
+                }
                 Err(e) => self.error(
                     codes::MALFORMED_BODY,
                     format!("register body is not a CBOR map: {e}"),
@@ -73,7 +76,8 @@ impl Responder {
         reply.in_encoding(encoding)
     }
 
-    async fn register_inner(&self, device: &Attested, body: &[u8]) -> Reply {
+    /// `body` is JSON; `encoding` is what the answers to this registration's polls use.
+    async fn register_inner(&self, device: &Attested, body: &[u8], encoding: Encoding) -> Reply {
         let request = match RegisterRequest::parse(body) {
             Ok(request) => request,
             Err(e) => return self.error(codes::MALFORMED_BODY, e.to_string()),
@@ -147,6 +151,7 @@ impl Responder {
                 Operation {
                     registration_id: device.registration_id.to_ascii_lowercase(),
                     body: decision.body,
+                    encoding,
                     device_id: decision.device_id,
                     expires,
                 },
@@ -174,9 +179,15 @@ impl Responder {
         }
     }
 
-    /// Handles `GET iotdps-get-operationstatus`, answered in `encoding`.
+    /// Handles `GET iotdps-get-operationstatus`. The answer is CBOR when `encoding`
+    /// asks for it or when the register was CBOR (a device that reconnects to poll, on
+    /// MQTT 3.1.1, has no other way to say so).
     pub fn poll(&self, device: &Attested, operation_id: &str, encoding: Encoding) -> Reply {
-        self.poll_inner(device, operation_id).in_encoding(encoding)
+        let reply = self.poll_inner(device, operation_id);
+        match encoding {
+            Encoding::Cbor => reply.in_encoding(Encoding::Cbor),
+            Encoding::Json => reply,
+        }
     }
 
     fn poll_inner(&self, device: &Attested, operation_id: &str) -> Reply {
@@ -199,6 +210,7 @@ impl Responder {
                     body: op.body.clone(),
                     assigned_device_id: op.device_id.clone(),
                 }
+                .in_encoding(op.encoding)
             }
             _ => {
                 drop(operations);
@@ -579,6 +591,7 @@ mod tests {
             Operation {
                 registration_id: "dev-2".into(),
                 body: b"{}".to_vec(),
+                encoding: Encoding::Json,
                 device_id: Some("dev-2".into()),
                 expires: Instant::now() + std::time::Duration::from_secs(60),
             },

@@ -113,6 +113,38 @@ async fn accept_then_poll_in_cbor() {
     .await;
     assert_eq!(status, 200);
     assert_eq!(from_cbor(&done)["status"], "assigned");
+
+    // A device that reconnects to poll (MQTT 3.1.1: no content type, no body) still
+    // gets the operation in CBOR; an unknown operation is a JSON error as usual.
+    drop((client, eventloop));
+    let (client, mut eventloop) = connect(&server.device("cbor-poller", sas(&key)))
+        .await
+        .unwrap();
+    client
+        .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (status, done) = ask(
+        &client,
+        &mut eventloop,
+        &format!(
+            "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=3&operationId={operation}"
+        ),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(from_cbor(&done)["status"], "assigned");
+    let (status, unknown) = ask(
+        &client,
+        &mut eventloop,
+        "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=4&operationId=4.none",
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let unknown: Value = serde_json::from_slice(&unknown).unwrap();
+    assert_eq!(unknown["errorCode"], 404201);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
