@@ -281,39 +281,45 @@ mod tests {
 
     #[test]
     fn reserved_fixed_header_flags_are_errors() {
-        for version in [Version::V4, Version::V5] {
-            // (packet, accepted): SUBSCRIBE, UNSUBSCRIBE and PUBREL need 0010, the rest 0.
-            let cases: [(&[u8], bool); 6] = [
-                (&[0x80, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x00], false),
-                (&[0xa0, 0x05, 0x00, 0x01, 0x00, 0x01, b'a'], false),
-                (&[0xc1, 0x00], false),
-                (&[0x42, 0x02, 0x00, 0x01], false),
-                (&[0x60, 0x02, 0x00, 0x01], false),
-                (&[0xc0, 0x00], true),
-            ];
-            for (bytes, accepted) in cases {
-                let mut codec = Codec::new(version, 1024);
-                let mut buf = BytesMut::from(bytes);
-                let decoded = codec.decode(&mut buf);
-                assert_eq!(
-                    decoded.is_ok(),
-                    accepted,
-                    "{version:?} {bytes:02x?}: {decoded:?}"
-                );
-            }
-        }
-        // Subscription options: QoS 1 is fine, bits 6-7 are reserved in both versions,
-        // bits 2-5 only in 3.1.1 (no local, retain as published, retain handling in 5).
-        let v4_ok: &[u8] = &[0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x01];
-        let v5_ok: &[u8] = &[0x82, 0x07, 0x00, 0x01, 0x00, 0x00, 0x01, b'a', 0x0d];
-        let v4_bad: &[u8] = &[0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x05];
-        let v5_bad: &[u8] = &[0x82, 0x07, 0x00, 0x01, 0x00, 0x00, 0x01, b'a', 0x41];
-        for (version, bytes, accepted) in [
-            (Version::V4, v4_ok, true),
-            (Version::V5, v5_ok, true),
-            (Version::V4, v4_bad, false),
-            (Version::V5, v5_bad, false),
-        ] {
+        // (version, packet, accepted). Fixed-header flags: SUBSCRIBE, UNSUBSCRIBE and
+        // PUBREL need 0010, the rest 0. Subscription options: QoS 1 is fine, bits 6-7
+        // are reserved in both versions, bits 2-5 only in 3.1.1 (no local, retain as
+        // published, retain handling in 5).
+        let flags: [(&[u8], bool); 6] = [
+            (&[0x80, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x00], false),
+            (&[0xa0, 0x05, 0x00, 0x01, 0x00, 0x01, b'a'], false),
+            (&[0xc1, 0x00], false),
+            (&[0x42, 0x02, 0x00, 0x01], false),
+            (&[0x60, 0x02, 0x00, 0x01], false),
+            (&[0xc0, 0x00], true),
+        ];
+        let options: [(Version, &[u8], bool); 4] = [
+            (
+                Version::V4,
+                &[0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x01],
+                true,
+            ),
+            (
+                Version::V5,
+                &[0x82, 0x07, 0x00, 0x01, 0x00, 0x00, 0x01, b'a', 0x0d],
+                true,
+            ),
+            (
+                Version::V4,
+                &[0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x05],
+                false,
+            ),
+            (
+                Version::V5,
+                &[0x82, 0x07, 0x00, 0x01, 0x00, 0x00, 0x01, b'a', 0x41],
+                false,
+            ),
+        ];
+        let cases = [Version::V4, Version::V5]
+            .into_iter()
+            .flat_map(|version| flags.map(|(bytes, ok)| (version, bytes, ok)))
+            .chain(options);
+        for (version, bytes, accepted) in cases {
             let mut codec = Codec::new(version, 1024);
             let mut buf = BytesMut::from(bytes);
             let decoded = codec.decode(&mut buf);

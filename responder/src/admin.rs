@@ -84,49 +84,42 @@ impl Responder {
         } else {
             self.upsert(kind, id, body, encoding).await
         };
-        let (result, event) = match outcome {
-            Ok(applied) => (
+        let mut event = AdminEvent {
+            operator: operator.to_owned(),
+            kind: kind.segment().to_owned(),
+            id: id.to_owned(),
+            operation,
+            outcome: AdminOutcome::Rejected,
+            retirement: None,
+            provisioning_status: None,
+            etag: None,
+            error_code: None,
+            message: None,
+            timestamp_utc: timestamp_now(),
+        };
+        let result = match outcome {
+            Ok(applied) => {
+                event.outcome = applied.outcome;
+                event.retirement = applied.retirement;
+                event.provisioning_status = applied.status;
+                event.etag = applied.etag.clone();
                 AdminResult {
                     ok: true,
-                    etag: applied.etag.clone(),
-                    error_code: None,
-                    message: None,
-                },
-                AdminEvent {
-                    operator: operator.to_owned(),
-                    kind: kind.segment().to_owned(),
-                    id: id.to_owned(),
-                    operation,
-                    outcome: applied.outcome,
-                    retirement: applied.retirement,
-                    provisioning_status: applied.status,
                     etag: applied.etag,
                     error_code: None,
                     message: None,
-                    timestamp_utc: timestamp_now(),
-                },
-            ),
-            Err((code, message)) => (
+                }
+            }
+            Err((code, message)) => {
+                event.error_code = Some(code);
+                event.message = Some(message.clone());
                 AdminResult {
                     ok: false,
                     etag: None,
                     error_code: Some(code),
-                    message: Some(message.clone()),
-                },
-                AdminEvent {
-                    operator: operator.to_owned(),
-                    kind: kind.segment().to_owned(),
-                    id: id.to_owned(),
-                    operation,
-                    outcome: AdminOutcome::Rejected,
-                    retirement: None,
-                    provisioning_status: None,
-                    etag: None,
-                    error_code: Some(code),
                     message: Some(message),
-                    timestamp_utc: timestamp_now(),
-                },
-            ),
+                }
+            }
         };
         audit_log(&event);
         self.publish(kind.result_topic(id), encoding.encode(&result), false)

@@ -33,18 +33,28 @@ async fn ask(
     (parse_response_topic(&p.topic).0, p.payload.to_vec())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cbor_register_is_answered_in_cbor() {
-    let server = Server::start().await;
-    let mut operator = server.operator().await;
-    let key = operator.enroll("cbor-dev").await;
-    let (client, mut eventloop) = connect(&server.device("cbor-dev", sas(&key)))
+/// A device connected and subscribed to its responses.
+async fn listening(
+    server: &Server,
+    registration_id: &str,
+    key: &str,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let (client, eventloop) = connect(&server.device(registration_id, sas(key)))
         .await
         .unwrap();
     client
         .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
         .await
         .unwrap();
+    (client, eventloop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cbor_register_is_answered_in_cbor() {
+    let server = Server::start().await;
+    let mut operator = server.operator().await;
+    let key = operator.enroll("cbor-dev").await;
+    let (client, mut eventloop) = listening(&server, "cbor-dev", &key).await;
     let body = cbor(&json!({"registrationId": "cbor-dev", "payload": {"model": "m1", "n": 3}}));
     let (status, answer) = ask(
         &client,
@@ -83,13 +93,7 @@ async fn accept_then_poll_in_cbor() {
     let server = Server::start_with(|c| c.always_accept_then_poll = true).await;
     let mut operator = server.operator().await;
     let key = operator.enroll("cbor-poller").await;
-    let (client, mut eventloop) = connect(&server.device("cbor-poller", sas(&key)))
-        .await
-        .unwrap();
-    client
-        .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
+    let (client, mut eventloop) = listening(&server, "cbor-poller", &key).await;
     let (status, accepted) = ask(
         &client,
         &mut eventloop,
@@ -117,13 +121,7 @@ async fn accept_then_poll_in_cbor() {
     // A device that reconnects to poll (MQTT 3.1.1: no content type, no body) still
     // gets the operation in CBOR; an unknown operation is a JSON error as usual.
     drop((client, eventloop));
-    let (client, mut eventloop) = connect(&server.device("cbor-poller", sas(&key)))
-        .await
-        .unwrap();
-    client
-        .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
+    let (client, mut eventloop) = listening(&server, "cbor-poller", &key).await;
     let (status, done) = ask(
         &client,
         &mut eventloop,
