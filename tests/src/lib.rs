@@ -599,3 +599,76 @@ pub async fn bystander_provisions(server: &Server, operator: &mut Operator) {
         .expect("the bystander registers");
     assert_eq!(outcome.status_word(), Some("assigned"), "{}", outcome.body);
 }
+
+/// A device's answer on `$dps/registrations/res/...`.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub retry_after: Option<u32>,
+    pub body: Vec<u8>,
+}
+
+impl Server {
+    /// A device connected (MQTT 3.1.1, SAS with `key`) and subscribed to its responses.
+    pub async fn listening(&self, registration_id: &str, key: &str) -> (AsyncClient, EventLoop) {
+        let (client, eventloop) =
+            edgedps_device::provision::connect(&self.device(registration_id, sas(key)))
+                .await
+                .expect("the device connects");
+        client
+            .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        (client, eventloop)
+    }
+
+    /// MQTT 5 options for a device with a SAS token of `key`, over TLS to the device
+    /// listener.
+    pub fn mqtt5_options(&self, registration_id: &str, key: &str) -> rumqttc::v5::MqttOptions {
+        let config = self.device(registration_id, sas(key));
+        let token = edgedps_policies::sas::sign(
+            key,
+            ID_SCOPE,
+            registration_id,
+            edgedps_responder::unix_now() + 600,
+        )
+        .expect("token");
+        let mut options =
+            rumqttc::v5::MqttOptions::new(registration_id, "localhost", self.devices_port);
+        options.set_credentials(config.username(), token);
+        let tls =
+            edgedps_device::tls::client_config(&config.server_ca_pem, None).expect("client TLS");
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls),
+        ));
+        options
+    }
+}
+
+/// Publishes a DPS request on an open device connection and waits for its answer.
+pub async fn ask(
+    client: &AsyncClient,
+    eventloop: &mut EventLoop,
+    topic: &str,
+    body: Vec<u8>,
+) -> Answer {
+    client
+        .publish(topic, QoS::AtLeastOnce, false, body)
+        .await
+        .expect("publish");
+    let answer = edgedps_device::provision::wait_for(
+        eventloop,
+        "answer",
+        |p| matches!(p, Packet::Publish(p) if p.topic.starts_with("$dps/registrations/res/")),
+    )
+    .await;
+    let Ok(Packet::Publish(p)) = answer else {
+        panic!("no answer on {topic}: {answer:?}");
+    };
+    let (status, retry_after) = edgedps_device::provision::parse_response_topic(&p.topic);
+    Answer {
+        status,
+        retry_after,
+        body: p.payload.to_vec(),
+    }
+}

@@ -197,17 +197,10 @@ async fn malformed_mqtt_closes_the_session_and_nothing_else() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_register_bodies_get_400004() {
-    use edgedps_device::provision::{connect, parse_response_topic, wait_for};
-    use rumqttc::{Packet, QoS};
     let server = Server::start().await;
     let mut operator = server.operator().await;
     let key = operator.enroll("bodies").await;
-    let config = server.device("bodies", sas(&key));
-    let (client, mut eventloop) = connect(&config).await.unwrap();
-    client
-        .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
+    let (client, mut eventloop) = server.listening("bodies", &key).await;
     for (i, body) in [
         &b"{"[..],
         b"[1,2]",
@@ -219,24 +212,10 @@ async fn malformed_register_bodies_get_400004() {
     .into_iter()
     .enumerate()
     {
-        client
-            .publish(
-                format!("$dps/registrations/PUT/iotdps-register/?$rid=b{i}"),
-                QoS::AtLeastOnce,
-                false,
-                body.to_vec(),
-            )
-            .await
-            .unwrap();
-        let Ok(Packet::Publish(p)) = wait_for(&mut eventloop, "answer", |p| {
-            matches!(p, Packet::Publish(_))
-        })
-        .await
-        else {
-            panic!("no answer to body {i}");
-        };
-        assert_eq!(parse_response_topic(&p.topic).0, 400, "body {i}");
-        let answer: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+        let topic = format!("$dps/registrations/PUT/iotdps-register/?$rid=b{i}");
+        let answer = ask(&client, &mut eventloop, &topic, body.to_vec()).await;
+        assert_eq!(answer.status, 400, "body {i}");
+        let answer: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
         assert_eq!(answer["errorCode"], 400004, "body {i}: {answer}");
     }
     bystander_provisions(&server, &mut operator).await;
@@ -244,17 +223,10 @@ async fn malformed_register_bodies_get_400004() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_cbor_register_bodies_get_400004_in_cbor() {
-    use edgedps_device::provision::{connect, parse_response_topic, wait_for};
-    use rumqttc::{Packet, QoS};
     let server = Server::start().await;
     let mut operator = server.operator().await;
     let key = operator.enroll("cbor-bodies").await;
-    let config = server.device("cbor-bodies", sas(&key));
-    let (client, mut eventloop) = connect(&config).await.unwrap();
-    client
-        .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
+    let (client, mut eventloop) = server.listening("cbor-bodies", &key).await;
     let mut trailing = cbor(&serde_json::json!({"registrationId": "cbor-bodies"}));
     trailing.push(0xff);
     let cases: Vec<(&str, Vec<u8>)> = vec![
@@ -288,24 +260,10 @@ async fn malformed_cbor_register_bodies_get_400004_in_cbor() {
         ),
     ];
     for (i, (what, body)) in cases.into_iter().enumerate() {
-        client
-            .publish(
-                format!("$dps/registrations/PUT/iotdps-register/?$rid=c{i}"),
-                QoS::AtLeastOnce,
-                false,
-                body,
-            )
-            .await
-            .unwrap();
-        let answer = wait_for(&mut eventloop, "answer", |p| {
-            matches!(p, Packet::Publish(_))
-        })
-        .await;
-        let Ok(Packet::Publish(p)) = answer else {
-            panic!("no answer to {what}: {answer:?}");
-        };
-        assert_eq!(parse_response_topic(&p.topic).0, 400, "{what}");
-        let answer = from_cbor(&p.payload);
+        let topic = format!("$dps/registrations/PUT/iotdps-register/?$rid=c{i}");
+        let answer = ask(&client, &mut eventloop, &topic, body).await;
+        assert_eq!(answer.status, 400, "{what}");
+        let answer = from_cbor(&answer.body);
         assert_eq!(answer["errorCode"], 400004, "{what}: {answer}");
         assert!(answer["message"].is_string(), "{what}: {answer}");
     }

@@ -4,59 +4,21 @@
 
 use std::time::Duration;
 
-use edgedps_device::provision::{connect, parse_response_topic, wait_for};
 use edgedps_tests::*;
-use rumqttc::{Packet, QoS};
 use serde_json::{json, Value};
-
-/// Publishes a request on an open device connection and returns the status and body
-/// of the answer.
-async fn ask(
-    client: &rumqttc::AsyncClient,
-    eventloop: &mut rumqttc::EventLoop,
-    topic: &str,
-    body: Vec<u8>,
-) -> (u16, Vec<u8>) {
-    client
-        .publish(topic, QoS::AtLeastOnce, false, body)
-        .await
-        .unwrap();
-    let Ok(Packet::Publish(p)) = wait_for(
-        eventloop,
-        "answer",
-        |p| matches!(p, Packet::Publish(p) if p.topic.starts_with("$dps/registrations/res/")),
-    )
-    .await
-    else {
-        panic!("no answer on {topic}");
-    };
-    (parse_response_topic(&p.topic).0, p.payload.to_vec())
-}
-
-/// A device connected and subscribed to its responses.
-async fn listening(
-    server: &Server,
-    registration_id: &str,
-    key: &str,
-) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
-    let (client, eventloop) = connect(&server.device(registration_id, sas(key)))
-        .await
-        .unwrap();
-    client
-        .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    (client, eventloop)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cbor_register_is_answered_in_cbor() {
     let server = Server::start().await;
     let mut operator = server.operator().await;
     let key = operator.enroll("cbor-dev").await;
-    let (client, mut eventloop) = listening(&server, "cbor-dev", &key).await;
+    let (client, mut eventloop) = server.listening("cbor-dev", &key).await;
     let body = cbor(&json!({"registrationId": "cbor-dev", "payload": {"model": "m1", "n": 3}}));
-    let (status, answer) = ask(
+    let Answer {
+        status,
+        body: answer,
+        ..
+    } = ask(
         &client,
         &mut eventloop,
         "$dps/registrations/PUT/iotdps-register/?$rid=1",
@@ -74,7 +36,7 @@ async fn a_cbor_register_is_answered_in_cbor() {
     assert!(answer["operationId"].is_string());
 
     // The same device in JSON gets JSON, with the same assignment (idempotent).
-    let (_, again) = ask(
+    let Answer { body: again, .. } = ask(
         &client,
         &mut eventloop,
         "$dps/registrations/PUT/iotdps-register/?$rid=2",
@@ -93,8 +55,12 @@ async fn accept_then_poll_in_cbor() {
     let server = Server::start_with(|c| c.always_accept_then_poll = true).await;
     let mut operator = server.operator().await;
     let key = operator.enroll("cbor-poller").await;
-    let (client, mut eventloop) = listening(&server, "cbor-poller", &key).await;
-    let (status, accepted) = ask(
+    let (client, mut eventloop) = server.listening("cbor-poller", &key).await;
+    let Answer {
+        status,
+        body: accepted,
+        ..
+    } = ask(
         &client,
         &mut eventloop,
         "$dps/registrations/PUT/iotdps-register/?$rid=1",
@@ -106,7 +72,9 @@ async fn accept_then_poll_in_cbor() {
     assert_eq!(accepted["status"], "assigning");
     let operation = accepted["operationId"].as_str().unwrap().to_owned();
     // The poll has no body: it is answered in the encoding of the register.
-    let (status, done) = ask(
+    let Answer {
+        status, body: done, ..
+    } = ask(
         &client,
         &mut eventloop,
         &format!(
@@ -121,8 +89,10 @@ async fn accept_then_poll_in_cbor() {
     // A device that reconnects to poll (MQTT 3.1.1: no content type, no body) still
     // gets the operation in CBOR; an unknown operation is a JSON error as usual.
     drop((client, eventloop));
-    let (client, mut eventloop) = listening(&server, "cbor-poller", &key).await;
-    let (status, done) = ask(
+    let (client, mut eventloop) = server.listening("cbor-poller", &key).await;
+    let Answer {
+        status, body: done, ..
+    } = ask(
         &client,
         &mut eventloop,
         &format!(
@@ -133,7 +103,11 @@ async fn accept_then_poll_in_cbor() {
     .await;
     assert_eq!(status, 200);
     assert_eq!(from_cbor(&done)["status"], "assigned");
-    let (status, unknown) = ask(
+    let Answer {
+        status,
+        body: unknown,
+        ..
+    } = ask(
         &client,
         &mut eventloop,
         "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=4&operationId=4.none",
@@ -149,24 +123,12 @@ async fn accept_then_poll_in_cbor() {
 async fn mqtt5_content_type_asks_for_cbor_and_gets_it_labelled() {
     use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
     use rumqttc::v5::mqttbytes::QoS;
-    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-    use rumqttc::{TlsConfiguration, Transport};
+    use rumqttc::v5::{AsyncClient, Event};
 
     let server = Server::start().await;
     let mut operator = server.operator().await;
     let key = operator.enroll("cbor-v5").await;
-    let config = server.device("cbor-v5", sas(&key));
-    let token = edgedps_policies::sas::sign(
-        &key,
-        ID_SCOPE,
-        "cbor-v5",
-        edgedps_responder::unix_now() + 600,
-    )
-    .unwrap();
-    let mut options = MqttOptions::new("cbor-v5", "localhost", server.devices_port);
-    options.set_credentials(config.username(), token);
-    let tls = edgedps_device::tls::client_config(&config.server_ca_pem, None).unwrap();
-    options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    let options = server.mqtt5_options("cbor-v5", &key);
     let (client, mut eventloop) = AsyncClient::new(options, 8);
     client
         .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)

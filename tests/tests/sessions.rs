@@ -109,25 +109,13 @@ async fn malformed_first_packet_closes_the_connection() {
 async fn mqtt5_device_with_persistent_session_flag_provisions_puback_first() {
     use rumqttc::v5::mqttbytes::v5::Packet;
     use rumqttc::v5::mqttbytes::QoS;
-    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-    use rumqttc::{TlsConfiguration, Transport};
+    use rumqttc::v5::{AsyncClient, Event};
 
     let server = Server::start().await;
     let mut operator = server.operator().await;
     let key = operator.enroll("v5-dev").await;
-    let config = server.device("v5-dev", sas(&key));
-    let token = edgedps_policies::sas::sign(
-        &key,
-        ID_SCOPE,
-        "v5-dev",
-        edgedps_responder::unix_now() + 600,
-    )
-    .unwrap();
-    let mut options = MqttOptions::new("v5-dev", "localhost", server.devices_port);
-    options.set_credentials(config.username(), token);
+    let mut options = server.mqtt5_options("v5-dev", &key);
     options.set_clean_start(false);
-    let tls = edgedps_device::tls::client_config(&config.server_ca_pem, None).unwrap();
-    options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
     let (client, mut eventloop) = AsyncClient::new(options, 8);
     client
         .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)

@@ -13,49 +13,24 @@ async fn sixth_poll_within_ten_seconds_gets_429_with_retry_after() {
     let server = Server::start_with(|c| c.always_accept_then_poll = true).await;
     let mut operator = server.operator().await;
     let key = operator.enroll("poller").await;
-    let config = server.device("poller", sas(&key));
-    let (client, mut eventloop) = connect(&config).await.unwrap();
-    client
-        .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    client
-        .publish(
-            "$dps/registrations/PUT/iotdps-register/?$rid=r",
-            QoS::AtLeastOnce,
-            false,
-            "",
-        )
-        .await
-        .unwrap();
-    let accepted = wait_for(&mut eventloop, "202", |p| matches!(p, Packet::Publish(_)))
-        .await
-        .unwrap();
-    let Packet::Publish(accepted) = accepted else {
-        unreachable!()
-    };
-    assert!(accepted.topic.starts_with("$dps/registrations/res/202/"));
-    let body: serde_json::Value = serde_json::from_slice(&accepted.payload).unwrap();
+    let (client, mut eventloop) = server.listening("poller", &key).await;
+    let accepted = ask(
+        &client,
+        &mut eventloop,
+        "$dps/registrations/PUT/iotdps-register/?$rid=r",
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(accepted.status, 202);
+    let body: serde_json::Value = serde_json::from_slice(&accepted.body).unwrap();
     let operation = body["operationId"].as_str().unwrap().to_owned();
     let mut statuses = Vec::new();
     for i in 0..6 {
-        client
-            .publish(
-                format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=p{i}&operationId={operation}"),
-                QoS::AtLeastOnce,
-                false,
-                "",
-            )
-            .await
-            .unwrap();
-        let Ok(Packet::Publish(p)) = wait_for(&mut eventloop, "poll answer", |p| {
-            matches!(p, Packet::Publish(_))
-        })
-        .await
-        else {
-            panic!("no answer to poll {i}");
-        };
-        statuses.push(parse_response_topic(&p.topic));
+        let topic = format!(
+            "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=p{i}&operationId={operation}"
+        );
+        let answer = ask(&client, &mut eventloop, &topic, Vec::new()).await;
+        statuses.push((answer.status, answer.retry_after));
     }
     assert!(statuses[..5].iter().all(|(s, _)| *s == 200), "{statuses:?}");
     let (status, retry_after) = statuses[5];
