@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::protocol::{Packet, Publish};
+use rumqttd::protocol::{Filter, Packet, PingReq, Publish, QoS, RetainForwardRule, Subscribe};
 use rumqttd::{Notification, RouterConfig};
 use tokio::sync::mpsc;
 
@@ -77,13 +77,36 @@ impl Router {
         mut outbound: mpsc::Receiver<Outbound>,
     ) -> Result<(), RouterError> {
         let (mut tx, mut rx) = self.link("edgedps-responder").await?;
+        let router = self.clone();
         tokio::spawn(async move {
             while let Some(message) = outbound.recv().await {
-                let publish =
-                    Publish::new(message.topic.into_bytes(), message.payload, message.retain);
-                if let Err(e) = tx.send(Packet::Publish(publish, None)).await {
-                    tracing::error!(error = %e, "router link of the responder failed; records are no longer published");
-                    return;
+                match message {
+                    Outbound::Publish {
+                        topic,
+                        payload,
+                        retain,
+                    } => {
+                        let publish = Publish::new(topic.into_bytes(), payload, retain);
+                        if let Err(e) = tx.send(Packet::Publish(publish, None)).await {
+                            tracing::error!(error = %e, "router link of the responder failed; records are no longer published");
+                            return;
+                        }
+                    }
+                    // On its own link and task: what was published before is already in
+                    // the router's queue, ahead of the purge's subscription.
+                    Outbound::PurgeRetained { filter, done } => {
+                        let router = router.clone();
+                        tokio::spawn(async move {
+                            let purged = match router.purge_retained(&filter).await {
+                                Ok(purged) => purged,
+                                Err(e) => {
+                                    tracing::error!(%filter, error = %e, "retained messages not purged");
+                                    0
+                                }
+                            };
+                            let _ = done.send(purged);
+                        });
+                    }
                 }
             }
         });
@@ -102,5 +125,66 @@ impl Router {
             }
         });
         Ok(())
+    }
+
+    /// Clears every retained message under `filter` (an empty retained publish to each
+    /// topic, the MQTT way) and returns how many there were.
+    ///
+    /// The router hands a new subscription its retained messages right after the
+    /// SUBACK, in the same pass; a PINGREQ sent once the SUBACK is in is answered in a
+    /// later pass, so every retained message has arrived before its PINGRESP.
+    pub async fn purge_retained(&self, filter: &str) -> Result<usize, RouterError> {
+        let (mut tx, mut rx) = self.link("edgedps-purge").await?;
+        let failed = |e: rumqttd::local::LinkError| RouterError(e.to_string());
+        let subscribe = Subscribe {
+            pkid: 1,
+            filters: vec![Filter {
+                path: filter.to_owned(),
+                qos: QoS::AtMostOnce,
+                nolocal: true,
+                preserve_retain: true,
+                retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+            }],
+        };
+        tx.send(Packet::Subscribe(subscribe, None))
+            .await
+            .map_err(failed)?;
+        let mut topics = std::collections::BTreeSet::new();
+        let mut pinged = false;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let next = tokio::time::timeout_at(deadline, rx.next())
+                .await
+                .map_err(|_| {
+                    RouterError(format!("no answer within 10 s while purging `{filter}`"))
+                })?
+                .map_err(failed)?;
+            match next {
+                Some(Notification::Forward(forward)) if forward.publish.retain => {
+                    topics.insert(forward.publish.topic.clone());
+                }
+                Some(Notification::DeviceAck(ack)) => match Packet::from(ack) {
+                    Packet::SubAck(..) if !pinged => {
+                        tx.send(Packet::PingReq(PingReq)).await.map_err(failed)?;
+                        pinged = true;
+                    }
+                    Packet::PingResp(..) => break,
+                    _ => {}
+                },
+                Some(Notification::Unschedule) => rx.wake().await.map_err(failed)?,
+                _ => {}
+            }
+        }
+        for topic in &topics {
+            let clear = Publish::new(topic.clone(), bytes::Bytes::new(), true);
+            tx.send(Packet::Publish(clear, None))
+                .await
+                .map_err(failed)?;
+        }
+        let disconnect = rumqttd::protocol::Disconnect {
+            reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
+        };
+        let _ = tx.send(Packet::Disconnect(disconnect, None)).await;
+        Ok(topics.len())
     }
 }

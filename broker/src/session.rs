@@ -3,6 +3,11 @@
 //! `$dps/` requests are answered here by the responder, PUBACK first. Publishes under
 //! `dps/` from operators are admin writes. Everything else passes the topic ACL and
 //! goes packet by packet into this session's rumqttd link.
+//!
+//! A device session is entered in the responder's live-session registry before its
+//! rights are read (the access rule), and stays there until it ends. When a write takes
+//! the device out of service, the registry cuts the session: it uses nothing more, and
+//! closes (MQTT 5: DISCONNECT 0x98, administrative action, first).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,13 +23,15 @@ use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{timeout_at, Instant};
 
+use edgedps_policies::access::Access;
 use edgedps_policies::acl::{self, Role};
-use edgedps_responder::{unix_now, Attested, Credential, Refusal as AuthRefusal, Responder};
+use edgedps_responder::sessions::Entered;
+use edgedps_responder::{unix_now, Attested, Credential, Cut, Refusal as AuthRefusal, Responder};
 use edgedps_topics::admin::{self as admin_topics, AdminTopic};
 use edgedps_topics::dps::{self, DeviceRequest};
 use edgedps_topics::encoding::{Encoding, CBOR_CONTENT_TYPE};
 
-use crate::codec::{self, Codec, Frame, Refusal};
+use crate::codec::{self, Codec, Frame, Refusal, Version};
 use crate::config::Limits;
 use crate::router::Router;
 
@@ -62,6 +69,8 @@ enum Close {
     Disconnect,
     #[error("router: {0}")]
     Router(String),
+    #[error("taken out of service: {0}")]
+    OutOfService(Cut),
 }
 
 /// Who is on the other end, once the CONNECT is accepted.
@@ -91,6 +100,8 @@ struct Session<S> {
     keep_alive: u16,
     /// Filters held in the router, for `limits.max_subscriptions_per_session`.
     subscriptions: std::collections::HashSet<String>,
+    /// A device's place in the live-session registry.
+    live: Option<Entered>,
 }
 
 /// Runs a session on an established (TLS or plain) stream until it closes. `_slot` is
@@ -115,6 +126,9 @@ pub async fn serve<S>(
                 }
                 Err(e @ Close::Denied(_)) => {
                     tracing::warn!(peer = %session.peer, client_id = %session.client_id, reason = %e, "session closed")
+                }
+                Err(Close::OutOfService(cut)) => {
+                    tracing::info!(target: "edgedps::audit", peer = %session.peer, client_id = %session.client_id, reason = %cut, "session closed: out of service")
                 }
                 Err(e) => {
                     tracing::info!(peer = %session.peer, client_id = %session.client_id, reason = %e, "session closed")
@@ -160,6 +174,7 @@ where
         return Err(Close::Violation("first packet is not a CONNECT".into()));
     };
     let client_id = connect.client_id.clone();
+    let mut live = None;
     let (identity, role) = match kind {
         ListenerKind::Local => (Identity::Operator, Role::Operator),
         ListenerKind::Devices => {
@@ -174,14 +189,18 @@ where
                 .authenticate(&client_id, &username, credential, unix_now())
             {
                 Ok(attested) => {
-                    let device_id = match shared.responder.assigned_device_id(&client_id) {
-                        Ok(id) => id,
-                        Err(e) => {
-                            tracing::warn!(%peer, %client_id, error = %e, "could not read the registration record");
-                            None
-                        }
+                    // Entered before its rights are read: a write that takes the device
+                    // out of service either is seen below or finds the session.
+                    live = Some(shared.responder.sessions().enter(attested.clone()));
+                    let access = shared.responder.access(&attested).unwrap_or_else(|e| {
+                        tracing::warn!(%peer, %client_id, error = %e, "could not read the device's standing; no hub rights");
+                        Access::Unassigned
+                    });
+                    tracing::info!(target: "edgedps::audit", %peer, %client_id, source = ?attested.source, kind = ?attested.kind, access = %describe(&access), "connect accepted");
+                    let device_id = match access {
+                        Access::Hub { device_id } => Some(device_id),
+                        Access::Unassigned | Access::OutOfService(_) => None,
                     };
-                    tracing::info!(target: "edgedps::audit", %peer, %client_id, source = ?attested.source, kind = ?attested.kind, "connect accepted");
                     (Identity::Device(attested), Role::Device { device_id })
                 }
                 Err(refusal) => {
@@ -219,10 +238,20 @@ where
         link_rx: None,
         keep_alive: connect.keep_alive,
         subscriptions: std::collections::HashSet::new(),
+        live,
     };
     session.send(connack(ConnectReturnCode::Success))?;
     session.flush().await?;
     Ok(Some(session))
+}
+
+/// The access verdict, for the audit line.
+fn describe(access: &Access) -> String {
+    match access {
+        Access::Hub { device_id } => format!("hub rights for `{device_id}`"),
+        Access::Unassigned => "provisioning only (not assigned)".into(),
+        Access::OutOfService(reason) => format!("provisioning only ({})", reason.reason()),
+    }
 }
 
 fn connack(code: ConnectReturnCode) -> Packet {
@@ -258,10 +287,18 @@ async fn next_notification(
     }
 }
 
+async fn next_cut(live: &Option<Entered>) -> Cut {
+    match live {
+        Some(entered) => entered.session().cut_off().await,
+        None => std::future::pending().await,
+    }
+}
+
 enum Event {
     Read(Result<usize, std::io::Error>),
     KeepAliveExpired,
     Router(Box<Option<Result<Option<Notification>, String>>>),
+    Cut(Cut),
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -271,6 +308,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.flush().await?;
         let mut last_heard = Instant::now();
         loop {
+            if let Some(cut) = self.cut() {
+                return self.out_of_service(cut).await;
+            }
             // MQTT: the server closes after one and a half keep-alive periods in which the
             // client sent nothing (what the router sends it does not count).
             let deadline = (self.keep_alive > 0)
@@ -278,7 +318,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let event = {
                 let read = self.stream.read_buf(&mut self.inbuf);
                 let notification = next_notification(&mut self.link_rx);
+                let cut = next_cut(&self.live);
                 tokio::select! {
+                    cut = cut => Event::Cut(cut),
                     r = async {
                         match deadline {
                             Some(d) => timeout_at(d, read).await.ok(),
@@ -300,9 +342,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Event::Read(Err(e)) => return Err(e.into()),
                 Event::KeepAliveExpired => return Err(Close::KeepAlive),
                 Event::Router(notification) => Box::pin(self.forward(*notification)).await?,
+                Event::Cut(cut) => return self.out_of_service(cut).await,
             }
             self.flush().await?;
         }
+    }
+
+    /// Set once the registry has cut this device session.
+    fn cut(&self) -> Option<Cut> {
+        self.live
+            .as_ref()
+            .and_then(|entered| entered.session().cut())
+    }
+
+    /// Ends a session that was taken out of service: MQTT 5 says why first.
+    async fn out_of_service(&mut self, cut: Cut) -> Result<(), Close> {
+        if self.codec.version == Version::V5 {
+            let disconnect = rumqttd::protocol::Disconnect {
+                reason_code: rumqttd::protocol::DisconnectReasonCode::AdministrativeAction,
+            };
+            // Best effort: the connection closes either way.
+            if self.send(Packet::Disconnect(disconnect, None)).is_ok() {
+                let _ = self.flush().await;
+            }
+        }
+        let _ = self.stream.shutdown().await;
+        Err(Close::OutOfService(cut))
     }
 
     async fn drain_input(&mut self) -> Result<(), Close> {
@@ -334,6 +399,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn handle(&mut self, frame: Frame) -> Result<(), Close> {
+        // Packets that arrived with the one that was being handled when the cut came.
+        if let Some(cut) = self.cut() {
+            return Err(Close::OutOfService(cut));
+        }
         match frame.packet {
             Packet::Publish(publish, properties) => {
                 let meta = frame
@@ -358,7 +427,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         .await;
                 }
                 if !acl::may_publish(&self.role, &topic) {
-                    return Err(Close::Denied(format!("publish to `{topic}`")));
+                    return Err(self.denied("publish", &topic));
                 }
                 let forward = rumqttd::protocol::Publish::new(
                     publish.topic.clone(),
@@ -379,6 +448,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Packet::Connect(..) => Err(Close::Violation("second CONNECT".into())),
             other => Err(Close::Violation(format!("unexpected packet {other:?}"))),
         }
+    }
+
+    /// A refused use of a topic: an event for the operators, and the session closes.
+    fn denied(&self, action: &str, topic: &str) -> Close {
+        let reason = match (&self.identity, &self.role) {
+            (Identity::Device(_), Role::Device { device_id: None }) => {
+                "the device has no hub rights (not assigned, or out of service)"
+            }
+            (Identity::Device(_), _) => "outside the device's own topics",
+            (Identity::Operator, _) => "not allowed for operators",
+        };
+        self.shared
+            .responder
+            .topic_refused(&self.client_id, action, topic, reason);
+        Close::Denied(format!("{action} to `{topic}`: {reason}"))
     }
 
     fn puback(&mut self, meta: codec::PublishMeta) -> Result<(), Close> {
@@ -403,7 +487,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         meta: codec::PublishMeta,
     ) -> Result<(), Close> {
         let Identity::Device(device) = &self.identity else {
-            return Err(Close::Denied(format!("`{topic}` is for devices")));
+            return Err(self.denied("publish", topic));
         };
         let device = device.clone();
         let request = dps::parse_request(topic)
@@ -427,7 +511,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.shared.responder.poll(&device, operation_id, encoding)
             }
         };
-        if let Some(device_id) = reply.assigned_device_id {
+        if let (Some(device_id), None) = (reply.assigned_device_id, self.cut()) {
             // After `assigned`, the device may use `devices/{deviceId}/#`.
             self.role = Role::Device {
                 device_id: Some(device_id),
@@ -457,20 +541,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         meta: codec::PublishMeta,
     ) -> Result<(), Close> {
         if self.role != Role::Operator {
-            return Err(Close::Denied(format!("publish to `{topic}`")));
+            return Err(self.denied("publish", topic));
         }
-        let AdminTopic::Record { kind, id } = admin else {
-            return Err(Close::Denied(format!(
-                "`{topic}` is not an operator record (enrollments, enrollment-groups, hubs, registrations)"
-            )));
-        };
-        self.puback(meta)?;
-        // Flush the PUBACK first: the result arrives on its own topic.
-        self.flush().await?;
-        self.shared
-            .responder
-            .apply_admin(&self.client_id, kind, &id, body, encoding)
-            .await;
+        let responder = self.shared.responder.clone();
+        match admin {
+            AdminTopic::Record { kind, id } => {
+                self.puback(meta)?;
+                // Flush the PUBACK first: the result arrives on its own topic.
+                self.flush().await?;
+                responder
+                    .apply_admin(&self.client_id, kind, &id, body, encoding)
+                    .await;
+            }
+            AdminTopic::Retire { registration_id } => {
+                self.puback(meta)?;
+                self.flush().await?;
+                responder
+                    .retire(&self.client_id, &registration_id, body, encoding)
+                    .await;
+            }
+            AdminTopic::Output | AdminTopic::Unknown => {
+                return Err(Close::Denied(format!(
+                    "`{topic}` is not an operator record (enrollments, enrollment-groups, hubs, registrations, crls) nor dps/admin/retire/{{registrationId}}"
+                )))
+            }
+        }
         Ok(())
     }
 
@@ -487,6 +582,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 || !acl::may_subscribe(&self.role, &filter.path)
             {
                 tracing::warn!(client_id = %self.client_id, filter = %filter.path, "subscription refused");
+                self.shared.responder.topic_refused(
+                    &self.client_id,
+                    "subscribe",
+                    &filter.path,
+                    "not allowed for this session",
+                );
                 codes.push(self.codec.subscribe_refused());
             } else if !self.subscriptions.contains(&filter.path)
                 && self.subscriptions.len() >= self.shared.limits.max_subscriptions_per_session
@@ -624,6 +725,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             None | Some(Ok(None)) => Ok(()),
             Some(Err(e)) => Err(Close::Router(e)),
             Some(Ok(Some(Notification::Forward(forward)))) => {
+                // Nothing more reaches a device taken out of service.
+                if let Some(cut) = self.cut() {
+                    return Err(Close::OutOfService(cut));
+                }
                 let properties = self.codec.properties(forward.properties);
                 let publish = codec::publish(
                     &forward.publish.topic,

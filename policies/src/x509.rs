@@ -114,6 +114,30 @@ impl SigningCertificate {
     }
 }
 
+/// A certificate as a registration record describes it: names, thumbprint, serial and
+/// validity (Azure's `certificateInfo`).
+pub fn describe(der: &[u8]) -> Result<edgedps_topics::registration::CertificateInfo, X509Error> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| X509Error::BadCertificate(e.to_string()))?;
+    let when = |t: x509_parser::time::ASN1Time| {
+        let format = time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:7]Z"
+        );
+        t.to_datetime().format(&format).unwrap_or_default()
+    };
+    Ok(edgedps_topics::registration::CertificateInfo {
+        subject_name: cert.subject().to_string(),
+        sha256_thumbprint: thumbprint(der),
+        issuer_name: cert.issuer().to_string(),
+        serial_number: cert
+            .raw_serial_as_string()
+            .replace(':', "")
+            .to_ascii_uppercase(),
+        not_before_utc: when(cert.validity().not_before),
+        not_after_utc: when(cert.validity().not_after),
+    })
+}
+
 /// SHA-256 of the DER, upper-case hex, as Azure shows thumbprints.
 pub fn thumbprint(der: &[u8]) -> String {
     let hash = digest::digest(&digest::SHA256, der);
@@ -335,6 +359,18 @@ mod tests {
     fn base64_lines(der: &[u8]) -> String {
         use base64::Engine;
         base64::engine::general_purpose::STANDARD.encode(der)
+    }
+
+    #[test]
+    fn certificates_are_described_as_azure_does() {
+        let root = ca("root", None);
+        let device = leaf("dev-1", &root, vec![]);
+        let info = describe(&device).unwrap();
+        assert_eq!(info.subject_name, "CN=dev-1");
+        assert_eq!(info.issuer_name, "CN=root");
+        assert_eq!(info.sha256_thumbprint, thumbprint(&device));
+        assert!(info.serial_number.chars().all(|c| c.is_ascii_hexdigit()));
+        assert!(info.not_after_utc.ends_with('Z'), "{}", info.not_after_utc);
     }
 
     #[test]

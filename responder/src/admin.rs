@@ -4,30 +4,40 @@
 //! etag when it carries one, made durable, republished as the retained record, and
 //! answered on `dps/admin/results/{kind}/{id}`. The retained copy never carries
 //! symmetric keys; a later write that omits the keys keeps the stored ones.
+//!
+//! A write that takes devices out of service (PROTOCOL B, retirement) then cuts their
+//! live sessions, and its result and audit event say how many. Deleting an enrollment
+//! or a group marks the registrations it attested `deregistered`. A revocation list is
+//! accepted only when its signature verifies against a CA edgedps trusts.
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 
+use edgedps_policies::revocation::{self, RevocationList};
 use edgedps_policies::x509;
 use edgedps_topics::admin::{
     admin_event_topic, codes, AdminEvent, AdminOperation, AdminOutcome, AdminResult,
-    AllocationPolicy, Attestation, AttestationType, CertificatePair, Enrollment, EnrollmentGroup,
-    EnrollmentSettings, LinkedHub, ProvisioningStatus, RecordKind, Retirement,
+    AllocationPolicy, Attestation, AttestationType, CertificatePair, Effects, Enrollment,
+    EnrollmentGroup, EnrollmentSettings, LinkedHub, ProvisioningStatus, RecordKind, Retirement,
 };
 use edgedps_topics::encoding::Encoding;
 use edgedps_topics::identity;
+use edgedps_topics::registration::{status, RegistrationState};
 
 use crate::registration::to_json;
+use crate::sessions::{Cut, Scope};
+use crate::store::CrlRecord;
 use crate::{read, timestamp_now, write, GroupEntry, Responder};
 
-type Rejection = (u16, String);
+pub(crate) type Rejection = (u16, String);
 
 /// What an accepted write did.
-struct Applied {
-    etag: Option<String>,
-    outcome: AdminOutcome,
-    retirement: Option<Retirement>,
-    status: Option<ProvisioningStatus>,
+pub(crate) struct Applied {
+    pub etag: Option<String>,
+    pub outcome: AdminOutcome,
+    pub retirement: Option<Retirement>,
+    pub status: Option<ProvisioningStatus>,
+    pub effects: Effects,
 }
 
 impl Applied {
@@ -47,7 +57,13 @@ impl Applied {
             },
             retirement: retired.then_some(Retirement::Disabled),
             status: Some(now),
+            effects: Effects::default(),
         }
+    }
+
+    fn closed(mut self, sessions: u32) -> Applied {
+        self.effects.sessions_closed = Some(sessions);
+        self
     }
 }
 
@@ -84,9 +100,35 @@ impl Responder {
         } else {
             self.upsert(kind, id, body, encoding).await
         };
+        self.report(
+            operator,
+            kind.segment(),
+            id,
+            operation,
+            outcome,
+            None,
+            encoding,
+            (kind.result_topic(id), admin_event_topic(kind, id)),
+        )
+        .await
+    }
+
+    /// Publishes the result and the audit event of a write, and logs it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn report(
+        &self,
+        operator: &str,
+        kind: &str,
+        id: &str,
+        operation: AdminOperation,
+        outcome: Result<Applied, Rejection>,
+        reason: Option<String>,
+        encoding: Encoding,
+        (result_topic, event_topic): (String, String),
+    ) -> AdminResult {
         let mut event = AdminEvent {
             operator: operator.to_owned(),
-            kind: kind.segment().to_owned(),
+            kind: kind.to_owned(),
             id: id.to_owned(),
             operation,
             outcome: AdminOutcome::Rejected,
@@ -95,6 +137,8 @@ impl Responder {
             etag: None,
             error_code: None,
             message: None,
+            reason,
+            effects: Effects::default(),
             timestamp_utc: timestamp_now(),
         };
         let result = match outcome {
@@ -103,11 +147,13 @@ impl Responder {
                 event.retirement = applied.retirement;
                 event.provisioning_status = applied.status;
                 event.etag = applied.etag.clone();
+                event.effects = applied.effects;
                 AdminResult {
                     ok: true,
                     etag: applied.etag,
                     error_code: None,
                     message: None,
+                    effects: applied.effects,
                 }
             }
             Err((code, message)) => {
@@ -118,14 +164,14 @@ impl Responder {
                     etag: None,
                     error_code: Some(code),
                     message: Some(message),
+                    effects: Effects::default(),
                 }
             }
         };
         audit_log(&event);
-        self.publish(kind.result_topic(id), encoding.encode(&result), false)
+        self.publish(result_topic, encoding.encode(&result), false)
             .await;
-        self.publish(admin_event_topic(kind, id), to_json(&event), false)
-            .await;
+        self.publish(event_topic, to_json(&event), false).await;
         result
     }
 
@@ -172,6 +218,11 @@ impl Responder {
             .await;
             count += 1;
         }
+        for crl in self.store.crls()? {
+            self.publish(RecordKind::Crl.record_topic(&crl.name), crl_pem(&crl), true)
+                .await;
+            count += 1;
+        }
         Ok(count)
     }
 
@@ -207,9 +258,14 @@ impl Responder {
                 self.store.put_enrollment(&e).map_err(internal)?;
                 self.store.durable().await.map_err(internal)?;
                 let applied = Applied::record(etag, before, e.settings.provisioning_status);
+                let thumbprints = enrolled_thumbprints(&e.attestation);
                 let topic = kind.record_topic(&e.registration_id);
                 self.publish(topic, to_json(&redact_enrollment(e)), true).await;
-                Ok(applied)
+                // A disabled enrollment blocks the device (and its certificate); a new
+                // enabled one takes over from the device's group.
+                let mut scopes = vec![Scope::Registration(id)];
+                scopes.extend(thumbprints.iter().map(|t| Scope::Thumbprint(t)));
+                Ok(applied.closed(self.cut_off(&scopes, None).await))
             }
             RecordKind::EnrollmentGroup => {
                 let mut g: EnrollmentGroup = parse_body(body, encoding)?;
@@ -231,10 +287,19 @@ impl Responder {
                 self.store.put_group(&g).map_err(internal)?;
                 self.store.durable().await.map_err(internal)?;
                 write(&self.groups).insert(id.to_owned(), entry);
-                let applied = Applied::record(etag, before, g.settings.provisioning_status);
+                let status = g.settings.provisioning_status;
+                let applied = Applied::record(etag, before, status);
                 self.publish(kind.record_topic(id), to_json(&redact_group(g)), true)
                     .await;
-                Ok(applied)
+                // Only disabling can take the group's devices out; an enabled group's
+                // write leaves its thousands of sessions alone.
+                let closed = match status {
+                    ProvisioningStatus::Disabled => {
+                        self.cut_off(&[Scope::Group(id)], None).await
+                    }
+                    ProvisioningStatus::Enabled => 0,
+                };
+                Ok(applied.closed(closed))
             }
             RecordKind::Hub => {
                 let mut hub: LinkedHub = parse_body(body, encoding)?;
@@ -271,8 +336,10 @@ impl Responder {
                     },
                     retirement: None,
                     status: None,
+                    effects: Effects::default(),
                 })
             }
+            RecordKind::Crl => self.put_crl(id, body).await,
             RecordKind::Registration => Err((
                 codes::FORBIDDEN,
                 "registration records are written by edgedps; publish an empty retained message to deregister".into(),
@@ -281,11 +348,28 @@ impl Responder {
     }
 
     async fn delete(&self, kind: RecordKind, id: &str) -> Result<Applied, Rejection> {
+        // Registrations the deleted enrollment or group attested: marked `deregistered`
+        // before the flush, so the delete and the marks are durable together.
+        let mut deregistered = Vec::new();
         let existed = match kind {
-            RecordKind::Enrollment => self.store.remove_enrollment(id).map_err(internal)?,
+            RecordKind::Enrollment => {
+                let existed = self.store.remove_enrollment(id).map_err(internal)?;
+                let record = self.store.registration(id).map_err(internal)?;
+                if let Some(record) = record.filter(|r| {
+                    existed && r.status == status::ASSIGNED && enrollment_group_of(r).is_none()
+                }) {
+                    let record = deregister(record);
+                    self.store.put_registration(&record).map_err(internal)?;
+                    deregistered.push(record);
+                }
+                existed
+            }
             RecordKind::EnrollmentGroup => {
                 let existed = self.store.remove_group(id).map_err(internal)?;
                 write(&self.groups).remove(id);
+                if existed {
+                    deregistered = self.deregister_group(id).await?;
+                }
                 existed
             }
             RecordKind::Hub => {
@@ -300,31 +384,131 @@ impl Responder {
                 existed
             }
             RecordKind::Registration => self.store.remove_registration(id).map_err(internal)?,
+            RecordKind::Crl => {
+                let existed = self.store.remove_crl(id).map_err(internal)?;
+                write(&self.crls).remove(id);
+                existed
+            }
         };
         if existed {
             self.store.durable().await.map_err(internal)?;
         }
         // Clear the retained record either way, so subscribers agree with the store.
         self.publish(kind.record_topic(id), Vec::new(), true).await;
-        if existed {
-            Ok(Applied {
-                etag: None,
-                outcome: AdminOutcome::Deleted,
-                retirement: Some(match kind {
-                    RecordKind::Enrollment | RecordKind::EnrollmentGroup => Retirement::Deleted,
-                    RecordKind::Hub => Retirement::Unlinked,
-                    RecordKind::Registration => Retirement::Deregistered,
-                }),
-                status: None,
-            })
-        } else {
-            Err((codes::NOT_FOUND, format!("no {} `{id}`", kind.segment())))
+        for record in &deregistered {
+            self.publish(
+                RecordKind::Registration.record_topic(&record.registration_id),
+                to_json(record),
+                true,
+            )
+            .await;
         }
+        if !existed {
+            return Err((codes::NOT_FOUND, format!("no {} `{id}`", kind.segment())));
+        }
+        let mut effects = Effects::default();
+        let (retirement, cut) = match kind {
+            RecordKind::Enrollment => (
+                Retirement::Deleted,
+                Some(self.cut_off(&[Scope::Registration(id)], None).await),
+            ),
+            RecordKind::EnrollmentGroup => (
+                Retirement::Deleted,
+                Some(self.cut_off(&[Scope::Group(id)], None).await),
+            ),
+            RecordKind::Registration => (
+                Retirement::Deregistered,
+                Some(
+                    self.cut_off(&[Scope::Registration(id)], Some(Cut::Deregistered))
+                        .await,
+                ),
+            ),
+            RecordKind::Hub => (Retirement::Unlinked, None),
+            // Deleting a list revokes nothing; the certificates it listed may connect again.
+            RecordKind::Crl => (Retirement::Deleted, None),
+        };
+        effects.sessions_closed = cut;
+        if matches!(kind, RecordKind::Enrollment | RecordKind::EnrollmentGroup) {
+            effects.registrations_deregistered = Some(count(deregistered.len()));
+        }
+        Ok(Applied {
+            etag: None,
+            outcome: AdminOutcome::Deleted,
+            retirement: Some(retirement),
+            status: None,
+            effects,
+        })
+    }
+
+    /// Marks the assigned registrations of group `id` `deregistered` in the store.
+    async fn deregister_group(&self, id: &str) -> Result<Vec<RegistrationState>, Rejection> {
+        let store = self.store.clone();
+        let group = id.to_owned();
+        // A scan of every registration: off the async workers.
+        tokio::task::spawn_blocking(move || {
+            let mut marked = Vec::new();
+            for record in store.registrations()? {
+                if record.status == status::ASSIGNED
+                    && enrollment_group_of(&record) == Some(group.as_str())
+                {
+                    let record = deregister(record);
+                    store.put_registration(&record)?;
+                    marked.push(record);
+                }
+            }
+            Ok::<_, crate::StoreError>(marked)
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)
+    }
+
+    /// Verifies a revocation list, stores it, and cuts the sessions it revokes.
+    async fn put_crl(&self, name: &str, body: &[u8]) -> Result<Applied, Rejection> {
+        validate_registration_id(name)?;
+        let sent = revocation::read_body(body).map_err(|e| bad(e.to_string()))?;
+        let trusted: Vec<Vec<u8>> = read(&self.groups)
+            .values()
+            .flat_map(|entry| entry.signing_der.iter().cloned())
+            .collect();
+        let trusted: Vec<&[u8]> = trusted.iter().map(Vec::as_slice).collect();
+        let list = RevocationList::verify(&sent.crl, &sent.certificates, &trusted)
+            .map_err(|e| bad(e.to_string()))?;
+        let record = CrlRecord {
+            name: name.to_owned(),
+            crl: sent.crl,
+            issuer_certificate: list.issuer_certificate.clone(),
+            sent_certificates: sent.certificates,
+        };
+        let existed = read(&self.crls).contains_key(name);
+        self.store.put_crl(&record).map_err(internal)?;
+        self.store.durable().await.map_err(internal)?;
+        let issuer = list.issuer().to_vec();
+        let revoked = count(list.len());
+        write(&self.crls).insert(name.to_owned(), list);
+        self.publish(RecordKind::Crl.record_topic(name), crl_pem(&record), true)
+            .await;
+        let closed = self.cut_off(&[Scope::Issuer(&issuer)], None).await;
+        Ok(Applied {
+            etag: None,
+            outcome: if existed {
+                AdminOutcome::Updated
+            } else {
+                AdminOutcome::Created
+            },
+            retirement: Some(Retirement::Revoked),
+            status: None,
+            effects: Effects {
+                sessions_closed: Some(closed),
+                revoked_certificates: Some(revoked),
+                ..Effects::default()
+            },
+        })
     }
 
     /// Checks the etag of a write against the stored record, then sets a new etag and
     /// the timestamps. Returns the new etag.
-    fn stamp(
+    pub(crate) fn stamp(
         &self,
         settings: &mut EnrollmentSettings,
         stored: Option<&EnrollmentSettings>,
@@ -344,6 +528,69 @@ impl Responder {
         settings.last_updated_date_time_utc = Some(now);
         Ok(etag)
     }
+}
+
+/// The enrollment group a registration record came through, if any.
+pub(crate) fn enrollment_group_of(record: &RegistrationState) -> Option<&str> {
+    record
+        .x509
+        .as_ref()
+        .or(record.symmetric_key.as_ref())
+        .and_then(|source| source.enrollment_group_id.as_deref())
+}
+
+/// The record of a registration that no longer grants anything.
+pub(crate) fn deregister(mut record: RegistrationState) -> RegistrationState {
+    record.status = status::DEREGISTERED.into();
+    record.last_updated_date_time_utc = Some(timestamp_now());
+    record.etag = Some(crate::new_etag());
+    record
+}
+
+/// The SHA-256 thumbprints of the certificates an X.509 individual enrollment names.
+fn enrolled_thumbprints(attestation: &Attestation) -> Vec<String> {
+    let Some(pair) = attestation
+        .x509
+        .as_ref()
+        .and_then(|x| x.client_certificates.as_ref())
+    else {
+        return Vec::new();
+    };
+    [&pair.primary, &pair.secondary]
+        .into_iter()
+        .flatten()
+        .filter_map(|cert| match (&cert.certificate, &cert.sha256_thumbprint) {
+            (Some(pem), _) => x509::pem_der(pem).ok().map(|der| x509::thumbprint(&der)),
+            (None, Some(print)) => x509::normalize_thumbprint(print).ok(),
+            (None, None) => None,
+        })
+        .collect()
+}
+
+/// A revocation list as its retained record shows it: PEM, with the certificates the
+/// operator sent with it.
+fn crl_pem(record: &CrlRecord) -> Vec<u8> {
+    let mut text = pem_block("X509 CRL", &record.crl);
+    for cert in &record.sent_certificates {
+        text.push_str(&pem_block("CERTIFICATE", cert));
+    }
+    text.into_bytes()
+}
+
+fn pem_block(label: &str, der: &[u8]) -> String {
+    let body = BASE64.encode(der);
+    let mut text = format!("-----BEGIN {label}-----\n");
+    for line in body.as_bytes().chunks(64) {
+        text.push_str(&String::from_utf8_lossy(line));
+        text.push('\n');
+    }
+    text.push_str(&format!("-----END {label}-----\n"));
+    text
+}
+
+/// A count for a result.
+pub(crate) fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// One log line per admin write, under the `edgedps::audit` target.
@@ -396,11 +643,11 @@ fn shown(value: &str) -> String {
     }
 }
 
-fn bad(message: String) -> Rejection {
+pub(crate) fn bad(message: String) -> Rejection {
     (codes::BAD_REQUEST, message)
 }
 
-fn internal(e: impl std::fmt::Display) -> Rejection {
+pub(crate) fn internal(e: impl std::fmt::Display) -> Rejection {
     (codes::INTERNAL, format!("internal error: {e}"))
 }
 
@@ -572,7 +819,7 @@ fn redact(attestation: &mut Attestation) {
     }
 }
 
-fn redact_enrollment(mut e: Enrollment) -> Enrollment {
+pub(crate) fn redact_enrollment(mut e: Enrollment) -> Enrollment {
     redact(&mut e.attestation);
     e
 }

@@ -1,13 +1,19 @@
 //! Connect-time attestation (PROTOCOL A2, A6): the CONNECT's client id, username and
 //! password, and the certificate chain of the TLS handshake, against the enrollments.
 //!
-//! An individual enrollment for the registration id decides whenever there is one;
-//! otherwise the enrollment groups do. A credential that verifies against a disabled
-//! enrollment still connects: the register answers `disabled`, as DPS does.
+//! An enabled individual enrollment for the registration id decides whenever there is
+//! one; otherwise the enrollment groups do. A credential that verifies against a disabled
+//! enrollment still connects: the register answers `disabled`, as DPS does. A disabled
+//! individual enrollment blocks the device whatever it presents (DPS: that is how one
+//! device or one certificate of a group is blocked), so a device whose group accepts
+//! its credential connects too, and learns `disabled`. A certificate on a revocation
+//! list is refused.
+
+use std::sync::Arc;
 
 use edgedps_policies::sas::SasToken;
 use edgedps_policies::x509::{self, CertificateInfo};
-use edgedps_topics::admin::{Attestation, AttestationType, Enrollment};
+use edgedps_topics::admin::{Attestation, AttestationType, Enrollment, ProvisioningStatus};
 use edgedps_topics::identity::{self, MAX_X509_REGISTRATION_ID};
 
 use crate::{read, Responder};
@@ -35,6 +41,18 @@ pub struct Attested {
     pub registration_id: String,
     pub source: EnrollmentSource,
     pub kind: AttestationType,
+    /// X.509: the chain the device presented.
+    pub certificate: Option<Arc<PresentedCertificate>>,
+}
+
+/// The certificate chain of an X.509 device, kept for the life of its session so that a
+/// new revocation list can be checked against it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresentedCertificate {
+    /// DER, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    /// The leaf, as the registration record shows it.
+    pub info: edgedps_topics::registration::CertificateInfo,
 }
 
 /// Why a CONNECT is refused, with the reason for the log.
@@ -134,20 +152,43 @@ impl Responder {
         let token = SasToken::parse(password).map_err(|e| Refusal::Malformed(e.to_string()))?;
         let scope = &self.settings.id_scope;
         if let Some(enrollment) = individual {
-            let keys = symmetric_keys(&enrollment.attestation).ok_or_else(|| {
-                Refusal::NotAuthorized(format!(
+            let verdict = match symmetric_keys(&enrollment.attestation) {
+                None => Err(Refusal::NotAuthorized(format!(
                     "individual enrollment `{registration_id}` is not a symmetric-key enrollment"
-                ))
-            })?;
-            token
-                .verify(scope, registration_id, &keys, now)
-                .map_err(|e| Refusal::NotAuthorized(e.to_string()))?;
-            return Ok(Attested {
-                registration_id: registration_id.to_owned(),
-                source: EnrollmentSource::Individual,
-                kind: AttestationType::SymmetricKey,
-            });
+                ))),
+                Some(keys) => token
+                    .verify(scope, registration_id, &keys, now)
+                    .map(|_| Attested {
+                        registration_id: registration_id.to_owned(),
+                        source: EnrollmentSource::Individual,
+                        kind: AttestationType::SymmetricKey,
+                        certificate: None,
+                    })
+                    .map_err(|e| Refusal::NotAuthorized(e.to_string())),
+            };
+            let refusal = match verdict {
+                Ok(attested) => return Ok(attested),
+                Err(refusal) => refusal,
+            };
+            // A disabled individual enrollment blocks a device of a group: the group's
+            // credential still connects, so the device can learn `disabled`.
+            if enrollment.settings.provisioning_status != ProvisioningStatus::Disabled {
+                return Err(refusal);
+            }
+            return self
+                .attest_sas_group(registration_id, &token, now)
+                .map_err(|_| refusal);
         }
+        self.attest_sas_group(registration_id, &token, now)
+    }
+
+    fn attest_sas_group(
+        &self,
+        registration_id: &str,
+        token: &SasToken<'_>,
+        now: u64,
+    ) -> Result<Attested, Refusal> {
+        let scope = &self.settings.id_scope;
         let groups = read(&self.groups);
         let mut last_error = None;
         for entry in groups.values() {
@@ -168,6 +209,7 @@ impl Responder {
                         registration_id: registration_id.to_owned(),
                         source: EnrollmentSource::Group(entry.group.enrollment_group_id.clone()),
                         kind: AttestationType::SymmetricKey,
+                        certificate: None,
                     })
                 }
                 Err(e) => last_error = Some(e),
@@ -186,7 +228,7 @@ impl Responder {
         individual: Option<Enrollment>,
         now: u64,
     ) -> Result<Attested, Refusal> {
-        let Some((leaf, intermediates)) = chain.split_first() else {
+        let Some(leaf) = chain.first() else {
             return Err(Refusal::NotAuthorized(
                 "no password and no client certificate".into(),
             ));
@@ -204,37 +246,48 @@ impl Responder {
                 "certificate CN `{cn}` is not the client id `{registration_id}`"
             )));
         }
-        if let Some(enrollment) = individual {
-            let certs = enrollment
-                .attestation
-                .x509
-                .as_ref()
-                .and_then(|x| x.client_certificates.as_ref())
-                .filter(|_| enrollment.attestation.kind == AttestationType::X509)
-                .ok_or_else(|| {
-                    Refusal::NotAuthorized(format!(
-                        "individual enrollment `{registration_id}` is not an X.509 enrollment"
-                    ))
-                })?;
-            let mut last = x509::X509Error::Mismatch;
-            for cert in [&certs.primary, &certs.secondary].into_iter().flatten() {
-                match x509::check_individual(leaf, &leaf_info, cert, now) {
-                    Ok(()) => {
-                        return Ok(Attested {
-                            registration_id: registration_id.to_owned(),
-                            source: EnrollmentSource::Individual,
-                            kind: AttestationType::X509,
-                        })
-                    }
-                    Err(e) => last = e,
+        let source = match individual {
+            Some(enrollment) => match individual_certificate(&enrollment, leaf, &leaf_info, now) {
+                Ok(()) => EnrollmentSource::Individual,
+                // A disabled individual enrollment blocks a certificate of a group: the
+                // group's chain still connects, so the device can learn `disabled`.
+                Err(refusal)
+                    if enrollment.settings.provisioning_status == ProvisioningStatus::Disabled =>
+                {
+                    self.x509_group(registration_id, chain, &leaf_info, now)
+                        .map_err(|_| refusal)?
                 }
-            }
-            return Err(Refusal::NotAuthorized(format!(
-                "individual enrollment `{registration_id}`: {last}"
-            )));
+                Err(refusal) => return Err(refusal),
+            },
+            None => self.x509_group(registration_id, chain, &leaf_info, now)?,
+        };
+        if let Some(revoked) = self.revoked(chain) {
+            return Err(Refusal::NotAuthorized(revoked));
         }
-        // DPS: the first group found walking the chain from the leaf towards the root
-        // decides. A group's certificate is found by the issuer of a presented one.
+        let info = x509::describe(leaf).map_err(|e| Refusal::NotAuthorized(e.to_string()))?;
+        Ok(Attested {
+            registration_id: registration_id.to_owned(),
+            source,
+            kind: AttestationType::X509,
+            certificate: Some(Arc::new(PresentedCertificate {
+                chain: chain.to_vec(),
+                info,
+            })),
+        })
+    }
+
+    /// DPS: the first group found walking the chain from the leaf towards the root
+    /// decides. A group's certificate is found by the issuer of a presented one.
+    fn x509_group(
+        &self,
+        registration_id: &str,
+        chain: &[Vec<u8>],
+        leaf_info: &CertificateInfo,
+        now: u64,
+    ) -> Result<EnrollmentSource, Refusal> {
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return Err(Refusal::NotAuthorized("no client certificate".into()));
+        };
         let groups = read(&self.groups);
         for (depth, cert) in chain.iter().enumerate() {
             let issuer = if depth == 0 {
@@ -254,23 +307,13 @@ impl Responder {
                         continue;
                     }
                     let path = &intermediates[..depth.min(intermediates.len())];
-                    match x509::check_group_chain(leaf, path, signing, now) {
-                        Ok(()) => {
-                            return Ok(Attested {
-                                registration_id: registration_id.to_owned(),
-                                source: EnrollmentSource::Group(
-                                    entry.group.enrollment_group_id.clone(),
-                                ),
-                                kind: AttestationType::X509,
-                            })
-                        }
-                        Err(e) => {
-                            return Err(Refusal::NotAuthorized(format!(
-                                "enrollment group `{}`: {e}",
-                                entry.group.enrollment_group_id
-                            )))
-                        }
-                    }
+                    let group = &entry.group.enrollment_group_id;
+                    return match x509::check_group_chain(leaf, path, signing, now) {
+                        Ok(()) => Ok(EnrollmentSource::Group(group.clone())),
+                        Err(e) => Err(Refusal::NotAuthorized(format!(
+                            "enrollment group `{group}`: {e}"
+                        ))),
+                    };
                 }
             }
         }
@@ -278,6 +321,51 @@ impl Responder {
             "no enrollment or enrollment group for the certificate of `{registration_id}`"
         )))
     }
+
+    /// Why `chain` is revoked, if a revocation list revokes one of its certificates.
+    pub(crate) fn revoked(&self, chain: &[Vec<u8>]) -> Option<String> {
+        let lists = read(&self.crls);
+        if lists.is_empty() {
+            return None;
+        }
+        edgedps_policies::revocation::revoked_in(lists.values(), chain).map(|r| {
+            format!(
+                "certificate {} of the chain (serial {}, issued by `{}`) is revoked",
+                r.position, r.serial, r.issuer_name
+            )
+        })
+    }
+}
+
+/// Individual enrollment: the leaf is its primary or secondary certificate.
+fn individual_certificate(
+    enrollment: &Enrollment,
+    leaf: &[u8],
+    leaf_info: &CertificateInfo,
+    now: u64,
+) -> Result<(), Refusal> {
+    let registration_id = &enrollment.registration_id;
+    let certs = enrollment
+        .attestation
+        .x509
+        .as_ref()
+        .and_then(|x| x.client_certificates.as_ref())
+        .filter(|_| enrollment.attestation.kind == AttestationType::X509)
+        .ok_or_else(|| {
+            Refusal::NotAuthorized(format!(
+                "individual enrollment `{registration_id}` is not an X.509 enrollment"
+            ))
+        })?;
+    let mut last = x509::X509Error::Mismatch;
+    for cert in [&certs.primary, &certs.secondary].into_iter().flatten() {
+        match x509::check_individual(leaf, leaf_info, cert, now) {
+            Ok(()) => return Ok(()),
+            Err(e) => last = e,
+        }
+    }
+    Err(Refusal::NotAuthorized(format!(
+        "individual enrollment `{registration_id}`: {last}"
+    )))
 }
 
 /// Primary then secondary key of a symmetric-key attestation.

@@ -1,33 +1,41 @@
 //! The provisioning state machine of edgedps and its enrollment store.
 //!
 //! The broker hands the responder what a device presented at CONNECT
-//! ([`Responder::authenticate`]), then each register and poll
-//! ([`Responder::register`], [`Responder::poll`]), and each operator write
-//! ([`Responder::apply_admin`]). The responder answers with bytes to send back and
-//! pushes retained records, results and events to [`Outbound`], which the broker
-//! publishes into its router. No sockets here.
+//! ([`Responder::authenticate`]), enters the session in the live-session registry
+//! ([`Responder::sessions`]) and asks what it may use ([`Responder::access`]), then
+//! hands it each register and poll ([`Responder::register`], [`Responder::poll`]), and
+//! each operator write ([`Responder::apply_admin`], [`Responder::retire`]). The
+//! responder answers with bytes to send back, cuts the live sessions a write takes out
+//! of service, and pushes retained records, results and events to [`Outbound`], which
+//! the broker publishes into its router. No sockets here.
 
 mod admin;
 mod attestation;
 mod latency;
 mod registration;
+mod retire;
+pub mod sessions;
 pub mod store;
 mod throttle;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ring::rand::{SecureRandom, SystemRandom};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use edgedps_topics::admin::{AllocationPolicy, EnrollmentGroup, LinkedHub};
+use edgedps_policies::access::{self, Access, AttestedBy, Facts};
+use edgedps_policies::revocation::RevocationList;
+use edgedps_topics::admin::{AllocationPolicy, Enrollment, EnrollmentGroup, LinkedHub};
+use edgedps_topics::registration::{status, RegistrationState};
 
-pub use attestation::{Attested, Credential, EnrollmentSource, Refusal};
+pub use attestation::{Attested, Credential, EnrollmentSource, PresentedCertificate, Refusal};
 pub use latency::LatencySummary;
 pub use registration::Reply;
+pub use sessions::{Cut, LiveSession, LiveSessions, Scope};
 pub use store::{Store, StoreError};
 pub use throttle::RateLimits;
 
@@ -64,12 +72,20 @@ impl Settings {
     }
 }
 
-/// A message the broker publishes into its router on the responder's behalf.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outbound {
-    pub topic: String,
-    pub payload: Vec<u8>,
-    pub retain: bool,
+/// What the broker does in its router on the responder's behalf, in order.
+#[derive(Debug)]
+pub enum Outbound {
+    /// Publish a message (a retained record, a result, an event).
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    },
+    /// Clear every retained message under `filter`, and say how many there were.
+    PurgeRetained {
+        filter: String,
+        done: oneshot::Sender<usize>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +94,8 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error("enrollment group `{group}` in the store is unusable: {reason}")]
     BadGroup { group: String, reason: String },
+    #[error("revocation list `{name}` in the store is unusable: {reason}")]
+    BadCrl { name: String, reason: String },
 }
 
 /// An enrollment group with its signing certificates read once.
@@ -85,6 +103,43 @@ struct GroupEntry {
     group: EnrollmentGroup,
     /// The primary and secondary signing certificates.
     signing: Vec<edgedps_policies::x509::SigningCertificate>,
+    /// The same, as DER: the CAs a revocation list may come from.
+    signing_der: Vec<Vec<u8>>,
+}
+
+/// What the access rule reads about one device, read once.
+pub(crate) struct Standing {
+    pub individual: Option<Enrollment>,
+    /// The attesting group, if the device came through one and it still exists.
+    pub group: Option<EnrollmentGroup>,
+    pub registration: Option<RegistrationState>,
+    pub revoked: bool,
+}
+
+impl Standing {
+    pub fn access(&self, device: &Attested) -> Access {
+        access::decide(&self.facts(device))
+    }
+
+    pub fn facts<'a>(&'a self, device: &'a Attested) -> Facts<'a> {
+        Facts {
+            attested_by: match &device.source {
+                EnrollmentSource::Individual => AttestedBy::Individual,
+                EnrollmentSource::Group(group) => AttestedBy::Group(group),
+            },
+            individual: self
+                .individual
+                .as_ref()
+                .map(|e| e.settings.provisioning_status),
+            group: self.group.as_ref().map(|g| g.settings.provisioning_status),
+            assigned_device_id: self
+                .registration
+                .as_ref()
+                .filter(|r| r.status == status::ASSIGNED)
+                .and_then(|r| r.device_id.as_deref()),
+            revoked: self.revoked,
+        }
+    }
 }
 
 /// A 202 operation a device may poll.
@@ -102,6 +157,9 @@ pub struct Responder {
     store: Store,
     groups: RwLock<BTreeMap<String, GroupEntry>>,
     hubs: RwLock<BTreeMap<String, LinkedHub>>,
+    /// Verified revocation lists by name.
+    crls: RwLock<BTreeMap<String, RevocationList>>,
+    sessions: Arc<LiveSessions>,
     operations: Mutex<HashMap<String, Operation>>,
     in_flight: Mutex<HashSet<String>>,
     outbound: mpsc::Sender<Outbound>,
@@ -132,6 +190,17 @@ impl Responder {
             .into_iter()
             .map(|h| (h.host_name.clone(), h))
             .collect();
+        let mut crls = BTreeMap::new();
+        for record in store.crls()? {
+            let list =
+                RevocationList::reload(&record.crl, &record.issuer_certificate).map_err(|e| {
+                    Error::BadCrl {
+                        name: record.name.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+            crls.insert(record.name, list);
+        }
         let throttle = throttle::Throttle::new(&settings.rate_limits);
         Ok((
             Responder {
@@ -141,6 +210,8 @@ impl Responder {
                 store,
                 groups: RwLock::new(groups),
                 hubs: RwLock::new(hubs),
+                crls: RwLock::new(crls),
+                sessions: Arc::new(LiveSessions::default()),
                 operations: Mutex::new(HashMap::new()),
                 in_flight: Mutex::new(HashSet::new()),
                 outbound,
@@ -163,13 +234,63 @@ impl Responder {
         &self.store
     }
 
-    /// The device id of a registration already assigned, for the topic ACL.
-    pub fn assigned_device_id(&self, registration_id: &str) -> Result<Option<String>, Error> {
-        Ok(self
-            .store
-            .registration(registration_id)?
-            .filter(|r| r.status == "assigned")
-            .and_then(|r| r.device_id))
+    /// The live device sessions. A session enters before it asks [`Responder::access`].
+    pub fn sessions(&self) -> &Arc<LiveSessions> {
+        &self.sessions
+    }
+
+    /// What an attested device may use now (PROTOCOL B, retirement): the access rule of
+    /// `edgedps_policies::access` over the current state.
+    pub fn access(&self, device: &Attested) -> Result<Access, Error> {
+        Ok(self.standing(device)?.access(device))
+    }
+
+    /// Reads what the access rule needs about `device`.
+    pub(crate) fn standing(&self, device: &Attested) -> Result<Standing, Error> {
+        let individual = self.store.enrollment(&device.registration_id)?;
+        let group = match &device.source {
+            EnrollmentSource::Group(id) => read(&self.groups).get(id).map(|e| e.group.clone()),
+            EnrollmentSource::Individual => None,
+        };
+        let registration = self.store.registration(&device.registration_id)?;
+        let revoked = device
+            .certificate
+            .as_ref()
+            .is_some_and(|c| self.revoked(&c.chain).is_some());
+        Ok(Standing {
+            individual,
+            group,
+            registration,
+            revoked,
+        })
+    }
+
+    /// Cuts the live sessions `scopes` reach that the access rule now puts out of
+    /// service, or all of them when `force` says why. Returns how many were cut.
+    pub(crate) async fn cut_off(&self, scopes: &[Scope<'_>], force: Option<Cut>) -> u32 {
+        let sessions = self.sessions.find(scopes);
+        let mut cut = 0;
+        for (n, session) in sessions.iter().enumerate() {
+            // Thousands of sessions in a group: let other tasks run between batches.
+            if n % 256 == 255 {
+                tokio::task::yield_now().await;
+            }
+            let why = match force {
+                Some(why) => why,
+                None => match self.access(session.device()) {
+                    Ok(Access::OutOfService(reason)) => Cut::OutOfService(reason),
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::error!(registration_id = %session.device().registration_id, error = %e, "cannot read the device's standing after a write; closing its session");
+                        Cut::Unverifiable
+                    }
+                },
+            };
+            if session.close(why) {
+                cut += 1;
+            }
+        }
+        cut
     }
 
     /// Linked hubs: the configuration's, overridden by those linked over MQTT.
@@ -188,7 +309,7 @@ impl Responder {
     }
 
     async fn publish(&self, topic: String, payload: Vec<u8>, retain: bool) {
-        let message = Outbound {
+        let message = Outbound::Publish {
             topic,
             payload,
             retain,
@@ -201,36 +322,81 @@ impl Responder {
     /// Publishes without waiting (for callers that cannot await); a full queue is
     /// logged, not silent.
     fn try_publish(&self, topic: String, payload: Vec<u8>) {
-        let message = Outbound {
-            topic,
+        let message = Outbound::Publish {
+            topic: topic.clone(),
             payload,
             retain: false,
         };
-        if let Err(e) = self.outbound.try_send(message) {
-            tracing::warn!(topic = %e.into_inner().topic, "event not published: outbound queue full");
+        if self.outbound.try_send(message).is_err() {
+            tracing::warn!(%topic, "event not published: outbound queue full");
         }
+    }
+
+    /// A session was refused a topic (an ACL denial or a refused subscription): an event
+    /// on `dps/events/acl/{clientId}`. Topic names only; never a payload.
+    pub fn topic_refused(&self, client_id: &str, action: &str, topic: &str, reason: &str) {
+        let event = serde_json::json!({
+            "clientId": client_id,
+            "action": action,
+            "topic": topic,
+            "outcome": "refused",
+            "reason": reason,
+            "timestampUtc": timestamp_now(),
+        });
+        self.try_publish(
+            edgedps_topics::admin::acl_event_topic(client_id),
+            registration::to_json(&event),
+        );
+    }
+
+    /// Clears the retained messages under `filter` in the router; how many there were.
+    async fn purge_retained(&self, filter: String) -> usize {
+        let (done, count) = oneshot::channel();
+        let request = Outbound::PurgeRetained {
+            filter: filter.clone(),
+            done,
+        };
+        if self.outbound.send(request).await.is_err() {
+            tracing::warn!(%filter, "outbound channel closed; retained messages not purged");
+            return 0;
+        }
+        count.await.unwrap_or_else(|_| {
+            tracing::warn!(%filter, "the router did not purge the retained messages");
+            0
+        })
     }
 
     /// Random id material, URL-safe.
     fn random_token(&self, bytes: usize) -> String {
-        let mut buf = vec![0u8; bytes];
-        // SystemRandom fails only if the OS has no entropy source; fall back to time.
-        if self.random.fill(&mut buf).is_err() {
-            let nanos = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or_default();
-            for (i, b) in buf.iter_mut().enumerate() {
-                *b = (nanos >> ((i % 16) * 8)) as u8;
-            }
-        }
-        URL_SAFE_NO_PAD.encode(buf)
+        random_token(&self.random, bytes)
     }
+}
+
+/// Random id material, URL-safe.
+fn random_token(random: &SystemRandom, bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    // SystemRandom fails only if the OS has no entropy source; fall back to time.
+    if random.fill(&mut buf).is_err() {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (nanos >> ((i % 16) * 8)) as u8;
+        }
+    }
+    URL_SAFE_NO_PAD.encode(buf)
+}
+
+/// A new etag: `"{random}"`.
+pub(crate) fn new_etag() -> String {
+    format!("\"{}\"", random_token(&SystemRandom::new(), 12))
 }
 
 impl GroupEntry {
     fn new(group: EnrollmentGroup) -> Result<GroupEntry, String> {
         let mut signing = Vec::new();
+        let mut signing_der = Vec::new();
         if let Some(certs) = group
             .attestation
             .x509
@@ -244,10 +410,15 @@ impl GroupEntry {
                         edgedps_policies::x509::SigningCertificate::from_der(&der)
                             .map_err(|e| e.to_string())?,
                     );
+                    signing_der.push(der);
                 }
             }
         }
-        Ok(GroupEntry { group, signing })
+        Ok(GroupEntry {
+            group,
+            signing,
+            signing_der,
+        })
     }
 }
 

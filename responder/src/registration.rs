@@ -1,20 +1,34 @@
-//! Register and poll (PROTOCOL A4-A6): find the enrollment, check its status, apply the
-//! re-provisioning policy, allocate a hub, make the record durable, answer.
+//! Register and poll (PROTOCOL A4-A6): find the enrollment, check the device is in
+//! service (the access rule), apply the re-provisioning policy, allocate a hub, make the
+//! record durable, answer. Every attempt, refused or not, is an event on
+//! `dps/events/registrations/{registrationId}`.
+//!
+//! Re-provisioning (A6) is evaluated on every register of a device already assigned:
+//! - `{updateHubAssignment: true, migrateDeviceData: true}` (default): the hub is
+//!   allocated again; the device's data (its twin) moves with it: substatus
+//!   `deviceDataMigrated` when the hub changed.
+//! - `{true, false}`: the hub is allocated again and the twin reset to the enrollment's
+//!   initial twin: substatus `deviceDataReset` when the hub or the twin changed.
+//! - `{false, _}`: the hub and the twin stay.
+//!
+//! Nothing changed: the same record and etag (idempotent).
 
 use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use edgedps_policies::access::{Access, RegisterAnswer};
 use edgedps_policies::allocation::{self, Candidate};
 use edgedps_topics::admin::{
-    self, AllocationPolicy, AttestationType, EnrollmentSettings, ProvisioningStatus, RecordKind,
+    self, AllocationPolicy, AttestationType, EnrollmentSettings, RecordKind,
 };
 use edgedps_topics::encoding::Encoding;
 use edgedps_topics::registration::{
-    codes, AttestationSource, ErrorBody, OperationStatus, RegisterRequest, RegistrationState,
+    codes, status, AttestationSource, ErrorBody, OperationStatus, RegisterRequest,
+    RegistrationState,
 };
 
-use crate::{lock, read, timestamp_now, Attested, EnrollmentSource, Operation, Responder};
+use crate::{lock, timestamp_now, Attested, EnrollmentSource, Operation, Responder, Standing};
 
 /// The answer to one device request: a status for the response topic and a JSON body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,28 +94,31 @@ impl Responder {
     async fn register_inner(&self, device: &Attested, body: &[u8], encoding: Encoding) -> Reply {
         let request = match RegisterRequest::parse(body) {
             Ok(request) => request,
-            Err(e) => return self.error(codes::MALFORMED_BODY, e.to_string()),
+            Err(e) => {
+                return self
+                    .refuse(device, codes::MALFORMED_BODY, e.to_string())
+                    .await
+            }
         };
         if let Some(id) = &request.registration_id {
             if !id.eq_ignore_ascii_case(&device.registration_id) {
-                return self.error(
-                    codes::MALFORMED_BODY,
-                    format!(
-                        "body registrationId `{id}` is not the connected registration `{}`",
-                        device.registration_id
-                    ),
+                let message = format!(
+                    "body registrationId `{id}` is not the connected registration `{}`",
+                    device.registration_id
                 );
+                return self.refuse(device, codes::MALFORMED_BODY, message).await;
             }
         }
         let key = device.registration_id.to_ascii_lowercase();
         if let Err(retry_after) = self.throttle.admit_registration(&key, Instant::now()) {
-            return self.throttled(retry_after, "registration rate limit");
+            let message = "throttled: registration rate limit".into();
+            let mut reply = self.refuse(device, codes::THROTTLED, message).await;
+            reply.retry_after = Some(retry_after);
+            return reply;
         }
         if !lock(&self.in_flight).insert(key.clone()) {
-            return self.error(
-                codes::CONFLICT,
-                "a registration for this device is already in progress".into(),
-            );
+            let message = "a registration for this device is already in progress".into();
+            return self.refuse(device, codes::CONFLICT, message).await;
         }
         let _guard = InFlight {
             responder: self,
@@ -115,15 +132,15 @@ impl Responder {
             {
                 // DPS: an assignment that cannot be made completes the operation as
                 // `failed` (a 200), with the reason in the registration state.
-                self.event(device, "failed", None, Some(code), &message)
+                self.event(device, status::FAILED, None, Some(code), &message)
                     .await;
                 tracing::info!(code, %message, registration_id = %device.registration_id, "registration failed");
                 let failed = OperationStatus {
                     operation_id: operation_id.clone(),
-                    status: "failed".into(),
+                    status: status::FAILED.into(),
                     registration_state: Some(RegistrationState {
                         registration_id: device.registration_id.clone(),
-                        status: "failed".into(),
+                        status: status::FAILED.into(),
                         last_updated_date_time_utc: Some(timestamp_now()),
                         error_code: Some(code),
                         error_message: Some(message),
@@ -135,11 +152,7 @@ impl Responder {
                     device_id: None,
                 }
             }
-            Err((code, message)) => {
-                self.event(device, "failed", None, Some(code), &message)
-                    .await;
-                return self.error(code, message);
-            }
+            Err((code, message)) => return self.refuse(device, code, message).await,
         };
         if self.settings.always_accept_then_poll {
             let expires = Instant::now() + self.settings.operation_ttl;
@@ -159,7 +172,7 @@ impl Responder {
             drop(operations);
             let accepted = OperationStatus {
                 operation_id,
-                status: "assigning".into(),
+                status: status::ASSIGNING.into(),
                 registration_state: None,
             };
             return Reply {
@@ -193,33 +206,42 @@ impl Responder {
     fn poll_inner(&self, device: &Attested, operation_id: &str) -> Reply {
         let key = device.registration_id.to_ascii_lowercase();
         if let Err(retry_after) = self.throttle.admit_poll(&key, Instant::now()) {
-            return self.throttled(retry_after, "more than 5 polls in 10 s");
+            let message = "throttled: more than 5 polls in 10 s".into();
+            let mut reply = self.refuse_poll(device, codes::THROTTLED, message);
+            reply.retry_after = Some(retry_after);
+            return reply;
         }
-        let operations = lock(&self.operations);
-        match operations.get(operation_id) {
-            Some(op)
-                if op.expires > Instant::now()
+        let found = lock(&self.operations)
+            .get(operation_id)
+            .filter(|op| {
+                op.expires > Instant::now()
                     && op
                         .registration_id
-                        .eq_ignore_ascii_case(&device.registration_id) =>
-            {
-                Reply {
-                    encoding: Encoding::Json,
-                    status: 200,
-                    retry_after: None,
-                    body: op.body.clone(),
-                    assigned_device_id: op.device_id.clone(),
-                }
-                .in_encoding(op.encoding)
+                        .eq_ignore_ascii_case(&device.registration_id)
+            })
+            .map(|op| (op.body.clone(), op.encoding, op.device_id.is_some()));
+        let Some((body, encoding, assigned)) = found else {
+            let message = format!("operation `{operation_id}` is unknown for this device");
+            return self.refuse_poll(device, codes::NOT_FOUND, message);
+        };
+        // The answer is the operation's; the rights are the device's now (it may have
+        // been taken out of service since its register).
+        let assigned_device_id = match assigned.then(|| self.access(device)) {
+            Some(Ok(Access::Hub { device_id })) => Some(device_id),
+            Some(Err(e)) => {
+                tracing::warn!(registration_id = %device.registration_id, error = %e, "cannot read the device's standing; no hub rights");
+                None
             }
-            _ => {
-                drop(operations);
-                self.error(
-                    codes::NOT_FOUND,
-                    format!("operation `{operation_id}` is unknown for this device"),
-                )
-            }
+            _ => None,
+        };
+        Reply {
+            encoding: Encoding::Json,
+            status: 200,
+            retry_after: None,
+            body,
+            assigned_device_id,
         }
+        .in_encoding(encoding)
     }
 
     /// Runs the registration; returns the 200 answer.
@@ -228,44 +250,66 @@ impl Responder {
         device: &Attested,
         operation_id: &str,
     ) -> Result<Decision, (u32, String)> {
-        let resolved = self.resolve(device)?;
-        if resolved.settings.provisioning_status == ProvisioningStatus::Disabled {
-            let body = OperationStatus {
-                operation_id: operation_id.to_owned(),
-                status: "disabled".into(),
-                registration_state: Some(RegistrationState {
-                    registration_id: device.registration_id.clone(),
-                    status: "disabled".into(),
-                    ..Default::default()
-                }),
+        let standing = self.standing(device).map_err(internal)?;
+        if let Access::OutOfService(reason) = standing.access(device) {
+            let message = format!("`{}`: {}", device.registration_id, reason.reason());
+            return match reason.register_answer() {
+                RegisterAnswer::Disabled => {
+                    let body = OperationStatus {
+                        operation_id: operation_id.to_owned(),
+                        status: status::DISABLED.into(),
+                        registration_state: Some(RegistrationState {
+                            registration_id: device.registration_id.clone(),
+                            status: status::DISABLED.into(),
+                            ..Default::default()
+                        }),
+                    };
+                    self.event(device, status::DISABLED, None, None, reason.reason())
+                        .await;
+                    Ok(Decision {
+                        body: to_json(&body),
+                        device_id: None,
+                    })
+                }
+                RegisterAnswer::NotFound => Err((codes::NOT_FOUND, message)),
+                RegisterAnswer::Unauthorized => Err((codes::UNAUTHORIZED, message)),
             };
-            self.event(device, "disabled", None, None, "enrollment is disabled")
-                .await;
-            return Ok(Decision {
-                body: to_json(&body),
-                device_id: None,
-            });
         }
-        let existing = self
-            .store
-            .registration(&device.registration_id)
-            .map_err(internal)?;
-        let policy = resolved.settings.reprovision_policy.unwrap_or_default();
-        let keep_hub = existing
+        let resolved = resolve(device, &standing)?;
+        let existing = standing
+            .registration
             .as_ref()
-            .filter(|r| r.status == "assigned" && !policy.update_hub_assignment)
-            .and_then(|r| r.assigned_hub.clone());
-        let hub = match keep_hub {
-            Some(hub) => hub,
-            None => self.allocate(&device.registration_id, &resolved.settings)?,
+            .filter(|r| r.status == status::ASSIGNED);
+        let policy = resolved.settings.reprovision_policy.unwrap_or_default();
+        let (hub, kept_twin) = match existing {
+            // The hub and the device's data stay where they are.
+            Some(old) if !policy.update_hub_assignment => {
+                let hub = match &old.assigned_hub {
+                    Some(hub) => hub.clone(),
+                    None => self.allocate(&device.registration_id, &resolved.settings)?,
+                };
+                (hub, old.initial_twin.clone())
+            }
+            Some(old) => {
+                let hub = self.allocate(&device.registration_id, &resolved.settings)?;
+                let data = old.initial_twin.clone();
+                (hub, data.filter(|_| policy.migrate_device_data))
+            }
+            None => (
+                self.allocate(&device.registration_id, &resolved.settings)?,
+                None,
+            ),
         };
-        let twin = resolved
-            .settings
-            .initial_twin
-            .clone()
-            .unwrap_or_else(|| json!({"tags": {}, "properties": {"desired": {}}}));
+        let twin = kept_twin.unwrap_or_else(|| {
+            resolved
+                .settings
+                .initial_twin
+                .clone()
+                .unwrap_or_else(|| json!({"tags": {}, "properties": {"desired": {}}}))
+        });
         let source = Some(AttestationSource {
             enrollment_group_id: resolved.group_id.clone(),
+            certificate_info: device.certificate.as_ref().map(|c| c.info.clone()),
         });
         let (x509, symmetric_key) = match device.kind {
             AttestationType::X509 => (source, None),
@@ -277,7 +321,7 @@ impl Responder {
             created_date_time_utc: Some(now.clone()),
             assigned_hub: Some(hub.clone()),
             device_id: Some(resolved.device_id.clone()),
-            status: "assigned".into(),
+            status: status::ASSIGNED.into(),
             substatus: Some("initialAssignment".into()),
             last_updated_date_time_utc: Some(now),
             etag: None,
@@ -288,29 +332,20 @@ impl Responder {
             error_code: None,
             error_message: None,
         };
-        let unchanged = existing.as_ref().is_some_and(|old| {
-            old.status == "assigned"
-                && old.assigned_hub == state.assigned_hub
+        let unchanged = existing.is_some_and(|old| {
+            old.assigned_hub == state.assigned_hub
                 && old.device_id == state.device_id
                 && old.initial_twin == state.initial_twin
                 && old.x509 == state.x509
                 && old.symmetric_key == state.symmetric_key
         });
-        if let (true, Some(old)) = (unchanged, &existing) {
+        if let (true, Some(old)) = (unchanged, existing) {
             // DPS: re-registering with no change returns the same assignment and etag.
             state = old.clone();
         } else {
-            if let Some(old) = existing.as_ref().filter(|r| r.status == "assigned") {
+            if let Some(old) = existing {
                 state.created_date_time_utc = old.created_date_time_utc.clone();
-                state.substatus = Some(if old.assigned_hub == state.assigned_hub {
-                    old.substatus
-                        .clone()
-                        .unwrap_or_else(|| "initialAssignment".into())
-                } else if policy.migrate_device_data {
-                    "deviceDataMigrated".into()
-                } else {
-                    "deviceDataReset".into()
-                });
+                state.substatus = Some(substatus(old, &state, policy.migrate_device_data));
             }
             state.etag = Some(format!("\"{}\"", self.random_token(12)));
             self.store.put_registration(&state).map_err(internal)?;
@@ -322,56 +357,24 @@ impl Responder {
             )
             .await;
         }
-        self.event(device, "assigned", Some(&hub), None, "").await;
+        // The rights the answer grants are the access rule's, with the new record.
+        let mut facts = standing.facts(device);
+        facts.assigned_device_id = Some(&resolved.device_id);
+        let device_id = match edgedps_policies::access::decide(&facts) {
+            Access::Hub { device_id } => Some(device_id),
+            _ => None,
+        };
+        self.event(device, status::ASSIGNED, Some(&hub), None, "")
+            .await;
         let body = OperationStatus {
             operation_id: operation_id.to_owned(),
-            status: "assigned".into(),
+            status: status::ASSIGNED.into(),
             registration_state: Some(state),
         };
         Ok(Decision {
             body: to_json(&body),
-            device_id: Some(resolved.device_id),
+            device_id,
         })
-    }
-
-    /// The current enrollment behind an attested device.
-    fn resolve(&self, device: &Attested) -> Result<Resolved, (u32, String)> {
-        match &device.source {
-            EnrollmentSource::Individual => {
-                let enrollment = self
-                    .store
-                    .enrollment(&device.registration_id)
-                    .map_err(internal)?
-                    .ok_or_else(|| {
-                        (
-                            codes::NOT_FOUND,
-                            format!("no enrollment for `{}`", device.registration_id),
-                        )
-                    })?;
-                Ok(Resolved {
-                    group_id: None,
-                    device_id: enrollment
-                        .device_id
-                        .clone()
-                        .unwrap_or_else(|| device.registration_id.clone()),
-                    settings: enrollment.settings,
-                })
-            }
-            EnrollmentSource::Group(group_id) => {
-                let groups = read(&self.groups);
-                let entry = groups.get(group_id).ok_or_else(|| {
-                    (
-                        codes::NOT_FOUND,
-                        format!("enrollment group `{group_id}` no longer exists"),
-                    )
-                })?;
-                Ok(Resolved {
-                    group_id: Some(group_id.clone()),
-                    device_id: device.registration_id.clone(),
-                    settings: entry.group.settings.clone(),
-                })
-            }
-        }
     }
 
     /// Picks a hub by the enrollment's policy (or the service default).
@@ -421,6 +424,28 @@ impl Responder {
                 "no linked hub can be assigned to this device".into(),
             )
         })
+    }
+
+    /// An error answer to a register, published as a `refused` event first.
+    async fn refuse(&self, device: &Attested, code: u32, message: String) -> Reply {
+        let event = refusal_event(device, "register", code, &message);
+        self.publish(
+            admin::registration_event_topic(&device.registration_id),
+            to_json(&event),
+            false,
+        )
+        .await;
+        self.error(code, message)
+    }
+
+    /// An error answer to a poll, published as a `refused` event first.
+    fn refuse_poll(&self, device: &Attested, code: u32, message: String) -> Reply {
+        let event = refusal_event(device, "poll", code, &message);
+        self.try_publish(
+            admin::registration_event_topic(&device.registration_id),
+            to_json(&event),
+        );
+        self.error(code, message)
     }
 
     async fn event(
@@ -486,17 +511,74 @@ impl Responder {
         }
     }
 
-    /// A 429 with the wait the limit asks for.
-    fn throttled(&self, retry_after: u32, why: &str) -> Reply {
-        let mut reply = self.error(codes::THROTTLED, format!("throttled: {why}"));
-        reply.retry_after = Some(retry_after);
-        reply
-    }
-
     /// Operation ids in the shape Azure uses: `4.{16 hex}.{uuid-like}`.
     fn operation_id(&self) -> String {
         format!("4.{}", self.random_token(18))
     }
+}
+
+/// The enrollment a device in service follows now.
+fn resolve(device: &Attested, standing: &Standing) -> Result<Resolved, (u32, String)> {
+    let gone = || {
+        (
+            codes::NOT_FOUND,
+            format!("no enrollment for `{}`", device.registration_id),
+        )
+    };
+    match &device.source {
+        EnrollmentSource::Individual => {
+            let enrollment = standing.individual.as_ref().ok_or_else(gone)?;
+            Ok(Resolved {
+                group_id: None,
+                device_id: enrollment
+                    .device_id
+                    .clone()
+                    .unwrap_or_else(|| device.registration_id.clone()),
+                settings: enrollment.settings.clone(),
+            })
+        }
+        EnrollmentSource::Group(group_id) => {
+            let group = standing.group.as_ref().ok_or_else(gone)?;
+            Ok(Resolved {
+                group_id: Some(group_id.clone()),
+                device_id: device.registration_id.clone(),
+                settings: group.settings.clone(),
+            })
+        }
+    }
+}
+
+/// The substatus of a re-registration that changed something (PROTOCOL A6).
+fn substatus(old: &RegistrationState, new: &RegistrationState, migrate: bool) -> String {
+    if old.assigned_hub != new.assigned_hub {
+        if migrate {
+            "deviceDataMigrated".into()
+        } else {
+            "deviceDataReset".into()
+        }
+    } else if !migrate && old.initial_twin != new.initial_twin {
+        "deviceDataReset".into()
+    } else {
+        old.substatus
+            .clone()
+            .unwrap_or_else(|| "initialAssignment".into())
+    }
+}
+
+/// The event of a refused register or poll: what was asked, the code, the reason.
+fn refusal_event(device: &Attested, request: &str, code: u32, message: &str) -> Value {
+    let mut event = json!({
+        "registrationId": device.registration_id,
+        "outcome": "refused",
+        "request": request,
+        "errorCode": code,
+        "message": message,
+        "timestampUtc": timestamp_now(),
+    });
+    if let EnrollmentSource::Group(group) = &device.source {
+        event["enrollmentGroupId"] = json!(group);
+    }
+    event
 }
 
 fn internal(e: impl std::fmt::Display) -> (u32, String) {
@@ -544,6 +626,7 @@ mod tests {
             registration_id: id.into(),
             source: EnrollmentSource::Individual,
             kind: AttestationType::SymmetricKey,
+            certificate: None,
         }
     }
 

@@ -1,7 +1,7 @@
 //! The enrollment store: sled trees with CBOR values (DESIGN: store).
 //!
 //! Trees: `enrollments` and `registrations` keyed by lower-case registration id,
-//! `groups` by group id, `hubs` by host name. A write is acknowledged only after a flush
+//! `groups` by group id, `hubs` by host name, `crls` by the name an operator gave. A write is acknowledged only after a flush
 //! that covers it; writes that arrive together share one flush (group commit).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,6 +30,16 @@ pub enum StoreError {
     Flush(String),
 }
 
+/// A revocation list as stored: the list, the CA certificate that verified it, and the
+/// certificates the operator sent with it (republished with it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct CrlRecord {
+    pub name: String,
+    pub crl: Vec<u8>,
+    pub issuer_certificate: Vec<u8>,
+    pub sent_certificates: Vec<Vec<u8>>,
+}
+
 /// Flush progress shared between writers and the flusher task.
 #[derive(Debug, Clone, Default)]
 struct FlushState {
@@ -53,6 +63,7 @@ struct Inner {
     groups: sled::Tree,
     hubs: sled::Tree,
     registrations: sled::Tree,
+    crls: sled::Tree,
     commit: Arc<GroupCommit>,
 }
 
@@ -84,6 +95,7 @@ impl Store {
             groups: db.open_tree("groups")?,
             hubs: db.open_tree("hubs")?,
             registrations: db.open_tree("registrations")?,
+            crls: db.open_tree("crls")?,
             db,
             commit: Arc::new(GroupCommit {
                 requested: AtomicU64::new(0),
@@ -200,6 +212,18 @@ impl Store {
 
     pub fn registrations(&self) -> Result<Vec<RegistrationState>, StoreError> {
         all(&self.inner.registrations, "registrations")
+    }
+
+    pub fn put_crl(&self, record: &CrlRecord) -> Result<(), StoreError> {
+        put(&self.inner.crls, &record.name, record)
+    }
+
+    pub fn remove_crl(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.inner.crls.remove(name)?.is_some())
+    }
+
+    pub fn crls(&self) -> Result<Vec<CrlRecord>, StoreError> {
+        all(&self.inner.crls, "crls")
     }
 }
 

@@ -18,6 +18,8 @@ pub enum RecordKind {
     EnrollmentGroup,
     Hub,
     Registration,
+    /// `dps/crls/{name}`: a certificate revocation list (PEM or DER).
+    Crl,
 }
 
 impl RecordKind {
@@ -28,6 +30,7 @@ impl RecordKind {
             RecordKind::EnrollmentGroup => "enrollment-groups",
             RecordKind::Hub => "hubs",
             RecordKind::Registration => "registrations",
+            RecordKind::Crl => "crls",
         }
     }
 
@@ -45,6 +48,8 @@ impl RecordKind {
 pub enum AdminTopic {
     /// A retained record an operator may write.
     Record { kind: RecordKind, id: String },
+    /// `dps/admin/retire/{registrationId}`: take one device out of service in one step.
+    Retire { registration_id: String },
     /// Results and events: written by edgedps only.
     Output,
     /// Anything else under `dps/`.
@@ -63,16 +68,51 @@ pub fn parse_topic(topic: &str) -> Option<AdminTopic> {
         "enrollment-groups" => RecordKind::EnrollmentGroup,
         "hubs" => RecordKind::Hub,
         "registrations" => RecordKind::Registration,
-        "admin" | "events" => return Some(AdminTopic::Output),
+        "crls" => RecordKind::Crl,
+        "admin" => {
+            return Some(match id.strip_prefix("retire/") {
+                Some(rid) if plain_id(rid) => AdminTopic::Retire {
+                    registration_id: rid.to_owned(),
+                },
+                Some(_) => AdminTopic::Unknown,
+                None => AdminTopic::Output,
+            })
+        }
+        "events" => return Some(AdminTopic::Output),
         _ => return Some(AdminTopic::Unknown),
     };
-    if id.is_empty() || id.contains('/') || id.contains('+') || id.contains('#') {
+    if !plain_id(id) {
         return Some(AdminTopic::Unknown);
     }
     Some(AdminTopic::Record {
         kind,
         id: id.to_owned(),
     })
+}
+
+/// One topic level, without wildcards.
+fn plain_id(id: &str) -> bool {
+    !id.is_empty() && !id.contains(['/', '+', '#'])
+}
+
+/// Where the result of a retirement goes: `dps/admin/results/retire/{registrationId}`.
+pub fn retire_result_topic(registration_id: &str) -> String {
+    format!("{PREFIX}admin/results/retire/{registration_id}")
+}
+
+/// Where the audit event of a retirement goes: `dps/events/admin/retire/{registrationId}`.
+pub fn retire_event_topic(registration_id: &str) -> String {
+    format!("{PREFIX}events/admin/retire/{registration_id}")
+}
+
+/// Where refused topic uses (ACL denials, refused subscriptions) of a session go. Client
+/// ids that are not valid registration ids share `_invalid`.
+pub fn acl_event_topic(client_id: &str) -> String {
+    if crate::identity::valid_registration_id(client_id) {
+        format!("{PREFIX}events/acl/{client_id}")
+    } else {
+        format!("{PREFIX}events/acl/_invalid")
+    }
 }
 
 pub fn registration_event_topic(registration_id: &str) -> String {
@@ -102,6 +142,8 @@ pub enum AdminOperation {
     Write,
     /// An empty retained message.
     Delete,
+    /// `dps/admin/retire/{registrationId}`.
+    Retire,
 }
 
 /// What became of it.
@@ -111,6 +153,8 @@ pub enum AdminOutcome {
     Created,
     Updated,
     Deleted,
+    /// A device retired in one step.
+    Retired,
     Rejected,
 }
 
@@ -127,6 +171,41 @@ pub enum Retirement {
     Deregistered,
     /// A linked hub removed.
     Unlinked,
+    /// A device retired in one step (`dps/admin/retire/{id}`).
+    Retired,
+    /// Certificates revoked by a certificate revocation list.
+    Revoked,
+}
+
+/// The body of `dps/admin/retire/{registrationId}`; an empty message is `{}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetireRequest {
+    /// Why, for the audit trail.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+}
+
+/// Longest retirement reason kept, in bytes.
+pub const MAX_RETIRE_REASON: usize = 512;
+
+/// What a write did to live sessions and registrations; zero counts are left out of
+/// the JSON. Results and audit events carry it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Effects {
+    /// Live sessions closed because the write took their device out of service.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub sessions_closed: Option<u32>,
+    /// Registration records marked `deregistered` (deletes and retirements).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub registrations_deregistered: Option<u32>,
+    /// Retained `devices/{deviceId}/#` messages cleared (retirements).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub retained_messages_purged: Option<u32>,
+    /// Certificates a revocation list revokes.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub revoked_certificates: Option<u32>,
 }
 
 /// The audit event of one admin write, on [`admin_event_topic`]. It carries no record
@@ -150,6 +229,11 @@ pub struct AdminEvent {
     pub error_code: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub message: Option<String>,
+    /// The operator's reason, for retirements.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+    #[serde(flatten)]
+    pub effects: Effects,
     pub timestamp_utc: String,
 }
 
@@ -164,6 +248,8 @@ pub struct AdminResult {
     pub error_code: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub message: Option<String>,
+    #[serde(flatten)]
+    pub effects: Effects,
 }
 
 /// Admin error codes (HTTP-style, as the DPS service API answers them).
@@ -171,6 +257,7 @@ pub mod codes {
     pub const BAD_REQUEST: u16 = 400;
     pub const FORBIDDEN: u16 = 403;
     pub const NOT_FOUND: u16 = 404;
+    pub const CONFLICT: u16 = 409;
     pub const PRECONDITION_FAILED: u16 = 412;
     pub const INTERNAL: u16 = 500;
 }
@@ -381,6 +468,40 @@ mod tests {
         assert_eq!(parse_topic("dps/enrollments/"), Some(AdminTopic::Unknown));
         assert_eq!(parse_topic("dps/other/x"), Some(AdminTopic::Unknown));
         assert_eq!(parse_topic("devices/x"), None);
+        assert_eq!(
+            parse_topic("dps/crls/root-2026"),
+            Some(AdminTopic::Record {
+                kind: RecordKind::Crl,
+                id: "root-2026".into()
+            })
+        );
+    }
+
+    #[test]
+    fn retire_topics_parse_and_outputs_stay_outputs() {
+        assert_eq!(
+            parse_topic("dps/admin/retire/dev-1"),
+            Some(AdminTopic::Retire {
+                registration_id: "dev-1".into()
+            })
+        );
+        for topic in [
+            "dps/admin/retire/",
+            "dps/admin/retire/a/b",
+            "dps/admin/retire/+",
+        ] {
+            assert_eq!(parse_topic(topic), Some(AdminTopic::Unknown), "{topic}");
+        }
+        assert_eq!(
+            parse_topic("dps/admin/results/retire/dev-1"),
+            Some(AdminTopic::Output)
+        );
+        assert_eq!(
+            retire_result_topic("dev-1"),
+            "dps/admin/results/retire/dev-1"
+        );
+        assert_eq!(acl_event_topic("dev-1"), "dps/events/acl/dev-1");
+        assert_eq!(acl_event_topic("a/#"), "dps/events/acl/_invalid");
     }
 
     #[test]

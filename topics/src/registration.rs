@@ -58,12 +58,40 @@ impl RegisterRequest {
     }
 }
 
+/// Values of `status` in a registration record and an operation.
+pub mod status {
+    pub const ASSIGNING: &str = "assigning";
+    pub const ASSIGNED: &str = "assigned";
+    pub const FAILED: &str = "failed";
+    pub const DISABLED: &str = "disabled";
+    /// The record of a device whose enrollment was deleted, or that was retired: it
+    /// stays for the operator's information and grants nothing.
+    pub const DEREGISTERED: &str = "deregistered";
+}
+
 /// Where a registration's attestation came from, as DPS reports it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AttestationSource {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub enrollment_group_id: Option<String>,
+    /// X.509: the leaf the device registered with (Azure's `certificateInfo`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub certificate_info: Option<CertificateInfo>,
+}
+
+/// A certificate as a registration record describes it (Azure's `X509CertificateInfo`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateInfo {
+    pub subject_name: String,
+    /// SHA-256 of the DER, upper-case hex.
+    pub sha256_thumbprint: String,
+    pub issuer_name: String,
+    /// Upper-case hex.
+    pub serial_number: String,
+    pub not_before_utc: String,
+    pub not_after_utc: String,
 }
 
 /// `registrationState` of a response, and the body of the retained
