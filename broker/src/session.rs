@@ -361,8 +361,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let disconnect = rumqttd::protocol::Disconnect {
                 reason_code: rumqttd::protocol::DisconnectReasonCode::AdministrativeAction,
             };
+            // With a reason string: rumqttd's encoder miscounts the length of a
+            // DISCONNECT that has a reason code but no properties.
+            let properties = rumqttd::protocol::DisconnectProperties {
+                session_expiry_interval: None,
+                reason_string: Some(format!("taken out of service: {cut}")),
+                user_properties: Vec::new(),
+                server_reference: None,
+            };
             // Best effort: the connection closes either way.
-            if self.send(Packet::Disconnect(disconnect, None)).is_ok() {
+            if self
+                .send(Packet::Disconnect(disconnect, Some(properties)))
+                .is_ok()
+            {
                 let _ = self.flush().await;
             }
         }

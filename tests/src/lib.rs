@@ -15,6 +15,8 @@ use serde_json::Value;
 
 pub use edgedps_device::provision::{DeviceAuth, DeviceConfig, Outcome};
 
+pub mod live;
+
 pub const ID_SCOPE: &str = "0ne00000001";
 
 /// A CA that can sign certificates.
@@ -77,6 +79,31 @@ impl Ca {
         }
     }
 
+    /// A PEM revocation list of this CA that revokes `revoked` (PEM certificates).
+    pub fn crl(&self, revoked: &[&Identity]) -> String {
+        let now = time::OffsetDateTime::now_utc();
+        rcgen::CertificateRevocationListParams {
+            this_update: now - time::Duration::minutes(1),
+            next_update: now + time::Duration::days(7),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|identity| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(&identity.serial()),
+                    revocation_time: now - time::Duration::minutes(1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&self.issuer)
+        .expect("CRL")
+        .pem()
+        .expect("CRL PEM")
+    }
+
     /// The TLS server certificate for `localhost` and 127.0.0.1.
     pub fn server(&self) -> Identity {
         let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
@@ -93,6 +120,23 @@ impl Ca {
             cert_pem: format!("{}{}", cert.pem(), self.pem),
             key_pem: key.serialize_pem(),
         }
+    }
+}
+
+impl Identity {
+    /// The certificate's serial number, as its DER integer bytes.
+    pub fn serial(&self) -> Vec<u8> {
+        let (_, pem) =
+            x509_parser::pem::parse_x509_pem(self.cert_pem.as_bytes()).expect("certificate PEM");
+        let cert = pem.parse_x509().expect("certificate");
+        cert.raw_serial().to_vec()
+    }
+
+    /// SHA-256 of the certificate, upper-case hex.
+    pub fn thumbprint(&self) -> String {
+        let (_, pem) =
+            x509_parser::pem::parse_x509_pem(self.cert_pem.as_bytes()).expect("certificate PEM");
+        edgedps_policies::x509::thumbprint(&pem.contents)
     }
 }
 
@@ -324,6 +368,28 @@ impl Operator {
     /// Publishes a retained record and returns the result's bytes as published.
     pub async fn write_raw(&mut self, topic: &str, body: &[u8]) -> Vec<u8> {
         let result_topic = topic.replacen("dps/", "dps/admin/results/", 1);
+        self.publish_for_result(topic, body, &result_topic).await
+    }
+
+    /// Retires a device (`dps/admin/retire/{id}`) and returns the result.
+    pub async fn retire(&mut self, registration_id: &str, body: &[u8]) -> Value {
+        let result = self
+            .publish_for_result(
+                &format!("dps/admin/retire/{registration_id}"),
+                body,
+                &format!("dps/admin/results/retire/{registration_id}"),
+            )
+            .await;
+        serde_json::from_slice(&result).expect("result is JSON")
+    }
+
+    /// Publishes (retained) and returns the first message on `result_topic`.
+    pub async fn publish_for_result(
+        &mut self,
+        topic: &str,
+        body: &[u8],
+        result_topic: &str,
+    ) -> Vec<u8> {
         self.client
             .publish(topic, QoS::AtLeastOnce, true, body.to_vec())
             .await

@@ -1,0 +1,491 @@
+//! Retirement end to end (PROTOCOL B, "Retirement"; docs/security.md promise 2).
+//!
+//! For every way of taking a device out of service, against the real listeners, with
+//! symmetric-key and X.509 devices, over MQTT 3.1.1 and 5:
+//! (a) the live session is closed within 1 s (MQTT 5: DISCONNECT 0x98 first), and the
+//!     write's result counts it;
+//! (b) on reconnect the device gets no `devices/{id}/#` subscription and its publishes
+//!     there are refused (or, when no enrollment accepts it any more, no CONNECT);
+//! (c) its register answers `disabled` (or 404, or no CONNECT);
+//! (d) undoing the write restores its access;
+//! and a bystander (of the same group where the write leaves the group in service)
+//! keeps its session and its topics throughout.
+
+use std::time::{Duration, Instant};
+
+use edgedps_tests::live::{Closed, LiveDevice, Protocol};
+use edgedps_tests::*;
+use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
+use serde_json::{json, Value};
+
+/// How the device is enrolled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Credential {
+    SymmetricKey,
+    X509,
+}
+
+/// The ways of taking a device out of service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Way {
+    DisableEnrollment,
+    DeleteEnrollment,
+    DisableGroup,
+    DeleteGroup,
+    /// A disabled individual enrollment for one device (or one certificate) of a group.
+    BlockInGroup,
+    /// The operator clears the registration record.
+    Deregister,
+    /// `dps/admin/retire/{id}`.
+    Retire,
+    /// A CRL that revokes the device's certificate.
+    Revoke,
+}
+
+impl Way {
+    /// Whether the device comes through a group (else an individual enrollment).
+    fn group_device(self) -> bool {
+        !matches!(self, Way::DisableEnrollment | Way::DeleteEnrollment)
+    }
+
+    /// Whether the write leaves the device's group in service, so that a bystander of
+    /// the same group keeps working.
+    fn group_stays(self) -> bool {
+        !matches!(self, Way::DisableGroup | Way::DeleteGroup)
+    }
+}
+
+/// What a reconnecting device meets once it is out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reconnect {
+    /// It connects; its register answers `200 disabled`.
+    Disabled,
+    /// Nothing accepts its credential any more: CONNACK 5.
+    Refused,
+    /// It connects without hub rights and may register again (it is still enrolled).
+    Unregistered,
+}
+
+impl Way {
+    fn reconnect(self) -> Reconnect {
+        match self {
+            Way::DisableEnrollment | Way::DisableGroup | Way::BlockInGroup | Way::Retire => {
+                Reconnect::Disabled
+            }
+            Way::DeleteEnrollment | Way::DeleteGroup | Way::Revoke => Reconnect::Refused,
+            Way::Deregister => Reconnect::Unregistered,
+        }
+    }
+}
+
+/// One enrolled device: its id, its credential and what its enrollment looks like.
+struct Member {
+    id: String,
+    auth: DeviceAuth,
+    certificate: Option<Identity>,
+}
+
+/// The enrollments of one scenario.
+struct Scene {
+    server: Server,
+    operator: Operator,
+    credential: Credential,
+    group: String,
+    group_key: String,
+}
+
+impl Scene {
+    async fn new(credential: Credential, name: &str) -> Scene {
+        let server = Server::start().await;
+        let mut operator = server.operator().await;
+        let group = format!("{name}-group");
+        let group_key = new_key();
+        let body = match credential {
+            Credential::SymmetricKey => symmetric_group(&group, &group_key),
+            Credential::X509 => x509_group(&group, &pki().device_root.pem),
+        };
+        operator
+            .put(&format!("dps/enrollment-groups/{group}"), body)
+            .await;
+        Scene {
+            server,
+            operator,
+            credential,
+            group,
+            group_key,
+        }
+    }
+
+    fn group_body(&self) -> Value {
+        match self.credential {
+            Credential::SymmetricKey => symmetric_group(&self.group, &self.group_key),
+            Credential::X509 => x509_group(&self.group, &pki().device_root.pem),
+        }
+    }
+
+    /// A device of the group.
+    fn group_member(&self, id: &str) -> Member {
+        match self.credential {
+            Credential::SymmetricKey => Member {
+                id: id.into(),
+                auth: sas(
+                    &edgedps_policies::sas::derive_device_key(&self.group_key, id)
+                        .expect("derived key"),
+                ),
+                certificate: None,
+            },
+            Credential::X509 => {
+                let identity = pki().device_intermediate.device(id);
+                Member {
+                    id: id.into(),
+                    auth: x509(&identity, &[&pki().device_intermediate]),
+                    certificate: Some(identity),
+                }
+            }
+        }
+    }
+
+    /// A device with an individual enrollment; returns it and its enrollment.
+    async fn individual(&mut self, id: &str) -> (Member, Value) {
+        let (member, body) = match self.credential {
+            Credential::SymmetricKey => {
+                let key = new_key();
+                let member = Member {
+                    id: id.into(),
+                    auth: sas(&key),
+                    certificate: None,
+                };
+                (member, symmetric_enrollment(id, &key))
+            }
+            Credential::X509 => {
+                // Self-signed: no group of the scene may admit it.
+                let identity = self_signed(id);
+                let body = x509_enrollment(id, &identity.cert_pem);
+                let member = Member {
+                    id: id.into(),
+                    auth: x509(&identity, &[]),
+                    certificate: Some(identity),
+                };
+                (member, body)
+            }
+        };
+        self.operator
+            .put(&format!("dps/enrollments/{id}"), body.clone())
+            .await;
+        (member, body)
+    }
+}
+
+/// Connects, registers, and checks the device has its hub topics.
+async fn provisioned(server: &Server, member: &Member, protocol: Protocol) -> LiveDevice {
+    let mut device = LiveDevice::connect(server, &member.id, &member.auth, protocol)
+        .await
+        .unwrap_or_else(|e| panic!("{} connects: {e}", member.id));
+    let (status, body) = device.register().await;
+    assert_eq!(status, 200, "{}: {body}", member.id);
+    assert_eq!(body["status"], "assigned", "{}: {body}", member.id);
+    assert!(
+        device.subscribe(&format!("devices/{}/#", member.id)).await,
+        "{}: hub topics refused while in service",
+        member.id
+    );
+    device
+}
+
+/// The device still uses its topics: what it publishes comes back to it.
+async fn still_works(device: &mut LiveDevice) {
+    let topic = format!("devices/{}/messages/events/", device.registration_id);
+    device.publish(&topic, b"ping".to_vec()).await;
+    let got = device.receive(Duration::from_secs(5)).await;
+    assert_eq!(
+        got.map(|(t, _)| t),
+        Some(topic),
+        "{}: the bystander's own topic stopped working",
+        device.registration_id
+    );
+}
+
+/// What the operator does to take the device out, and the result.
+async fn take_out(scene: &mut Scene, way: Way, member: &Member, individual: &Value) -> Value {
+    let group_body = scene.group_body();
+    let operator = &mut scene.operator;
+    match way {
+        Way::DisableEnrollment => {
+            let mut body = individual.clone();
+            body["provisioningStatus"] = json!("disabled");
+            operator
+                .put(&format!("dps/enrollments/{}", member.id), body)
+                .await
+        }
+        Way::DeleteEnrollment => {
+            operator
+                .write(&format!("dps/enrollments/{}", member.id), b"")
+                .await
+        }
+        Way::DisableGroup => {
+            let mut body = group_body;
+            body["provisioningStatus"] = json!("disabled");
+            operator
+                .put(&format!("dps/enrollment-groups/{}", scene.group), body)
+                .await
+        }
+        Way::DeleteGroup => {
+            operator
+                .write(&format!("dps/enrollment-groups/{}", scene.group), b"")
+                .await
+        }
+        Way::BlockInGroup => {
+            // Azure's way: a disabled individual enrollment with the device's
+            // certificate, or with any key for a symmetric-key device.
+            let mut body = match &member.certificate {
+                Some(identity) => x509_enrollment(&member.id, &identity.cert_pem),
+                None => symmetric_enrollment(&member.id, &new_key()),
+            };
+            body["provisioningStatus"] = json!("disabled");
+            operator
+                .put(&format!("dps/enrollments/{}", member.id), body)
+                .await
+        }
+        Way::Deregister => {
+            operator
+                .write(&format!("dps/registrations/{}", member.id), b"")
+                .await
+        }
+        Way::Retire => {
+            operator
+                .retire(&member.id, br#"{"reason": "stolen"}"#)
+                .await
+        }
+        Way::Revoke => {
+            let identity = member.certificate.as_ref().expect("an X.509 device");
+            // The intermediate issued the device's certificate; it is not a group's CA,
+            // so it travels with its list.
+            let body = format!(
+                "{}{}",
+                pki().device_intermediate.crl(&[identity]),
+                pki().device_intermediate.pem
+            );
+            operator
+                .write(&format!("dps/crls/{}", member.id), body.as_bytes())
+                .await
+        }
+    }
+}
+
+/// What the operator does to undo it.
+async fn restore(scene: &mut Scene, way: Way, member: &Member, individual: &Value) {
+    let group_body = scene.group_body();
+    let operator = &mut scene.operator;
+    match way {
+        Way::DisableEnrollment | Way::DeleteEnrollment => {
+            operator
+                .put(
+                    &format!("dps/enrollments/{}", member.id),
+                    individual.clone(),
+                )
+                .await;
+        }
+        Way::DisableGroup | Way::DeleteGroup => {
+            operator
+                .put(
+                    &format!("dps/enrollment-groups/{}", scene.group),
+                    group_body,
+                )
+                .await;
+        }
+        Way::BlockInGroup => {
+            let result = operator
+                .write(&format!("dps/enrollments/{}", member.id), b"")
+                .await;
+            assert_eq!(result["ok"], true, "{result}");
+        }
+        Way::Deregister => {}
+        Way::Retire => {
+            // The blocking enrollment holds the device's own credential: enabling it
+            // (the retained record, without keys, published back) restores the device.
+            operator
+                .subscribe(&format!("dps/enrollments/{}", member.id))
+                .await;
+            let (_, record) = operator
+                .next_publish(&format!("dps/enrollments/{}", member.id))
+                .await
+                .expect("the retained blocking enrollment");
+            let mut record: Value = serde_json::from_slice(&record).expect("JSON");
+            assert_eq!(record["provisioningStatus"], "disabled", "{record}");
+            record["provisioningStatus"] = json!("enabled");
+            operator
+                .put(&format!("dps/enrollments/{}", member.id), record)
+                .await;
+        }
+        Way::Revoke => {
+            let result = operator
+                .write(&format!("dps/crls/{}", member.id), b"")
+                .await;
+            assert_eq!(result["ok"], true, "{result}");
+        }
+    }
+}
+
+/// Runs one way of taking a device out of service, over both protocols; returns the
+/// cut-off latencies seen.
+async fn scenario(credential: Credential, way: Way) -> Vec<Duration> {
+    let mut latencies = Vec::new();
+    for protocol in [Protocol::V311, Protocol::V5] {
+        let name = format!(
+            "{}-{}-{}",
+            format!("{way:?}").to_lowercase(),
+            match credential {
+                Credential::SymmetricKey => "sas",
+                Credential::X509 => "x509",
+            },
+            match protocol {
+                Protocol::V311 => "v4",
+                Protocol::V5 => "v5",
+            }
+        );
+        let mut scene = Scene::new(credential, &name).await;
+        let target_id = format!("{name}-target");
+        let (member, individual) = if way.group_device() {
+            (scene.group_member(&target_id), Value::Null)
+        } else {
+            scene.individual(&target_id).await
+        };
+        // A bystander of the same group when the group stays in service; of another
+        // enrollment otherwise.
+        let bystander = if way.group_stays() && way.group_device() {
+            scene.group_member(&format!("{name}-bystander"))
+        } else {
+            scene.individual(&format!("{name}-bystander")).await.0
+        };
+        let mut watcher = provisioned(&scene.server, &bystander, protocol).await;
+        let mut device = provisioned(&scene.server, &member, protocol).await;
+
+        // (a) Out within a second, counted in the result.
+        let started = Instant::now();
+        let result = take_out(&mut scene, way, &member, &individual).await;
+        assert_eq!(result["ok"], true, "{name}: {result}");
+        assert_eq!(result["sessionsClosed"], 1, "{name}: {result}");
+        let closed = device
+            .closed_within(Duration::from_secs(1))
+            .await
+            .unwrap_or_else(|| panic!("{name}: the live session is still open after 1 s"));
+        latencies.push(started.elapsed());
+        if protocol == Protocol::V5 {
+            assert_eq!(
+                closed,
+                Closed::Disconnect(DisconnectReasonCode::AdministrativeAction),
+                "{name}"
+            );
+        }
+        // The bystander kept its session and its topics.
+        assert_eq!(
+            watcher.closed_within(Duration::from_millis(100)).await,
+            None
+        );
+        still_works(&mut watcher).await;
+
+        // (b) and (c): no hub rights on reconnect, and the register says why.
+        let reconnect =
+            LiveDevice::connect(&scene.server, &member.id, &member.auth, protocol).await;
+        match way.reconnect() {
+            Reconnect::Refused => {
+                let refusal = reconnect
+                    .err()
+                    .unwrap_or_else(|| panic!("{name}: connected"));
+                assert!(refusal.contains("NotAuthorized"), "{name}: {refusal}");
+            }
+            Reconnect::Disabled | Reconnect::Unregistered => {
+                let mut again = reconnect.unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert!(
+                    !again.subscribe(&format!("devices/{}/#", member.id)).await,
+                    "{name}: hub topics granted out of service"
+                );
+                if way.reconnect() == Reconnect::Disabled {
+                    let (status, body) = again.register().await;
+                    assert_eq!(
+                        (status, &body["status"]),
+                        (200, &json!("disabled")),
+                        "{name}: {body}"
+                    );
+                }
+                assert!(
+                    !again
+                        .publish_accepted(&format!("devices/{}/messages/events/", member.id))
+                        .await,
+                    "{name}: a publish to its hub topics was accepted"
+                );
+            }
+        }
+
+        // (d) Undone, the device is back.
+        restore(&mut scene, way, &member, &individual).await;
+        let mut back = LiveDevice::connect(&scene.server, &member.id, &member.auth, protocol)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: not back: {e}"));
+        let (status, body) = back.register().await;
+        assert_eq!(
+            (status, &body["status"]),
+            (200, &json!("assigned")),
+            "{name}: {body}"
+        );
+        assert!(
+            back.subscribe(&format!("devices/{}/#", member.id)).await,
+            "{name}"
+        );
+        assert!(
+            back.publish_accepted(&format!("devices/{}/messages/events/", member.id))
+                .await,
+            "{name}"
+        );
+        still_works(&mut watcher).await;
+    }
+    latencies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabling_an_individual_enrollment_cuts_its_device() {
+    scenario(Credential::SymmetricKey, Way::DisableEnrollment).await;
+    scenario(Credential::X509, Way::DisableEnrollment).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_individual_enrollment_cuts_its_device() {
+    scenario(Credential::SymmetricKey, Way::DeleteEnrollment).await;
+    scenario(Credential::X509, Way::DeleteEnrollment).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabling_a_group_cuts_its_devices() {
+    scenario(Credential::SymmetricKey, Way::DisableGroup).await;
+    scenario(Credential::X509, Way::DisableGroup).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_group_cuts_its_devices() {
+    scenario(Credential::SymmetricKey, Way::DeleteGroup).await;
+    scenario(Credential::X509, Way::DeleteGroup).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_one_device_or_certificate_of_a_group_cuts_it_alone() {
+    scenario(Credential::SymmetricKey, Way::BlockInGroup).await;
+    scenario(Credential::X509, Way::BlockInGroup).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clearing_the_registration_record_cuts_the_device() {
+    scenario(Credential::SymmetricKey, Way::Deregister).await;
+    scenario(Credential::X509, Way::Deregister).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retiring_a_device_cuts_it_and_enabling_its_block_restores_it() {
+    scenario(Credential::SymmetricKey, Way::Retire).await;
+    scenario(Credential::X509, Way::Retire).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crl_that_revokes_a_live_certificate_cuts_its_session() {
+    let latencies = scenario(Credential::X509, Way::Revoke).await;
+    assert!(latencies.iter().all(|l| *l < Duration::from_secs(1)));
+}
