@@ -22,8 +22,8 @@ pub enum Protocol {
 }
 
 enum Client {
-    V311(rumqttc::AsyncClient, rumqttc::EventLoop),
-    V5(rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop),
+    V311(rumqttc::AsyncClient, Box<rumqttc::EventLoop>),
+    V5(rumqttc::v5::AsyncClient, Box<rumqttc::v5::EventLoop>),
 }
 
 /// How a connection ended.
@@ -82,7 +82,7 @@ impl LiveDevice {
                         Err(_) => return Err("no CONNACK".into()),
                     }
                 }
-                Client::V311(client, eventloop)
+                Client::V311(client, Box::new(eventloop))
             }
             Protocol::V5 => {
                 let mut options = rumqttc::v5::MqttOptions::new(
@@ -105,7 +105,7 @@ impl LiveDevice {
                         Err(_) => return Err("no CONNACK".into()),
                     }
                 }
-                Client::V5(client, eventloop)
+                Client::V5(client, Box::new(eventloop))
             }
         };
         let mut device = LiveDevice {
