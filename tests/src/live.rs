@@ -200,6 +200,25 @@ impl LiveDevice {
         }
     }
 
+    /// Publishes a retained message at QoS 1.
+    pub async fn publish_retained(&mut self, topic: &str, payload: Vec<u8>) {
+        match &mut self.client {
+            Client::V311(client, _) => client
+                .publish(topic, QoS::AtLeastOnce, true, payload)
+                .await
+                .expect("publish"),
+            Client::V5(client, _) => client
+                .publish(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    true,
+                    payload,
+                )
+                .await
+                .expect("publish"),
+        }
+    }
+
     /// Publishes at QoS 1 and says whether edgedps acknowledged it and kept the session
     /// (a refused publish closes the session).
     pub async fn publish_accepted(&mut self, topic: &str) -> bool {

@@ -489,3 +489,263 @@ async fn a_crl_that_revokes_a_live_certificate_cuts_its_session() {
     let latencies = scenario(Credential::X509, Way::Revoke).await;
     assert!(latencies.iter().all(|l| *l < Duration::from_secs(1)));
 }
+
+/// The next message on exactly `topic`, as JSON.
+async fn next_json(operator: &mut Operator, topic: &str) -> Value {
+    loop {
+        let (got, body) = operator
+            .next_publish(topic)
+            .await
+            .unwrap_or_else(|| panic!("nothing on {topic}"));
+        if got == topic {
+            return serde_json::from_slice(&body).expect("JSON");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retiring_purges_retained_messages_is_audited_and_idempotent() {
+    let mut scene = Scene::new(Credential::SymmetricKey, "purge").await;
+    let member = scene.group_member("purge-1");
+    let bystander = scene.group_member("purge-2");
+    let mut watcher = provisioned(&scene.server, &bystander, Protocol::V5).await;
+    let mut device = provisioned(&scene.server, &member, Protocol::V311).await;
+    // Two retained messages under its topics: one of its own, one an operator left.
+    device
+        .publish_retained("devices/purge-1/state", b"on".to_vec())
+        .await;
+    assert!(
+        device
+            .publish_accepted("devices/purge-1/messages/events/")
+            .await
+    );
+    scene
+        .operator
+        .client
+        .publish(
+            "devices/purge-1/config",
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            b"v2".to_vec(),
+        )
+        .await
+        .expect("publish");
+    watcher
+        .publish_retained("devices/purge-2/state", b"on".to_vec())
+        .await;
+    assert!(
+        watcher
+            .publish_accepted("devices/purge-2/messages/events/")
+            .await
+    );
+
+    let mut auditor = scene.server.operator().await;
+    auditor.subscribe("dps/events/admin/retire/#").await;
+    auditor.subscribe("dps/registrations/purge-1").await;
+    let _ = auditor.next_publish("dps/registrations/purge-1").await;
+
+    let result = scene
+        .operator
+        .retire("purge-1", br#"{"reason": "stolen from site 4"}"#)
+        .await;
+    assert_eq!(result["ok"], true, "{result}");
+    assert_eq!(result["sessionsClosed"], 1, "{result}");
+    assert_eq!(result["registrationsDeregistered"], 1, "{result}");
+    assert_eq!(result["retainedMessagesPurged"], 2, "{result}");
+    assert!(device.closed_within(Duration::from_secs(1)).await.is_some());
+
+    let mut event = Value::Null;
+    let mut record = Value::Null;
+    while event.is_null() || record.is_null() {
+        let (topic, body) = auditor
+            .next_publish("dps/")
+            .await
+            .expect("event and record");
+        let body: Value = serde_json::from_slice(&body).expect("JSON");
+        match topic.as_str() {
+            "dps/events/admin/retire/purge-1" => event = body,
+            "dps/registrations/purge-1" => record = body,
+            _ => {}
+        }
+    }
+    assert_eq!(event["operation"], "retire", "{event}");
+    assert_eq!(event["outcome"], "retired", "{event}");
+    assert_eq!(event["retirement"], "retired", "{event}");
+    assert_eq!(event["reason"], "stolen from site 4", "{event}");
+    assert_eq!(event["sessionsClosed"], 1, "{event}");
+    assert_eq!(event["retainedMessagesPurged"], 2, "{event}");
+    assert!(event["operator"]
+        .as_str()
+        .unwrap_or_default()
+        .starts_with("operator-"));
+    assert_eq!(record["status"], "deregistered", "{record}");
+
+    // Nothing is left retained under its topics; the bystander's stays.
+    let mut reader = scene.server.operator().await;
+    reader.subscribe("devices/purge-1/#").await;
+    assert_eq!(reader.next_publish("devices/").await, None);
+    reader.subscribe("devices/purge-2/#").await;
+    let (topic, _) = reader.next_publish("devices/").await.expect("kept");
+    assert_eq!(topic, "devices/purge-2/state");
+
+    // Again: nothing more to do, and it says so.
+    let again = scene.operator.retire("purge-1", b"").await;
+    assert_eq!(again["ok"], true, "{again}");
+    assert_eq!(again["sessionsClosed"], 0, "{again}");
+    assert_eq!(again["registrationsDeregistered"], 0, "{again}");
+    assert_eq!(again["retainedMessagesPurged"], 0, "{again}");
+
+    // Bad input is refused with a reason and changes nothing.
+    let unknown = scene.operator.retire("never-enrolled", b"").await;
+    assert_eq!(
+        (unknown["ok"].clone(), unknown["errorCode"].clone()),
+        (json!(false), json!(404)),
+        "{unknown}"
+    );
+    let long = format!(r#"{{"reason": "{}"}}"#, "x".repeat(600));
+    for body in [br#"{"why": "typo"}"#.as_slice(), b"[1]", long.as_bytes()] {
+        let refused = scene.operator.retire("purge-2", body).await;
+        assert_eq!(refused["errorCode"], 400, "{refused}");
+    }
+    assert_eq!(
+        watcher.closed_within(Duration::from_millis(100)).await,
+        None
+    );
+    still_works(&mut watcher).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_mark_the_registrations_they_attested_deregistered() {
+    let mut scene = Scene::new(Credential::SymmetricKey, "marks").await;
+    for i in 0..3 {
+        let member = scene.group_member(&format!("marks-{i}"));
+        provisioned(&scene.server, &member, Protocol::V311).await;
+    }
+    let (single, _) = scene.individual("marks-single").await;
+    provisioned(&scene.server, &single, Protocol::V311).await;
+    // A device of another group is not touched.
+    let other = scene
+        .server
+        .register_group_devices(&mut scene.operator, "marks-other", 1)
+        .await;
+    assert_eq!(other[0].status_word(), Some("assigned"));
+
+    let result = scene
+        .operator
+        .write("dps/enrollment-groups/marks-group", b"")
+        .await;
+    assert_eq!(result["ok"], true, "{result}");
+    assert_eq!(result["registrationsDeregistered"], 3, "{result}");
+    let result = scene
+        .operator
+        .write("dps/enrollments/marks-single", b"")
+        .await;
+    assert_eq!(result["registrationsDeregistered"], 1, "{result}");
+
+    let mut reader = scene.server.operator().await;
+    reader.subscribe("dps/registrations/#").await;
+    let mut seen = std::collections::BTreeMap::new();
+    while let Some((topic, body)) = reader.next_publish("dps/registrations/").await {
+        let record: Value = serde_json::from_slice(&body).expect("JSON");
+        seen.insert(
+            topic,
+            record["status"].as_str().unwrap_or_default().to_owned(),
+        );
+        if seen.len() == 5 {
+            break;
+        }
+    }
+    for id in ["marks-0", "marks-1", "marks-2", "marks-single"] {
+        assert_eq!(
+            seen.get(&format!("dps/registrations/{id}"))
+                .map(String::as_str),
+            Some("deregistered"),
+            "{seen:?}"
+        );
+    }
+    assert_eq!(
+        seen.get("dps/registrations/marks-other-0")
+            .map(String::as_str),
+        Some("assigned"),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refused_attempt_is_an_event() {
+    let server = Server::start_with(|c| c.limits.registrations_per_device_per_minute = 1).await;
+    let mut operator = server.operator().await;
+    operator.subscribe("dps/events/registrations/#").await;
+    operator.subscribe("dps/events/acl/#").await;
+    let key = operator.enroll("noisy").await;
+    let mut device = LiveDevice::connect(&server, "noisy", &sas(&key), Protocol::V311)
+        .await
+        .expect("connects");
+    let expect_refused = |event: &Value, request: &str, code: u32| {
+        assert_eq!(event["outcome"], "refused", "{event}");
+        assert_eq!(event["request"], request, "{event}");
+        assert_eq!(event["errorCode"], code, "{event}");
+        assert!(event["message"].is_string(), "{event}");
+    };
+    // A malformed register body: 400004.
+    device
+        .publish(
+            "$dps/registrations/PUT/iotdps-register/?$rid=1",
+            b"[1]".to_vec(),
+        )
+        .await;
+    let (answer, _) = device
+        .receive(Duration::from_secs(5))
+        .await
+        .expect("an answer");
+    assert!(
+        answer.starts_with("$dps/registrations/res/400/"),
+        "{answer}"
+    );
+    let event = next_json(&mut operator, "dps/events/registrations/noisy").await;
+    expect_refused(&event, "register", 400004);
+    // A second registration within the minute, over a limit of one: 429001.
+    assert_eq!(device.register().await.0, 200);
+    let event = next_json(&mut operator, "dps/events/registrations/noisy").await;
+    assert_eq!(event["outcome"], "assigned", "{event}");
+    assert_eq!(device.register().await.0, 429);
+    let event = next_json(&mut operator, "dps/events/registrations/noisy").await;
+    expect_refused(&event, "register", 429001);
+    // A poll for an operation that does not exist: 404201.
+    device
+        .publish(
+            "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=9&operationId=4.nope",
+            Vec::new(),
+        )
+        .await;
+    let (answer, _) = device
+        .receive(Duration::from_secs(5))
+        .await
+        .expect("an answer");
+    assert!(
+        answer.starts_with("$dps/registrations/res/404/"),
+        "{answer}"
+    );
+    let event = next_json(&mut operator, "dps/events/registrations/noisy").await;
+    expect_refused(&event, "poll", 404201);
+    // A refused subscription, then a publish outside its topics (which closes it).
+    assert!(!device.subscribe("devices/someone-else/#").await);
+    let event = next_json(&mut operator, "dps/events/acl/noisy").await;
+    assert_eq!(
+        (&event["action"], &event["topic"], &event["outcome"]),
+        (
+            &json!("subscribe"),
+            &json!("devices/someone-else/#"),
+            &json!("refused")
+        ),
+        "{event}"
+    );
+    assert!(!device.publish_accepted("devices/someone-else/x").await);
+    let event = next_json(&mut operator, "dps/events/acl/noisy").await;
+    assert_eq!(
+        (&event["action"], &event["topic"]),
+        (&json!("publish"), &json!("devices/someone-else/x")),
+        "{event}"
+    );
+    assert!(!String::from_utf8_lossy(&serde_json::to_vec(&event).unwrap()).contains(&key));
+}
