@@ -1,6 +1,7 @@
 //! The stock Azure IoT device SDK for Python (azure-iot-device 2.14.0) provisions
 //! through edgedps, unmodified: symmetric key individual and group, X.509 individual
-//! and group via an intermediate, in both response modes.
+//! and group via an intermediate, in both response modes; and learns `disabled` once
+//! taken out of service after its assignment.
 //!
 //! The SDK always connects to port 8883 and checks the host name, so this test runs
 //! the real binary on 127.0.0.1:8883 with a server certificate for `localhost`. The
@@ -169,5 +170,51 @@ async fn stock_python_sdk_provisions_every_attestation_kind_in_both_modes() {
             "{}",
             results[1]
         );
+
+        // Taken out of service after their assignment: an individual enrollment
+        // disabled, and one certificate of the X.509 group blocked by a disabled
+        // individual enrollment. The SDK gets Azure's `disabled` status, which it
+        // reports as a service error, exactly as against Azure.
+        let mut disabled = symmetric_enrollment("py-sym-1", &individual_key);
+        disabled["provisioningStatus"] = json!("disabled");
+        operator.put("dps/enrollments/py-sym-1", disabled).await;
+        let mut blocked = x509_enrollment("py-x509-member", &member.cert_pem);
+        blocked["provisioningStatus"] = json!("disabled");
+        operator
+            .put("dps/enrollments/py-x509-member", blocked)
+            .await;
+        let request = json!({
+            "serverCaFile": server_ca,
+            "cases": [
+                {"name": "disabled after assignment", "kind": "symmetricKey", "idScope": ID_SCOPE,
+                 "registrationId": "py-sym-1", "key": individual_key},
+                {"name": "certificate blocked after assignment", "kind": "x509", "idScope": ID_SCOPE,
+                 "registrationId": "py-x509-member", "certFile": member_chain, "keyFile": member_key},
+            ]
+        });
+        let results = run_sdk(request).await;
+        assert_eq!(results.len(), 2, "{results:?}");
+        for result in &results {
+            let trace = result["trace"].as_str().unwrap_or_default();
+            assert!(
+                trace.contains("invalid registration status disabled with a status code of 200"),
+                "{mode}: {}: {result}",
+                result["name"]
+            );
+        }
+        // Re-enabled, the device provisions again.
+        operator
+            .put(
+                "dps/enrollments/py-sym-1",
+                symmetric_enrollment("py-sym-1", &individual_key),
+            )
+            .await;
+        let request = json!({
+            "serverCaFile": server_ca,
+            "cases": [{"name": "enabled again", "kind": "symmetricKey", "idScope": ID_SCOPE,
+                       "registrationId": "py-sym-1", "key": individual_key}]
+        });
+        let results = run_sdk(request).await;
+        assert_eq!(results[0]["status"], "assigned", "{mode}: {}", results[0]);
     }
 }
