@@ -1,6 +1,8 @@
-//! Crash safety: edgedps is killed with SIGKILL at random moments while devices register
-//! and an operator writes enrollments; after each restart every registration a device
-//! was told `assigned`, and every write reported `ok`, is still there.
+//! Crash safety: edgedps is killed with SIGKILL at random moments while devices register,
+//! an operator writes enrollments and another retires devices; after each restart every
+//! registration a device was told `assigned`, every write reported `ok`, and every
+//! retirement reported `ok` (a disabled individual enrollment, a `deregistered` record)
+//! is still there.
 //!
 //! `EDGEDPS_CRASH_KILLS` sets the number of kills (default 20).
 
@@ -63,6 +65,75 @@ async fn write_until_killed(port: u16, prefix: String, acknowledged: Arc<Mutex<B
     }
 }
 
+/// Retires devices that were assigned, one by one, until the connection breaks;
+/// records the retirements asked for and those reported ok.
+async fn retire_until_killed(
+    port: u16,
+    name: String,
+    assigned: Arc<Mutex<BTreeSet<String>>>,
+    asked: Arc<Mutex<BTreeSet<String>>>,
+    retired: Arc<Mutex<BTreeSet<String>>>,
+) {
+    let mut options = MqttOptions::new(format!("crash-retirer-{name}"), "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    if client
+        .subscribe("dps/admin/results/retire/#", QoS::AtLeastOnce)
+        .await
+        .is_err()
+        || wait_for(&mut eventloop, "SUBACK", |p| matches!(p, Packet::SubAck(_)))
+            .await
+            .is_err()
+    {
+        return;
+    }
+    loop {
+        let next = {
+            let asked = asked.lock().unwrap();
+            assigned
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|id| !asked.contains(*id))
+                .cloned()
+        };
+        let Some(id) = next else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        asked.lock().unwrap().insert(id.clone());
+        let topic = format!("dps/admin/retire/{id}");
+        if client
+            .publish(
+                topic,
+                QoS::AtLeastOnce,
+                false,
+                br#"{"reason":"crash test"}"#.to_vec(),
+            )
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let result_topic = format!("dps/admin/results/retire/{id}");
+        match wait_for(
+            &mut eventloop,
+            "result",
+            |p| matches!(p, Packet::Publish(p) if p.topic == result_topic),
+        )
+        .await
+        {
+            Ok(Packet::Publish(p)) => {
+                let result: serde_json::Value =
+                    serde_json::from_slice(&p.payload).unwrap_or_default();
+                assert_ne!(result["ok"], false, "retirement of {id} refused: {result}");
+                retired.lock().unwrap().insert(id);
+            }
+            _ => return,
+        }
+    }
+}
+
 /// Registers new group devices until the server goes away; records those assigned.
 async fn register_until_killed(
     port: u16,
@@ -104,14 +175,25 @@ async fn nothing_acknowledged_is_lost_when_killed() {
     }
     let written = Arc::new(Mutex::new(BTreeSet::new()));
     let assigned = Arc::new(Mutex::new(BTreeSet::new()));
+    let asked = Arc::new(Mutex::new(BTreeSet::new()));
+    let retired = Arc::new(Mutex::new(BTreeSet::new()));
     let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
     for kill in 0..kills {
         let mut process = Process::start(dir.path(), devices_port, local_port, "").await;
-        let mut tasks = vec![tokio::spawn(write_until_killed(
-            local_port,
-            format!("w{kill}"),
-            written.clone(),
-        ))];
+        let mut tasks = vec![
+            tokio::spawn(write_until_killed(
+                local_port,
+                format!("w{kill}"),
+                written.clone(),
+            )),
+            tokio::spawn(retire_until_killed(
+                local_port,
+                format!("r{kill}"),
+                assigned.clone(),
+                asked.clone(),
+                retired.clone(),
+            )),
+        ];
         for lane in 0..4 {
             tasks.push(tokio::spawn(register_until_killed(
                 devices_port,
@@ -132,11 +214,14 @@ async fn nothing_acknowledged_is_lost_when_killed() {
     }
     let written = written.lock().unwrap().clone();
     let assigned = assigned.lock().unwrap().clone();
+    let retired = retired.lock().unwrap().clone();
+    let asked = asked.lock().unwrap().clone();
     assert!(
-        written.len() > kills && assigned.len() > kills,
-        "too little load: {} writes, {} registrations",
+        written.len() > kills && assigned.len() > kills && retired.len() > kills,
+        "too little load: {} writes, {} registrations, {} retirements",
         written.len(),
-        assigned.len()
+        assigned.len(),
+        retired.len()
     );
 
     // The server starts on the store after the last kill; then, stopped, the store opens
@@ -146,19 +231,41 @@ async fn nothing_acknowledged_is_lost_when_killed() {
     }
     let store =
         edgedps_responder::Store::open(&dir.path().join("data/store")).expect("store opens");
-    let enrollments: BTreeSet<String> = store
-        .enrollments()
-        .expect("enrollments readable")
-        .into_iter()
+    let stored = store.enrollments().expect("enrollments readable");
+    let enrollments: BTreeSet<String> = stored
+        .iter()
         .map(|e| e.registration_id.to_ascii_lowercase())
         .collect();
-    let registrations: BTreeSet<String> = store
-        .registrations()
-        .expect("registrations readable")
-        .into_iter()
-        .filter(|r| r.status == "assigned")
-        .map(|r| r.registration_id.to_ascii_lowercase())
+    let blocked: BTreeSet<String> = stored
+        .iter()
+        .filter(|e| {
+            e.settings.provisioning_status == edgedps_topics::admin::ProvisioningStatus::Disabled
+        })
+        .map(|e| e.registration_id.to_ascii_lowercase())
         .collect();
+    let records = store.registrations().expect("registrations readable");
+    let with_status = |status: &str| -> BTreeSet<String> {
+        records
+            .iter()
+            .filter(|r| r.status == status)
+            .map(|r| r.registration_id.to_ascii_lowercase())
+            .collect()
+    };
+    let deregistered = with_status("deregistered");
+    // A retired device's record says `deregistered` (a retirement whose result the kill
+    // cut off may have happened too); every other assigned one says `assigned`.
+    let registrations: BTreeSet<String> = with_status("assigned")
+        .into_iter()
+        .chain(deregistered.intersection(&asked).cloned())
+        .collect();
+    let lost_retirements: Vec<_> = retired
+        .iter()
+        .filter(|id| !blocked.contains(*id) || !deregistered.contains(*id))
+        .collect();
+    assert!(
+        lost_retirements.is_empty(),
+        "acknowledged retirements lost: {lost_retirements:?}"
+    );
     let lost_writes: Vec<_> = written
         .iter()
         .map(|id| id.to_ascii_lowercase())
@@ -174,8 +281,9 @@ async fn nothing_acknowledged_is_lost_when_killed() {
         "assigned registrations lost: {lost_registrations:?}"
     );
     eprintln!(
-        "{kills} kills: {} acknowledged writes and {} registrations all survived",
+        "{kills} kills: {} acknowledged writes, {} registrations and {} retirements all survived",
         written.len(),
-        assigned.len()
+        assigned.len(),
+        retired.len()
     );
 }
