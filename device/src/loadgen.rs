@@ -51,6 +51,15 @@ pub struct LoadgenArgs {
     /// measure the server memory of an idle session.
     #[arg(long)]
     pub hold: bool,
+    /// After the first round, hold every device of it connected, then disable its group
+    /// while a bystander group keeps registering; report how fast the sessions close and
+    /// what it costs the others (group attestations only).
+    #[arg(long)]
+    pub cut_off: bool,
+    /// With --cut-off: do not watch the held connections close (the load generator's own
+    /// work on them competes with the bystanders for the same cores).
+    #[arg(long)]
+    pub cut_off_unwatched: bool,
     /// Before starting the server, fill its store with this many enrollments and report
     /// how long the server takes to start.
     #[arg(long, default_value_t = 0)]
@@ -79,7 +88,7 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(mut samples: Vec<u64>) -> Percentiles {
+    pub fn of(mut samples: Vec<u64>) -> Percentiles {
         if samples.is_empty() {
             return Percentiles::default();
         }
@@ -657,6 +666,11 @@ pub async fn main(args: LoadgenArgs, exe: &Path) -> Result<Vec<Report>, String> 
         .await?;
         let devices = tune(devices, &args);
         let again = (args.hold && round == 0).then(|| devices.clone());
+        let devices_for_cut = if args.cut_off && round == 0 {
+            devices.clone()
+        } else {
+            Vec::new()
+        };
         let report = run_devices(
             "edgedps",
             devices,
@@ -670,6 +684,17 @@ pub async fn main(args: LoadgenArgs, exe: &Path) -> Result<Vec<Report>, String> 
         reports.push(report);
         if let Some(devices) = again {
             hold_sessions(devices, args.concurrency, server.0.id(), args.json).await;
+        }
+        if args.cut_off && round == 0 {
+            cut_off(
+                &args,
+                &devices_for_cut,
+                devices_port,
+                admin,
+                &server_ca,
+                server.0.id(),
+            )
+            .await?;
         }
         if let Some((child, port)) = &baseline {
             let devices = prepare(
@@ -706,6 +731,39 @@ pub async fn main(args: LoadgenArgs, exe: &Path) -> Result<Vec<Report>, String> 
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(reports)
+}
+
+/// `--cut-off`: see [`crate::cutoff`]. The bystanders are 200 devices of another group.
+async fn cut_off(
+    args: &LoadgenArgs,
+    held: &[SimulatedDevice],
+    port: u16,
+    admin: SocketAddr,
+    server_ca: &[u8],
+    pid: u32,
+) -> Result<(), String> {
+    let bystander_kind = match args.attestation {
+        Attestation::SasGroup | Attestation::X509Group => Attestation::SasGroup,
+        other => {
+            return Err(format!(
+                "--cut-off needs a group attestation, not {other:?}"
+            ))
+        }
+    };
+    // Round numbers name the groups: the held devices are round 0's, `load-r0`.
+    let bystanders = prepare(bystander_kind, 200, 9999, port, Some(admin), server_ca).await?;
+    let report = crate::cutoff::measure(
+        held.to_vec(),
+        bystanders,
+        admin,
+        "load-r0",
+        args.concurrency,
+        pid,
+        !args.cut_off_unwatched,
+    )
+    .await?;
+    crate::cutoff::print(&report, args.json);
+    Ok(())
 }
 
 /// Connects every (already registered) device again, registers (idempotent: no new

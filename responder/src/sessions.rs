@@ -74,15 +74,27 @@ impl LiveSession {
         }
     }
 
-    /// Cuts the session; true the first time.
+    /// Cuts the session and wakes it to close; true the first time.
     pub fn close(&self, why: Cut) -> bool {
-        let first = self.cut.set(why).is_ok();
+        let first = self.revoke(why);
         if first {
-            self.wake.notify_waiters();
-            // A permit, in case the session is not waiting right now.
-            self.wake.notify_one();
+            self.wake();
         }
         first
+    }
+
+    /// Cuts the session without waking it: it has no rights from now on (every packet
+    /// and delivery checks), and closes when woken or when it next hears anything.
+    /// True the first time.
+    pub fn revoke(&self, why: Cut) -> bool {
+        self.cut.set(why).is_ok()
+    }
+
+    /// Wakes a session that was cut, so that it closes its connection.
+    pub fn wake(&self) {
+        self.wake.notify_waiters();
+        // A permit, in case the session is not waiting right now.
+        self.wake.notify_one();
     }
 }
 

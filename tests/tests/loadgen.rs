@@ -85,3 +85,45 @@ fn loadgen_command_runs_edgedps_and_the_baseline_and_reports_json() {
         "{stdout}"
     );
 }
+
+#[test]
+fn cutting_off_a_group_of_hundreds_closes_every_session_within_a_second() {
+    // More sessions than one wake batch: the paced closing is exercised.
+    let output = std::process::Command::new(edgedps_binary())
+        .args([
+            "loadgen",
+            "--devices",
+            "400",
+            "--concurrency",
+            "32",
+            "--attestation",
+            "x509-group",
+            "--cut-off",
+            "--json",
+        ])
+        .output()
+        .expect("edgedps loadgen runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let cut = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON lines"))
+        .find_map(|l| l.get("cut_off").cloned())
+        .unwrap_or_else(|| panic!("no cut-off report: {stdout}"));
+    assert_eq!(cut["held"], 400, "{cut}");
+    assert_eq!(cut["sessions_closed"], 400, "{cut}");
+    assert_eq!(cut["closed"], 400, "{cut}");
+    let last_ms = cut["closed_ms"]["max"].as_f64().unwrap_or(f64::MAX) / 1000.0;
+    assert!(
+        last_ms < 1000.0,
+        "the last session closed {last_ms} ms after the write"
+    );
+    // Another group's devices kept registering throughout.
+    assert_eq!(cut["bystander_errors"], 0, "{cut}");
+    assert!(cut["bystander_before_us"]["p50"].as_u64().unwrap_or(0) > 0, "{cut}");
+}
