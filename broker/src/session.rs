@@ -196,7 +196,7 @@ where
                         tracing::warn!(%peer, %client_id, error = %e, "could not read the device's standing; no hub rights");
                         Access::Unassigned
                     });
-                    tracing::info!(target: "edgedps::audit", %peer, %client_id, source = ?attested.source, kind = ?attested.kind, access = %describe(&access), "connect accepted");
+                    tracing::info!(target: "edgedps::audit", %peer, %client_id, source = ?attested.source, kind = ?attested.kind, access = %Verdict(&access), "connect accepted");
                     let device_id = match access {
                         Access::Hub { device_id } => Some(device_id),
                         Access::Unassigned | Access::OutOfService(_) => None,
@@ -246,11 +246,17 @@ where
 }
 
 /// The access verdict, for the audit line.
-fn describe(access: &Access) -> String {
-    match access {
-        Access::Hub { device_id } => format!("hub rights for `{device_id}`"),
-        Access::Unassigned => "provisioning only (not assigned)".into(),
-        Access::OutOfService(reason) => format!("provisioning only ({})", reason.reason()),
+struct Verdict<'a>(&'a Access);
+
+impl std::fmt::Display for Verdict<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Access::Hub { device_id } => write!(f, "hub rights for `{device_id}`"),
+            Access::Unassigned => f.write_str("provisioning only (not assigned)"),
+            Access::OutOfService(reason) => {
+                write!(f, "provisioning only ({})", reason.reason())
+            }
+        }
     }
 }
 

@@ -249,15 +249,6 @@ pub fn revoked_in<'a>(
     None
 }
 
-/// DER of each certificate's issuer name, for finding the chains a new list may touch.
-pub fn issuers(chain: &[Vec<u8>]) -> Vec<Vec<u8>> {
-    chain
-        .iter()
-        .filter_map(|der| X509Certificate::from_der(der).ok())
-        .map(|(_, cert)| cert.issuer().as_raw().to_vec())
-        .collect()
-}
-
 fn signed_by_one_of(cert: &X509Certificate<'_>, cas: &[X509Certificate<'_>]) -> bool {
     cas.iter().any(|ca| {
         ca.subject().as_raw() == cert.issuer().as_raw()

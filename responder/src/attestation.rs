@@ -53,6 +53,9 @@ pub struct PresentedCertificate {
     pub chain: Vec<Vec<u8>>,
     /// The leaf, as the registration record shows it.
     pub info: edgedps_topics::registration::CertificateInfo,
+    /// DER of each certificate's issuer name: a new revocation list from one of them
+    /// may revoke this chain.
+    pub issuers: Vec<Vec<u8>>,
 }
 
 /// Why a CONNECT is refused, with the reason for the log.
@@ -265,6 +268,13 @@ impl Responder {
             return Err(Refusal::NotAuthorized(revoked));
         }
         let info = x509::describe(leaf).map_err(|e| Refusal::NotAuthorized(e.to_string()))?;
+        let mut issuers = vec![leaf_info.issuer];
+        issuers.extend(
+            chain[1..]
+                .iter()
+                .filter_map(|der| CertificateInfo::read(der).ok())
+                .map(|info| info.issuer),
+        );
         Ok(Attested {
             registration_id: registration_id.to_owned(),
             source,
@@ -272,6 +282,7 @@ impl Responder {
             certificate: Some(Arc::new(PresentedCertificate {
                 chain: chain.to_vec(),
                 info,
+                issuers,
             })),
         })
     }

@@ -29,7 +29,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use edgedps_policies::access::{self, Access, AttestedBy, Facts};
 use edgedps_policies::revocation::RevocationList;
-use edgedps_topics::admin::{AllocationPolicy, Enrollment, EnrollmentGroup, LinkedHub};
+use edgedps_topics::admin::{
+    AllocationPolicy, Enrollment, EnrollmentGroup, EnrollmentSettings, LinkedHub,
+    ProvisioningStatus,
+};
 use edgedps_topics::registration::{status, RegistrationState};
 
 pub use attestation::{Attested, Credential, EnrollmentSource, PresentedCertificate, Refusal};
@@ -115,8 +118,9 @@ struct GroupEntry {
 /// What the access rule reads about one device, read once.
 pub(crate) struct Standing {
     pub individual: Option<Enrollment>,
-    /// The attesting group, if the device came through one and it still exists.
-    pub group: Option<EnrollmentGroup>,
+    /// The status of the attesting group, if the device came through one and it still
+    /// exists.
+    pub group: Option<ProvisioningStatus>,
     pub registration: Option<RegistrationState>,
     pub revoked: bool,
 }
@@ -136,7 +140,7 @@ impl Standing {
                 .individual
                 .as_ref()
                 .map(|e| e.settings.provisioning_status),
-            group: self.group.as_ref().map(|g| g.settings.provisioning_status),
+            group: self.group,
             assigned_device_id: self
                 .registration
                 .as_ref()
@@ -254,7 +258,9 @@ impl Responder {
     pub(crate) fn standing(&self, device: &Attested) -> Result<Standing, Error> {
         let individual = self.store.enrollment(&device.registration_id)?;
         let group = match &device.source {
-            EnrollmentSource::Group(id) => read(&self.groups).get(id).map(|e| e.group.clone()),
+            EnrollmentSource::Group(id) => read(&self.groups)
+                .get(id)
+                .map(|e| e.group.settings.provisioning_status),
             EnrollmentSource::Individual => None,
         };
         let registration = self.store.registration(&device.registration_id)?;
@@ -268,6 +274,11 @@ impl Responder {
             registration,
             revoked,
         })
+    }
+
+    /// The settings of group `id` now, if it exists.
+    pub(crate) fn group_settings(&self, id: &str) -> Option<EnrollmentSettings> {
+        read(&self.groups).get(id).map(|e| e.group.settings.clone())
     }
 
     /// Cuts the live sessions `scopes` reach that the access rule now puts out of

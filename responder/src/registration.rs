@@ -275,7 +275,7 @@ impl Responder {
                 RegisterAnswer::Unauthorized => Err((codes::UNAUTHORIZED, message)),
             };
         }
-        let resolved = resolve(device, &standing)?;
+        let resolved = self.resolve(device, &standing)?;
         let existing = standing
             .registration
             .as_ref()
@@ -375,6 +375,34 @@ impl Responder {
             body: to_json(&body),
             device_id,
         })
+    }
+
+    /// The enrollment a device in service follows now.
+    fn resolve(&self, device: &Attested, standing: &Standing) -> Result<Resolved, (u32, String)> {
+        let gone = || {
+            (
+                codes::NOT_FOUND,
+                format!("no enrollment for `{}`", device.registration_id),
+            )
+        };
+        match &device.source {
+            EnrollmentSource::Individual => {
+                let enrollment = standing.individual.as_ref().ok_or_else(gone)?;
+                Ok(Resolved {
+                    group_id: None,
+                    device_id: enrollment
+                        .device_id
+                        .clone()
+                        .unwrap_or_else(|| device.registration_id.clone()),
+                    settings: enrollment.settings.clone(),
+                })
+            }
+            EnrollmentSource::Group(group_id) => Ok(Resolved {
+                group_id: Some(group_id.clone()),
+                device_id: device.registration_id.clone(),
+                settings: self.group_settings(group_id).ok_or_else(gone)?,
+            }),
+        }
     }
 
     /// Picks a hub by the enrollment's policy (or the service default).
@@ -514,37 +542,6 @@ impl Responder {
     /// Operation ids in the shape Azure uses: `4.{16 hex}.{uuid-like}`.
     fn operation_id(&self) -> String {
         format!("4.{}", self.random_token(18))
-    }
-}
-
-/// The enrollment a device in service follows now.
-fn resolve(device: &Attested, standing: &Standing) -> Result<Resolved, (u32, String)> {
-    let gone = || {
-        (
-            codes::NOT_FOUND,
-            format!("no enrollment for `{}`", device.registration_id),
-        )
-    };
-    match &device.source {
-        EnrollmentSource::Individual => {
-            let enrollment = standing.individual.as_ref().ok_or_else(gone)?;
-            Ok(Resolved {
-                group_id: None,
-                device_id: enrollment
-                    .device_id
-                    .clone()
-                    .unwrap_or_else(|| device.registration_id.clone()),
-                settings: enrollment.settings.clone(),
-            })
-        }
-        EnrollmentSource::Group(group_id) => {
-            let group = standing.group.as_ref().ok_or_else(gone)?;
-            Ok(Resolved {
-                group_id: Some(group_id.clone()),
-                device_id: device.registration_id.clone(),
-                settings: group.settings.clone(),
-            })
-        }
     }
 }
 

@@ -143,7 +143,7 @@ impl Keys {
             issuers: device
                 .certificate
                 .as_ref()
-                .map(|c| edgedps_policies::revocation::issuers(&c.chain))
+                .map(|c| c.issuers.clone())
                 .unwrap_or_default(),
         }
     }

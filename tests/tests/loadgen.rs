@@ -125,5 +125,8 @@ fn cutting_off_a_group_of_hundreds_closes_every_session_within_a_second() {
     );
     // Another group's devices kept registering throughout.
     assert_eq!(cut["bystander_errors"], 0, "{cut}");
-    assert!(cut["bystander_before_us"]["p50"].as_u64().unwrap_or(0) > 0, "{cut}");
+    assert!(
+        cut["bystander_before_us"]["p50"].as_u64().unwrap_or(0) > 0,
+        "{cut}"
+    );
 }
