@@ -619,6 +619,11 @@ fn audit_log(event: &AdminEvent) {
             retirement,
             status = ?event.provisioning_status,
             etag = event.etag.as_deref().unwrap_or_default(),
+            sessions_closed = event.effects.sessions_closed,
+            registrations_deregistered = event.effects.registrations_deregistered,
+            retained_messages_purged = event.effects.retained_messages_purged,
+            revoked_certificates = event.effects.revoked_certificates,
+            reason = event.reason.as_deref(),
             "admin write applied"
         ),
     }

@@ -45,7 +45,7 @@ pub use throttle::RateLimits;
 /// Cut sessions woken at once to close their connections (see `Responder::cut_off`).
 const WAKE_BATCH: usize = 64;
 /// The pause between two batches of them.
-const WAKE_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
+const WAKE_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// What the responder needs from the configuration.
 #[derive(Debug, Clone)]
@@ -288,7 +288,7 @@ impl Responder {
     /// costs its task some CPU (the TLS close, the socket): thousands woken at once
     /// would queue ahead of every other session on the gateway's two cores, so beyond
     /// [`WAKE_BATCH`] they are woken in batches, [`WAKE_PAUSE`] apart, by a task of
-    /// their own (10,000 sessions: about 0.4 s; see BENCHMARKS.md, cut-off).
+    /// their own (10,000 sessions: all closed within about 0.8 s; BENCHMARKS.md, cut-off).
     pub(crate) async fn cut_off(&self, scopes: &[Scope<'_>], force: Option<Cut>) -> u32 {
         let sessions = self.sessions.find(scopes);
         let mut cut = Vec::new();
