@@ -628,9 +628,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn second_register_of_the_same_device_at_once_is_a_conflict() {
+    async fn second_register_of_the_same_device_at_once_is_a_conflict_and_an_event() {
         let dir = tempfile::tempdir().unwrap();
-        let responder = responder(dir.path());
+        let store = Store::open(dir.path()).unwrap();
+        let (responder, mut outbound) = Responder::open(Settings::new("scope"), store).unwrap();
         lock(&responder.in_flight).insert("dev-1".into());
         let reply = responder
             .register(&device("DEV-1"), b"", Encoding::Json)
@@ -640,6 +641,16 @@ mod tests {
         assert_eq!(body["errorCode"], codes::CONFLICT);
         // The guard of the refused attempt did not release the running one.
         assert!(lock(&responder.in_flight).contains("dev-1"));
+        match outbound.try_recv() {
+            Ok(crate::Outbound::Publish { topic, payload, .. }) => {
+                assert_eq!(topic, "dps/events/registrations/DEV-1");
+                let event: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                assert_eq!(event["outcome"], "refused", "{event}");
+                assert_eq!(event["errorCode"], codes::CONFLICT, "{event}");
+                assert_eq!(event["request"], "register", "{event}");
+            }
+            other => panic!("no event for the refused register: {other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -749,3 +749,41 @@ async fn every_refused_attempt_is_an_event() {
     );
     assert!(!String::from_utf8_lossy(&serde_json::to_vec(&event).unwrap()).contains(&key));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_individual_enrollment_takes_over_from_the_group_and_the_session_reconnects() {
+    let mut scene = Scene::new(Credential::SymmetricKey, "takeover").await;
+    let member = scene.group_member("takeover-1");
+    let mut device = provisioned(&scene.server, &member, Protocol::V5).await;
+    // An enabled individual enrollment with a key of its own now decides for the device.
+    let own_key = new_key();
+    let result = scene
+        .operator
+        .put(
+            "dps/enrollments/takeover-1",
+            symmetric_enrollment("takeover-1", &own_key),
+        )
+        .await;
+    assert_eq!(result["sessionsClosed"], 1, "{result}");
+    assert_eq!(
+        device.closed_within(Duration::from_secs(1)).await,
+        Some(Closed::Disconnect(
+            DisconnectReasonCode::AdministrativeAction
+        ))
+    );
+    // The group's key no longer admits it; its own key does.
+    let refused =
+        LiveDevice::connect(&scene.server, "takeover-1", &member.auth, Protocol::V5).await;
+    assert!(refused.err().unwrap_or_default().contains("NotAuthorized"));
+    let own = Member {
+        id: "takeover-1".into(),
+        auth: sas(&own_key),
+        certificate: None,
+    };
+    let mut again = provisioned(&scene.server, &own, Protocol::V5).await;
+    assert!(
+        again
+            .publish_accepted("devices/takeover-1/messages/events/")
+            .await
+    );
+}
