@@ -787,3 +787,34 @@ async fn a_new_individual_enrollment_takes_over_from_the_group_and_the_session_r
             .await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_only_sessions_are_cut_too() {
+    let mut scene = Scene::new(Credential::X509, "dps-only").await;
+    let (single, individual) = scene.individual("dps-only-single").await;
+    let member = scene.group_member("dps-only-member");
+    // Connected and subscribed to their answers, never registered: no hub rights yet.
+    let mut waiting = Vec::new();
+    for (who, protocol) in [(&single, Protocol::V311), (&member, Protocol::V5)] {
+        let device = LiveDevice::connect(&scene.server, &who.id, &who.auth, protocol)
+            .await
+            .expect("connects");
+        waiting.push(device);
+    }
+    let mut disabled = individual;
+    disabled["provisioningStatus"] = json!("disabled");
+    let result = scene
+        .operator
+        .put("dps/enrollments/dps-only-single", disabled)
+        .await;
+    assert_eq!(result["sessionsClosed"], 1, "{result}");
+    let result = scene.operator.retire("dps-only-member", b"").await;
+    assert_eq!(result["sessionsClosed"], 1, "{result}");
+    for device in &mut waiting {
+        assert!(
+            device.closed_within(Duration::from_secs(1)).await.is_some(),
+            "{} still connected",
+            device.registration_id
+        );
+    }
+}
