@@ -51,8 +51,8 @@ pub struct Attested {
 pub struct PresentedCertificate {
     /// DER, leaf first.
     pub chain: Vec<Vec<u8>>,
-    /// The leaf, as the registration record shows it.
-    pub info: edgedps_topics::registration::CertificateInfo,
+    /// SHA-256 of the leaf, upper-case hex.
+    pub thumbprint: String,
     /// DER of each certificate's issuer name: a new revocation list from one of them
     /// may revoke this chain.
     pub issuers: Vec<Vec<u8>>,
@@ -267,7 +267,6 @@ impl Responder {
         if let Some(revoked) = self.revoked(chain) {
             return Err(Refusal::NotAuthorized(revoked));
         }
-        let info = x509::describe(leaf).map_err(|e| Refusal::NotAuthorized(e.to_string()))?;
         let mut issuers = vec![leaf_info.issuer];
         issuers.extend(
             chain[1..]
@@ -281,7 +280,7 @@ impl Responder {
             kind: AttestationType::X509,
             certificate: Some(Arc::new(PresentedCertificate {
                 chain: chain.to_vec(),
-                info,
+                thumbprint: x509::thumbprint(leaf),
                 issuers,
             })),
         })

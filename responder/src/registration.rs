@@ -309,7 +309,12 @@ impl Responder {
         });
         let source = Some(AttestationSource {
             enrollment_group_id: resolved.group_id.clone(),
-            certificate_info: device.certificate.as_ref().map(|c| c.info.clone()),
+            // The leaf as the record describes it; it parsed at CONNECT.
+            certificate_info: device
+                .certificate
+                .as_ref()
+                .and_then(|c| c.chain.first())
+                .and_then(|leaf| edgedps_policies::x509::describe(leaf).ok()),
         });
         let (x509, symmetric_key) = match device.kind {
             AttestationType::X509 => (source, None),

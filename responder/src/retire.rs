@@ -212,7 +212,7 @@ fn blocking_enrollment(
             let thumbprint = live
                 .iter()
                 .find_map(|s| s.device().certificate.as_ref())
-                .map(|c| c.info.sha256_thumbprint.clone())
+                .map(|c| c.thumbprint.clone())
                 .or_else(|| {
                     record
                         .and_then(|r| r.x509.as_ref())

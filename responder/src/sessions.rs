@@ -111,12 +111,14 @@ pub enum Scope<'a> {
     Issuer(&'a [u8]),
 }
 
+/// Registration ids and thumbprints have one session each, rarely two: a `Vec` is
+/// their lightest set. Groups and issuers have thousands: a `HashSet`.
 #[derive(Default)]
 struct Index {
     sessions: HashMap<u64, Arc<LiveSession>>,
-    by_registration: HashMap<String, HashSet<u64>>,
+    by_registration: HashMap<String, Vec<u64>>,
     by_group: HashMap<String, HashSet<u64>>,
-    by_thumbprint: HashMap<String, HashSet<u64>>,
+    by_thumbprint: HashMap<String, Vec<u64>>,
     by_issuer: HashMap<Vec<u8>, HashSet<u64>>,
 }
 
@@ -136,10 +138,7 @@ impl Keys {
                 EnrollmentSource::Group(group) => Some(group.clone()),
                 EnrollmentSource::Individual => None,
             },
-            thumbprint: device
-                .certificate
-                .as_ref()
-                .map(|c| c.info.sha256_thumbprint.clone()),
+            thumbprint: device.certificate.as_ref().map(|c| c.thumbprint.clone()),
             issuers: device
                 .certificate
                 .as_ref()
@@ -191,16 +190,12 @@ impl LiveSessions {
             .by_registration
             .entry(keys.registration)
             .or_default()
-            .insert(id);
+            .push(id);
         if let Some(group) = keys.group {
             index.by_group.entry(group).or_default().insert(id);
         }
         if let Some(thumbprint) = keys.thumbprint {
-            index
-                .by_thumbprint
-                .entry(thumbprint)
-                .or_default()
-                .insert(id);
+            index.by_thumbprint.entry(thumbprint).or_default().push(id);
         }
         for issuer in keys.issuers {
             index.by_issuer.entry(issuer).or_default().insert(id);
@@ -217,12 +212,12 @@ impl LiveSessions {
         let id = session.id;
         let mut index = lock(&self.index);
         index.sessions.remove(&id);
-        unfile(&mut index.by_registration, &keys.registration, id);
+        unlist(&mut index.by_registration, &keys.registration, id);
         if let Some(group) = &keys.group {
             unfile(&mut index.by_group, group, id);
         }
         if let Some(thumbprint) = &keys.thumbprint {
-            unfile(&mut index.by_thumbprint, thumbprint, id);
+            unlist(&mut index.by_thumbprint, thumbprint, id);
         }
         for issuer in &keys.issuers {
             unfile(&mut index.by_issuer, issuer, id);
@@ -243,19 +238,35 @@ impl LiveSessions {
         let index = lock(&self.index);
         let mut ids = HashSet::new();
         for scope in scopes {
-            let filed = match scope {
-                Scope::Registration(id) => index.by_registration.get(&id.to_ascii_lowercase()),
-                Scope::Group(group) => index.by_group.get(*group),
-                Scope::Thumbprint(print) => index.by_thumbprint.get(*print),
-                Scope::Issuer(issuer) => index.by_issuer.get(*issuer),
-            };
-            if let Some(filed) = filed {
-                ids.extend(filed.iter().copied());
+            match scope {
+                Scope::Registration(id) => ids.extend(
+                    index
+                        .by_registration
+                        .get(&id.to_ascii_lowercase())
+                        .into_iter()
+                        .flatten(),
+                ),
+                Scope::Group(group) => ids.extend(index.by_group.get(*group).into_iter().flatten()),
+                Scope::Thumbprint(print) => {
+                    ids.extend(index.by_thumbprint.get(*print).into_iter().flatten())
+                }
+                Scope::Issuer(issuer) => {
+                    ids.extend(index.by_issuer.get(*issuer).into_iter().flatten())
+                }
             }
         }
         ids.iter()
             .filter_map(|id| index.sessions.get(id).cloned())
             .collect()
+    }
+}
+
+fn unlist(map: &mut HashMap<String, Vec<u64>>, key: &str, id: u64) {
+    if let Some(ids) = map.get_mut(key) {
+        ids.retain(|filed| *filed != id);
+        if ids.is_empty() {
+            map.remove(key);
+        }
     }
 }
 
