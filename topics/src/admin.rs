@@ -189,8 +189,8 @@ pub struct RetireRequest {
 /// Longest retirement reason kept, in bytes.
 pub const MAX_RETIRE_REASON: usize = 512;
 
-/// What a write did to live sessions and registrations; zero counts are left out of
-/// the JSON. Results and audit events carry it.
+/// What a write did to live sessions and registrations; counts a kind of write does not
+/// have are left out of the JSON. Results and audit events carry it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Effects {
