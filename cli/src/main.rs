@@ -1,4 +1,6 @@
-//! The `edgedps` command.
+//! The `edgedps` command: the composition root. `serve` runs the broker; `loadgen`
+//! drives the device side against it. The broker crate never links the device crate;
+//! only this binary holds both.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
