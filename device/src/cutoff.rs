@@ -187,47 +187,26 @@ async fn hold(
     concurrency: usize,
     watch: bool,
 ) -> Arc<Mutex<Closures>> {
-    let closures = Arc::new(Mutex::new(Closures::default()));
-    let devices = Arc::new(devices);
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency.max(1) {
-        let (devices, next, closures) = (devices.clone(), next.clone(), closures.clone());
-        tasks.push(tokio::spawn(async move {
-            while let Some(device) = devices.get(next.fetch_add(1, Ordering::Relaxed)) {
-                let Ok((client, mut eventloop)) =
-                    provision::connect_with(&device.config, device.tls.clone()).await
-                else {
-                    continue;
-                };
-                if provision::exchange(&device.config, &client, &mut eventloop, None)
-                    .await
-                    .is_err()
-                {
-                    continue;
-                }
-                if let Ok(mut c) = closures.lock() {
-                    c.held += 1;
-                }
-                let closures = closures.clone();
-                tokio::spawn(async move {
-                    let _client = client;
-                    if !watch {
-                        tokio::time::sleep(Duration::from_secs(60)).await;
-                        return;
-                    }
-                    while eventloop.poll().await.is_ok() {}
-                    if let Ok(mut c) = closures.lock() {
-                        if let Some(started) = c.started {
-                            c.closed.push(started.elapsed().as_micros() as u64);
-                        }
-                    }
-                });
+    let held = crate::loadgen::connect_and_register(devices, concurrency).await;
+    let closures = Arc::new(Mutex::new(Closures {
+        held: held.len(),
+        ..Closures::default()
+    }));
+    for (client, mut eventloop) in held {
+        let closures = closures.clone();
+        tokio::spawn(async move {
+            let _client = client;
+            if !watch {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                return;
             }
-        }));
-    }
-    for task in tasks {
-        let _ = task.await;
+            while eventloop.poll().await.is_ok() {}
+            if let Ok(mut c) = closures.lock() {
+                if let Some(started) = c.started {
+                    c.closed.push(started.elapsed().as_micros() as u64);
+                }
+            }
+        });
     }
     closures
 }

@@ -733,6 +733,40 @@ pub async fn main(args: LoadgenArgs, exe: &Path) -> Result<Vec<Report>, String> 
     Ok(reports)
 }
 
+/// Connects every device, `concurrency` at a time, and registers it (idempotent for a
+/// device registered before); returns the connections that got an answer, open.
+pub async fn connect_and_register(
+    devices: Vec<SimulatedDevice>,
+    concurrency: usize,
+) -> Vec<(rumqttc::AsyncClient, rumqttc::EventLoop)> {
+    let devices = Arc::new(devices);
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (devices, held, next) = (devices.clone(), held.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            while let Some(device) = devices.get(next.fetch_add(1, Ordering::Relaxed)) {
+                if let Ok((client, mut eventloop)) =
+                    provision::connect_with(&device.config, device.tls.clone()).await
+                {
+                    if provision::exchange(&device.config, &client, &mut eventloop, None)
+                        .await
+                        .is_ok()
+                    {
+                        held.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((client, eventloop));
+                    }
+                }
+            }
+        }));
+    }
+    futures_join(tasks).await;
+    let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+    std::mem::take(&mut *held)
+}
+
 /// `--cut-off`: see [`crate::cutoff`]. The bystanders are 200 devices of another group.
 async fn cut_off(
     args: &LoadgenArgs,
@@ -772,33 +806,10 @@ async fn cut_off(
 async fn hold_sessions(devices: Vec<SimulatedDevice>, concurrency: usize, pid: u32, as_json: bool) {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = ProcessStats::read(pid).rss_kib;
-    let devices = Arc::new(devices);
-    let held = Arc::new(Mutex::new(Vec::new()));
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency.max(1) {
-        let (devices, held, next) = (devices.clone(), held.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            while let Some(device) = devices.get(next.fetch_add(1, Ordering::Relaxed)) {
-                if let Ok((client, mut eventloop)) =
-                    provision::connect_with(&device.config, device.tls.clone()).await
-                {
-                    if provision::exchange(&device.config, &client, &mut eventloop, None)
-                        .await
-                        .is_ok()
-                    {
-                        held.lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push((client, eventloop));
-                    }
-                }
-            }
-        }));
-    }
-    futures_join(tasks).await;
+    let held = connect_and_register(devices, concurrency).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = ProcessStats::read(pid).rss_kib;
-    let count = held.lock().unwrap_or_else(|p| p.into_inner()).len();
+    let count = held.len();
     let per_session = (after.saturating_sub(before)) as f64 / count.max(1) as f64;
     if as_json {
         println!(

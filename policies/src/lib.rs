@@ -10,3 +10,6 @@ pub mod allocation;
 pub mod revocation;
 pub mod sas;
 pub mod x509;
+
+#[cfg(test)]
+mod test_pki;

@@ -269,41 +269,13 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, IsCa, Issuer,
-        KeyIdMethod, KeyPair, RevokedCertParams, SerialNumber,
-    };
-
-    struct Ca {
-        der: Vec<u8>,
-        issuer: Issuer<'static, KeyPair>,
-    }
-
-    fn ca(name: &str, parent: Option<&Ca>) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let key = KeyPair::generate().unwrap();
-        let cert = match parent {
-            Some(p) => params.signed_by(&key, &p.issuer).unwrap(),
-            None => params.self_signed(&key).unwrap(),
-        };
-        Ca {
-            der: cert.der().to_vec(),
-            issuer: Issuer::new(params, key),
-        }
-    }
+    use crate::test_pki::{ca, Ca};
+    use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
 
     fn leaf(cn: &str, serial: u64, parent: &Ca) -> Vec<u8> {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.serial_number = Some(SerialNumber::from(serial));
-        let key = KeyPair::generate().unwrap();
-        params
-            .signed_by(&key, &parent.issuer)
-            .unwrap()
-            .der()
-            .to_vec()
+        crate::test_pki::leaf(cn, parent, |p| {
+            p.serial_number = Some(SerialNumber::from(serial))
+        })
     }
 
     fn crl(by: &Ca, serials: &[u64]) -> rcgen::CertificateRevocationList {

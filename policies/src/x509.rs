@@ -211,9 +211,8 @@ pub fn check_group_chain(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    };
+    use crate::test_pki::{ca, Ca};
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
 
     const NOW: u64 = 1_800_000_000; // 2027-01-15
 
@@ -225,36 +224,8 @@ mod tests {
         CertificateInfo::read(der).unwrap()
     }
 
-    struct Ca {
-        der: Vec<u8>,
-        issuer: Issuer<'static, KeyPair>,
-    }
-
-    fn ca(name: &str, parent: Option<&Ca>) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let key = KeyPair::generate().unwrap();
-        let cert = match parent {
-            Some(p) => params.signed_by(&key, &p.issuer).unwrap(),
-            None => params.self_signed(&key).unwrap(),
-        };
-        Ca {
-            der: cert.der().to_vec(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
     fn leaf(cn: &str, parent: &Ca, eku: Vec<ExtendedKeyUsagePurpose>) -> Vec<u8> {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = eku;
-        let key = KeyPair::generate().unwrap();
-        params
-            .signed_by(&key, &parent.issuer)
-            .unwrap()
-            .der()
-            .to_vec()
+        crate::test_pki::leaf(cn, parent, |p| p.extended_key_usages = eku)
     }
 
     #[test]

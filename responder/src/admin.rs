@@ -91,12 +91,8 @@ impl Responder {
         };
         let outcome = if body.is_empty() {
             self.delete(kind, id).await
-        } else if body.len() > self.settings.max_admin_body {
-            Err(bad(format!(
-                "body of {} bytes is larger than limits.max_enrollment_body_size ({})",
-                body.len(),
-                self.settings.max_admin_body
-            )))
+        } else if let Err(rejection) = self.within_body_limit(body) {
+            Err(rejection)
         } else {
             self.upsert(kind, id, body, encoding).await
         };
@@ -111,6 +107,18 @@ impl Responder {
             (kind.result_topic(id), admin_event_topic(kind, id)),
         )
         .await
+    }
+
+    /// `limits.max_enrollment_body_size` bounds every operator body.
+    pub(crate) fn within_body_limit(&self, body: &[u8]) -> Result<(), Rejection> {
+        if body.len() > self.settings.max_admin_body {
+            return Err(bad(format!(
+                "body of {} bytes is larger than limits.max_enrollment_body_size ({})",
+                body.len(),
+                self.settings.max_admin_body
+            )));
+        }
+        Ok(())
     }
 
     /// Publishes the result and the audit event of a write, and logs it.

@@ -37,16 +37,12 @@ impl Responder {
     ) -> AdminResult {
         let request = if body.iter().all(u8::is_ascii_whitespace) {
             Ok(RetireRequest::default())
-        } else if body.len() > self.settings.max_admin_body {
-            Err(bad(format!(
-                "body of {} bytes is larger than limits.max_enrollment_body_size ({})",
-                body.len(),
-                self.settings.max_admin_body
-            )))
         } else {
-            encoding
-                .decode::<RetireRequest>(body)
-                .map_err(|e| bad(format!("body is not a retirement request: {e}")))
+            self.within_body_limit(body).and_then(|()| {
+                encoding
+                    .decode::<RetireRequest>(body)
+                    .map_err(|e| bad(format!("body is not a retirement request: {e}")))
+            })
         };
         let request = request.and_then(|r| match &r.reason {
             Some(reason) if reason.len() > MAX_RETIRE_REASON => Err(bad(format!(

@@ -183,35 +183,25 @@ impl LiveDevice {
     /// Publishes at QoS 1 (queued; see [`LiveDevice::closed_within`] and
     /// [`LiveDevice::receive`] for what follows).
     pub async fn publish(&mut self, topic: &str, payload: Vec<u8>) {
-        match &mut self.client {
-            Client::V311(client, _) => client
-                .publish(topic, QoS::AtLeastOnce, false, payload)
-                .await
-                .expect("publish"),
-            Client::V5(client, _) => client
-                .publish(
-                    topic,
-                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                    false,
-                    payload,
-                )
-                .await
-                .expect("publish"),
-        }
+        self.send(topic, payload, false).await
     }
 
     /// Publishes a retained message at QoS 1.
     pub async fn publish_retained(&mut self, topic: &str, payload: Vec<u8>) {
+        self.send(topic, payload, true).await
+    }
+
+    async fn send(&mut self, topic: &str, payload: Vec<u8>, retain: bool) {
         match &mut self.client {
             Client::V311(client, _) => client
-                .publish(topic, QoS::AtLeastOnce, true, payload)
+                .publish(topic, QoS::AtLeastOnce, retain, payload)
                 .await
                 .expect("publish"),
             Client::V5(client, _) => client
                 .publish(
                     topic,
                     rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                    true,
+                    retain,
                     payload,
                 )
                 .await

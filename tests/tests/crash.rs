@@ -13,54 +13,61 @@ use std::time::Duration;
 use edgedps_device::provision::{register, wait_for};
 use edgedps_policies::sas::derive_device_key;
 use edgedps_tests::*;
-use rumqttc::{AsyncClient, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, EventLoop, MqttOptions, Packet, QoS};
+
+/// An operator subscribed to `results`; `None` once the server is gone.
+async fn operator(port: u16, name: String, results: &str) -> Option<(AsyncClient, EventLoop)> {
+    let mut options = MqttOptions::new(name, "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    client.subscribe(results, QoS::AtLeastOnce).await.ok()?;
+    wait_for(&mut eventloop, "SUBACK", |p| matches!(p, Packet::SubAck(_)))
+        .await
+        .ok()?;
+    Some((client, eventloop))
+}
+
+/// Publishes `body` to `topic` and waits for the result on `result_topic`; `None` once
+/// the server is gone.
+async fn write_for_result(
+    client: &AsyncClient,
+    eventloop: &mut EventLoop,
+    (topic, body, retain): (String, Vec<u8>, bool),
+    result_topic: &str,
+) -> Option<serde_json::Value> {
+    client
+        .publish(topic, QoS::AtLeastOnce, retain, body)
+        .await
+        .ok()?;
+    match wait_for(
+        eventloop,
+        "result",
+        |p| matches!(p, Packet::Publish(p) if p.topic == result_topic),
+    )
+    .await
+    {
+        Ok(Packet::Publish(p)) => Some(serde_json::from_slice(&p.payload).unwrap_or_default()),
+        _ => None,
+    }
+}
 
 /// Writes enrollments one by one until the connection breaks; records those reported ok.
 async fn write_until_killed(port: u16, prefix: String, acknowledged: Arc<Mutex<BTreeSet<String>>>) {
-    let mut options = MqttOptions::new(format!("crash-writer-{prefix}"), "127.0.0.1", port);
-    options.set_keep_alive(Duration::from_secs(30));
-    let (client, mut eventloop) = AsyncClient::new(options, 16);
-    if client
-        .subscribe("dps/admin/results/#", QoS::AtLeastOnce)
-        .await
-        .is_err()
-        || wait_for(&mut eventloop, "SUBACK", |p| matches!(p, Packet::SubAck(_)))
-            .await
-            .is_err()
-    {
+    let name = format!("crash-writer-{prefix}");
+    let Some((client, mut eventloop)) = operator(port, name, "dps/admin/results/#").await else {
         return;
-    }
+    };
     for i in 0.. {
         let id = format!("{prefix}-{i}");
         let body = serde_json::to_vec(&symmetric_enrollment(&id, &new_key())).unwrap_or_default();
-        if client
-            .publish(
-                format!("dps/enrollments/{id}"),
-                QoS::AtLeastOnce,
-                true,
-                body,
-            )
-            .await
-            .is_err()
-        {
-            return;
-        }
+        let write = (format!("dps/enrollments/{id}"), body, true);
         let result_topic = format!("dps/admin/results/enrollments/{id}");
-        match wait_for(
-            &mut eventloop,
-            "result",
-            |p| matches!(p, Packet::Publish(p) if p.topic == result_topic),
-        )
-        .await
-        {
-            Ok(Packet::Publish(p)) => {
-                let result: serde_json::Value =
-                    serde_json::from_slice(&p.payload).unwrap_or_default();
-                if result["ok"] == true {
-                    acknowledged.lock().unwrap().insert(id);
-                }
+        match write_for_result(&client, &mut eventloop, write, &result_topic).await {
+            Some(result) if result["ok"] == true => {
+                acknowledged.lock().unwrap().insert(id);
             }
-            _ => return,
+            Some(_) => {}
+            None => return,
         }
     }
 }
@@ -74,19 +81,11 @@ async fn retire_until_killed(
     asked: Arc<Mutex<BTreeSet<String>>>,
     retired: Arc<Mutex<BTreeSet<String>>>,
 ) {
-    let mut options = MqttOptions::new(format!("crash-retirer-{name}"), "127.0.0.1", port);
-    options.set_keep_alive(Duration::from_secs(30));
-    let (client, mut eventloop) = AsyncClient::new(options, 16);
-    if client
-        .subscribe("dps/admin/results/retire/#", QoS::AtLeastOnce)
-        .await
-        .is_err()
-        || wait_for(&mut eventloop, "SUBACK", |p| matches!(p, Packet::SubAck(_)))
-            .await
-            .is_err()
-    {
+    let name = format!("crash-retirer-{name}");
+    let Some((client, mut eventloop)) = operator(port, name, "dps/admin/results/retire/#").await
+    else {
         return;
-    }
+    };
     loop {
         let next = {
             let asked = asked.lock().unwrap();
@@ -102,34 +101,18 @@ async fn retire_until_killed(
             continue;
         };
         asked.lock().unwrap().insert(id.clone());
-        let topic = format!("dps/admin/retire/{id}");
-        if client
-            .publish(
-                topic,
-                QoS::AtLeastOnce,
-                false,
-                br#"{"reason":"crash test"}"#.to_vec(),
-            )
-            .await
-            .is_err()
-        {
-            return;
-        }
+        let retire = (
+            format!("dps/admin/retire/{id}"),
+            br#"{"reason":"crash test"}"#.to_vec(),
+            false,
+        );
         let result_topic = format!("dps/admin/results/retire/{id}");
-        match wait_for(
-            &mut eventloop,
-            "result",
-            |p| matches!(p, Packet::Publish(p) if p.topic == result_topic),
-        )
-        .await
-        {
-            Ok(Packet::Publish(p)) => {
-                let result: serde_json::Value =
-                    serde_json::from_slice(&p.payload).unwrap_or_default();
+        match write_for_result(&client, &mut eventloop, retire, &result_topic).await {
+            Some(result) => {
                 assert_ne!(result["ok"], false, "retirement of {id} refused: {result}");
                 retired.lock().unwrap().insert(id);
             }
-            _ => return,
+            None => return,
         }
     }
 }

@@ -35,35 +35,41 @@ async fn five_hundred_devices_are_all_assigned() {
     smoke(Attestation::X509Group, 100).await;
 }
 
-#[test]
-fn loadgen_command_runs_edgedps_and_the_baseline_and_reports_json() {
+/// Runs `edgedps loadgen {args} --json`; its JSON lines, and its whole output.
+fn loadgen(args: &[&str]) -> (Vec<serde_json::Value>, String) {
     let output = std::process::Command::new(edgedps_binary())
-        .args([
-            "loadgen",
-            "--devices",
-            "60",
-            "--concurrency",
-            "8",
-            "--attestation",
-            "x509-group",
-            "--rounds",
-            "1",
-            "--baseline",
-            "--json",
-        ])
+        .arg("loadgen")
+        .args(args)
+        .arg("--json")
         .output()
         .expect("edgedps loadgen runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let lines: Vec<serde_json::Value> = stdout
+    let lines = stdout
         .lines()
         .filter(|l| l.starts_with('{'))
         .map(|l| serde_json::from_str(l).expect("JSON lines"))
         .collect();
+    (lines, stdout)
+}
+
+#[test]
+fn loadgen_command_runs_edgedps_and_the_baseline_and_reports_json() {
+    let (lines, stdout) = loadgen(&[
+        "--devices",
+        "60",
+        "--concurrency",
+        "8",
+        "--attestation",
+        "x509-group",
+        "--rounds",
+        "1",
+        "--baseline",
+    ]);
     let rounds: Vec<&serde_json::Value> =
         lines.iter().filter(|l| l.get("target").is_some()).collect();
     assert_eq!(rounds.len(), 2, "{stdout}");
@@ -89,30 +95,17 @@ fn loadgen_command_runs_edgedps_and_the_baseline_and_reports_json() {
 #[test]
 fn cutting_off_a_group_of_hundreds_closes_every_session_within_a_second() {
     // More sessions than one wake batch: the paced closing is exercised.
-    let output = std::process::Command::new(edgedps_binary())
-        .args([
-            "loadgen",
-            "--devices",
-            "400",
-            "--concurrency",
-            "32",
-            "--attestation",
-            "x509-group",
-            "--cut-off",
-            "--json",
-        ])
-        .output()
-        .expect("edgedps loadgen runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let cut = stdout
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON lines"))
+    let (lines, stdout) = loadgen(&[
+        "--devices",
+        "400",
+        "--concurrency",
+        "32",
+        "--attestation",
+        "x509-group",
+        "--cut-off",
+    ]);
+    let cut = lines
+        .iter()
         .find_map(|l| l.get("cut_off").cloned())
         .unwrap_or_else(|| panic!("no cut-off report: {stdout}"));
     assert_eq!(cut["held"], 400, "{cut}");
