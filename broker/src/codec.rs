@@ -5,7 +5,7 @@
 //! packet id (private fields in rumqttd's `Publish`) are read from the frame and set
 //! through rumqttd's public internal-format constructor.
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{BufMut, BytesMut};
 use rumqttd::protocol::{
     self, v4, v5, ConnectReturnCode, Packet, Protocol, Publish, PublishProperties, QoS,
     SubscribeReasonCode,
@@ -195,13 +195,13 @@ impl Codec {
     }
 
     /// A CONNACK refusal in the code space of this version.
-    pub fn refusal_code(&self, refusal: Refusal) -> ConnectReturnCode {
+    pub fn refusal_code(&self, refusal: ConnectRefusal) -> ConnectReturnCode {
         match (self.version, refusal) {
-            (_, Refusal::BadClientId) => ConnectReturnCode::ClientIdentifierNotValid,
-            (_, Refusal::BadCredentials) => ConnectReturnCode::BadUserNamePassword,
-            (_, Refusal::NotAuthorized) => ConnectReturnCode::NotAuthorized,
-            (Version::V4, Refusal::Unavailable) => ConnectReturnCode::ServiceUnavailable,
-            (Version::V5, Refusal::Unavailable) => ConnectReturnCode::ServerUnavailable,
+            (_, ConnectRefusal::BadClientId) => ConnectReturnCode::ClientIdentifierNotValid,
+            (_, ConnectRefusal::BadCredentials) => ConnectReturnCode::BadUserNamePassword,
+            (_, ConnectRefusal::NotAuthorized) => ConnectReturnCode::NotAuthorized,
+            (Version::V4, ConnectRefusal::Unavailable) => ConnectReturnCode::ServiceUnavailable,
+            (Version::V5, ConnectRefusal::Unavailable) => ConnectReturnCode::ServerUnavailable,
         }
     }
 
@@ -237,7 +237,7 @@ impl Codec {
 
 /// CONNACK refusals, independent of the protocol version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub enum ConnectRefusal {
     BadClientId,
     BadCredentials,
     NotAuthorized,
@@ -256,15 +256,17 @@ pub fn publish(topic: &[u8], payload: &[u8], qos: u8, pkid: u16, retain: bool) -
     Publish::deserialize(raw.freeze())
 }
 
-/// Reads the QoS of a rumqttd `Publish` (for router deliveries) from its internal form.
-pub fn publish_qos(publish: &Publish) -> u8 {
-    let raw = publish.serialize();
-    raw.chunk().first().map(|b| (b >> 1) & 0b11).unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use bytes::Buf;
+
+    /// The QoS of a rumqttd `Publish`, from its internal form.
+    fn publish_qos(publish: &Publish) -> u8 {
+        let raw = publish.serialize();
+        raw.chunk().first().map(|b| (b >> 1) & 0b11).unwrap_or(0)
+    }
 
     fn v4_connect() -> BytesMut {
         let mut out = BytesMut::new();

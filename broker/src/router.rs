@@ -11,7 +11,26 @@ use rumqttd::protocol::{Filter, Packet, PingReq, Publish, QoS, RetainForwardRule
 use rumqttd::{Notification, RouterConfig};
 use tokio::sync::mpsc;
 
-use edgedps_responder::Outbound;
+use edgedps_responder::{Publication, RetainedMessages};
+
+/// Where sessions hand the responder's publications; one task publishes them into the
+/// router, in order, on a link of its own.
+#[derive(Clone)]
+pub struct Publisher {
+    tx: mpsc::Sender<Publication>,
+}
+
+impl Publisher {
+    /// Queues `publications` in order; waits while the queue is full.
+    pub async fn publish(&self, publications: Vec<Publication>) {
+        for publication in publications {
+            if self.tx.send(publication).await.is_err() {
+                tracing::warn!("the router's publisher stopped; record not published");
+                return;
+            }
+        }
+    }
+}
 
 /// Retained messages a new subscription receives at most (a rumqttd limit).
 pub const RETAINED_PER_SUBSCRIPTION: u64 = 100_000;
@@ -71,42 +90,18 @@ impl Router {
         .map_err(|e| RouterError(e.to_string()))?
     }
 
-    /// Publishes what the responder emits, in order, for as long as it emits.
-    pub async fn spawn_publisher(
-        &self,
-        mut outbound: mpsc::Receiver<Outbound>,
-    ) -> Result<(), RouterError> {
+    /// Starts the task that publishes what the responder answers, in order, for as long
+    /// as a [`Publisher`] is left.
+    pub async fn spawn_publisher(&self) -> Result<Publisher, RouterError> {
+        let (publisher, mut publications) = mpsc::channel::<Publication>(4096);
         let (mut tx, mut rx) = self.link("edgedps-responder").await?;
-        let router = self.clone();
         tokio::spawn(async move {
-            while let Some(message) = outbound.recv().await {
-                match message {
-                    Outbound::Publish {
-                        topic,
-                        payload,
-                        retain,
-                    } => {
-                        let publish = Publish::new(topic.into_bytes(), payload, retain);
-                        if let Err(e) = tx.send(Packet::Publish(publish, None)).await {
-                            tracing::error!(error = %e, "router link of the responder failed; records are no longer published");
-                            return;
-                        }
-                    }
-                    // On its own link and task: what was published before is already in
-                    // the router's queue, ahead of the purge's subscription.
-                    Outbound::PurgeRetained { filter, done } => {
-                        let router = router.clone();
-                        tokio::spawn(async move {
-                            let purged = match router.purge_retained(&filter).await {
-                                Ok(purged) => purged,
-                                Err(e) => {
-                                    tracing::error!(%filter, error = %e, "retained messages not purged");
-                                    0
-                                }
-                            };
-                            let _ = done.send(purged);
-                        });
-                    }
+            while let Some(message) = publications.recv().await {
+                let publish =
+                    Publish::new(message.topic.into_bytes(), message.payload, message.retain);
+                if let Err(e) = tx.send(Packet::Publish(publish, None)).await {
+                    tracing::error!(error = %e, "router link of the responder failed; records are no longer published");
+                    return;
                 }
             }
         });
@@ -124,7 +119,7 @@ impl Router {
                 }
             }
         });
-        Ok(())
+        Ok(Publisher { tx: publisher })
     }
 
     /// Clears every retained message under `filter` (an empty retained publish to each
@@ -186,5 +181,17 @@ impl Router {
         };
         let _ = tx.send(Packet::Disconnect(disconnect, None)).await;
         Ok(topics.len())
+    }
+}
+
+impl RetainedMessages for Router {
+    async fn purge(&self, filter: String) -> usize {
+        match self.purge_retained(&filter).await {
+            Ok(purged) => purged,
+            Err(e) => {
+                tracing::error!(%filter, error = %e, "retained messages not purged");
+                0
+            }
+        }
     }
 }

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_rustls::rustls::server::Acceptor;
 use tokio_rustls::LazyConfigAcceptor;
 
-use edgedps_responder::{Responder, Settings, Store};
+use edgedps_responder::{Responder, Settings, SledStore};
 
 use crate::config::Config;
 use crate::router::Router;
@@ -67,7 +67,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         path: config.data_dir.display().to_string(),
         reason: e.to_string(),
     })?;
-    let store = Store::open(&config.data_dir.join("store"))?;
+    let store = SledStore::open(&config.data_dir.join("store"))?;
     let mut settings = Settings::new(config.id_scope.clone());
     settings.allocation_policy = config.default_allocation();
     settings.always_accept_then_poll = config.always_accept_then_poll;
@@ -75,30 +75,19 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     settings.hubs = config.linked_hubs();
     settings.rate_limits = config.rate_limits();
     settings.max_admin_body = config.limits.max_enrollment_body_size;
-    let (responder, outbound) = Responder::open(settings, store)?;
-    let responder = Arc::new(responder);
+    let responder = Arc::new(Responder::open(settings, Arc::new(store))?);
 
-    // Every session may hold a link, plus the responder's.
+    // Every session may hold a link, plus the responder's publisher.
     let router = Router::start(config.limits.max_connections + 1);
-    router.spawn_publisher(outbound).await?;
+    let publisher = router.spawn_publisher().await?;
     // The stored state goes back out as retained messages in the background: with a
     // million enrollments that takes seconds, and devices need not wait for it.
-    let republishing = responder.clone();
-    tokio::spawn(async move {
-        let started = std::time::Instant::now();
-        match republishing.republish().await {
-            Ok(records) => tracing::info!(
-                records,
-                seconds = started.elapsed().as_secs_f64(),
-                "republished the stored state as retained messages"
-            ),
-            Err(e) => tracing::error!(error = %e, "republishing the stored state failed"),
-        }
-    });
+    tokio::spawn(republish(responder.clone(), publisher.clone()));
 
     let shared = Arc::new(Shared {
         responder: responder.clone(),
         router,
+        publisher,
         limits: config.limits.clone(),
     });
     let mut running = Running {
@@ -203,6 +192,41 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         running.tasks.push(tokio::spawn(accept));
     }
     Ok(running)
+}
+
+/// Publishes every stored record as a retained message, one at a time.
+async fn republish(responder: Arc<Responder>, publisher: crate::router::Publisher) {
+    let started = std::time::Instant::now();
+    let mut records = 0usize;
+    // Read in batches off the async workers: the store is read from disk.
+    let (batches, mut received) = tokio::sync::mpsc::channel(4);
+    let reader = responder.clone();
+    let reading = tokio::task::spawn_blocking(move || {
+        let mut batch = Vec::with_capacity(256);
+        for publication in reader.republish() {
+            batch.push(publication?);
+            if batch.len() == 256 && batches.blocking_send(std::mem::take(&mut batch)).is_err() {
+                return Ok(());
+            }
+        }
+        if !batch.is_empty() {
+            let _ = batches.blocking_send(batch);
+        }
+        Ok::<_, edgedps_responder::Error>(())
+    });
+    while let Some(batch) = received.recv().await {
+        records += batch.len();
+        publisher.publish(batch).await;
+    }
+    match reading.await {
+        Ok(Ok(())) => tracing::info!(
+            records,
+            seconds = started.elapsed().as_secs_f64(),
+            "republished the stored state as retained messages"
+        ),
+        Ok(Err(e)) => tracing::error!(error = %e, "republishing the stored state failed"),
+        Err(e) => tracing::error!(error = %e, "republishing the stored state failed"),
+    }
 }
 
 async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {

@@ -90,14 +90,15 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 
 /// Writes `count` symmetric-key enrollments straight into the store of `data_dir`.
 async fn bench_store(data_dir: &std::path::Path, count: usize) -> Result<(), String> {
+    use edgedps_responder::Store;
     use edgedps_topics::admin::{
         Attestation, AttestationType, Enrollment, SymmetricKeyAttestation,
     };
     let store =
-        edgedps_responder::Store::open(&data_dir.join("store")).map_err(|e| e.to_string())?;
+        edgedps_responder::SledStore::open(&data_dir.join("store")).map_err(|e| e.to_string())?;
     for i in 0..count {
         let enrollment = Enrollment {
-            registration_id: format!("bulk-{i}"),
+            registration_id: format!("bulk-{i}").into(),
             device_id: None,
             attestation: Attestation {
                 kind: AttestationType::SymmetricKey,

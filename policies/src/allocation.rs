@@ -1,4 +1,9 @@
-//! Hub allocation (PROTOCOL A6).
+//! Hub allocation (PROTOCOL A6): [`allocate`] applies an enrollment's policy to the
+//! linked hubs.
+//!
+//! The candidates are the enrollment's `iotHubs` when it names any, otherwise every
+//! linked hub that takes part in allocation. `static` needs exactly one candidate;
+//! `hashed` (and the service default) picks among them with [`hashed`].
 //!
 //! `hashed` is weighted rendezvous hashing: every candidate hub scores the registration
 //! id and the highest score wins. The score depends only on the id, the hub's name and
@@ -6,6 +11,51 @@
 //! hub moves exactly the devices the new hub outscores.
 
 use ring::digest;
+
+use edgedps_topics::admin::{AllocationPolicy, LinkedHub};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AllocationError {
+    #[error("static allocation needs exactly one hub in the enrollment's iotHubs")]
+    StaticNeedsOneHub,
+    #[error("no linked hub can be assigned to this device")]
+    NoHub,
+}
+
+/// The hub for `registration_id` under `policy`, among the `linked` hubs (or those of
+/// them the enrollment names in `iot_hubs`).
+pub fn allocate<'a>(
+    policy: AllocationPolicy,
+    registration_id: &str,
+    iot_hubs: &[String],
+    linked: &'a [LinkedHub],
+) -> Result<&'a str, AllocationError> {
+    let candidates: Vec<Candidate<'a>> = linked
+        .iter()
+        .filter(|hub| {
+            if iot_hubs.is_empty() {
+                hub.apply_allocation_policy
+            } else {
+                iot_hubs
+                    .iter()
+                    .any(|name| name.eq_ignore_ascii_case(&hub.host_name))
+            }
+        })
+        .map(|hub| Candidate {
+            host_name: &hub.host_name,
+            weight: hub.allocation_weight,
+        })
+        .collect();
+    let chosen = match policy {
+        AllocationPolicy::Static => match candidates.as_slice() {
+            [only] => Some(only.host_name),
+            [] => None,
+            _ => return Err(AllocationError::StaticNeedsOneHub),
+        },
+        _ => hashed(registration_id, &candidates),
+    };
+    chosen.ok_or(AllocationError::NoHub)
+}
 
 /// A hub a device may be assigned to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +103,63 @@ fn score(id: &str, candidate: &Candidate<'_>) -> f64 {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    fn linked(host_name: &str, weight: u32, apply: bool) -> LinkedHub {
+        LinkedHub {
+            host_name: host_name.into(),
+            allocation_weight: weight,
+            apply_allocation_policy: apply,
+            location: None,
+            etag: None,
+        }
+    }
+
+    #[test]
+    fn static_takes_the_one_hub_the_enrollment_names() {
+        let hubs = [linked("a.example", 1, true), linked("b.example", 1, false)];
+        let names = vec!["B.example".to_string()];
+        assert_eq!(
+            allocate(AllocationPolicy::Static, "dev", &names, &hubs),
+            Ok("b.example")
+        );
+        let both = vec!["a.example".to_string(), "b.example".to_string()];
+        assert_eq!(
+            allocate(AllocationPolicy::Static, "dev", &both, &hubs),
+            Err(AllocationError::StaticNeedsOneHub)
+        );
+        let unknown = vec!["c.example".to_string()];
+        assert_eq!(
+            allocate(AllocationPolicy::Static, "dev", &unknown, &hubs),
+            Err(AllocationError::NoHub)
+        );
+    }
+
+    #[test]
+    fn hashed_without_named_hubs_uses_the_hubs_that_take_part() {
+        let hubs = [linked("a.example", 1, false), linked("b.example", 1, true)];
+        for id in ["d1", "d2", "d3", "d4"] {
+            assert_eq!(
+                allocate(AllocationPolicy::Hashed, id, &[], &hubs),
+                Ok("b.example")
+            );
+        }
+        let none = [linked("a.example", 1, false)];
+        assert_eq!(
+            allocate(AllocationPolicy::Hashed, "d1", &[], &none),
+            Err(AllocationError::NoHub)
+        );
+        // Named hubs take part whatever their flag; a weight of 0 never wins.
+        let named = vec!["a.example".to_string()];
+        assert_eq!(
+            allocate(AllocationPolicy::Hashed, "d1", &named, &hubs),
+            Ok("a.example")
+        );
+        let zero = [linked("a.example", 0, true)];
+        assert_eq!(
+            allocate(AllocationPolicy::Hashed, "d1", &[], &zero),
+            Err(AllocationError::NoHub)
+        );
+    }
 
     fn hubs(weights: &[(&'static str, u32)]) -> Vec<Candidate<'static>> {
         weights

@@ -1,14 +1,19 @@
-//! Pure decisions of edgedps: is this SAS token good (`sas`), does this certificate
-//! chain belong to this enrollment (`x509`), which hub gets this device (`allocation`),
-//! may this session use this topic (`acl`), may this device use its hub now (`access`),
-//! is this certificate revoked (`revocation`). Values in, verdict out; no IO, no clock
-//! (callers pass the time).
+//! Pure decisions of edgedps: which enrollment accepts this CONNECT (`attestation`),
+//! is this SAS token good (`sas`), does this certificate chain belong to this enrollment
+//! (`x509`), which hub gets this device (`allocation`), what a register makes of its
+//! record (`reprovision`), may this device use its hub now (`access`), may this session
+//! use this topic (`acl`), is this certificate revoked (`revocation`), may this operator
+//! write be stored (`validation`). Values in, verdict out; no IO, no clock (callers
+//! pass the time).
 
 pub mod access;
 pub mod acl;
 pub mod allocation;
+pub mod attestation;
+pub mod reprovision;
 pub mod revocation;
 pub mod sas;
+pub mod validation;
 pub mod x509;
 
 #[cfg(test)]

@@ -1,35 +1,32 @@
 //! Operator writes on the retained `dps/` records (PROTOCOL B).
 //!
-//! Every write is validated before it touches the store, checked against the stored
-//! etag when it carries one, made durable, republished as the retained record, and
-//! answered on `dps/admin/results/{kind}/{id}`. The retained copy never carries
-//! symmetric keys; a later write that omits the keys keeps the stored ones.
+//! Every write is validated before it touches the store (`edgedps_policies::validation`),
+//! checked against the stored etag when it carries one, made durable, republished as the
+//! retained record, and answered on `dps/admin/results/{kind}/{id}`. The retained copy
+//! never carries symmetric keys; a later write that omits the keys keeps the stored ones.
 //!
-//! A write that takes devices out of service (PROTOCOL B, retirement) then cuts their
-//! live sessions, and its result and audit event say how many. Deleting an enrollment
-//! or a group marks the registrations it attested `deregistered`. A revocation list is
-//! accepted only when its signature verifies against a CA edgedps trusts.
+//! A write that takes devices out of service then cuts their live sessions, and its
+//! result and audit event say how many. Deleting an enrollment or a group marks the
+//! registrations it attested `deregistered`. A revocation list is accepted only when its
+//! signature verifies against a CA edgedps trusts.
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 
+use edgedps_policies::attestation::GroupCredentials;
 use edgedps_policies::revocation::{self, RevocationList};
-use edgedps_policies::x509;
+use edgedps_policies::validation::{self, enrolled_thumbprints, redact_enrollment, redact_group};
 use edgedps_topics::admin::{
-    admin_event_topic, codes, AdminEvent, AdminOperation, AdminOutcome, AdminResult,
-    AllocationPolicy, Attestation, AttestationType, CertificatePair, Effects, Enrollment,
+    admin_event_topic, AdminEvent, AdminOperation, AdminOutcome, AdminResult, Effects, Enrollment,
     EnrollmentGroup, EnrollmentSettings, LinkedHub, ProvisioningStatus, RecordKind, Retirement,
 };
 use edgedps_topics::encoding::Encoding;
-use edgedps_topics::identity;
-use edgedps_topics::registration::{status, RegistrationState};
+use edgedps_topics::identity::RegistrationId;
+use edgedps_topics::registration::{RegistrationState, RegistrationStatus};
 
-use crate::registration::to_json;
 use crate::sessions::{Cut, Scope};
 use crate::store::CrlRecord;
-use crate::{read, timestamp_now, write, GroupEntry, Responder};
-
-pub(crate) type Rejection = (u16, String);
+use crate::{count, read, timestamp_now, write, Error, Publication, Responder};
 
 /// What an accepted write did.
 pub(crate) struct Applied {
@@ -67,6 +64,24 @@ impl Applied {
     }
 }
 
+/// The answer to an operator write: its result, and what to publish (the retained
+/// records it changed, then the result and the audit event).
+pub struct AdminAnswer {
+    pub result: AdminResult,
+    pub publish: Vec<Publication>,
+}
+
+/// Who wrote what, for the result and the audit event.
+pub(crate) struct Write<'a> {
+    pub operator: &'a str,
+    pub kind: &'a str,
+    pub id: &'a str,
+    pub operation: AdminOperation,
+    pub encoding: Encoding,
+    pub result_topic: String,
+    pub event_topic: String,
+}
+
 impl Responder {
     /// Applies one write of an operator. An empty body deletes the record.
     ///
@@ -83,34 +98,36 @@ impl Responder {
         id: &str,
         body: &[u8],
         encoding: Encoding,
-    ) -> AdminResult {
+    ) -> AdminAnswer {
+        let mut publish = Vec::new();
         let operation = if body.is_empty() {
             AdminOperation::Delete
         } else {
             AdminOperation::Write
         };
         let outcome = if body.is_empty() {
-            self.delete(kind, id).await
-        } else if let Err(rejection) = self.within_body_limit(body) {
-            Err(rejection)
+            self.delete(kind, id, &mut publish).await
         } else {
-            self.upsert(kind, id, body, encoding).await
+            match self.within_body_limit(body) {
+                Ok(()) => self.upsert(kind, id, body, encoding, &mut publish).await,
+                Err(e) => Err(e),
+            }
         };
-        self.report(
+        let write = Write {
             operator,
-            kind.segment(),
+            kind: kind.segment(),
             id,
             operation,
-            outcome,
-            None,
             encoding,
-            (kind.result_topic(id), admin_event_topic(kind, id)),
-        )
-        .await
+            result_topic: kind.result_topic(id),
+            event_topic: admin_event_topic(kind, id),
+        };
+        let result = self.report(write, outcome, None, &mut publish);
+        AdminAnswer { result, publish }
     }
 
     /// `limits.max_enrollment_body_size` bounds every operator body.
-    pub(crate) fn within_body_limit(&self, body: &[u8]) -> Result<(), Rejection> {
+    pub(crate) fn within_body_limit(&self, body: &[u8]) -> Result<(), Error> {
         if body.len() > self.settings.max_admin_body {
             return Err(bad(format!(
                 "body of {} bytes is larger than limits.max_enrollment_body_size ({})",
@@ -121,24 +138,20 @@ impl Responder {
         Ok(())
     }
 
-    /// Publishes the result and the audit event of a write, and logs it.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn report(
+    /// The result and the audit event of a write, published after what it changed, and
+    /// its log line.
+    pub(crate) fn report(
         &self,
-        operator: &str,
-        kind: &str,
-        id: &str,
-        operation: AdminOperation,
-        outcome: Result<Applied, Rejection>,
+        write: Write<'_>,
+        outcome: Result<Applied, Error>,
         reason: Option<String>,
-        encoding: Encoding,
-        (result_topic, event_topic): (String, String),
+        publish: &mut Vec<Publication>,
     ) -> AdminResult {
         let mut event = AdminEvent {
-            operator: operator.to_owned(),
-            kind: kind.to_owned(),
-            id: id.to_owned(),
-            operation,
+            operator: write.operator.to_owned(),
+            kind: write.kind.to_owned(),
+            id: write.id.to_owned(),
+            operation: write.operation,
             outcome: AdminOutcome::Rejected,
             retirement: None,
             provisioning_status: None,
@@ -164,7 +177,8 @@ impl Responder {
                     effects: applied.effects,
                 }
             }
-            Err((code, message)) => {
+            Err(error) => {
+                let (code, message) = (error.admin_code(), error.to_string());
                 event.error_code = Some(code);
                 event.message = Some(message.clone());
                 AdminResult {
@@ -177,61 +191,12 @@ impl Responder {
             }
         };
         audit_log(&event);
-        self.publish(result_topic, encoding.encode(&result), false)
-            .await;
-        self.publish(event_topic, to_json(&event), false).await;
+        publish.push(Publication::message(
+            write.result_topic,
+            write.encoding.encode(&result),
+        ));
+        publish.push(Publication::event(write.event_topic, &event));
         result
-    }
-
-    /// Publishes every stored record as a retained message (at start-up).
-    pub async fn republish(&self) -> Result<usize, crate::Error> {
-        let mut count = 0;
-        for e in self.store.enrollments()? {
-            self.publish(
-                RecordKind::Enrollment.record_topic(&e.registration_id),
-                to_json(&redact_enrollment(e)),
-                true,
-            )
-            .await;
-            count += 1;
-        }
-        let groups: Vec<EnrollmentGroup> = read(&self.groups)
-            .values()
-            .map(|entry| entry.group.clone())
-            .collect();
-        for g in groups {
-            self.publish(
-                RecordKind::EnrollmentGroup.record_topic(&g.enrollment_group_id),
-                to_json(&redact_group(g)),
-                true,
-            )
-            .await;
-            count += 1;
-        }
-        for h in self.linked_hubs() {
-            self.publish(
-                RecordKind::Hub.record_topic(&h.host_name),
-                to_json(&h),
-                true,
-            )
-            .await;
-            count += 1;
-        }
-        for r in self.store.registrations()? {
-            self.publish(
-                RecordKind::Registration.record_topic(&r.registration_id),
-                to_json(&r),
-                true,
-            )
-            .await;
-            count += 1;
-        }
-        for crl in self.store.crls()? {
-            self.publish(RecordKind::Crl.record_topic(&crl.name), crl_pem(&crl), true)
-                .await;
-            count += 1;
-        }
-        Ok(count)
     }
 
     async fn upsert(
@@ -240,65 +205,43 @@ impl Responder {
         id: &str,
         body: &[u8],
         encoding: Encoding,
-    ) -> Result<Applied, Rejection> {
+        publish: &mut Vec<Publication>,
+    ) -> Result<Applied, Error> {
         match kind {
             RecordKind::Enrollment => {
-                let mut e: Enrollment = parse_body(body, encoding)?;
-                if !e.registration_id.eq_ignore_ascii_case(id) {
-                    return Err(bad(format!(
-                        "registrationId {} is not the topic's `{id}`",
-                        shown(&e.registration_id)
-                    )));
-                }
-                validate_registration_id(&e.registration_id)?;
-                if let Some(device_id) = &e.device_id {
-                    if !identity::valid_registration_id(device_id) {
-                        return Err(bad(format!("deviceId {} is not valid", shown(device_id))));
-                    }
-                }
-                let stored = self.store.enrollment(id).map_err(internal)?;
+                let sent: Enrollment = validation::parse_body(body, encoding)?;
+                let registration_id = RegistrationId::from(id);
+                let stored = self.store.enrollment(&registration_id)?;
+                let mut e = validation::enrollment(id, sent, stored.as_ref())?;
                 let before = stored.as_ref().map(|s| s.settings.provisioning_status);
-                let old = stored.as_ref().map(|s| (&s.settings, &s.attestation));
-                keep_stored_keys(&mut e.attestation, old.map(|o| o.1));
-                validate_attestation(&e.attestation, false)?;
-                validate_settings(&e.settings)?;
-                let etag = self.stamp(&mut e.settings, old.map(|o| o.0))?;
-                self.store.put_enrollment(&e).map_err(internal)?;
-                self.store.durable().await.map_err(internal)?;
+                let etag = self.stamp(&mut e.settings, stored.as_ref().map(|s| &s.settings));
+                self.store.put_enrollment(&e)?;
+                self.store.durable().await?;
+                self.written();
                 let applied = Applied::record(etag, before, e.settings.provisioning_status);
                 let thumbprints = enrolled_thumbprints(&e.attestation);
-                let topic = kind.record_topic(&e.registration_id);
-                self.publish(topic, to_json(&redact_enrollment(e)), true).await;
+                let topic = kind.record_topic(e.registration_id.as_str());
+                publish.push(Publication::record(topic, &redact_enrollment(e)));
                 // A disabled enrollment blocks the device (and its certificate); a new
                 // enabled one takes over from the device's group.
-                let mut scopes = vec![Scope::Registration(id)];
+                let mut scopes = vec![Scope::Registration(&registration_id)];
                 scopes.extend(thumbprints.iter().map(|t| Scope::Thumbprint(t)));
                 Ok(applied.closed(self.cut_off(&scopes, None).await))
             }
             RecordKind::EnrollmentGroup => {
-                let mut g: EnrollmentGroup = parse_body(body, encoding)?;
-                if g.enrollment_group_id != id {
-                    return Err(bad(format!(
-                        "enrollmentGroupId {} is not the topic's `{id}`",
-                        shown(&g.enrollment_group_id)
-                    )));
-                }
-                validate_registration_id(id)?;
+                let sent: EnrollmentGroup = validation::parse_body(body, encoding)?;
                 let stored = read(&self.groups).get(id).map(|entry| entry.group.clone());
+                let mut g = validation::group(id, sent, stored.as_ref())?;
                 let before = stored.as_ref().map(|s| s.settings.provisioning_status);
-                let old = stored.as_ref().map(|s| (&s.settings, &s.attestation));
-                keep_stored_keys(&mut g.attestation, old.map(|o| o.1));
-                validate_attestation(&g.attestation, true)?;
-                validate_settings(&g.settings)?;
-                let etag = self.stamp(&mut g.settings, old.map(|o| o.0))?;
-                let entry = GroupEntry::new(g.clone()).map_err(bad)?;
-                self.store.put_group(&g).map_err(internal)?;
-                self.store.durable().await.map_err(internal)?;
+                let etag = self.stamp(&mut g.settings, stored.as_ref().map(|s| &s.settings));
+                let entry = GroupCredentials::new(g.clone()).map_err(|e| bad(e.to_string()))?;
+                self.store.put_group(&g)?;
+                self.store.durable().await?;
                 write(&self.groups).insert(id.to_owned(), entry);
+                self.written();
                 let status = g.settings.provisioning_status;
                 let applied = Applied::record(etag, before, status);
-                self.publish(kind.record_topic(id), to_json(&redact_group(g)), true)
-                    .await;
+                publish.push(Publication::record(kind.record_topic(id), &redact_group(g)));
                 // Only disabling can take the group's devices out; an enabled group's
                 // write leaves its thousands of sessions alone.
                 let closed = match status {
@@ -310,31 +253,17 @@ impl Responder {
                 Ok(applied.closed(closed))
             }
             RecordKind::Hub => {
-                let mut hub: LinkedHub = parse_body(body, encoding)?;
-                if hub.host_name.is_empty() {
-                    hub.host_name = id.to_owned();
-                }
-                if hub.host_name != id {
-                    return Err(bad(format!(
-                        "hostName {} is not the topic's `{id}`",
-                        shown(&hub.host_name)
-                    )));
-                }
-                if !valid_host_name(id) {
-                    return Err(bad(format!("`{id}` is not a host name")));
-                }
-                if hub.allocation_weight > 1000 {
-                    return Err(bad("allocationWeight must be 0 to 1000".into()));
-                }
+                let sent: LinkedHub = validation::parse_body(body, encoding)?;
                 let stored_etag = read(&self.hubs).get(id).and_then(|h| h.etag.clone());
-                check_etag(hub.etag.as_deref(), stored_etag.as_deref())?;
-                let etag = format!("\"{}\"", self.random_token(12));
+                let mut hub = validation::hub(id, sent, stored_etag.as_deref())?;
+                let etag = self.new_etag();
                 hub.etag = Some(etag.clone());
-                self.store.put_hub(&hub).map_err(internal)?;
-                self.store.durable().await.map_err(internal)?;
+                self.store.put_hub(&hub)?;
+                self.store.durable().await?;
                 let existed = write(&self.hubs).insert(id.to_owned(), hub.clone()).is_some()
                     || self.settings.hubs.iter().any(|h| h.host_name == id);
-                self.publish(kind.record_topic(id), to_json(&hub), true).await;
+                self.written();
+                publish.push(Publication::record(kind.record_topic(id), &hub));
                 Ok(Applied {
                     etag: Some(etag),
                     outcome: if existed {
@@ -347,33 +276,38 @@ impl Responder {
                     effects: Effects::default(),
                 })
             }
-            RecordKind::Crl => self.put_crl(id, body).await,
-            RecordKind::Registration => Err((
-                codes::FORBIDDEN,
+            RecordKind::Crl => self.put_crl(id, body, publish).await,
+            RecordKind::Registration => Err(Error::Forbidden(
                 "registration records are written by edgedps; publish an empty retained message to deregister".into(),
             )),
         }
     }
 
-    async fn delete(&self, kind: RecordKind, id: &str) -> Result<Applied, Rejection> {
+    async fn delete(
+        &self,
+        kind: RecordKind,
+        id: &str,
+        publish: &mut Vec<Publication>,
+    ) -> Result<Applied, Error> {
+        let registration_id = RegistrationId::from(id);
         // Registrations the deleted enrollment or group attested: marked `deregistered`
         // before the flush, so the delete and the marks are durable together.
         let mut deregistered = Vec::new();
         let existed = match kind {
             RecordKind::Enrollment => {
-                let existed = self.store.remove_enrollment(id).map_err(internal)?;
-                let record = self.store.registration(id).map_err(internal)?;
-                if let Some(record) = record.filter(|r| {
-                    existed && r.status == status::ASSIGNED && enrollment_group_of(r).is_none()
-                }) {
-                    let record = deregister(record);
-                    self.store.put_registration(&record).map_err(internal)?;
+                let existed = self.store.remove_enrollment(&registration_id)?;
+                let record = self.store.registration(&registration_id)?;
+                if let Some(record) = record
+                    .filter(|r| existed && r.is_assigned() && r.enrollment_group_id().is_none())
+                {
+                    let record = self.deregister(record);
+                    self.store.put_registration(&record)?;
                     deregistered.push(record);
                 }
                 existed
             }
             RecordKind::EnrollmentGroup => {
-                let existed = self.store.remove_group(id).map_err(internal)?;
+                let existed = self.store.remove_group(id)?;
                 write(&self.groups).remove(id);
                 if existed {
                     deregistered = self.deregister_group(id).await?;
@@ -382,43 +316,44 @@ impl Responder {
             }
             RecordKind::Hub => {
                 if self.settings.hubs.iter().any(|h| h.host_name == id) {
-                    return Err((
-                        codes::FORBIDDEN,
-                        format!("hub `{id}` is linked in the configuration file; remove it there"),
-                    ));
+                    return Err(Error::Forbidden(format!(
+                        "hub `{id}` is linked in the configuration file; remove it there"
+                    )));
                 }
-                let existed = self.store.remove_hub(id).map_err(internal)?;
+                let existed = self.store.remove_hub(id)?;
                 write(&self.hubs).remove(id);
                 existed
             }
-            RecordKind::Registration => self.store.remove_registration(id).map_err(internal)?,
+            RecordKind::Registration => self.store.remove_registration(&registration_id)?,
             RecordKind::Crl => {
-                let existed = self.store.remove_crl(id).map_err(internal)?;
+                let existed = self.store.remove_crl(id)?;
                 write(&self.crls).remove(id);
                 existed
             }
         };
         if existed {
-            self.store.durable().await.map_err(internal)?;
+            self.store.durable().await?;
+            self.written();
         }
         // Clear the retained record either way, so subscribers agree with the store.
-        self.publish(kind.record_topic(id), Vec::new(), true).await;
+        publish.push(Publication::cleared(kind.record_topic(id)));
         for record in &deregistered {
-            self.publish(
-                RecordKind::Registration.record_topic(&record.registration_id),
-                to_json(record),
-                true,
-            )
-            .await;
+            publish.push(Publication::record(
+                RecordKind::Registration.record_topic(record.registration_id.as_str()),
+                record,
+            ));
         }
         if !existed {
-            return Err((codes::NOT_FOUND, format!("no {} `{id}`", kind.segment())));
+            return Err(Error::NotFound(format!("no {} `{id}`", kind.segment())));
         }
         let mut effects = Effects::default();
         let (retirement, cut) = match kind {
             RecordKind::Enrollment => (
                 Retirement::Deleted,
-                Some(self.cut_off(&[Scope::Registration(id)], None).await),
+                Some(
+                    self.cut_off(&[Scope::Registration(&registration_id)], None)
+                        .await,
+                ),
             ),
             RecordKind::EnrollmentGroup => (
                 Retirement::Deleted,
@@ -427,8 +362,11 @@ impl Responder {
             RecordKind::Registration => (
                 Retirement::Deregistered,
                 Some(
-                    self.cut_off(&[Scope::Registration(id)], Some(Cut::Deregistered))
-                        .await,
+                    self.cut_off(
+                        &[Scope::Registration(&registration_id)],
+                        Some(Cut::Deregistered),
+                    )
+                    .await,
                 ),
             ),
             RecordKind::Hub => (Retirement::Unlinked, None),
@@ -449,17 +387,19 @@ impl Responder {
     }
 
     /// Marks the assigned registrations of group `id` `deregistered` in the store.
-    async fn deregister_group(&self, id: &str) -> Result<Vec<RegistrationState>, Rejection> {
+    async fn deregister_group(&self, id: &str) -> Result<Vec<RegistrationState>, Error> {
         let store = self.store.clone();
         let group = id.to_owned();
+        let now = timestamp_now();
+        let random = self.random.clone();
         // A scan of every registration: off the async workers.
         tokio::task::spawn_blocking(move || {
             let mut marked = Vec::new();
-            for record in store.registrations()? {
-                if record.status == status::ASSIGNED
-                    && enrollment_group_of(&record) == Some(group.as_str())
-                {
-                    let record = deregister(record);
+            for record in store.scan_registrations() {
+                let record = record?;
+                if record.is_assigned() && record.enrollment_group_id() == Some(group.as_str()) {
+                    let etag = edgedps_topics::etag(&crate::random_bytes(&random, 12));
+                    let record = deregistered(record, &now, etag);
                     store.put_registration(&record)?;
                     marked.push(record);
                 }
@@ -467,13 +407,23 @@ impl Responder {
             Ok::<_, crate::StoreError>(marked)
         })
         .await
-        .map_err(internal)?
-        .map_err(internal)
+        .map_err(|e| Error::Store(crate::StoreError::Flush(format!("scan task: {e}"))))?
+        .map_err(Error::from)
+    }
+
+    /// The record of a registration that no longer grants anything.
+    pub(crate) fn deregister(&self, record: RegistrationState) -> RegistrationState {
+        deregistered(record, &timestamp_now(), self.new_etag())
     }
 
     /// Verifies a revocation list, stores it, and cuts the sessions it revokes.
-    async fn put_crl(&self, name: &str, body: &[u8]) -> Result<Applied, Rejection> {
-        validate_registration_id(name)?;
+    async fn put_crl(
+        &self,
+        name: &str,
+        body: &[u8],
+        publish: &mut Vec<Publication>,
+    ) -> Result<Applied, Error> {
+        validation::record_name(name)?;
         let sent = revocation::read_body(body).map_err(|e| bad(e.to_string()))?;
         let trusted: Vec<Vec<u8>> = read(&self.groups)
             .values()
@@ -489,13 +439,17 @@ impl Responder {
             sent_certificates: sent.certificates,
         };
         let existed = read(&self.crls).contains_key(name);
-        self.store.put_crl(&record).map_err(internal)?;
-        self.store.durable().await.map_err(internal)?;
+        self.store.put_crl(&record)?;
+        self.store.durable().await?;
         let issuer = list.issuer().to_vec();
         let revoked = count(list.len());
         write(&self.crls).insert(name.to_owned(), list);
-        self.publish(RecordKind::Crl.record_topic(name), crl_pem(&record), true)
-            .await;
+        self.written();
+        publish.push(Publication {
+            topic: RecordKind::Crl.record_topic(name),
+            payload: crl_pem(&record),
+            retain: true,
+        });
         let closed = self.cut_off(&[Scope::Issuer(&issuer)], None).await;
         Ok(Applied {
             etag: None,
@@ -514,19 +468,15 @@ impl Responder {
         })
     }
 
-    /// Checks the etag of a write against the stored record, then sets a new etag and
-    /// the timestamps. Returns the new etag.
+    /// Sets a new etag and the timestamps of a record about to be stored; returns the
+    /// etag. (The etag sent was checked by `edgedps_policies::validation`.)
     pub(crate) fn stamp(
         &self,
         settings: &mut EnrollmentSettings,
         stored: Option<&EnrollmentSettings>,
-    ) -> Result<String, Rejection> {
-        check_etag(
-            settings.etag.as_deref(),
-            stored.and_then(|s| s.etag.as_deref()),
-        )?;
+    ) -> String {
         let now = timestamp_now();
-        let etag = format!("\"{}\"", self.random_token(12));
+        let etag = self.new_etag();
         settings.etag = Some(etag.clone());
         settings.created_date_time_utc = Some(
             stored
@@ -534,50 +484,25 @@ impl Responder {
                 .unwrap_or_else(|| now.clone()),
         );
         settings.last_updated_date_time_utc = Some(now);
-        Ok(etag)
+        etag
     }
 }
 
-/// The enrollment group a registration record came through, if any.
-pub(crate) fn enrollment_group_of(record: &RegistrationState) -> Option<&str> {
-    record
-        .x509
-        .as_ref()
-        .or(record.symmetric_key.as_ref())
-        .and_then(|source| source.enrollment_group_id.as_deref())
-}
-
-/// The record of a registration that no longer grants anything.
-pub(crate) fn deregister(mut record: RegistrationState) -> RegistrationState {
-    record.status = status::DEREGISTERED.into();
-    record.last_updated_date_time_utc = Some(timestamp_now());
-    record.etag = Some(crate::new_etag());
+/// `record` as `deregistered`, updated `now`, with `etag`.
+fn deregistered(mut record: RegistrationState, now: &str, etag: String) -> RegistrationState {
+    record.status = RegistrationStatus::Deregistered;
+    record.last_updated_date_time_utc = Some(now.to_owned());
+    record.etag = Some(etag);
     record
 }
 
-/// The SHA-256 thumbprints of the certificates an X.509 individual enrollment names.
-fn enrolled_thumbprints(attestation: &Attestation) -> Vec<String> {
-    let Some(pair) = attestation
-        .x509
-        .as_ref()
-        .and_then(|x| x.client_certificates.as_ref())
-    else {
-        return Vec::new();
-    };
-    [&pair.primary, &pair.secondary]
-        .into_iter()
-        .flatten()
-        .filter_map(|cert| match (&cert.certificate, &cert.sha256_thumbprint) {
-            (Some(pem), _) => x509::pem_der(pem).ok().map(|der| x509::thumbprint(&der)),
-            (None, Some(print)) => x509::normalize_thumbprint(print).ok(),
-            (None, None) => None,
-        })
-        .collect()
+pub(crate) fn bad(message: String) -> Error {
+    Error::Invalid(validation::Invalid::BadRequest(message))
 }
 
 /// A revocation list as its retained record shows it: PEM, with the certificates the
 /// operator sent with it.
-fn crl_pem(record: &CrlRecord) -> Vec<u8> {
+pub(crate) fn crl_pem(record: &CrlRecord) -> Vec<u8> {
     let mut text = pem_block("X509 CRL", &record.crl);
     for cert in &record.sent_certificates {
         text.push_str(&pem_block("CERTIFICATE", cert));
@@ -594,11 +519,6 @@ fn pem_block(label: &str, der: &[u8]) -> String {
     }
     text.push_str(&format!("-----END {label}-----\n"));
     text
-}
-
-/// A count for a result.
-pub(crate) fn count(n: usize) -> u32 {
-    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// One log line per admin write, under the `edgedps::audit` target.
@@ -637,254 +557,9 @@ fn audit_log(event: &AdminEvent) {
     }
 }
 
-fn parse_body<T: serde::de::DeserializeOwned>(
-    body: &[u8],
-    encoding: Encoding,
-) -> Result<T, Rejection> {
-    encoding
-        .decode(body)
-        .map_err(|e| bad(format!("body is not a valid record: {e}")))
-}
-
-/// A value from the body as an error may show it: ids and host names are quoted; any
-/// other value (it may be a key in the wrong field) is described by its length only.
-fn shown(value: &str) -> String {
-    if identity::valid_registration_id(value) {
-        format!("`{value}`")
-    } else {
-        format!("({} bytes, not a valid id)", value.len())
-    }
-}
-
-pub(crate) fn bad(message: String) -> Rejection {
-    (codes::BAD_REQUEST, message)
-}
-
-pub(crate) fn internal(e: impl std::fmt::Display) -> Rejection {
-    (codes::INTERNAL, format!("internal error: {e}"))
-}
-
-fn check_etag(sent: Option<&str>, stored: Option<&str>) -> Result<(), Rejection> {
-    match (sent, stored) {
-        (None, _) | (Some("*"), _) => Ok(()),
-        (Some(sent), Some(stored)) if sent == stored => Ok(()),
-        (Some(_), stored) => Err((
-            codes::PRECONDITION_FAILED,
-            format!(
-                "the etag sent does not match the stored {}",
-                stored.unwrap_or("(none: the record does not exist)")
-            ),
-        )),
-    }
-}
-
-fn validate_registration_id(id: &str) -> Result<(), Rejection> {
-    if identity::valid_registration_id(id) {
-        Ok(())
-    } else {
-        Err(bad(format!(
-            "`{id}` is not a valid id (1-128 of a-z A-Z 0-9 - . _ :)"
-        )))
-    }
-}
-
-fn valid_host_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
-}
-
-fn validate_settings(settings: &EnrollmentSettings) -> Result<(), Rejection> {
-    match settings.allocation_policy {
-        Some(AllocationPolicy::GeoLatency) | Some(AllocationPolicy::Custom) => return Err(bad(
-            "allocationPolicy geoLatency and custom are not supported yet; use hashed or static"
-                .into(),
-        )),
-        Some(AllocationPolicy::Static) if settings.iot_hubs.len() != 1 => {
-            return Err(bad(
-                "allocationPolicy static needs exactly one hub in iotHubs".into(),
-            ))
-        }
-        _ => {}
-    }
-    if let Some(hub) = settings.iot_hubs.iter().find(|h| !valid_host_name(h)) {
-        return Err(bad(format!(
-            "iotHubs entry {} is not a host name",
-            shown(hub)
-        )));
-    }
-    if let Some(twin) = &settings.initial_twin {
-        if !twin.is_object() {
-            return Err(bad("initialTwin must be a JSON object".into()));
-        }
-    }
-    Ok(())
-}
-
-fn validate_attestation(attestation: &Attestation, group: bool) -> Result<(), Rejection> {
-    match attestation.kind {
-        AttestationType::SymmetricKey => {
-            let keys = attestation
-                .symmetric_key
-                .as_ref()
-                .ok_or_else(|| bad("attestation.symmetricKey is missing".into()))?;
-            let primary = keys
-                .primary_key
-                .as_deref()
-                .ok_or_else(|| bad("attestation.symmetricKey.primaryKey is missing".into()))?;
-            for (name, key) in [
-                ("primaryKey", Some(primary)),
-                ("secondaryKey", keys.secondary_key.as_deref()),
-            ] {
-                if let Some(key) = key {
-                    let len = BASE64
-                        .decode(key)
-                        .map_err(|_| bad(format!("symmetricKey.{name} is not base64")))?
-                        .len();
-                    if !(16..=64).contains(&len) {
-                        return Err(bad(format!(
-                            "symmetricKey.{name} must decode to 16 to 64 bytes, not {len}"
-                        )));
-                    }
-                }
-            }
-            Ok(())
-        }
-        AttestationType::X509 => {
-            let x509 = attestation
-                .x509
-                .as_ref()
-                .ok_or_else(|| bad("attestation.x509 is missing".into()))?;
-            let (name, pair) = if group {
-                ("signingCertificates", x509.signing_certificates.as_ref())
-            } else {
-                ("clientCertificates", x509.client_certificates.as_ref())
-            };
-            let pair = pair.ok_or_else(|| bad(format!("attestation.x509.{name} is missing")))?;
-            validate_certificates(name, pair, group)
-        }
-        AttestationType::Tpm => Err(bad("TPM attestation is not supported yet".into())),
-    }
-}
-
-fn validate_certificates(name: &str, pair: &CertificatePair, group: bool) -> Result<(), Rejection> {
-    let primary = pair
-        .primary
-        .as_ref()
-        .ok_or_else(|| bad(format!("attestation.x509.{name}.primary is missing")))?;
-    for (slot, cert) in [
-        ("primary", Some(primary)),
-        ("secondary", pair.secondary.as_ref()),
-    ] {
-        let Some(cert) = cert else { continue };
-        match (&cert.certificate, &cert.sha256_thumbprint) {
-            (Some(pem), None) => {
-                let der = x509::pem_to_der(pem)
-                    .map_err(|e| bad(format!("x509.{name}.{slot}.certificate: {e}")))?;
-                if group {
-                    let info = x509::CertificateInfo::read(&der)
-                        .map_err(|e| bad(format!("x509.{name}.{slot}: {e}")))?;
-                    if !info.is_ca {
-                        return Err(bad(format!("x509.{name}.{slot} is not a CA certificate")));
-                    }
-                }
-            }
-            (None, Some(print)) if !group => {
-                x509::normalize_thumbprint(print)
-                    .map_err(|e| bad(format!("x509.{name}.{slot}.sha256Thumbprint: {e}")))?;
-            }
-            _ => {
-                return Err(bad(format!(
-                    "x509.{name}.{slot} needs exactly one of certificate{}",
-                    if group { "" } else { " or sha256Thumbprint" }
-                )))
-            }
-        }
-    }
-    Ok(())
-}
-
-/// A write that omits the keys of a symmetric-key attestation keeps the stored keys,
-/// so the retained (redacted) record can be edited and published back.
-fn keep_stored_keys(attestation: &mut Attestation, stored: Option<&Attestation>) {
-    let (Some(new), Some(old)) = (
-        attestation.symmetric_key.as_mut(),
-        stored.and_then(|s| s.symmetric_key.as_ref()),
-    ) else {
-        return;
-    };
-    if new.primary_key.is_none() && new.secondary_key.is_none() {
-        new.primary_key = old.primary_key.clone();
-        new.secondary_key = old.secondary_key.clone();
-    }
-}
-
-fn redact(attestation: &mut Attestation) {
-    if let Some(keys) = attestation.symmetric_key.as_mut() {
-        keys.primary_key = None;
-        keys.secondary_key = None;
-    }
-}
-
-pub(crate) fn redact_enrollment(mut e: Enrollment) -> Enrollment {
-    redact(&mut e.attestation);
-    e
-}
-
-fn redact_group(mut g: EnrollmentGroup) -> EnrollmentGroup {
-    redact(&mut g.attestation);
-    g
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const KEY: &str = "c2VjcmV0LWtleS1tYXRlcmlhbC0wMTIzNDU2Nzg5YWI=";
-
-    fn message_for(body: &str) -> String {
-        parse_body::<Enrollment>(body.as_bytes(), Encoding::Json)
-            .map(|_| String::new())
-            .unwrap_or_else(|(_, message)| message)
-    }
-
-    #[test]
-    fn parse_errors_do_not_quote_values() {
-        let wrong_type = format!(
-            r#"{{"registrationId":"d","attestation":{{"type":"symmetricKey"}},"iotHubs":"{KEY}"}}"#
-        );
-        let wrong_variant = format!(r#"{{"registrationId":"d","attestation":{{"type":"{KEY}"}}}}"#);
-        let escaped = r#"{"registrationId":"d","attestation":{"type":"symmetricKey"},"iotHubs":"a\"b\\c-SECRET"}"#;
-        for body in [wrong_type.as_str(), wrong_variant.as_str(), escaped] {
-            let message = message_for(body);
-            assert!(
-                message.starts_with("body is not a valid record"),
-                "{message}"
-            );
-            assert!(!message.contains(KEY), "{message}");
-            assert!(!message.contains("SECRET"), "{message}");
-            assert!(message.contains("line 1 column"), "{message}");
-        }
-        let message = message_for(&wrong_type);
-        assert!(message.contains("expected a sequence"), "{message}");
-        let message = message_for(&wrong_variant);
-        assert!(message.contains("expected one of `x509`"), "{message}");
-    }
-
-    #[test]
-    fn parse_errors_keep_field_names_and_syntax_positions() {
-        let message =
-            message_for(r#"{"registrationId":"d","attestation":{"type":"x509"},"iotHub":"h"}"#);
-        assert!(message.contains("unknown field `iotHub`"), "{message}");
-        let message = message_for(r#"{"registrationId":"d","#);
-        assert!(message.contains("EOF while parsing"), "{message}");
-    }
 
     #[test]
     fn disabling_is_a_retirement_and_enabling_is_not() {

@@ -1,45 +1,50 @@
-//! The provisioning state machine of edgedps and its enrollment store.
+//! The provisioning state machine of edgedps: lookups, the store, and the effects of
+//! every decision `edgedps_policies` makes. No sockets here.
 //!
 //! The broker hands the responder what a device presented at CONNECT
-//! ([`Responder::authenticate`]), enters the session in the live-session registry
-//! ([`Responder::sessions`]) and asks what it may use ([`Responder::access`]), then
-//! hands it each register and poll ([`Responder::register`], [`Responder::poll`]), and
-//! each operator write ([`Responder::apply_admin`], [`Responder::retire`]). The
-//! responder answers with bytes to send back, cuts the live sessions a write takes out
-//! of service, and pushes retained records, results and events to [`Outbound`], which
-//! the broker publishes into its router. No sockets here.
+//! ([`Responder::admit`], `connect.rs`), then each register and poll
+//! ([`Responder::register`], [`Responder::poll`], `registration.rs`), and each operator
+//! write ([`Responder::apply_admin`], `admin.rs`; [`Responder::retire`], `retire.rs`).
+//! Every answer is a value: the bytes to send back and the [`Publication`]s (retained
+//! records, results, events) the broker then publishes into its router. A write that
+//! takes devices out of service also cuts their live sessions (`sessions.rs`).
 
 mod admin;
-mod attestation;
+mod connect;
+mod error;
 mod latency;
 mod registration;
+mod republish;
 mod retire;
 pub mod sessions;
+mod standing;
 pub mod store;
 mod throttle;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use ring::rand::{SecureRandom, SystemRandom};
-use tokio::sync::{mpsc, oneshot};
 
-use edgedps_policies::access::{self, Access, AttestedBy, Facts};
+use edgedps_policies::access::Access;
+use edgedps_policies::attestation::GroupCredentials;
 use edgedps_policies::revocation::RevocationList;
-use edgedps_topics::admin::{
-    AllocationPolicy, Enrollment, EnrollmentGroup, EnrollmentSettings, LinkedHub,
-    ProvisioningStatus,
-};
-use edgedps_topics::registration::{status, RegistrationState};
+use edgedps_topics::admin::{AllocationPolicy, LinkedHub};
+use edgedps_topics::identity::RegistrationId;
 
-pub use attestation::{Attested, Credential, EnrollmentSource, PresentedCertificate, Refusal};
+pub use connect::{Admission, Admitted};
+pub use edgedps_policies::attestation::{
+    Attested, Credential, EnrollmentSource, PresentedCertificate,
+};
+pub use error::Error;
 pub use latency::LatencySummary;
 pub use registration::Reply;
-pub use sessions::{Cut, LiveSession, LiveSessions, Scope};
-pub use store::{Store, StoreError};
+pub use retire::RetainedMessages;
+pub use sessions::{Cut, Entered, LiveSession, LiveSessions, Scope};
+pub use standing::Standing;
+pub use store::{SledStore, Store, StoreError};
 pub use throttle::RateLimits;
 
 /// Cut sessions woken at once to close their connections (see `Responder::cut_off`).
@@ -80,82 +85,54 @@ impl Settings {
     }
 }
 
-/// What the broker does in its router on the responder's behalf, in order.
-#[derive(Debug)]
-pub enum Outbound {
-    /// Publish a message (a retained record, a result, an event).
-    Publish {
-        topic: String,
-        payload: Vec<u8>,
-        retain: bool,
-    },
-    /// Clear every retained message under `filter`, and say how many there were.
-    PurgeRetained {
-        filter: String,
-        done: oneshot::Sender<usize>,
-    },
+/// A message the broker publishes on the responder's behalf: a retained record, a
+/// result, an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publication {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("enrollment group `{group}` in the store is unusable: {reason}")]
-    BadGroup { group: String, reason: String },
-    #[error("revocation list `{name}` in the store is unusable: {reason}")]
-    BadCrl { name: String, reason: String },
-}
-
-/// An enrollment group with its signing certificates read once.
-struct GroupEntry {
-    group: EnrollmentGroup,
-    /// The primary and secondary signing certificates.
-    signing: Vec<edgedps_policies::x509::SigningCertificate>,
-    /// The same, as DER: the CAs a revocation list may come from.
-    signing_der: Vec<Vec<u8>>,
-}
-
-/// What the access rule reads about one device, read once.
-pub(crate) struct Standing {
-    pub individual: Option<Enrollment>,
-    /// The status of the attesting group, if the device came through one and it still
-    /// exists.
-    pub group: Option<ProvisioningStatus>,
-    pub registration: Option<RegistrationState>,
-    pub revoked: bool,
-}
-
-impl Standing {
-    pub fn access(&self, device: &Attested) -> Access {
-        access::decide(&self.facts(device))
+impl Publication {
+    /// A retained record, in JSON.
+    pub fn record<T: serde::Serialize>(topic: String, record: &T) -> Publication {
+        Publication {
+            topic,
+            payload: to_json(record),
+            retain: true,
+        }
     }
 
-    pub fn facts<'a>(&'a self, device: &'a Attested) -> Facts<'a> {
-        Facts {
-            attested_by: match &device.source {
-                EnrollmentSource::Individual => AttestedBy::Individual,
-                EnrollmentSource::Group(group) => AttestedBy::Group(group),
-            },
-            individual: self
-                .individual
-                .as_ref()
-                .map(|e| e.settings.provisioning_status),
-            group: self.group,
-            assigned_device_id: self
-                .registration
-                .as_ref()
-                .filter(|r| r.status == status::ASSIGNED)
-                .and_then(|r| r.device_id.as_deref()),
-            revoked: self.revoked,
+    /// An empty retained message: the record is gone.
+    pub fn cleared(topic: String) -> Publication {
+        Publication {
+            topic,
+            payload: Vec::new(),
+            retain: true,
         }
+    }
+
+    /// A message that is not retained (a result, an event).
+    pub fn message(topic: String, payload: Vec<u8>) -> Publication {
+        Publication {
+            topic,
+            payload,
+            retain: false,
+        }
+    }
+
+    /// An event, in JSON.
+    pub fn event<T: serde::Serialize>(topic: String, event: &T) -> Publication {
+        Publication::message(topic, to_json(event))
     }
 }
 
 /// A 202 operation a device may poll.
 struct Operation {
-    registration_id: String,
-    /// JSON; answered in `encoding`, the register's.
-    body: Vec<u8>,
+    registration_id: RegistrationId,
+    /// The 200 answer, encoded when it is polled.
+    answer: edgedps_topics::registration::OperationStatus,
     encoding: edgedps_topics::encoding::Encoding,
     device_id: Option<String>,
     expires: Instant,
@@ -163,44 +140,43 @@ struct Operation {
 
 pub struct Responder {
     settings: Settings,
-    store: Store,
-    groups: RwLock<BTreeMap<String, GroupEntry>>,
+    store: Arc<dyn Store>,
+    groups: RwLock<BTreeMap<String, GroupCredentials>>,
     hubs: RwLock<BTreeMap<String, LinkedHub>>,
     /// Verified revocation lists by name.
     crls: RwLock<BTreeMap<String, RevocationList>>,
     sessions: Arc<LiveSessions>,
     operations: Mutex<HashMap<String, Operation>>,
-    in_flight: Mutex<HashSet<String>>,
-    outbound: mpsc::Sender<Outbound>,
+    in_flight: Mutex<HashSet<RegistrationId>>,
     random: SystemRandom,
     throttle: throttle::Throttle,
     register_latency: latency::LatencyHistogram,
+    /// Operator writes applied so far: what a session read about its device before can
+    /// be used again while this has not moved (see `standing.rs`).
+    writes: AtomicU64,
 }
 
 impl Responder {
-    /// Opens the store and loads groups and hubs. Returns the responder and the stream
-    /// of messages to publish.
-    pub fn open(
-        settings: Settings,
-        store: Store,
-    ) -> Result<(Responder, mpsc::Receiver<Outbound>), Error> {
-        let (outbound, rx) = mpsc::channel(4096);
+    /// Loads groups, hubs and revocation lists from `store`.
+    pub fn open(settings: Settings, store: Arc<dyn Store>) -> Result<Responder, Error> {
         let mut groups = BTreeMap::new();
-        for group in store.groups()? {
+        for group in store.scan_groups() {
+            let group = group?;
             let id = group.enrollment_group_id.clone();
-            let entry = GroupEntry::new(group).map_err(|reason| Error::BadGroup {
+            let entry = GroupCredentials::new(group).map_err(|e| Error::BadGroup {
                 group: id.clone(),
-                reason,
+                reason: e.to_string(),
             })?;
             groups.insert(id, entry);
         }
-        let hubs = store
-            .hubs()?
-            .into_iter()
-            .map(|h| (h.host_name.clone(), h))
-            .collect();
+        let mut hubs = BTreeMap::new();
+        for hub in store.scan_hubs() {
+            let hub = hub?;
+            hubs.insert(hub.host_name.clone(), hub);
+        }
         let mut crls = BTreeMap::new();
-        for record in store.crls()? {
+        for record in store.scan_crls() {
+            let record = record?;
             let list =
                 RevocationList::reload(&record.crl, &record.issuer_certificate).map_err(|e| {
                     Error::BadCrl {
@@ -210,28 +186,20 @@ impl Responder {
                 })?;
             crls.insert(record.name, list);
         }
-        let throttle = throttle::Throttle::new(&settings.rate_limits);
-        Ok((
-            Responder {
-                throttle,
-                register_latency: latency::LatencyHistogram::default(),
-                settings,
-                store,
-                groups: RwLock::new(groups),
-                hubs: RwLock::new(hubs),
-                crls: RwLock::new(crls),
-                sessions: Arc::new(LiveSessions::default()),
-                operations: Mutex::new(HashMap::new()),
-                in_flight: Mutex::new(HashSet::new()),
-                outbound,
-                random: SystemRandom::new(),
-            },
-            rx,
-        ))
-    }
-
-    pub fn settings(&self) -> &Settings {
-        &self.settings
+        Ok(Responder {
+            throttle: throttle::Throttle::new(&settings.rate_limits),
+            register_latency: latency::LatencyHistogram::default(),
+            settings,
+            store,
+            groups: RwLock::new(groups),
+            hubs: RwLock::new(hubs),
+            crls: RwLock::new(crls),
+            sessions: Arc::new(LiveSessions::default()),
+            operations: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashSet::new()),
+            random: SystemRandom::new(),
+            writes: AtomicU64::new(0),
+        })
     }
 
     /// Server-side latency of the registrations answered so far.
@@ -239,46 +207,29 @@ impl Responder {
         self.register_latency.summary()
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    /// The live device sessions. A session enters before it asks [`Responder::access`].
+    /// The live device sessions.
     pub fn sessions(&self) -> &Arc<LiveSessions> {
         &self.sessions
     }
 
-    /// What an attested device may use now (PROTOCOL B, retirement): the access rule of
-    /// `edgedps_policies::access` over the current state.
-    pub fn access(&self, device: &Attested) -> Result<Access, Error> {
-        Ok(self.standing(device)?.access(device))
-    }
-
-    /// Reads what the access rule needs about `device`.
-    pub(crate) fn standing(&self, device: &Attested) -> Result<Standing, Error> {
-        let individual = self.store.enrollment(&device.registration_id)?;
-        let group = match &device.source {
-            EnrollmentSource::Group(id) => read(&self.groups)
-                .get(id)
-                .map(|e| e.group.settings.provisioning_status),
-            EnrollmentSource::Individual => None,
+    /// A session was refused a topic (an ACL denial or a refused subscription): the
+    /// event for `dps/events/acl/{clientId}`. Topic names only; never a payload.
+    pub fn topic_refused(
+        &self,
+        client_id: &str,
+        action: &str,
+        topic: &str,
+        reason: &str,
+    ) -> Publication {
+        let event = edgedps_topics::events::AclEvent {
+            client_id: client_id.to_owned(),
+            action: action.to_owned(),
+            topic: topic.to_owned(),
+            outcome: "refused".into(),
+            reason: reason.to_owned(),
+            timestamp_utc: timestamp_now(),
         };
-        let registration = self.store.registration(&device.registration_id)?;
-        let revoked = device
-            .certificate
-            .as_ref()
-            .is_some_and(|c| self.revoked(&c.chain).is_some());
-        Ok(Standing {
-            individual,
-            group,
-            registration,
-            revoked,
-        })
-    }
-
-    /// The settings of group `id` now, if it exists.
-    pub(crate) fn group_settings(&self, id: &str) -> Option<EnrollmentSettings> {
-        read(&self.groups).get(id).map(|e| e.group.settings.clone())
+        Publication::event(event.topic(), &event)
     }
 
     /// Cuts the live sessions `scopes` reach that the access rule now puts out of
@@ -299,9 +250,11 @@ impl Responder {
             }
             let why = match force {
                 Some(why) => why,
-                None => match self.access(session.device()) {
-                    Ok(Access::OutOfService(reason)) => Cut::OutOfService(reason),
-                    Ok(_) => continue,
+                None => match self.standing(session.device(), None) {
+                    Ok(standing) => match standing.access(session.device()) {
+                        Access::OutOfService(reason) => Cut::OutOfService(reason),
+                        _ => continue,
+                    },
                     Err(e) => {
                         tracing::error!(registration_id = %session.device().registration_id, error = %e, "cannot read the device's standing after a write; closing its session");
                         Cut::Unverifiable
@@ -312,7 +265,7 @@ impl Responder {
                 cut.push(session);
             }
         }
-        let count = u32::try_from(cut.len()).unwrap_or(u32::MAX);
+        let count = count(cut.len());
         if cut.len() <= WAKE_BATCH {
             cut.iter().for_each(|session| session.wake());
         } else {
@@ -341,72 +294,28 @@ impl Responder {
         all.into_values().collect()
     }
 
-    async fn publish(&self, topic: String, payload: Vec<u8>, retain: bool) {
-        let message = Outbound::Publish {
-            topic,
-            payload,
-            retain,
-        };
-        if self.outbound.send(message).await.is_err() {
-            tracing::warn!("outbound channel closed; record not republished");
-        }
-    }
-
-    /// Publishes without waiting (for callers that cannot await); a full queue is
-    /// logged, not silent.
-    fn try_publish(&self, topic: String, payload: Vec<u8>) {
-        let message = Outbound::Publish {
-            topic: topic.clone(),
-            payload,
-            retain: false,
-        };
-        if self.outbound.try_send(message).is_err() {
-            tracing::warn!(%topic, "event not published: outbound queue full");
-        }
-    }
-
-    /// A session was refused a topic (an ACL denial or a refused subscription): an event
-    /// on `dps/events/acl/{clientId}`. Topic names only; never a payload.
-    pub fn topic_refused(&self, client_id: &str, action: &str, topic: &str, reason: &str) {
-        let event = serde_json::json!({
-            "clientId": client_id,
-            "action": action,
-            "topic": topic,
-            "outcome": "refused",
-            "reason": reason,
-            "timestampUtc": timestamp_now(),
-        });
-        self.try_publish(
-            edgedps_topics::admin::acl_event_topic(client_id),
-            registration::to_json(&event),
-        );
-    }
-
-    /// Clears the retained messages under `filter` in the router; how many there were.
-    async fn purge_retained(&self, filter: String) -> usize {
-        let (done, count) = oneshot::channel();
-        let request = Outbound::PurgeRetained {
-            filter: filter.clone(),
-            done,
-        };
-        if self.outbound.send(request).await.is_err() {
-            tracing::warn!(%filter, "outbound channel closed; retained messages not purged");
-            return 0;
-        }
-        count.await.unwrap_or_else(|_| {
-            tracing::warn!(%filter, "the router did not purge the retained messages");
-            0
-        })
+    /// Marks an operator write applied: what sessions read before is read again.
+    fn written(&self) {
+        self.writes.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Random id material, URL-safe.
     fn random_token(&self, bytes: usize) -> String {
-        random_token(&self.random, bytes)
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.random_bytes(bytes))
+    }
+
+    fn random_bytes(&self, bytes: usize) -> Vec<u8> {
+        random_bytes(&self.random, bytes)
+    }
+
+    /// A new etag for a record.
+    fn new_etag(&self) -> String {
+        edgedps_topics::etag(&self.random_bytes(12))
     }
 }
 
-/// Random id material, URL-safe.
-fn random_token(random: &SystemRandom, bytes: usize) -> String {
+fn random_bytes(random: &SystemRandom, bytes: usize) -> Vec<u8> {
     let mut buf = vec![0u8; bytes];
     // SystemRandom fails only if the OS has no entropy source; fall back to time.
     if random.fill(&mut buf).is_err() {
@@ -418,41 +327,7 @@ fn random_token(random: &SystemRandom, bytes: usize) -> String {
             *b = (nanos >> ((i % 16) * 8)) as u8;
         }
     }
-    URL_SAFE_NO_PAD.encode(buf)
-}
-
-/// A new etag: `"{random}"`.
-pub(crate) fn new_etag() -> String {
-    format!("\"{}\"", random_token(&SystemRandom::new(), 12))
-}
-
-impl GroupEntry {
-    fn new(group: EnrollmentGroup) -> Result<GroupEntry, String> {
-        let mut signing = Vec::new();
-        let mut signing_der = Vec::new();
-        if let Some(certs) = group
-            .attestation
-            .x509
-            .as_ref()
-            .and_then(|x| x.signing_certificates.as_ref())
-        {
-            for cert in [&certs.primary, &certs.secondary].into_iter().flatten() {
-                if let Some(pem) = &cert.certificate {
-                    let der = edgedps_policies::x509::pem_to_der(pem).map_err(|e| e.to_string())?;
-                    signing.push(
-                        edgedps_policies::x509::SigningCertificate::from_der(&der)
-                            .map_err(|e| e.to_string())?,
-                    );
-                    signing_der.push(der);
-                }
-            }
-        }
-        Ok(GroupEntry {
-            group,
-            signing,
-            signing_der,
-        })
-    }
+    buf
 }
 
 /// Seconds since the Unix epoch.
@@ -471,6 +346,15 @@ pub fn timestamp_now() -> String {
     );
     now.format(&format)
         .unwrap_or_else(|_| "1970-01-01T00:00:00.0000000Z".into())
+}
+
+/// A count for a result or an event.
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    edgedps_topics::encoding::Encoding::Json.encode(value)
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {

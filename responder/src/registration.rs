@@ -1,36 +1,31 @@
-//! Register and poll (PROTOCOL A4-A6): find the enrollment, check the device is in
-//! service (the access rule), apply the re-provisioning policy, allocate a hub, make the
-//! record durable, answer. Every attempt, refused or not, is an event on
-//! `dps/events/registrations/{registrationId}`.
+//! Register and poll (PROTOCOL A4-A6): check the device is in service (the access
+//! rule), find the enrollment it follows, let `edgedps_policies::reprovision` and
+//! `allocation` decide its record, make the record durable, answer. Every attempt,
+//! refused or not, is an event on `dps/events/registrations/{registrationId}`.
 //!
-//! Re-provisioning (A6) is evaluated on every register of a device already assigned:
-//! - `{updateHubAssignment: true, migrateDeviceData: true}` (default): the hub is
-//!   allocated again; the device's data (its twin) moves with it: substatus
-//!   `deviceDataMigrated` when the hub changed.
-//! - `{true, false}`: the hub is allocated again and the twin reset to the enrollment's
-//!   initial twin: substatus `deviceDataReset` when the hub or the twin changed.
-//! - `{false, _}`: the hub and the twin stay.
-//!
-//! Nothing changed: the same record and etag (idempotent).
+//! Answers are built as typed values and encoded once, in the register's encoding
+//! (JSON or CBOR); a 202 operation keeps its answer typed until it is polled.
 
 use std::time::Instant;
 
-use serde_json::{json, Value};
-
-use edgedps_policies::access::{Access, RegisterAnswer};
-use edgedps_policies::allocation::{self, Candidate};
-use edgedps_topics::admin::{
-    self, AllocationPolicy, AttestationType, EnrollmentSettings, RecordKind,
-};
+use edgedps_policies::access::{self, Access, RegisterAnswer};
+use edgedps_policies::allocation;
+use edgedps_policies::reprovision::{self, Assignment, Registering};
+use edgedps_topics::admin::{EnrollmentSettings, RecordKind};
 use edgedps_topics::encoding::Encoding;
+use edgedps_topics::events::{DeviceRequestKind, RegistrationEvent, RegistrationOutcome};
+use edgedps_topics::identity::RegistrationId;
 use edgedps_topics::registration::{
-    codes, status, AttestationSource, ErrorBody, OperationStatus, RegisterRequest,
-    RegistrationState,
+    ErrorBody, OperationStatus, RegisterRequest, RegistrationState, RegistrationStatus,
 };
 
-use crate::{lock, timestamp_now, Attested, EnrollmentSource, Operation, Responder, Standing};
+use crate::standing::Standing;
+use crate::{
+    lock, timestamp_now, Attested, EnrollmentSource, Error, Operation, Publication, Responder,
+};
 
-/// The answer to one device request: a status for the response topic and a JSON body.
+/// The answer to one device request: a status for the response topic, the encoded body,
+/// and what to publish because of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub status: u16,
@@ -40,11 +35,13 @@ pub struct Reply {
     pub encoding: Encoding,
     /// Set when the answer is `assigned`: the device may now use its hub topics.
     pub assigned_device_id: Option<String>,
+    /// Records and events, in order.
+    pub publish: Vec<Publication>,
 }
 
-/// The outcome of a registration: the 200 body and, when assigned, the device id.
+/// The 200 answer of a registration and, when assigned, the device id.
 struct Decision {
-    body: Vec<u8>,
+    answer: OperationStatus,
     device_id: Option<String>,
 }
 
@@ -58,7 +55,7 @@ struct Resolved {
 /// Removes a registration id from the in-flight set however the register ends.
 struct InFlight<'a> {
     responder: &'a Responder,
-    key: String,
+    key: RegistrationId,
 }
 
 impl Drop for InFlight<'_> {
@@ -68,91 +65,98 @@ impl Drop for InFlight<'_> {
 }
 
 impl Responder {
-    /// Handles `PUT iotdps-register` from an attested device. A CBOR request (see
-    /// [`Encoding::detect`]) is read as the same JSON document and answered in CBOR.
-    pub async fn register(&self, device: &Attested, body: &[u8], encoding: Encoding) -> Reply {
+    /// Handles `PUT iotdps-register` from an attested device in `encoding` (see
+    /// [`Encoding::detect`]); the answer is in the same encoding. `carried` is what its
+    /// CONNECT read about it, if the session still holds it.
+    pub async fn register(
+        &self,
+        device: &Attested,
+        carried: Option<Standing>,
+        body: &[u8],
+        encoding: Encoding,
+    ) -> Reply {
         let started = Instant::now();
-        let reply = match encoding {
-            Encoding::Json => self.register_inner(device, body, encoding).await,
-            Encoding::Cbor if body.is_empty() => self.register_inner(device, body, encoding).await,
-            Encoding::Cbor => match Encoding::Cbor.decode::<serde_json::Value>(body) {
-                Ok(document) => {
-                    self.register_inner(device, &to_json(&document), encoding)
-                        .await
-                }
-                Err(e) => self.error(
-                    codes::MALFORMED_BODY,
-                    format!("register body is not a CBOR map: {e}"),
-                ),
-            },
+        let mut publish = Vec::with_capacity(2);
+        let reply = match self
+            .register_inner(device, carried, body, encoding, &mut publish)
+            .await
+        {
+            Ok(reply) => reply,
+            Err(error) => {
+                publish.push(refusal_event(device, DeviceRequestKind::Register, &error));
+                self.error(&error, encoding)
+            }
         };
         self.register_latency.record(started.elapsed());
-        reply.in_encoding(encoding)
+        Reply { publish, ..reply }
     }
 
-    /// `body` is JSON; `encoding` is what the answers to this registration's polls use.
-    async fn register_inner(&self, device: &Attested, body: &[u8], encoding: Encoding) -> Reply {
-        let request = match RegisterRequest::parse(body) {
-            Ok(request) => request,
-            Err(e) => {
-                return self
-                    .refuse(device, codes::MALFORMED_BODY, e.to_string())
-                    .await
-            }
-        };
+    async fn register_inner(
+        &self,
+        device: &Attested,
+        carried: Option<Standing>,
+        body: &[u8],
+        encoding: Encoding,
+        publish: &mut Vec<Publication>,
+    ) -> Result<Reply, Error> {
+        let request = RegisterRequest::parse(body, encoding)
+            .map_err(|e| Error::MalformedBody(e.to_string()))?;
         if let Some(id) = &request.registration_id {
-            if !id.eq_ignore_ascii_case(&device.registration_id) {
-                let message = format!(
+            if !device.registration_id.is(id) {
+                return Err(Error::MalformedBody(format!(
                     "body registrationId `{id}` is not the connected registration `{}`",
                     device.registration_id
-                );
-                return self.refuse(device, codes::MALFORMED_BODY, message).await;
+                )));
             }
         }
-        let key = device.registration_id.to_ascii_lowercase();
-        if let Err(retry_after) = self.throttle.admit_registration(&key, Instant::now()) {
-            let message = "throttled: registration rate limit".into();
-            let mut reply = self.refuse(device, codes::THROTTLED, message).await;
-            reply.retry_after = Some(retry_after);
-            return reply;
-        }
+        let key = &device.registration_id;
+        self.throttle
+            .admit_registration(key, Instant::now())
+            .map_err(|retry_after| Error::Throttled {
+                what: "registration rate limit",
+                retry_after,
+            })?;
         if !lock(&self.in_flight).insert(key.clone()) {
-            let message = "a registration for this device is already in progress".into();
-            return self.refuse(device, codes::CONFLICT, message).await;
+            return Err(Error::InProgress);
         }
         let _guard = InFlight {
             responder: self,
-            key,
+            key: key.clone(),
         };
         let operation_id = self.operation_id();
-        let decision = match self.decide(device, &operation_id).await {
-            Ok(outcome) => outcome,
-            Err((code, message))
-                if code == codes::NO_HUB || code == codes::CUSTOM_ALLOCATION_FAILED =>
-            {
+        let decision = match self.decide(device, carried, &operation_id, publish).await {
+            Ok(decision) => decision,
+            Err(Error::Allocation(e)) => {
                 // DPS: an assignment that cannot be made completes the operation as
                 // `failed` (a 200), with the reason in the registration state.
-                self.event(device, status::FAILED, None, Some(code), &message)
-                    .await;
+                let error = Error::Allocation(e);
+                let code = error.dps_code();
+                let message = error.to_string();
+                publish.push(registration_event(
+                    device,
+                    RegistrationOutcome::Failed,
+                    None,
+                    Some(code),
+                    Some(message.clone()),
+                ));
                 tracing::info!(code, %message, registration_id = %device.registration_id, "registration failed");
-                let failed = OperationStatus {
-                    operation_id: operation_id.clone(),
-                    status: status::FAILED.into(),
-                    registration_state: Some(RegistrationState {
-                        registration_id: device.registration_id.clone(),
-                        status: status::FAILED.into(),
-                        last_updated_date_time_utc: Some(timestamp_now()),
-                        error_code: Some(code),
-                        error_message: Some(message),
-                        ..Default::default()
-                    }),
-                };
+                let mut state = RegistrationState::new(
+                    device.registration_id.clone(),
+                    RegistrationStatus::Failed,
+                );
+                state.last_updated_date_time_utc = Some(timestamp_now());
+                state.error_code = Some(code);
+                state.error_message = Some(message);
                 Decision {
-                    body: to_json(&failed),
+                    answer: OperationStatus {
+                        operation_id: operation_id.clone(),
+                        status: RegistrationStatus::Failed,
+                        registration_state: Some(state),
+                    },
                     device_id: None,
                 }
             }
-            Err((code, message)) => return self.refuse(device, code, message).await,
+            Err(error) => return Err(error),
         };
         if self.settings.always_accept_then_poll {
             let expires = Instant::now() + self.settings.operation_ttl;
@@ -162,8 +166,8 @@ impl Responder {
             operations.insert(
                 operation_id.clone(),
                 Operation {
-                    registration_id: device.registration_id.to_ascii_lowercase(),
-                    body: decision.body,
+                    registration_id: device.registration_id.clone(),
+                    answer: decision.answer,
                     encoding,
                     device_id: decision.device_id,
                     expires,
@@ -172,224 +176,193 @@ impl Responder {
             drop(operations);
             let accepted = OperationStatus {
                 operation_id,
-                status: status::ASSIGNING.into(),
+                status: RegistrationStatus::Assigning,
                 registration_state: None,
             };
-            return Reply {
-                encoding: Encoding::Json,
+            return Ok(Reply {
                 status: 202,
                 retry_after: Some(self.settings.retry_after_seconds),
-                body: to_json(&accepted),
+                body: encoding.encode(&accepted),
+                encoding,
                 assigned_device_id: None,
-            };
+                publish: Vec::new(),
+            });
         }
-        Reply {
-            encoding: Encoding::Json,
+        Ok(Reply {
             status: 200,
             retry_after: None,
-            body: decision.body,
+            body: encoding.encode(&decision.answer),
+            encoding,
             assigned_device_id: decision.device_id,
-        }
+            publish: Vec::new(),
+        })
     }
 
     /// Handles `GET iotdps-get-operationstatus`. The answer is CBOR when `encoding`
     /// asks for it or when the register was CBOR (a device that reconnects to poll, on
     /// MQTT 3.1.1, has no other way to say so).
     pub fn poll(&self, device: &Attested, operation_id: &str, encoding: Encoding) -> Reply {
-        let reply = self.poll_inner(device, operation_id);
-        match encoding {
-            Encoding::Cbor => reply.in_encoding(Encoding::Cbor),
-            Encoding::Json => reply,
+        match self.poll_inner(device, operation_id, encoding) {
+            Ok(reply) => reply,
+            Err(error) => {
+                let event = refusal_event(device, DeviceRequestKind::Poll, &error);
+                Reply {
+                    publish: vec![event],
+                    ..self.error(&error, encoding)
+                }
+            }
         }
     }
 
-    fn poll_inner(&self, device: &Attested, operation_id: &str) -> Reply {
-        let key = device.registration_id.to_ascii_lowercase();
-        if let Err(retry_after) = self.throttle.admit_poll(&key, Instant::now()) {
-            let message = "throttled: more than 5 polls in 10 s".into();
-            let mut reply = self.refuse_poll(device, codes::THROTTLED, message);
-            reply.retry_after = Some(retry_after);
-            return reply;
-        }
+    fn poll_inner(
+        &self,
+        device: &Attested,
+        operation_id: &str,
+        encoding: Encoding,
+    ) -> Result<Reply, Error> {
+        self.throttle
+            .admit_poll(&device.registration_id, Instant::now())
+            .map_err(|retry_after| Error::Throttled {
+                what: "more than 5 polls in 10 s",
+                retry_after,
+            })?;
         let found = lock(&self.operations)
             .get(operation_id)
             .filter(|op| {
-                op.expires > Instant::now()
-                    && op
-                        .registration_id
-                        .eq_ignore_ascii_case(&device.registration_id)
+                op.expires > Instant::now() && op.registration_id == device.registration_id
             })
-            .map(|op| (op.body.clone(), op.encoding, op.device_id.is_some()));
-        let Some((body, encoding, assigned)) = found else {
-            let message = format!("operation `{operation_id}` is unknown for this device");
-            return self.refuse_poll(device, codes::NOT_FOUND, message);
+            .map(|op| (op.answer.clone(), op.encoding, op.device_id.is_some()));
+        let Some((answer, registered_in, assigned)) = found else {
+            return Err(Error::UnknownOperation(operation_id.to_owned()));
         };
         // The answer is the operation's; the rights are the device's now (it may have
         // been taken out of service since its register).
-        let assigned_device_id = match assigned.then(|| self.access(device)) {
-            Some(Ok(Access::Hub { device_id })) => Some(device_id),
+        let assigned_device_id = match assigned.then(|| self.standing(device, None)) {
+            Some(Ok(standing)) => match standing.access(device) {
+                Access::Hub { device_id } => Some(device_id),
+                _ => None,
+            },
             Some(Err(e)) => {
                 tracing::warn!(registration_id = %device.registration_id, error = %e, "cannot read the device's standing; no hub rights");
                 None
             }
-            _ => None,
+            None => None,
         };
-        Reply {
-            encoding: Encoding::Json,
+        let encoding = match encoding {
+            Encoding::Cbor => Encoding::Cbor,
+            Encoding::Json => registered_in,
+        };
+        Ok(Reply {
             status: 200,
             retry_after: None,
-            body,
+            body: encoding.encode(&answer),
+            encoding,
             assigned_device_id,
-        }
-        .in_encoding(encoding)
+            publish: Vec::new(),
+        })
     }
 
     /// Runs the registration; returns the 200 answer.
     async fn decide(
         &self,
         device: &Attested,
+        carried: Option<Standing>,
         operation_id: &str,
-    ) -> Result<Decision, (u32, String)> {
-        let standing = self.standing(device).map_err(internal)?;
+        publish: &mut Vec<Publication>,
+    ) -> Result<Decision, Error> {
+        let standing = self.standing(device, carried)?;
         if let Access::OutOfService(reason) = standing.access(device) {
-            let message = format!("`{}`: {}", device.registration_id, reason.reason());
             return match reason.register_answer() {
                 RegisterAnswer::Disabled => {
-                    let body = OperationStatus {
-                        operation_id: operation_id.to_owned(),
-                        status: status::DISABLED.into(),
-                        registration_state: Some(RegistrationState {
-                            registration_id: device.registration_id.clone(),
-                            status: status::DISABLED.into(),
-                            ..Default::default()
-                        }),
-                    };
-                    self.event(device, status::DISABLED, None, None, reason.reason())
-                        .await;
+                    let state = RegistrationState::new(
+                        device.registration_id.clone(),
+                        RegistrationStatus::Disabled,
+                    );
+                    publish.push(registration_event(
+                        device,
+                        RegistrationOutcome::Disabled,
+                        None,
+                        None,
+                        Some(reason.reason().to_owned()),
+                    ));
                     Ok(Decision {
-                        body: to_json(&body),
+                        answer: OperationStatus {
+                            operation_id: operation_id.to_owned(),
+                            status: RegistrationStatus::Disabled,
+                            registration_state: Some(state),
+                        },
                         device_id: None,
                     })
                 }
-                RegisterAnswer::NotFound => Err((codes::NOT_FOUND, message)),
-                RegisterAnswer::Unauthorized => Err((codes::UNAUTHORIZED, message)),
+                RegisterAnswer::NotFound | RegisterAnswer::Unauthorized => {
+                    Err(Error::OutOfService {
+                        registration_id: device.registration_id.to_string(),
+                        reason,
+                    })
+                }
             };
         }
         let resolved = self.resolve(device, &standing)?;
-        let existing = standing
-            .registration
-            .as_ref()
-            .filter(|r| r.status == status::ASSIGNED);
-        let policy = resolved.settings.reprovision_policy.unwrap_or_default();
-        let (hub, kept_twin) = match existing {
-            // The hub and the device's data stay where they are.
-            Some(old) if !policy.update_hub_assignment => {
-                let hub = match &old.assigned_hub {
-                    Some(hub) => hub.clone(),
-                    None => self.allocate(&device.registration_id, &resolved.settings)?,
-                };
-                (hub, old.initial_twin.clone())
-            }
-            Some(old) => {
-                let hub = self.allocate(&device.registration_id, &resolved.settings)?;
-                let data = old.initial_twin.clone();
-                (hub, data.filter(|_| policy.migrate_device_data))
-            }
-            None => (
-                self.allocate(&device.registration_id, &resolved.settings)?,
-                None,
-            ),
-        };
-        let twin = kept_twin.unwrap_or_else(|| {
-            resolved
-                .settings
-                .initial_twin
-                .clone()
-                .unwrap_or_else(|| json!({"tags": {}, "properties": {"desired": {}}}))
-        });
-        let source = Some(AttestationSource {
-            enrollment_group_id: resolved.group_id.clone(),
+        let now = timestamp_now();
+        let registering = Registering {
+            registration_id: &device.registration_id,
+            device_id: &resolved.device_id,
+            enrollment_group_id: resolved.group_id.as_deref(),
+            attestation: device.kind,
             // The leaf as the record describes it; it parsed at CONNECT.
             certificate_info: device
                 .certificate
                 .as_ref()
                 .and_then(|c| c.chain.first())
                 .and_then(|leaf| edgedps_policies::x509::describe(leaf).ok()),
-        });
-        let (x509, symmetric_key) = match device.kind {
-            AttestationType::X509 => (source, None),
-            _ => (None, source),
+            policy: resolved.settings.reprovision_policy.unwrap_or_default(),
+            initial_twin: resolved.settings.initial_twin.as_ref(),
+            now: &now,
         };
-        let now = timestamp_now();
-        let mut state = RegistrationState {
-            registration_id: device.registration_id.clone(),
-            created_date_time_utc: Some(now.clone()),
-            assigned_hub: Some(hub.clone()),
-            device_id: Some(resolved.device_id.clone()),
-            status: status::ASSIGNED.into(),
-            substatus: Some("initialAssignment".into()),
-            last_updated_date_time_utc: Some(now),
-            etag: None,
-            x509,
-            symmetric_key,
-            initial_twin: Some(twin.clone()),
-            payload: Some(twin),
-            error_code: None,
-            error_message: None,
-        };
-        let unchanged = existing.is_some_and(|old| {
-            old.assigned_hub == state.assigned_hub
-                && old.device_id == state.device_id
-                && old.initial_twin == state.initial_twin
-                && old.x509 == state.x509
-                && old.symmetric_key == state.symmetric_key
-        });
-        if let (true, Some(old)) = (unchanged, existing) {
-            // DPS: re-registering with no change returns the same assignment and etag.
-            state = old.clone();
-        } else {
-            if let Some(old) = existing {
-                state.created_date_time_utc = old.created_date_time_utc.clone();
-                state.substatus = Some(substatus(old, &state, policy.migrate_device_data));
+        let assignment =
+            reprovision::reprovision(standing.registration.as_ref(), registering, || {
+                self.allocate(&device.registration_id, &resolved.settings)
+            })?;
+        let state = match assignment {
+            Assignment::Unchanged(state) => state,
+            Assignment::Changed(mut state) => {
+                state.etag = Some(self.new_etag());
+                self.store.put_registration(&state)?;
+                self.store.durable().await?;
+                publish.push(Publication::record(
+                    RecordKind::Registration.record_topic(device.registration_id.as_str()),
+                    &state,
+                ));
+                state
             }
-            state.etag = Some(format!("\"{}\"", self.random_token(12)));
-            self.store.put_registration(&state).map_err(internal)?;
-            self.store.durable().await.map_err(internal)?;
-            self.publish(
-                RecordKind::Registration.record_topic(&device.registration_id),
-                to_json(&state),
-                true,
-            )
-            .await;
-        }
+        };
         // The rights the answer grants are the access rule's, with the new record.
         let mut facts = standing.facts(device);
         facts.assigned_device_id = Some(&resolved.device_id);
-        let device_id = match edgedps_policies::access::decide(&facts) {
+        let device_id = match access::decide(&facts) {
             Access::Hub { device_id } => Some(device_id),
             _ => None,
         };
-        self.event(device, status::ASSIGNED, Some(&hub), None, "")
-            .await;
-        let body = OperationStatus {
-            operation_id: operation_id.to_owned(),
-            status: status::ASSIGNED.into(),
-            registration_state: Some(state),
-        };
+        publish.push(registration_event(
+            device,
+            RegistrationOutcome::Assigned,
+            state.assigned_hub.clone(),
+            None,
+            None,
+        ));
         Ok(Decision {
-            body: to_json(&body),
+            answer: OperationStatus {
+                operation_id: operation_id.to_owned(),
+                status: RegistrationStatus::Assigned,
+                registration_state: Some(state),
+            },
             device_id,
         })
     }
 
     /// The enrollment a device in service follows now.
-    fn resolve(&self, device: &Attested, standing: &Standing) -> Result<Resolved, (u32, String)> {
-        let gone = || {
-            (
-                codes::NOT_FOUND,
-                format!("no enrollment for `{}`", device.registration_id),
-            )
-        };
+    fn resolve(&self, device: &Attested, standing: &Standing) -> Result<Resolved, Error> {
+        let gone = || Error::NoEnrollment(device.registration_id.to_string());
         match &device.source {
             EnrollmentSource::Individual => {
                 let enrollment = standing.individual.as_ref().ok_or_else(gone)?;
@@ -398,14 +371,17 @@ impl Responder {
                     device_id: enrollment
                         .device_id
                         .clone()
-                        .unwrap_or_else(|| device.registration_id.clone()),
+                        .unwrap_or_else(|| device.registration_id.to_string()),
                     settings: enrollment.settings.clone(),
                 })
             }
             EnrollmentSource::Group(group_id) => Ok(Resolved {
                 group_id: Some(group_id.clone()),
-                device_id: device.registration_id.clone(),
-                settings: self.group_settings(group_id).ok_or_else(gone)?,
+                device_id: device.registration_id.to_string(),
+                settings: crate::read(&self.groups)
+                    .get(group_id)
+                    .map(|e| e.group.settings.clone())
+                    .ok_or_else(gone)?,
             }),
         }
     }
@@ -413,117 +389,24 @@ impl Responder {
     /// Picks a hub by the enrollment's policy (or the service default).
     fn allocate(
         &self,
-        registration_id: &str,
+        registration_id: &RegistrationId,
         settings: &EnrollmentSettings,
-    ) -> Result<String, (u32, String)> {
+    ) -> Result<String, allocation::AllocationError> {
         let linked = self.linked_hubs();
-        let candidates: Vec<Candidate<'_>> = linked
-            .iter()
-            .filter(|hub| {
-                if settings.iot_hubs.is_empty() {
-                    hub.apply_allocation_policy
-                } else {
-                    settings
-                        .iot_hubs
-                        .iter()
-                        .any(|name| name.eq_ignore_ascii_case(&hub.host_name))
-                }
-            })
-            .map(|hub| Candidate {
-                host_name: &hub.host_name,
-                weight: hub.allocation_weight,
-            })
-            .collect();
         let policy = settings
             .allocation_policy
             .unwrap_or(self.settings.allocation_policy);
-        let chosen = match policy {
-            AllocationPolicy::Static => match candidates.as_slice() {
-                [only] => Some(only.host_name),
-                [] => None,
-                _ => {
-                    return Err((
-                        codes::NO_HUB,
-                        "static allocation needs exactly one hub in the enrollment's iotHubs"
-                            .into(),
-                    ))
-                }
-            },
-            _ => allocation::hashed(registration_id, &candidates),
-        };
-        chosen.map(str::to_owned).ok_or_else(|| {
-            (
-                codes::NO_HUB,
-                "no linked hub can be assigned to this device".into(),
-            )
-        })
+        allocation::allocate(policy, &registration_id.key(), &settings.iot_hubs, &linked)
+            .map(str::to_owned)
     }
 
-    /// An error answer to a register, published as a `refused` event first.
-    async fn refuse(&self, device: &Attested, code: u32, message: String) -> Reply {
-        let event = refusal_event(device, "register", code, &message);
-        self.publish(
-            admin::registration_event_topic(&device.registration_id),
-            to_json(&event),
-            false,
-        )
-        .await;
-        self.error(code, message)
-    }
-
-    /// An error answer to a poll, published as a `refused` event first.
-    fn refuse_poll(&self, device: &Attested, code: u32, message: String) -> Reply {
-        let event = refusal_event(device, "poll", code, &message);
-        self.try_publish(
-            admin::registration_event_topic(&device.registration_id),
-            to_json(&event),
-        );
-        self.error(code, message)
-    }
-
-    async fn event(
-        &self,
-        device: &Attested,
-        outcome: &str,
-        hub: Option<&str>,
-        code: Option<u32>,
-        message: &str,
-    ) {
-        let mut event = json!({
-            "registrationId": device.registration_id,
-            "outcome": outcome,
-            "timestampUtc": timestamp_now(),
-        });
-        if let Value::Object(map) = &mut event {
-            if let Some(group) = match &device.source {
-                EnrollmentSource::Group(g) => Some(g),
-                EnrollmentSource::Individual => None,
-            } {
-                map.insert("enrollmentGroupId".into(), json!(group));
-            }
-            if let Some(hub) = hub {
-                map.insert("assignedHub".into(), json!(hub));
-            }
-            if let Some(code) = code {
-                map.insert("errorCode".into(), json!(code));
-            }
-            if !message.is_empty() {
-                map.insert("message".into(), json!(message));
-            }
-        }
-        self.publish(
-            admin::registration_event_topic(&device.registration_id),
-            to_json(&event),
-            false,
-        )
-        .await;
-    }
-
-    /// An error reply with the DPS body.
-    pub fn error(&self, code: u32, message: String) -> Reply {
-        if code >= codes::INTERNAL {
+    /// The answer to a request that failed with `error`, in `encoding`.
+    fn error(&self, error: &Error, encoding: Encoding) -> Reply {
+        let code = error.dps_code();
+        let message = error.to_string();
+        if code >= edgedps_topics::registration::codes::INTERNAL {
             tracing::error!(code, %message, "registration failed");
-        } else if code == codes::THROTTLED {
+        } else if matches!(error, Error::Throttled { .. }) {
             tracing::debug!(code, %message, "registration throttled");
         } else {
             tracing::info!(code, %message, "registration refused");
@@ -535,12 +418,12 @@ impl Responder {
             timestamp_utc: timestamp_now(),
         };
         Reply {
-            encoding: Encoding::Json,
-            status: codes::status_of(code),
-            retry_after: (code == codes::THROTTLED || code == codes::INTERNAL)
-                .then_some(self.settings.retry_after_seconds),
-            body: to_json(&body),
+            status: edgedps_topics::registration::codes::status_of(code),
+            retry_after: error.retry_after(self.settings.retry_after_seconds),
+            body: encoding.encode(&body),
+            encoding,
             assigned_device_id: None,
+            publish: Vec::new(),
         }
     }
 
@@ -550,68 +433,51 @@ impl Responder {
     }
 }
 
-/// The substatus of a re-registration that changed something (PROTOCOL A6).
-fn substatus(old: &RegistrationState, new: &RegistrationState, migrate: bool) -> String {
-    if old.assigned_hub != new.assigned_hub {
-        if migrate {
-            "deviceDataMigrated".into()
-        } else {
-            "deviceDataReset".into()
-        }
-    } else if !migrate && old.initial_twin != new.initial_twin {
-        "deviceDataReset".into()
-    } else {
-        old.substatus
-            .clone()
-            .unwrap_or_else(|| "initialAssignment".into())
-    }
+fn registration_event(
+    device: &Attested,
+    outcome: RegistrationOutcome,
+    assigned_hub: Option<String>,
+    error_code: Option<u32>,
+    message: Option<String>,
+) -> Publication {
+    let event = RegistrationEvent {
+        registration_id: device.registration_id.to_string(),
+        outcome,
+        request: None,
+        enrollment_group_id: device.source.group().map(str::to_owned),
+        assigned_hub,
+        error_code,
+        message: message.filter(|m| !m.is_empty()),
+        timestamp_utc: timestamp_now(),
+    };
+    Publication::event(event.topic(), &event)
 }
 
 /// The event of a refused register or poll: what was asked, the code, the reason.
-fn refusal_event(device: &Attested, request: &str, code: u32, message: &str) -> Value {
-    let mut event = json!({
-        "registrationId": device.registration_id,
-        "outcome": "refused",
-        "request": request,
-        "errorCode": code,
-        "message": message,
-        "timestampUtc": timestamp_now(),
-    });
-    if let EnrollmentSource::Group(group) = &device.source {
-        event["enrollmentGroupId"] = json!(group);
-    }
-    event
-}
-
-fn internal(e: impl std::fmt::Display) -> (u32, String) {
-    (codes::INTERNAL, format!("internal error: {e}"))
-}
-
-impl Reply {
-    /// The same answer in `encoding`: bodies are built as JSON and re-encoded for CBOR.
-    fn in_encoding(mut self, encoding: Encoding) -> Reply {
-        if encoding != self.encoding {
-            if let Ok(document) = self.encoding.decode::<serde_json::Value>(&self.body) {
-                self.body = encoding.encode(&document);
-                self.encoding = encoding;
-            }
-        }
-        self
-    }
-}
-
-pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    // Serializing our own types to JSON cannot fail (string keys, no custom impls).
-    serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec())
+fn refusal_event(device: &Attested, request: DeviceRequestKind, error: &Error) -> Publication {
+    let event = RegistrationEvent {
+        registration_id: device.registration_id.to_string(),
+        outcome: RegistrationOutcome::Refused,
+        request: Some(request),
+        enrollment_group_id: device.source.group().map(str::to_owned),
+        assigned_hub: None,
+        error_code: Some(error.dps_code()),
+        message: Some(error.to_string()),
+        timestamp_utc: timestamp_now(),
+    };
+    Publication::event(event.topic(), &event)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Settings, Store};
+    use crate::{Settings, SledStore};
+    use edgedps_topics::admin::AttestationType;
+    use edgedps_topics::registration::codes;
+    use std::sync::Arc;
 
     fn responder(dir: &std::path::Path) -> Responder {
-        let store = Store::open(dir).unwrap();
+        let store = SledStore::open(dir).unwrap();
         let mut settings = Settings::new("scope");
         settings.hubs = vec![edgedps_topics::admin::LinkedHub {
             host_name: "hub-a.example.net".into(),
@@ -620,7 +486,7 @@ mod tests {
             location: None,
             etag: None,
         }];
-        Responder::open(settings, store).unwrap().0
+        Responder::open(settings, Arc::new(store)).unwrap()
     }
 
     fn device(id: &str) -> Attested {
@@ -635,21 +501,21 @@ mod tests {
     #[tokio::test]
     async fn second_register_of_the_same_device_at_once_is_a_conflict_and_an_event() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let (responder, mut outbound) = Responder::open(Settings::new("scope"), store).unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let responder = Responder::open(Settings::new("scope"), Arc::new(store)).unwrap();
         lock(&responder.in_flight).insert("dev-1".into());
         let reply = responder
-            .register(&device("DEV-1"), b"", Encoding::Json)
+            .register(&device("DEV-1"), None, b"", Encoding::Json)
             .await;
         assert_eq!(reply.status, 409);
         let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
         assert_eq!(body["errorCode"], codes::CONFLICT);
         // The guard of the refused attempt did not release the running one.
-        assert!(lock(&responder.in_flight).contains("dev-1"));
-        match outbound.try_recv() {
-            Ok(crate::Outbound::Publish { topic, payload, .. }) => {
+        assert!(lock(&responder.in_flight).contains(&"dev-1".into()));
+        match reply.publish.first() {
+            Some(Publication { topic, payload, .. }) => {
                 assert_eq!(topic, "dps/events/registrations/DEV-1");
-                let event: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                let event: serde_json::Value = serde_json::from_slice(payload).unwrap();
                 assert_eq!(event["outcome"], "refused", "{event}");
                 assert_eq!(event["errorCode"], codes::CONFLICT, "{event}");
                 assert_eq!(event["request"], "register", "{event}");
@@ -665,13 +531,19 @@ mod tests {
         let reply = responder
             .register(
                 &device("dev-1"),
+                None,
                 br#"{"registrationId":"dev-2"}"#,
                 Encoding::Json,
             )
             .await;
         assert_eq!(reply.status, 400);
         let reply = responder
-            .register(&device("dev-1"), br#"{"payload":[1]}"#, Encoding::Json)
+            .register(
+                &device("dev-1"),
+                None,
+                br#"{"payload":[1]}"#,
+                Encoding::Json,
+            )
             .await;
         assert_eq!(reply.status, 400);
     }
@@ -686,7 +558,11 @@ mod tests {
             "4.op".into(),
             Operation {
                 registration_id: "dev-2".into(),
-                body: b"{}".to_vec(),
+                answer: OperationStatus {
+                    operation_id: "4.op".into(),
+                    status: RegistrationStatus::Assigned,
+                    registration_state: None,
+                },
                 encoding: Encoding::Json,
                 device_id: Some("dev-2".into()),
                 expires: Instant::now() + std::time::Duration::from_secs(60),

@@ -7,22 +7,27 @@
 //! its retained `devices/{deviceId}/#` messages. The result and the audit event count
 //! each of these. A second retirement of the same device changes nothing and says so.
 
+use edgedps_policies::attestation::GroupCredentials;
+use edgedps_policies::validation::redact_enrollment;
 use edgedps_topics::admin::{
-    codes, retire_event_topic, retire_result_topic, AdminOperation, AdminOutcome, AdminResult,
-    Attestation, AttestationType, CertificatePair, CertificateRef, Effects, Enrollment,
-    EnrollmentSettings, ProvisioningStatus, RecordKind, RetireRequest, Retirement,
-    SymmetricKeyAttestation, X509Attestation, MAX_RETIRE_REASON,
+    retire_event_topic, retire_result_topic, AdminOperation, AdminOutcome, Attestation,
+    AttestationType, CertificatePair, CertificateRef, Effects, Enrollment, EnrollmentSettings,
+    ProvisioningStatus, RecordKind, RetireRequest, Retirement, SymmetricKeyAttestation,
+    X509Attestation, MAX_RETIRE_REASON,
 };
 use edgedps_topics::encoding::Encoding;
-use edgedps_topics::identity;
-use edgedps_topics::registration::{status, RegistrationState};
+use edgedps_topics::identity::RegistrationId;
+use edgedps_topics::registration::{RegistrationState, RegistrationStatus};
 
-use crate::admin::{
-    bad, count, deregister, enrollment_group_of, internal, redact_enrollment, Applied, Rejection,
-};
-use crate::registration::to_json;
+use crate::admin::{bad, AdminAnswer, Applied, Write};
 use crate::sessions::{Cut, Scope};
-use crate::{read, EnrollmentSource, GroupEntry, Responder};
+use crate::{count, read, Error, Publication, Responder};
+
+/// The broker's retained messages, as a retirement clears them.
+pub trait RetainedMessages: Sync {
+    /// Clears every retained message under `filter`; how many there were.
+    fn purge(&self, filter: String) -> impl std::future::Future<Output = usize> + Send;
+}
 
 impl Responder {
     /// Retires `registration_id` for `operator`; `body` is `{"reason"?}` or empty.
@@ -30,11 +35,12 @@ impl Responder {
     /// `dps/events/admin/retire/{id}` and the audit log.
     pub async fn retire(
         &self,
+        retained: &impl RetainedMessages,
         operator: &str,
         registration_id: &str,
         body: &[u8],
         encoding: Encoding,
-    ) -> AdminResult {
+    ) -> AdminAnswer {
         let request = if body.iter().all(u8::is_ascii_whitespace) {
             Ok(RetireRequest::default())
         } else {
@@ -51,43 +57,43 @@ impl Responder {
             ))),
             _ => Ok(r),
         });
+        let mut publish = Vec::new();
         let (reason, outcome) = match request {
-            Ok(request) => (request.reason, self.retire_device(registration_id).await),
+            Ok(request) => (
+                request.reason,
+                self.retire_device(retained, registration_id, &mut publish)
+                    .await,
+            ),
             Err(rejection) => (None, Err(rejection)),
         };
-        self.report(
+        let write = Write {
             operator,
-            "retire",
-            registration_id,
-            AdminOperation::Retire,
-            outcome,
-            reason,
+            kind: "retire",
+            id: registration_id,
+            operation: AdminOperation::Retire,
             encoding,
-            (
-                retire_result_topic(registration_id),
-                retire_event_topic(registration_id),
-            ),
-        )
-        .await
+            result_topic: retire_result_topic(registration_id),
+            event_topic: retire_event_topic(registration_id),
+        };
+        let result = self.report(write, outcome, reason, &mut publish);
+        AdminAnswer { result, publish }
     }
 
-    async fn retire_device(&self, id: &str) -> Result<Applied, Rejection> {
-        if !identity::valid_registration_id(id) {
-            return Err(bad(format!(
-                "`{id}` is not a valid registration id (1-128 of a-z A-Z 0-9 - . _ :)"
-            )));
-        }
-        let individual = self.store.enrollment(id).map_err(internal)?;
-        let record = self.store.registration(id).map_err(internal)?;
-        let live = self.sessions.find(&[Scope::Registration(id)]);
+    async fn retire_device(
+        &self,
+        retained: &impl RetainedMessages,
+        id: &str,
+        publish: &mut Vec<Publication>,
+    ) -> Result<Applied, Error> {
+        let registration_id = RegistrationId::parse(id).map_err(|e| bad(e.to_string()))?;
+        let individual = self.store.enrollment(&registration_id)?;
+        let record = self.store.registration(&registration_id)?;
+        let live = self.sessions.find(&[Scope::Registration(&registration_id)]);
         if individual.is_none() && record.is_none() && live.is_empty() {
-            return Err((
-                codes::NOT_FOUND,
-                format!(
-                    "no enrollment, registration or live session for `{id}`; to block a device \
+            return Err(Error::NotFound(format!(
+                "no enrollment, registration or live session for `{id}`; to block a device \
                      of a group that never registered, publish a disabled individual enrollment"
-                ),
-            ));
+            )));
         }
         // 1. Block: everything is decided before anything is written.
         let blocking = match &individual {
@@ -100,17 +106,17 @@ impl Responder {
             None => {
                 let group = record
                     .as_ref()
-                    .and_then(enrollment_group_of)
-                    .map(str::to_owned)
-                    .or_else(|| {
-                        live.iter().find_map(|s| match &s.device().source {
-                            EnrollmentSource::Group(g) => Some(g.clone()),
-                            EnrollmentSource::Individual => None,
-                        })
-                    });
+                    .and_then(RegistrationState::enrollment_group_id)
+                    .or_else(|| live.iter().find_map(|s| s.device().source.group()))
+                    .map(str::to_owned);
                 let groups = read(&self.groups);
                 match group.as_deref().and_then(|g| groups.get(g)) {
-                    Some(entry) => Some(blocking_enrollment(id, entry, record.as_ref(), &live)?),
+                    Some(entry) => Some(blocking_enrollment(
+                        &registration_id,
+                        entry,
+                        record.as_ref(),
+                        &live,
+                    )?),
                     // Its group is gone: nothing admits the device any more.
                     None => None,
                 }
@@ -119,44 +125,44 @@ impl Responder {
         let blocking = match blocking {
             Some(mut e) => {
                 let stored = individual.as_ref().map(|s| &s.settings);
-                self.stamp(&mut e.settings, stored)?;
+                self.stamp(&mut e.settings, stored);
                 Some(e)
             }
             None => None,
         };
         // 2. Deregister.
-        let record = record.filter(|r| r.status != status::DEREGISTERED);
+        let record = record.filter(|r| r.status != RegistrationStatus::Deregistered);
         let device_id = record
             .as_ref()
             .and_then(|r| r.device_id.clone())
             .or_else(|| individual.as_ref().and_then(|e| e.device_id.clone()))
             .unwrap_or_else(|| id.to_owned());
-        let deregistered = record.map(deregister);
+        let deregistered = record.map(|r| self.deregister(r));
         if let Some(e) = &blocking {
-            self.store.put_enrollment(e).map_err(internal)?;
+            self.store.put_enrollment(e)?;
         }
         if let Some(r) = &deregistered {
-            self.store.put_registration(r).map_err(internal)?;
+            self.store.put_registration(r)?;
         }
         if blocking.is_some() || deregistered.is_some() {
-            self.store.durable().await.map_err(internal)?;
+            self.store.durable().await?;
+            self.written();
         }
         let etag = blocking.as_ref().and_then(|e| e.settings.etag.clone());
         if let Some(e) = blocking {
-            let topic = RecordKind::Enrollment.record_topic(&e.registration_id);
-            self.publish(topic, to_json(&redact_enrollment(e)), true)
-                .await;
+            let topic = RecordKind::Enrollment.record_topic(e.registration_id.as_str());
+            publish.push(Publication::record(topic, &redact_enrollment(e)));
         }
         if let Some(r) = &deregistered {
-            let topic = RecordKind::Registration.record_topic(&r.registration_id);
-            self.publish(topic, to_json(r), true).await;
+            let topic = RecordKind::Registration.record_topic(r.registration_id.as_str());
+            publish.push(Publication::record(topic, r));
         }
         // 3. Cut its sessions, DPS and hub alike.
         let closed = self
-            .cut_off(&[Scope::Registration(id)], Some(Cut::Retired))
+            .cut_off(&[Scope::Registration(&registration_id)], Some(Cut::Retired))
             .await;
         // 4. Clear what it left retained on its topics.
-        let purged = self.purge_retained(format!("devices/{device_id}/#")).await;
+        let purged = retained.purge(format!("devices/{device_id}/#")).await;
         Ok(Applied {
             etag,
             outcome: AdminOutcome::Retired,
@@ -175,11 +181,11 @@ impl Responder {
 /// A disabled individual enrollment that blocks one device of a group, with the
 /// device's own credential: its derived keys, or its certificate's thumbprint.
 fn blocking_enrollment(
-    id: &str,
-    group: &GroupEntry,
+    id: &RegistrationId,
+    group: &GroupCredentials,
     record: Option<&RegistrationState>,
     live: &[std::sync::Arc<crate::LiveSession>],
-) -> Result<Enrollment, Rejection> {
+) -> Result<Enrollment, Error> {
     let group_id = &group.group.enrollment_group_id;
     let attestation = match group.group.attestation.kind {
         AttestationType::SymmetricKey => {
@@ -188,10 +194,13 @@ fn blocking_enrollment(
                 .attestation
                 .symmetric_key
                 .as_ref()
-                .ok_or_else(|| internal(format!("group `{group_id}` has no keys")))?;
+                .ok_or_else(|| unusable(group_id, "it has no keys"))?;
             let derive = |key: &Option<String>| {
                 key.as_deref()
-                    .map(|k| edgedps_policies::sas::derive_device_key(k, id).map_err(internal))
+                    .map(|k| {
+                        edgedps_policies::sas::derive_device_key(k, id.as_str())
+                            .map_err(|e| unusable(group_id, &e.to_string()))
+                    })
                     .transpose()
             };
             Attestation {
@@ -216,14 +225,11 @@ fn blocking_enrollment(
                         .map(|info| info.sha256_thumbprint.clone())
                 })
                 .ok_or_else(|| {
-                    (
-                        codes::CONFLICT,
-                        format!(
-                            "cannot block `{id}`: the certificate it uses is not known (it has no \
-                             registration record with one and no live session); publish a \
-                             disabled individual enrollment with its certificate instead"
-                        ),
-                    )
+                    Error::Conflict(format!(
+                        "cannot block `{id}`: the certificate it uses is not known (it has no \
+                         registration record with one and no live session); publish a \
+                         disabled individual enrollment with its certificate instead"
+                    ))
                 })?;
             Attestation {
                 kind: AttestationType::X509,
@@ -241,14 +247,10 @@ fn blocking_enrollment(
                 tpm: None,
             }
         }
-        AttestationType::Tpm => {
-            return Err(internal(format!(
-                "group `{group_id}` has a TPM attestation"
-            )))
-        }
+        AttestationType::Tpm => return Err(unusable(group_id, "it has a TPM attestation")),
     };
     Ok(Enrollment {
-        registration_id: id.to_owned(),
+        registration_id: id.clone(),
         device_id: None,
         attestation,
         settings: EnrollmentSettings {
@@ -256,4 +258,11 @@ fn blocking_enrollment(
             ..EnrollmentSettings::default()
         },
     })
+}
+
+fn unusable(group: &str, reason: &str) -> Error {
+    Error::BadGroup {
+        group: group.to_owned(),
+        reason: reason.to_owned(),
+    }
 }

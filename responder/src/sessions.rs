@@ -18,8 +18,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::Notify;
 
 use edgedps_policies::access::OutOfService;
+use edgedps_topics::identity::RegistrationId;
 
-use crate::{lock, Attested, EnrollmentSource};
+use crate::{lock, Attested};
 
 /// Why a live session was cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +103,7 @@ impl LiveSession {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope<'a> {
     /// The sessions of one registration id (any case).
-    Registration(&'a str),
+    Registration(&'a RegistrationId),
     /// The sessions an enrollment group attested.
     Group(&'a str),
     /// The sessions whose leaf certificate has this SHA-256 thumbprint (upper-case hex).
@@ -116,7 +117,7 @@ pub enum Scope<'a> {
 #[derive(Default)]
 struct Index {
     sessions: HashMap<u64, Arc<LiveSession>>,
-    by_registration: HashMap<String, Vec<u64>>,
+    by_registration: HashMap<RegistrationId, Vec<u64>>,
     by_group: HashMap<String, HashSet<u64>>,
     by_thumbprint: HashMap<String, Vec<u64>>,
     by_issuer: HashMap<Vec<u8>, HashSet<u64>>,
@@ -124,7 +125,7 @@ struct Index {
 
 /// The keys one session is filed under.
 struct Keys {
-    registration: String,
+    registration: RegistrationId,
     group: Option<String>,
     thumbprint: Option<String>,
     issuers: Vec<Vec<u8>>,
@@ -133,11 +134,8 @@ struct Keys {
 impl Keys {
     fn of(device: &Attested) -> Keys {
         Keys {
-            registration: device.registration_id.to_ascii_lowercase(),
-            group: match &device.source {
-                EnrollmentSource::Group(group) => Some(group.clone()),
-                EnrollmentSource::Individual => None,
-            },
+            registration: device.registration_id.clone(),
+            group: device.source.group().map(str::to_owned),
             thumbprint: device.certificate.as_ref().map(|c| c.thumbprint.clone()),
             issuers: device
                 .certificate
@@ -239,13 +237,9 @@ impl LiveSessions {
         let mut ids = HashSet::new();
         for scope in scopes {
             match scope {
-                Scope::Registration(id) => ids.extend(
-                    index
-                        .by_registration
-                        .get(&id.to_ascii_lowercase())
-                        .into_iter()
-                        .flatten(),
-                ),
+                Scope::Registration(id) => {
+                    ids.extend(index.by_registration.get(*id).into_iter().flatten())
+                }
                 Scope::Group(group) => ids.extend(index.by_group.get(*group).into_iter().flatten()),
                 Scope::Thumbprint(print) => {
                     ids.extend(index.by_thumbprint.get(*print).into_iter().flatten())
@@ -261,7 +255,11 @@ impl LiveSessions {
     }
 }
 
-fn unlist(map: &mut HashMap<String, Vec<u64>>, key: &str, id: u64) {
+fn unlist<K, Q>(map: &mut HashMap<K, Vec<u64>>, key: &Q, id: u64)
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: std::hash::Hash + Eq + ?Sized,
+{
     if let Some(ids) = map.get_mut(key) {
         ids.retain(|filed| *filed != id);
         if ids.is_empty() {
@@ -286,6 +284,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::EnrollmentSource;
     use edgedps_topics::admin::AttestationType;
 
     fn device(id: &str, group: Option<&str>) -> Attested {
@@ -307,12 +306,15 @@ mod tests {
         let b = registry.enter(device("dev-b", Some("fleet")));
         let c = registry.enter(device("dev-c", None));
         assert_eq!(registry.len(), 3);
-        assert_eq!(registry.find(&[Scope::Registration("DEV-a")]).len(), 1);
+        assert_eq!(
+            registry.find(&[Scope::Registration(&"DEV-a".into())]).len(),
+            1
+        );
         assert_eq!(registry.find(&[Scope::Group("fleet")]).len(), 2);
         // Overlapping scopes give each session once.
         assert_eq!(
             registry
-                .find(&[Scope::Group("fleet"), Scope::Registration("dev-b")])
+                .find(&[Scope::Group("fleet"), Scope::Registration(&"dev-b".into())])
                 .len(),
             2
         );

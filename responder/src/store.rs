@@ -1,8 +1,10 @@
-//! The enrollment store: sled trees with CBOR values (DESIGN: store).
+//! The enrollment store (DESIGN: store): the [`Store`] trait the responder uses, and
+//! [`SledStore`], its embedded implementation: sled trees with CBOR values.
 //!
-//! Trees: `enrollments` and `registrations` keyed by lower-case registration id,
-//! `groups` by group id, `hubs` by host name, `crls` by the name an operator gave. A write is acknowledged only after a flush
-//! that covers it; writes that arrive together share one flush (group commit).
+//! Trees: `enrollments` and `registrations` keyed by the canonical registration id,
+//! `groups` by group id, `hubs` by host name, `crls` by the name an operator gave. A
+//! write is acknowledged only after [`Store::durable`] covers it; writes that arrive
+//! together share one flush (group commit).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -12,7 +14,65 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify};
 
 use edgedps_topics::admin::{Enrollment, EnrollmentGroup, LinkedHub};
+use edgedps_topics::identity::RegistrationId;
 use edgedps_topics::registration::RegistrationState;
+
+/// Records of one kind, read one at a time (a scan of a large store stays small).
+pub type Scan<'a, T> = Box<dyn Iterator<Item = Result<T, StoreError>> + Send + 'a>;
+
+/// What the responder keeps durably. Every `put` and `remove` is visible to the next
+/// read at once and on disk once a later [`Store::durable`] returns.
+pub trait Store: Send + Sync + 'static {
+    fn enrollment(&self, id: &RegistrationId) -> Result<Option<Enrollment>, StoreError>;
+    fn put_enrollment(&self, e: &Enrollment) -> Result<(), StoreError>;
+    fn remove_enrollment(&self, id: &RegistrationId) -> Result<bool, StoreError>;
+    fn scan_enrollments(&self) -> Scan<'_, Enrollment>;
+
+    fn put_group(&self, g: &EnrollmentGroup) -> Result<(), StoreError>;
+    fn remove_group(&self, group_id: &str) -> Result<bool, StoreError>;
+    fn scan_groups(&self) -> Scan<'_, EnrollmentGroup>;
+
+    fn put_hub(&self, h: &LinkedHub) -> Result<(), StoreError>;
+    fn remove_hub(&self, host_name: &str) -> Result<bool, StoreError>;
+    fn scan_hubs(&self) -> Scan<'_, LinkedHub>;
+
+    fn registration(&self, id: &RegistrationId) -> Result<Option<RegistrationState>, StoreError>;
+    fn put_registration(&self, r: &RegistrationState) -> Result<(), StoreError>;
+    fn remove_registration(&self, id: &RegistrationId) -> Result<bool, StoreError>;
+    fn scan_registrations(&self) -> Scan<'_, RegistrationState>;
+
+    fn put_crl(&self, record: &CrlRecord) -> Result<(), StoreError>;
+    fn remove_crl(&self, name: &str) -> Result<bool, StoreError>;
+    fn scan_crls(&self) -> Scan<'_, CrlRecord>;
+
+    /// Waits until everything written before this call is on disk.
+    fn durable(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + '_>>;
+
+    /// How many disk flushes have run: less than the writes when they share flushes.
+    fn flush_count(&self) -> u64;
+
+    fn enrollments(&self) -> Result<Vec<Enrollment>, StoreError> {
+        self.scan_enrollments().collect()
+    }
+
+    fn groups(&self) -> Result<Vec<EnrollmentGroup>, StoreError> {
+        self.scan_groups().collect()
+    }
+
+    fn hubs(&self) -> Result<Vec<LinkedHub>, StoreError> {
+        self.scan_hubs().collect()
+    }
+
+    fn registrations(&self) -> Result<Vec<RegistrationState>, StoreError> {
+        self.scan_registrations().collect()
+    }
+
+    fn crls(&self) -> Result<Vec<CrlRecord>, StoreError> {
+        self.scan_crls().collect()
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -74,17 +134,17 @@ impl Drop for Inner {
     }
 }
 
-/// A handle on the store; cheap to clone. The database closes (and its directory lock
-/// is released) when the last handle is dropped.
+/// The embedded store; cheap to clone. The database closes (and its directory lock is
+/// released) when the last handle is dropped.
 #[derive(Clone)]
-pub struct Store {
+pub struct SledStore {
     inner: Arc<Inner>,
 }
 
-impl Store {
+impl SledStore {
     /// Opens (or creates) the store in `path` and starts its flusher task; call from
     /// inside a tokio runtime.
-    pub fn open(path: &std::path::Path) -> Result<Store, StoreError> {
+    pub fn open(path: &std::path::Path) -> Result<SledStore, StoreError> {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(64 * 1024 * 1024)
@@ -105,11 +165,10 @@ impl Store {
             }),
         });
         tokio::spawn(flusher(Arc::downgrade(&inner), inner.commit.clone()));
-        Ok(Store { inner })
+        Ok(SledStore { inner })
     }
 
-    /// Waits until everything written before this call is on disk.
-    pub async fn durable(&self) -> Result<(), StoreError> {
+    async fn flushed(&self) -> Result<(), StoreError> {
         let ticket = self.inner.commit.requested.fetch_add(1, Ordering::SeqCst) + 1;
         let mut rx = self.inner.commit.state.subscribe();
         self.inner.commit.wake.notify_one();
@@ -125,105 +184,94 @@ impl Store {
             ))
         }
     }
+}
 
-    /// How many disk flushes have run: less than the writes when they share flushes.
-    pub fn flush_count(&self) -> u64 {
-        self.inner.commit.state.borrow().flushes
+impl Store for SledStore {
+    fn enrollment(&self, id: &RegistrationId) -> Result<Option<Enrollment>, StoreError> {
+        get(&self.inner.enrollments, "enrollments", &id.key())
     }
 
-    pub fn enrollment(&self, registration_id: &str) -> Result<Option<Enrollment>, StoreError> {
-        get(
-            &self.inner.enrollments,
-            "enrollments",
-            &registration_id.to_ascii_lowercase(),
-        )
+    fn put_enrollment(&self, e: &Enrollment) -> Result<(), StoreError> {
+        put(&self.inner.enrollments, &e.registration_id.key(), e)
     }
 
-    pub fn put_enrollment(&self, e: &Enrollment) -> Result<(), StoreError> {
-        put(
-            &self.inner.enrollments,
-            &e.registration_id.to_ascii_lowercase(),
-            e,
-        )
-    }
-
-    pub fn remove_enrollment(&self, registration_id: &str) -> Result<bool, StoreError> {
+    fn remove_enrollment(&self, id: &RegistrationId) -> Result<bool, StoreError> {
         Ok(self
             .inner
             .enrollments
-            .remove(registration_id.to_ascii_lowercase())?
+            .remove(id.key().as_bytes())?
             .is_some())
     }
 
-    pub fn enrollments(&self) -> Result<Vec<Enrollment>, StoreError> {
-        all(&self.inner.enrollments, "enrollments")
+    fn scan_enrollments(&self) -> Scan<'_, Enrollment> {
+        scan(&self.inner.enrollments, "enrollments")
     }
 
-    pub fn put_group(&self, g: &EnrollmentGroup) -> Result<(), StoreError> {
+    fn put_group(&self, g: &EnrollmentGroup) -> Result<(), StoreError> {
         put(&self.inner.groups, &g.enrollment_group_id, g)
     }
 
-    pub fn remove_group(&self, group_id: &str) -> Result<bool, StoreError> {
+    fn remove_group(&self, group_id: &str) -> Result<bool, StoreError> {
         Ok(self.inner.groups.remove(group_id)?.is_some())
     }
 
-    pub fn groups(&self) -> Result<Vec<EnrollmentGroup>, StoreError> {
-        all(&self.inner.groups, "groups")
+    fn scan_groups(&self) -> Scan<'_, EnrollmentGroup> {
+        scan(&self.inner.groups, "groups")
     }
 
-    pub fn put_hub(&self, h: &LinkedHub) -> Result<(), StoreError> {
+    fn put_hub(&self, h: &LinkedHub) -> Result<(), StoreError> {
         put(&self.inner.hubs, &h.host_name, h)
     }
 
-    pub fn remove_hub(&self, host_name: &str) -> Result<bool, StoreError> {
+    fn remove_hub(&self, host_name: &str) -> Result<bool, StoreError> {
         Ok(self.inner.hubs.remove(host_name)?.is_some())
     }
 
-    pub fn hubs(&self) -> Result<Vec<LinkedHub>, StoreError> {
-        all(&self.inner.hubs, "hubs")
+    fn scan_hubs(&self) -> Scan<'_, LinkedHub> {
+        scan(&self.inner.hubs, "hubs")
     }
 
-    pub fn registration(
-        &self,
-        registration_id: &str,
-    ) -> Result<Option<RegistrationState>, StoreError> {
-        get(
-            &self.inner.registrations,
-            "registrations",
-            &registration_id.to_ascii_lowercase(),
-        )
+    fn registration(&self, id: &RegistrationId) -> Result<Option<RegistrationState>, StoreError> {
+        get(&self.inner.registrations, "registrations", &id.key())
     }
 
-    pub fn put_registration(&self, r: &RegistrationState) -> Result<(), StoreError> {
-        put(
-            &self.inner.registrations,
-            &r.registration_id.to_ascii_lowercase(),
-            r,
-        )
+    fn put_registration(&self, r: &RegistrationState) -> Result<(), StoreError> {
+        put(&self.inner.registrations, &r.registration_id.key(), r)
     }
 
-    pub fn remove_registration(&self, registration_id: &str) -> Result<bool, StoreError> {
+    fn remove_registration(&self, id: &RegistrationId) -> Result<bool, StoreError> {
         Ok(self
             .inner
             .registrations
-            .remove(registration_id.to_ascii_lowercase())?
+            .remove(id.key().as_bytes())?
             .is_some())
     }
 
-    pub fn registrations(&self) -> Result<Vec<RegistrationState>, StoreError> {
-        all(&self.inner.registrations, "registrations")
+    fn scan_registrations(&self) -> Scan<'_, RegistrationState> {
+        scan(&self.inner.registrations, "registrations")
     }
 
-    pub fn put_crl(&self, record: &CrlRecord) -> Result<(), StoreError> {
+    fn put_crl(&self, record: &CrlRecord) -> Result<(), StoreError> {
         put(&self.inner.crls, &record.name, record)
     }
 
-    pub fn remove_crl(&self, name: &str) -> Result<bool, StoreError> {
+    fn remove_crl(&self, name: &str) -> Result<bool, StoreError> {
         Ok(self.inner.crls.remove(name)?.is_some())
     }
 
-    pub fn crls(&self) -> Result<Vec<CrlRecord>, StoreError> {
-        all(&self.inner.crls, "crls")
+    fn scan_crls(&self) -> Scan<'_, CrlRecord> {
+        scan(&self.inner.crls, "crls")
+    }
+
+    fn durable(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + '_>>
+    {
+        Box::pin(self.flushed())
+    }
+
+    fn flush_count(&self) -> u64 {
+        self.inner.commit.state.borrow().flushes
     }
 }
 
@@ -294,34 +342,32 @@ fn get<T: DeserializeOwned>(
     }
 }
 
-fn all<T: DeserializeOwned>(tree: &sled::Tree, name: &'static str) -> Result<Vec<T>, StoreError> {
-    tree.iter()
-        .map(|item| {
-            let (key, bytes) = item?;
-            decode(name, &key, &bytes)
-        })
-        .collect()
+fn scan<'a, T: DeserializeOwned + 'a>(tree: &'a sled::Tree, name: &'static str) -> Scan<'a, T> {
+    Box::new(tree.iter().map(move |item| {
+        let (key, bytes) = item?;
+        decode(name, &key, &bytes)
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use edgedps_topics::registration::RegistrationStatus;
 
     #[tokio::test]
     async fn concurrent_writes_share_flushes_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = SledStore::open(dir.path()).unwrap();
             let mut tasks = Vec::new();
             for i in 0..50 {
                 let store = store.clone();
                 tasks.push(tokio::spawn(async move {
                     store
-                        .put_registration(&RegistrationState {
-                            registration_id: format!("Dev-{i}"),
-                            status: "assigned".into(),
-                            ..Default::default()
-                        })
+                        .put_registration(&RegistrationState::new(
+                            format!("Dev-{i}").into(),
+                            RegistrationStatus::Assigned,
+                        ))
                         .unwrap();
                     store.durable().await.unwrap();
                 }));
@@ -337,16 +383,16 @@ mod tests {
         }
         // The flusher may hold the database for the length of a flush after the last
         // handle is gone; wait for the lock to be released.
-        let mut reopened = Store::open(dir.path());
+        let mut reopened = SledStore::open(dir.path());
         for _ in 0..100 {
             if reopened.is_ok() {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            reopened = Store::open(dir.path());
+            reopened = SledStore::open(dir.path());
         }
         let store = reopened.unwrap();
         assert_eq!(store.registrations().unwrap().len(), 50);
-        assert!(store.registration("DEV-7").unwrap().is_some());
+        assert!(store.registration(&"DEV-7".into()).unwrap().is_some());
     }
 }

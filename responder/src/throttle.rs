@@ -6,6 +6,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use edgedps_topics::identity::RegistrationId;
+
 use crate::lock;
 
 /// The limits; the defaults follow DPS.
@@ -35,7 +37,7 @@ impl Default for RateLimits {
 
 /// A sliding window of recent events per key.
 struct Windows {
-    events: HashMap<String, VecDeque<Instant>>,
+    events: HashMap<RegistrationId, VecDeque<Instant>>,
     limit: usize,
     window: Duration,
     last_prune: Instant,
@@ -52,7 +54,7 @@ impl Windows {
     }
 
     /// Records an event for `key`, or says how long until one is allowed.
-    fn admit(&mut self, key: &str, now: Instant) -> Result<(), Duration> {
+    fn admit(&mut self, key: &RegistrationId, now: Instant) -> Result<(), Duration> {
         if now.duration_since(self.last_prune) > self.window {
             // Keeps memory bounded by the devices active in one window.
             let window = self.window;
@@ -60,7 +62,7 @@ impl Windows {
                 .retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) < window));
             self.last_prune = now;
         }
-        let queue = self.events.entry(key.to_owned()).or_default();
+        let queue = self.events.entry(key.clone()).or_default();
         while queue
             .front()
             .is_some_and(|t| now.duration_since(*t) >= self.window)
@@ -123,13 +125,17 @@ impl Throttle {
     }
 
     /// `Err(seconds)` to send as `retry-after` (at least 1).
-    pub fn admit_poll(&self, registration_id: &str, now: Instant) -> Result<(), u32> {
+    pub fn admit_poll(&self, registration_id: &RegistrationId, now: Instant) -> Result<(), u32> {
         lock(&self.polls)
             .admit(registration_id, now)
             .map_err(whole_seconds)
     }
 
-    pub fn admit_registration(&self, registration_id: &str, now: Instant) -> Result<(), u32> {
+    pub fn admit_registration(
+        &self,
+        registration_id: &RegistrationId,
+        now: Instant,
+    ) -> Result<(), u32> {
         lock(&self.global).admit(now).map_err(whole_seconds)?;
         lock(&self.registrations)
             .admit(registration_id, now)
@@ -153,21 +159,21 @@ mod tests {
         let t0 = Instant::now();
         for i in 0..5 {
             assert_eq!(
-                throttle.admit_poll("dev", t0 + Duration::from_secs(i)),
+                throttle.admit_poll(&"dev".into(), t0 + Duration::from_secs(i)),
                 Ok(())
             );
         }
         assert_eq!(
-            throttle.admit_poll("dev", t0 + Duration::from_secs(5)),
+            throttle.admit_poll(&"dev".into(), t0 + Duration::from_secs(5)),
             Err(5)
         );
         // Other devices are not affected.
         assert_eq!(
-            throttle.admit_poll("other", t0 + Duration::from_secs(5)),
+            throttle.admit_poll(&"other".into(), t0 + Duration::from_secs(5)),
             Ok(())
         );
         assert_eq!(
-            throttle.admit_poll("dev", t0 + Duration::from_secs(10)),
+            throttle.admit_poll(&"dev".into(), t0 + Duration::from_secs(10)),
             Ok(())
         );
     }
@@ -181,11 +187,14 @@ mod tests {
         let throttle = Throttle::new(&limits);
         let t0 = Instant::now();
         for i in 0..3 {
-            assert_eq!(throttle.admit_registration(&format!("d{i}"), t0), Ok(()));
+            assert_eq!(
+                throttle.admit_registration(&format!("d{i}").into(), t0),
+                Ok(())
+            );
         }
-        assert_eq!(throttle.admit_registration("d3", t0), Err(1));
+        assert_eq!(throttle.admit_registration(&"d3".into(), t0), Err(1));
         assert_eq!(
-            throttle.admit_registration("d3", t0 + Duration::from_millis(400)),
+            throttle.admit_registration(&"d3".into(), t0 + Duration::from_millis(400)),
             Ok(())
         );
     }
@@ -198,9 +207,9 @@ mod tests {
         };
         let throttle = Throttle::new(&limits);
         let t0 = Instant::now();
-        assert!(throttle.admit_registration("dev", t0).is_ok());
-        assert!(throttle.admit_registration("dev", t0).is_ok());
-        assert_eq!(throttle.admit_registration("dev", t0), Err(60));
+        assert!(throttle.admit_registration(&"dev".into(), t0).is_ok());
+        assert!(throttle.admit_registration(&"dev".into(), t0).is_ok());
+        assert_eq!(throttle.admit_registration(&"dev".into(), t0), Err(60));
     }
 
     #[test]
@@ -208,10 +217,10 @@ mod tests {
         let throttle = Throttle::new(&RateLimits::default());
         let t0 = Instant::now();
         for i in 0..100 {
-            throttle.admit_poll(&format!("d{i}"), t0).unwrap();
+            throttle.admit_poll(&format!("d{i}").into(), t0).unwrap();
         }
         throttle
-            .admit_poll("late", t0 + Duration::from_secs(11))
+            .admit_poll(&"late".into(), t0 + Duration::from_secs(11))
             .unwrap();
         assert_eq!(lock(&throttle.polls).events.len(), 1);
     }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use edgedps_device::provision::{register, wait_for};
 use edgedps_policies::sas::derive_device_key;
+use edgedps_responder::Store;
 use edgedps_tests::*;
 use rumqttc::{AsyncClient, EventLoop, MqttOptions, Packet, QoS};
 
@@ -213,25 +214,25 @@ async fn nothing_acknowledged_is_lost_when_killed() {
         let _process = Process::start(dir.path(), devices_port, local_port, "").await;
     }
     let store =
-        edgedps_responder::Store::open(&dir.path().join("data/store")).expect("store opens");
+        edgedps_responder::SledStore::open(&dir.path().join("data/store")).expect("store opens");
     let stored = store.enrollments().expect("enrollments readable");
     let enrollments: BTreeSet<String> = stored
         .iter()
-        .map(|e| e.registration_id.to_ascii_lowercase())
+        .map(|e| e.registration_id.key().into_owned())
         .collect();
     let blocked: BTreeSet<String> = stored
         .iter()
         .filter(|e| {
             e.settings.provisioning_status == edgedps_topics::admin::ProvisioningStatus::Disabled
         })
-        .map(|e| e.registration_id.to_ascii_lowercase())
+        .map(|e| e.registration_id.key().into_owned())
         .collect();
     let records = store.registrations().expect("registrations readable");
     let with_status = |status: &str| -> BTreeSet<String> {
         records
             .iter()
             .filter(|r| r.status == status)
-            .map(|r| r.registration_id.to_ascii_lowercase())
+            .map(|r| r.registration_id.key().into_owned())
             .collect()
     };
     let deregistered = with_status("deregistered");

@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use edgedps_device::provision::register;
+use edgedps_responder::Store;
 use edgedps_tests::*;
 use rumqttc::{AsyncClient, MqttOptions, Packet, QoS};
 
@@ -150,12 +151,12 @@ async fn full_disk_fails_writes_clearly_and_loses_nothing_acknowledged() {
         .status()
         .unwrap();
     assert!(status.success());
-    let store = edgedps_responder::Store::open(&data.join("store")).expect("store opens");
+    let store = edgedps_responder::SledStore::open(&data.join("store")).expect("store opens");
     let stored: BTreeSet<String> = store
         .enrollments()
         .unwrap()
         .into_iter()
-        .map(|e| e.registration_id)
+        .map(|e| e.registration_id.to_string())
         .collect();
     let lost: Vec<_> = acknowledged.difference(&stored).collect();
     assert!(lost.is_empty(), "lost after a full disk: {lost:?}");
@@ -163,7 +164,7 @@ async fn full_disk_fails_writes_clearly_and_loses_nothing_acknowledged() {
         .registrations()
         .unwrap()
         .into_iter()
-        .map(|r| r.registration_id)
+        .map(|r| r.registration_id.to_string())
         .collect();
     let lost: Vec<_> = assigned.difference(&registered).collect();
     assert!(

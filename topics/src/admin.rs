@@ -7,6 +7,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::identity::RegistrationId;
+
 pub const PREFIX: &str = "dps/";
 /// Everything the operator plane owns, as a subscription filter.
 pub const FILTER: &str = "dps/#";
@@ -103,30 +105,6 @@ pub fn retire_result_topic(registration_id: &str) -> String {
 /// Where the audit event of a retirement goes: `dps/events/admin/retire/{registrationId}`.
 pub fn retire_event_topic(registration_id: &str) -> String {
     format!("{PREFIX}events/admin/retire/{registration_id}")
-}
-
-/// Where refused topic uses (ACL denials, refused subscriptions) of a session go. Client
-/// ids that are not valid registration ids share `_invalid`.
-pub fn acl_event_topic(client_id: &str) -> String {
-    if crate::identity::valid_registration_id(client_id) {
-        format!("{PREFIX}events/acl/{client_id}")
-    } else {
-        format!("{PREFIX}events/acl/_invalid")
-    }
-}
-
-pub fn registration_event_topic(registration_id: &str) -> String {
-    format!("{PREFIX}events/registrations/{registration_id}")
-}
-
-/// Where connect-time attestation decisions go. Ids that are not valid registration ids
-/// (they may hold `/`, `+` or `#`) share `_invalid`.
-pub fn attestation_event_topic(registration_id: &str) -> String {
-    if crate::identity::valid_registration_id(registration_id) {
-        format!("{PREFIX}events/attestation/{registration_id}")
-    } else {
-        format!("{PREFIX}events/attestation/_invalid")
-    }
 }
 
 /// Where the audit event of each admin write goes: `dps/events/admin/{kind}/{id}`.
@@ -399,7 +377,7 @@ pub struct EnrollmentSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Enrollment {
-    pub registration_id: String,
+    pub registration_id: RegistrationId,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub device_id: Option<String>,
     pub attestation: Attestation,
@@ -500,8 +478,14 @@ mod tests {
             retire_result_topic("dev-1"),
             "dps/admin/results/retire/dev-1"
         );
-        assert_eq!(acl_event_topic("dev-1"), "dps/events/acl/dev-1");
-        assert_eq!(acl_event_topic("a/#"), "dps/events/acl/_invalid");
+        assert_eq!(
+            crate::events::acl_event_topic("dev-1"),
+            "dps/events/acl/dev-1"
+        );
+        assert_eq!(
+            crate::events::acl_event_topic("a/#"),
+            "dps/events/acl/_invalid"
+        );
     }
 
     #[test]

@@ -11,6 +11,9 @@ pub const RESPONSE_FILTER: &str = "$dps/registrations/res/#";
 /// Prefix shared by every DPS topic.
 pub const DPS_PREFIX: &str = "$dps/";
 
+/// Prefix of every response topic.
+pub const RESPONSE_PREFIX: &str = "$dps/registrations/res/";
+
 const REGISTER_PATH: &str = "$dps/registrations/PUT/iotdps-register/";
 const POLL_PATH: &str = "$dps/registrations/GET/iotdps-get-operationstatus/";
 
@@ -78,10 +81,48 @@ pub fn parse_request(topic: &str) -> Result<DeviceRequest, TopicError> {
     }
 }
 
+/// The device side: the topic of a register request.
+pub fn register_topic(rid: &str) -> String {
+    format!("{REGISTER_PATH}?$rid={rid}")
+}
+
+/// The device side: the topic of a poll for `operation_id` (as the service gave it).
+pub fn poll_topic(rid: &str, operation_id: &str) -> String {
+    format!("{POLL_PATH}?$rid={rid}&operationId={operation_id}")
+}
+
+/// A response topic, read by the device side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub rid: String,
+    pub retry_after: Option<u32>,
+}
+
+/// Reads `$dps/registrations/res/{status}/?$rid={rid}[&retry-after={s}]`; `None` for
+/// any other topic.
+pub fn parse_response_topic(topic: &str) -> Option<Response> {
+    let rest = topic.strip_prefix(RESPONSE_PREFIX)?;
+    let (status, query) = rest.split_once("/?")?;
+    let mut response = Response {
+        status: status.parse().ok()?,
+        rid: String::new(),
+        retry_after: None,
+    };
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("$rid", rid)) => response.rid = rid.to_owned(),
+            Some(("retry-after", seconds)) => response.retry_after = seconds.parse().ok(),
+            _ => {}
+        }
+    }
+    Some(response)
+}
+
 /// Formats a response topic: `$rid` first, `retry-after` (whole seconds) when given.
 pub fn response_topic(status: u16, rid: &str, retry_after: Option<u32>) -> String {
     let mut topic = String::with_capacity(40 + rid.len());
-    topic.push_str("$dps/registrations/res/");
+    topic.push_str(RESPONSE_PREFIX);
     topic.push_str(&status.to_string());
     topic.push_str("/?$rid=");
     topic.push_str(rid);
@@ -163,6 +204,35 @@ mod tests {
             response_topic(401, "x", None),
             "$dps/registrations/res/401/?$rid=x"
         );
+    }
+
+    #[test]
+    fn device_side_topics_round_trip() {
+        assert_eq!(
+            parse_request(&register_topic("9")),
+            Ok(DeviceRequest::Register { rid: "9".into() })
+        );
+        assert_eq!(
+            parse_request(&poll_topic("10", "4.abc")),
+            Ok(DeviceRequest::Poll {
+                rid: "10".into(),
+                operation_id: "4.abc".into()
+            })
+        );
+        let topic = response_topic(429, "11", Some(3));
+        assert_eq!(
+            parse_response_topic(&topic),
+            Some(Response {
+                status: 429,
+                rid: "11".into(),
+                retry_after: Some(3)
+            })
+        );
+        assert_eq!(
+            parse_response_topic("$dps/registrations/res/abc/?$rid=1"),
+            None
+        );
+        assert_eq!(parse_response_topic("devices/x"), None);
     }
 
     #[test]

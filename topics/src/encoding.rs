@@ -9,7 +9,6 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub const CBOR_CONTENT_TYPE: &str = "application/cbor";
-pub const JSON_CONTENT_TYPE: &str = "application/json";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Encoding {
@@ -30,13 +29,6 @@ impl Encoding {
             Encoding::Cbor
         } else {
             Encoding::Json
-        }
-    }
-
-    pub fn content_type(self) -> &'static str {
-        match self {
-            Encoding::Json => JSON_CONTENT_TYPE,
-            Encoding::Cbor => CBOR_CONTENT_TYPE,
         }
     }
 

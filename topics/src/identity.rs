@@ -1,6 +1,8 @@
 //! Who a device says it is at CONNECT (PROTOCOL A2): the registration id rules and the
 //! username `{idScope}/registrations/{registrationId}/api-version={v}[&ClientVersion=..]`.
 
+use serde::{Deserialize, Serialize};
+
 /// Longest registration id DPS accepts.
 pub const MAX_REGISTRATION_ID: usize = 128;
 /// Longest X.509 registration id (the certificate CN limit).
@@ -24,9 +26,95 @@ pub fn valid_registration_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':'))
 }
 
-/// Registration ids compare case-insensitively; this is the form stored and hashed.
-pub fn canonical_registration_id(id: &str) -> String {
-    id.to_ascii_lowercase()
+/// A registration id as the device or the operator spelled it.
+///
+/// DPS registration ids are case-insensitive: two ids that differ only in ASCII case are
+/// equal and hash alike, and [`RegistrationId::key`] is the one spelling the store, the
+/// allocation hash and every lookup use. The spelling is kept for answers and topics.
+/// Deserializing does not validate (a stored or operator record is checked where it
+/// enters the service); [`RegistrationId::parse`] does.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RegistrationId(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a valid registration id (1-128 of a-z A-Z 0-9 - . _ :)")]
+pub struct InvalidRegistrationId(pub String);
+
+impl RegistrationId {
+    /// A valid registration id (see [`valid_registration_id`]).
+    pub fn parse(id: &str) -> Result<RegistrationId, InvalidRegistrationId> {
+        if valid_registration_id(id) {
+            Ok(RegistrationId(id.to_owned()))
+        } else {
+            Err(InvalidRegistrationId(id.to_owned()))
+        }
+    }
+
+    /// As spelled.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The canonical (lower-case) spelling.
+    pub fn key(&self) -> std::borrow::Cow<'_, str> {
+        if self.0.bytes().any(|b| b.is_ascii_uppercase()) {
+            std::borrow::Cow::Owned(self.0.to_ascii_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(&self.0)
+        }
+    }
+
+    pub fn is_valid(&self) -> bool {
+        valid_registration_id(&self.0)
+    }
+
+    /// Whether `other`, as spelled anywhere, names this id.
+    pub fn is(&self, other: &str) -> bool {
+        self.0.eq_ignore_ascii_case(other)
+    }
+}
+
+impl From<&str> for RegistrationId {
+    /// Unvalidated: for ids that were checked already or come from the store.
+    fn from(id: &str) -> RegistrationId {
+        RegistrationId(id.to_owned())
+    }
+}
+
+impl From<String> for RegistrationId {
+    fn from(id: String) -> RegistrationId {
+        RegistrationId(id)
+    }
+}
+
+impl PartialEq for RegistrationId {
+    fn eq(&self, other: &RegistrationId) -> bool {
+        self.0.eq_ignore_ascii_case(&other.0)
+    }
+}
+
+impl Eq for RegistrationId {}
+
+impl std::hash::Hash for RegistrationId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        for b in self.0.bytes() {
+            state.write_u8(b.to_ascii_lowercase());
+        }
+        state.write_u8(0xff);
+    }
+}
+
+impl std::fmt::Display for RegistrationId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for RegistrationId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
 }
 
 /// A parsed CONNECT username.
@@ -119,6 +207,22 @@ mod tests {
         assert!(!valid_registration_id(""));
         assert!(!valid_registration_id("dev/1"));
         assert!(!valid_registration_id("dev 1"));
-        assert_eq!(canonical_registration_id("Dev-A"), "dev-a");
+    }
+
+    #[test]
+    fn registration_ids_differing_in_case_are_one_id() {
+        use std::collections::HashSet;
+        let spelled = RegistrationId::parse("Dev-A").unwrap();
+        assert_eq!(spelled.key(), "dev-a");
+        assert_eq!(spelled.as_str(), "Dev-A");
+        assert_eq!(spelled, RegistrationId::from("DEV-a"));
+        assert!(spelled.is("dev-A"));
+        let set: HashSet<RegistrationId> = ["dev-a", "DEV-A", "Dev-A"]
+            .into_iter()
+            .map(RegistrationId::from)
+            .collect();
+        assert_eq!(set.len(), 1);
+        assert!(RegistrationId::parse("dev/a").is_err());
+        assert_eq!(serde_json::to_string(&spelled).unwrap(), "\"Dev-A\"");
     }
 }

@@ -3,6 +3,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::encoding::Encoding;
+use crate::identity::RegistrationId;
+
 /// Error codes of the DPS error table (PROTOCOL A5).
 pub mod codes {
     pub const MALFORMED_BODY: u32 = 400004;
@@ -34,23 +37,38 @@ pub struct RegisterRequest {
 pub enum BodyError {
     #[error("register body is not a JSON object: {0}")]
     NotJson(String),
+    #[error("register body is not a CBOR map: {0}")]
+    NotCbor(String),
     #[error("payload must be a JSON object or null")]
     PayloadNotObject,
 }
 
 impl RegisterRequest {
-    /// Parses a register body: empty or whitespace-only bodies are an empty request.
-    pub fn parse(body: &[u8]) -> Result<RegisterRequest, BodyError> {
+    /// Parses a register body in its encoding: empty or whitespace-only bodies are an
+    /// empty request. A CBOR body is read as the same document as JSON would be.
+    pub fn parse(body: &[u8], encoding: Encoding) -> Result<RegisterRequest, BodyError> {
         if body.iter().all(u8::is_ascii_whitespace) {
             return Ok(RegisterRequest::default());
         }
-        // serde would also read a struct from a JSON array: only an object is a body.
-        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-            return Err(BodyError::NotJson("expected a JSON object".into()));
-        }
-        let request: RegisterRequest = crate::encoding::Encoding::Json
-            .decode(body)
-            .map_err(BodyError::NotJson)?;
+        let request: RegisterRequest = match encoding {
+            Encoding::Json => {
+                // serde would also read a struct from a JSON array: only an object is a
+                // body.
+                if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+                    return Err(BodyError::NotJson("expected a JSON object".into()));
+                }
+                Encoding::Json.decode(body).map_err(BodyError::NotJson)?
+            }
+            Encoding::Cbor => {
+                let document: Value = Encoding::Cbor.decode(body).map_err(BodyError::NotCbor)?;
+                if !document.is_object() {
+                    return Err(BodyError::NotJson("expected a JSON object".into()));
+                }
+                serde_json::from_value(document).map_err(|e| {
+                    BodyError::NotJson(crate::encoding::without_values(&e.to_string()))
+                })?
+            }
+        };
         match &request.payload {
             None | Some(Value::Null) | Some(Value::Object(_)) => Ok(request),
             Some(_) => Err(BodyError::PayloadNotObject),
@@ -58,15 +76,58 @@ impl RegisterRequest {
     }
 }
 
-/// Values of `status` in a registration record and an operation.
-pub mod status {
-    pub const ASSIGNING: &str = "assigning";
-    pub const ASSIGNED: &str = "assigned";
-    pub const FAILED: &str = "failed";
-    pub const DISABLED: &str = "disabled";
+/// `status` of an operation and of a registration record (PROTOCOL A5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RegistrationStatus {
+    Unassigned,
+    Assigning,
+    Assigned,
+    Failed,
+    Disabled,
     /// The record of a device whose enrollment was deleted, or that was retired: it
     /// stays for the operator's information and grants nothing.
-    pub const DEREGISTERED: &str = "deregistered";
+    Deregistered,
+}
+
+impl RegistrationStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RegistrationStatus::Unassigned => "unassigned",
+            RegistrationStatus::Assigning => "assigning",
+            RegistrationStatus::Assigned => "assigned",
+            RegistrationStatus::Failed => "failed",
+            RegistrationStatus::Disabled => "disabled",
+            RegistrationStatus::Deregistered => "deregistered",
+        }
+    }
+}
+
+impl PartialEq<&str> for RegistrationStatus {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::fmt::Display for RegistrationStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `substatus` of an assigned registration (PROTOCOL A6): what the last register did to
+/// the device's hub and data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Substatus {
+    /// The first assignment, or a re-registration that changed nothing.
+    InitialAssignment,
+    /// Assigned to another hub; the device's data moved with it.
+    DeviceDataMigrated,
+    /// The device's data was reset to the enrollment's initial twin.
+    DeviceDataReset,
+    /// Assigned again from the enrollment's initial settings.
+    ReprovisionedToInitialAssignment,
 }
 
 /// Where a registration's attestation came from, as DPS reports it.
@@ -96,19 +157,19 @@ pub struct CertificateInfo {
 
 /// `registrationState` of a response, and the body of the retained
 /// `dps/registrations/{id}` record.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RegistrationState {
-    pub registration_id: String,
+    pub registration_id: RegistrationId,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub created_date_time_utc: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub assigned_hub: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub device_id: Option<String>,
-    pub status: String,
+    pub status: RegistrationStatus,
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub substatus: Option<String>,
+    pub substatus: Option<Substatus>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub last_updated_date_time_utc: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -127,12 +188,46 @@ pub struct RegistrationState {
     pub error_message: Option<String>,
 }
 
+impl RegistrationState {
+    /// A record with its id and status and nothing else.
+    pub fn new(registration_id: RegistrationId, status: RegistrationStatus) -> RegistrationState {
+        RegistrationState {
+            registration_id,
+            created_date_time_utc: None,
+            assigned_hub: None,
+            device_id: None,
+            status,
+            substatus: None,
+            last_updated_date_time_utc: None,
+            etag: None,
+            x509: None,
+            symmetric_key: None,
+            initial_twin: None,
+            payload: None,
+            error_code: None,
+            error_message: None,
+        }
+    }
+
+    /// The enrollment group the registration came through, if any.
+    pub fn enrollment_group_id(&self) -> Option<&str> {
+        self.x509
+            .as_ref()
+            .or(self.symmetric_key.as_ref())
+            .and_then(|source| source.enrollment_group_id.as_deref())
+    }
+
+    pub fn is_assigned(&self) -> bool {
+        self.status == RegistrationStatus::Assigned
+    }
+}
+
 /// The body of a 200 or 202 response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OperationStatus {
     pub operation_id: String,
-    pub status: String,
+    pub status: RegistrationStatus,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub registration_state: Option<RegistrationState>,
 }
@@ -154,36 +249,77 @@ mod tests {
     #[test]
     fn empty_and_space_bodies_are_empty_requests() {
         assert_eq!(
-            RegisterRequest::parse(b"").unwrap(),
+            RegisterRequest::parse(b"", Encoding::Json).unwrap(),
             RegisterRequest::default()
         );
         assert_eq!(
-            RegisterRequest::parse(b" ").unwrap(),
+            RegisterRequest::parse(b" ", Encoding::Json).unwrap(),
             RegisterRequest::default()
         );
     }
 
     #[test]
     fn register_body_with_payload_parses() {
-        let r = RegisterRequest::parse(br#"{"registrationId":"dev-1","payload":{"a":1}}"#).unwrap();
+        let r = RegisterRequest::parse(
+            br#"{"registrationId":"dev-1","payload":{"a":1}}"#,
+            Encoding::Json,
+        )
+        .unwrap();
         assert_eq!(r.registration_id.as_deref(), Some("dev-1"));
         assert_eq!(r.payload, Some(serde_json::json!({"a": 1})));
-        let r = RegisterRequest::parse(br#"{"payload":null}"#).unwrap();
+        let r = RegisterRequest::parse(br#"{"payload":null}"#, Encoding::Json).unwrap();
         assert_eq!(r.payload, None);
     }
 
     #[test]
     fn malformed_register_bodies_are_refused() {
         assert!(matches!(
-            RegisterRequest::parse(b"{"),
+            RegisterRequest::parse(b"{", Encoding::Json),
             Err(BodyError::NotJson(_))
         ));
         assert!(matches!(
-            RegisterRequest::parse(b"[]"),
+            RegisterRequest::parse(b"[]", Encoding::Json),
             Err(BodyError::NotJson(_))
         ));
         assert_eq!(
-            RegisterRequest::parse(br#"{"payload":"text"}"#),
+            RegisterRequest::parse(br#"{"payload":"text"}"#, Encoding::Json),
+            Err(BodyError::PayloadNotObject)
+        );
+    }
+
+    #[test]
+    fn statuses_are_written_as_dps_writes_them() {
+        let mut record = RegistrationState::new("Dev-1".into(), RegistrationStatus::Assigned);
+        record.substatus = Some(Substatus::DeviceDataMigrated);
+        let json = serde_json::to_value(&record).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"registrationId": "Dev-1", "status": "assigned", "substatus": "deviceDataMigrated"})
+        );
+        assert_eq!(RegistrationStatus::Deregistered.to_string(), "deregistered");
+        let back: RegistrationState = serde_json::from_value(json).unwrap();
+        assert_eq!(back, record);
+    }
+
+    #[test]
+    fn cbor_bodies_are_read_as_the_same_document() {
+        let body = Encoding::Cbor
+            .encode(&serde_json::json!({"registrationId": "dev-1", "payload": {"a": 1}}));
+        let r = RegisterRequest::parse(&body, Encoding::Cbor).unwrap();
+        assert_eq!(r.registration_id.as_deref(), Some("dev-1"));
+        assert_eq!(r.payload, Some(serde_json::json!({"a": 1})));
+        assert!(matches!(
+            RegisterRequest::parse(&[0xa1, 0x61], Encoding::Cbor),
+            Err(BodyError::NotCbor(_))
+        ));
+        let list = Encoding::Cbor.encode(&serde_json::json!([1]));
+        assert!(matches!(
+            RegisterRequest::parse(&list, Encoding::Cbor),
+            Err(BodyError::NotJson(_))
+        ));
+        let text = Encoding::Cbor.encode(&serde_json::json!({"payload": "text"}));
+        assert_eq!(
+            RegisterRequest::parse(&text, Encoding::Cbor),
             Err(BodyError::PayloadNotObject)
         );
     }

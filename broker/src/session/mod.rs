@@ -1,0 +1,366 @@
+//! One MQTT session, from CONNECT to close (DESIGN: data flow steps 2-5), one job per
+//! file:
+//! - `connect.rs`: the CONNECT under its deadline, attestation, the CONNACK;
+//! - `dps.rs`: `$dps/` requests, answered by the responder in process;
+//! - `admin.rs`: operator writes under `dps/`;
+//! - `subscriptions.rs`: SUBSCRIBE and UNSUBSCRIBE, with the topic ACL;
+//! - `link.rs`: this session's rumqttd link: publishes in, deliveries out.
+//!
+//! Here: the session's state and its event loop (the socket, the router, the
+//! keep-alive, the cut-off), and how it ends.
+//!
+//! A device session is in the responder's live-session registry from its CONNECT until
+//! it ends. When a write takes the device out of service, the registry cuts the
+//! session: it uses nothing more, and closes (MQTT 5: DISCONNECT 0x98, administrative
+//! action, first).
+
+mod admin;
+mod connect;
+mod dps;
+mod link;
+mod subscriptions;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{Packet, PingResp, PubAck, PubAckReason};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{timeout_at, Instant};
+
+use edgedps_policies::acl::{self, Role};
+use edgedps_responder::{Attested, Cut, Entered, Publication, Responder, Standing};
+use edgedps_topics::admin as admin_topics;
+use edgedps_topics::dps as dps_topics;
+use edgedps_topics::encoding::Encoding;
+
+use crate::codec::{self, Codec, Frame, Version};
+use crate::config::Limits;
+use crate::router::{Publisher, Router};
+
+use link::RouterEvent;
+
+/// Which listener a connection came in on; it sets the role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    Devices,
+    Local,
+}
+
+/// What every session shares.
+pub struct Shared {
+    pub responder: Arc<Responder>,
+    pub router: Router,
+    /// Where the responder's records, results and events go into the router.
+    pub publisher: Publisher,
+    pub limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Close {
+    #[error("connection closed by the peer")]
+    Eof,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Codec(#[from] codec::CodecError),
+    #[error("no CONNECT within the deadline")]
+    ConnectTimeout,
+    #[error("keep-alive expired")]
+    KeepAlive,
+    #[error("protocol violation: {0}")]
+    Violation(String),
+    #[error("not authorized: {0}")]
+    Denied(String),
+    #[error("client disconnected")]
+    Disconnect,
+    #[error("router: {0}")]
+    Router(String),
+    #[error("taken out of service: {0}")]
+    OutOfService(Cut),
+}
+
+/// Who is on the other end, once the CONNECT is accepted.
+enum Identity {
+    Device(Attested),
+    Operator,
+}
+
+struct Session<S> {
+    stream: S,
+    peer: SocketAddr,
+    client_id: String,
+    inbuf: BytesMut,
+    out: BytesMut,
+    codec: Codec,
+    shared: Arc<Shared>,
+    identity: Identity,
+    role: Role,
+    /// QoS granted on `$dps/registrations/res/#`, once subscribed.
+    dps_qos: Option<u8>,
+    /// The encoding of this connection's last register; its polls are answered in it.
+    dps_encoding: Encoding,
+    /// What the CONNECT read about the device, for its first register.
+    standing: Option<Standing>,
+    next_pkid: u16,
+    link_tx: Option<LinkTx>,
+    link_rx: Option<LinkRx>,
+    /// Seconds; 0 turns keep-alive off.
+    keep_alive: u16,
+    /// Filters held in the router, for `limits.max_subscriptions_per_session`.
+    subscriptions: std::collections::HashSet<String>,
+    /// A device's place in the live-session registry.
+    live: Option<Entered>,
+}
+
+/// Runs a session on an established (TLS or plain) stream until it closes. `_slot` is
+/// the session's place in the connection limit, given back when it ends.
+pub async fn serve<S>(
+    stream: S,
+    chain: Vec<Vec<u8>>,
+    kind: ListenerKind,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match Box::pin(connect::accept(stream, chain, kind, peer, shared)).await {
+        Ok(Some(mut session)) => {
+            let result = session.run().await;
+            session.release_link().await;
+            match result {
+                Err(Close::Eof) | Err(Close::Disconnect) => {
+                    tracing::debug!(peer = %session.peer, client_id = %session.client_id, "session ended")
+                }
+                Err(e @ Close::Denied(_)) => {
+                    tracing::warn!(peer = %session.peer, client_id = %session.client_id, reason = %e, "session closed")
+                }
+                Err(Close::OutOfService(cut)) => {
+                    tracing::info!(target: "edgedps::audit", peer = %session.peer, client_id = %session.client_id, reason = %cut, "session closed: out of service")
+                }
+                Err(e) => {
+                    tracing::info!(peer = %session.peer, client_id = %session.client_id, reason = %e, "session closed")
+                }
+                Ok(()) => {}
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::info!(%peer, reason = %e, "connection dropped before CONNECT was accepted")
+        }
+    }
+}
+
+async fn next_cut(live: &Option<Entered>) -> Cut {
+    match live {
+        Some(entered) => entered.session().cut_off().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What woke the session's loop.
+enum Event {
+    Read(Result<usize, std::io::Error>),
+    KeepAliveExpired,
+    Router(RouterEvent),
+    Cut(Cut),
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    async fn run(&mut self) -> Result<(), Close> {
+        // Packets that arrived with the CONNECT.
+        self.drain_input().await?;
+        self.flush().await?;
+        let mut last_heard = Instant::now();
+        loop {
+            if let Some(cut) = self.cut() {
+                return self.out_of_service(cut).await;
+            }
+            // MQTT: the server closes after one and a half keep-alive periods in which the
+            // client sent nothing (what the router sends it does not count).
+            let deadline = (self.keep_alive > 0)
+                .then(|| last_heard + Duration::from_millis(u64::from(self.keep_alive) * 1500));
+            let event = {
+                let read = self.stream.read_buf(&mut self.inbuf);
+                let notification = link::next_event(&mut self.link_rx);
+                let cut = next_cut(&self.live);
+                tokio::select! {
+                    cut = cut => Event::Cut(cut),
+                    r = async {
+                        match deadline {
+                            Some(d) => timeout_at(d, read).await.ok(),
+                            None => Some(read.await),
+                        }
+                    } => match r {
+                        Some(r) => Event::Read(r),
+                        None => Event::KeepAliveExpired,
+                    },
+                    n = notification => Event::Router(n),
+                }
+            };
+            match event {
+                Event::Read(Ok(0)) => return Err(Close::Eof),
+                Event::Read(Ok(_)) => {
+                    last_heard = Instant::now();
+                    self.drain_input().await?
+                }
+                Event::Read(Err(e)) => return Err(e.into()),
+                Event::KeepAliveExpired => return Err(Close::KeepAlive),
+                Event::Router(event) => Box::pin(self.on_router(event)).await?,
+                Event::Cut(cut) => return self.out_of_service(cut).await,
+            }
+            self.flush().await?;
+        }
+    }
+
+    /// Set once the registry has cut this device session.
+    fn cut(&self) -> Option<Cut> {
+        self.live
+            .as_ref()
+            .and_then(|entered| entered.session().cut())
+    }
+
+    /// Ends a session that was taken out of service: MQTT 5 says why first.
+    async fn out_of_service(&mut self, cut: Cut) -> Result<(), Close> {
+        if self.codec.version == Version::V5 {
+            let disconnect = rumqttd::protocol::Disconnect {
+                reason_code: rumqttd::protocol::DisconnectReasonCode::AdministrativeAction,
+            };
+            // With a reason string: rumqttd's encoder miscounts the length of a
+            // DISCONNECT that has a reason code but no properties.
+            let properties = rumqttd::protocol::DisconnectProperties {
+                session_expiry_interval: None,
+                reason_string: Some(format!("taken out of service: {cut}")),
+                user_properties: Vec::new(),
+                server_reference: None,
+            };
+            // Best effort: the connection closes either way.
+            if self
+                .send(Packet::Disconnect(disconnect, Some(properties)))
+                .is_ok()
+            {
+                let _ = self.flush().await;
+            }
+        }
+        let _ = self.stream.shutdown().await;
+        Err(Close::OutOfService(cut))
+    }
+
+    async fn drain_input(&mut self) -> Result<(), Close> {
+        while let Some(frame) = self.codec.decode(&mut self.inbuf)? {
+            // Boxed: the register path is a deep future; inline, every idle session
+            // would carry its size (see BENCHMARKS.md, idle session memory).
+            Box::pin(self.handle(frame)).await?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, packet: Packet) -> Result<(), Close> {
+        self.codec.encode(packet, &mut self.out)?;
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), Close> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await?;
+            self.stream.flush().await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    fn pkid(&mut self) -> u16 {
+        self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+        self.next_pkid
+    }
+
+    /// Hands what the responder wants published to the router, in order.
+    async fn publish(&self, publications: Vec<Publication>) {
+        self.shared.publisher.publish(publications).await;
+    }
+
+    async fn handle(&mut self, frame: Frame) -> Result<(), Close> {
+        // Packets that arrived with the one that was being handled when the cut came.
+        if let Some(cut) = self.cut() {
+            return Err(Close::OutOfService(cut));
+        }
+        match frame.packet {
+            Packet::Publish(publish, properties) => {
+                let meta = frame
+                    .publish
+                    .unwrap_or(codec::PublishMeta { qos: 0, pkid: 0 });
+                if meta.qos > 1 {
+                    return Err(Close::Violation("QoS 2 is not supported".into()));
+                }
+                let topic = std::str::from_utf8(&publish.topic)
+                    .map_err(|_| Close::Violation("topic is not UTF-8".into()))?
+                    .to_owned();
+                let content_type = properties.as_ref().and_then(|p| p.content_type.as_deref());
+                if dps_topics::is_dps_topic(&topic) {
+                    return self
+                        .dps_request(&topic, &publish.payload, content_type, meta)
+                        .await;
+                }
+                if let Some(admin) = admin_topics::parse_topic(&topic) {
+                    let encoding = Encoding::detect(&publish.payload, content_type);
+                    return self
+                        .admin_write(&topic, admin, &publish.payload, encoding, meta)
+                        .await;
+                }
+                if !acl::may_publish(&self.role, &topic) {
+                    return Err(self.denied("publish", &topic).await);
+                }
+                let forward = rumqttd::protocol::Publish::new(
+                    publish.topic.clone(),
+                    publish.payload.clone(),
+                    publish.retain,
+                );
+                self.router_send(Packet::Publish(forward, self.codec.properties(properties)))
+                    .await?;
+                self.puback(meta)
+            }
+            Packet::Subscribe(subscribe, _) => self.subscribe(subscribe).await,
+            Packet::Unsubscribe(unsubscribe, _) => self.unsubscribe(unsubscribe).await,
+            Packet::PingReq(_) => self.send(Packet::PingResp(PingResp)),
+            Packet::Disconnect(..) => Err(Close::Disconnect),
+            // Acknowledgements of what we delivered: nothing is retransmitted, so
+            // nothing to settle.
+            Packet::PubAck(..) => Ok(()),
+            Packet::Connect(..) => Err(Close::Violation("second CONNECT".into())),
+            other => Err(Close::Violation(format!("unexpected packet {other:?}"))),
+        }
+    }
+
+    /// A refused use of a topic: an event for the operators, and the session closes.
+    async fn denied(&self, action: &str, topic: &str) -> Close {
+        let reason = match (&self.identity, &self.role) {
+            (Identity::Device(_), Role::Device { device_id: None }) => {
+                "the device has no hub rights (not assigned, or out of service)"
+            }
+            (Identity::Device(_), _) => "outside the device's own topics",
+            (Identity::Operator, _) => "not allowed for operators",
+        };
+        let event = self
+            .shared
+            .responder
+            .topic_refused(&self.client_id, action, topic, reason);
+        self.publish(vec![event]).await;
+        Close::Denied(format!("{action} to `{topic}`: {reason}"))
+    }
+
+    fn puback(&mut self, meta: codec::PublishMeta) -> Result<(), Close> {
+        if meta.qos == 1 {
+            self.send(Packet::PubAck(
+                PubAck {
+                    pkid: meta.pkid,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            ))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,141 @@
+//! SUBSCRIBE and UNSUBSCRIBE. A device's `$dps/registrations/res/#` is held here (the
+//! router refuses `$` filters); every other filter passes the topic ACL and the
+//! per-session limit and goes to the router, and the SUBACK waits until the router has
+//! applied it.
+
+use std::time::Duration;
+
+use rumqttd::protocol::{
+    Filter, Packet, QoS, RetainForwardRule, SubAck, Subscribe, UnsubAck, UnsubAckReason,
+    Unsubscribe,
+};
+use rumqttd::Notification;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{timeout_at, Instant};
+
+use edgedps_policies::acl;
+use edgedps_topics::dps;
+
+use super::{Close, Identity, Session};
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    pub(super) async fn subscribe(&mut self, subscribe: Subscribe) -> Result<(), Close> {
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        let mut forward = Vec::new();
+        let mut refused = Vec::new();
+        for filter in subscribe.filters {
+            let requested = filter.qos as u8;
+            if filter.path == dps::RESPONSE_FILTER && matches!(self.identity, Identity::Device(_)) {
+                let granted = requested.min(1);
+                self.dps_qos = Some(granted);
+                codes.push(self.codec.subscribe_granted(granted));
+            } else if !rumqttd::protocol::valid_filter(&filter.path)
+                || !acl::may_subscribe(&self.role, &filter.path)
+            {
+                tracing::warn!(client_id = %self.client_id, filter = %filter.path, "subscription refused");
+                refused.push(self.shared.responder.topic_refused(
+                    &self.client_id,
+                    "subscribe",
+                    &filter.path,
+                    "not allowed for this session",
+                ));
+                codes.push(self.codec.subscribe_refused());
+            } else if !self.subscriptions.contains(&filter.path)
+                && self.subscriptions.len() >= self.shared.limits.max_subscriptions_per_session
+            {
+                tracing::warn!(client_id = %self.client_id, filter = %filter.path, "subscription refused: limits.max_subscriptions_per_session reached");
+                codes.push(self.codec.subscribe_refused());
+            } else {
+                // Router deliveries go out at QoS 0 (see docs/protocol.md).
+                self.subscriptions.insert(filter.path.clone());
+                codes.push(self.codec.subscribe_granted(0));
+                forward.push(Filter {
+                    path: filter.path,
+                    qos: QoS::AtMostOnce,
+                    nolocal: filter.nolocal,
+                    preserve_retain: filter.preserve_retain,
+                    retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+                });
+            }
+        }
+        if !refused.is_empty() {
+            self.publish(refused).await;
+        }
+        let mut early = Vec::new();
+        if !forward.is_empty() {
+            self.router_send(Packet::Subscribe(
+                Subscribe {
+                    pkid: subscribe.pkid,
+                    filters: forward,
+                },
+                None,
+            ))
+            .await?;
+            early = self.await_router_ack().await?;
+        }
+        self.send(Packet::SubAck(
+            SubAck {
+                pkid: subscribe.pkid,
+                return_codes: codes,
+            },
+            None,
+        ))?;
+        // Retained messages the router sent with its acknowledgement follow the SUBACK.
+        for notification in early {
+            self.on_router(notification.into()).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the router has applied what this session sent it: only then is the
+    /// subscription live, and only then may the client be told so (otherwise a publish
+    /// right after the SUBACK could miss it). Returns what arrived meanwhile.
+    async fn await_router_ack(&mut self) -> Result<Vec<Notification>, Close> {
+        let mut early = Vec::new();
+        let Some(rx) = self.link_rx.as_mut() else {
+            return Ok(early);
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match timeout_at(deadline, rx.next()).await {
+                Err(_) => return Err(Close::Router("no acknowledgement within 10 s".into())),
+                Ok(Err(e)) => return Err(Close::Router(e.to_string())),
+                Ok(Ok(Some(Notification::DeviceAck(_)))) => return Ok(early),
+                Ok(Ok(Some(Notification::Unschedule))) => {
+                    rx.wake().await.map_err(|e| Close::Router(e.to_string()))?
+                }
+                Ok(Ok(Some(other))) => early.push(other),
+                Ok(Ok(None)) => {}
+            }
+        }
+    }
+
+    pub(super) async fn unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Result<(), Close> {
+        let reasons = vec![UnsubAckReason::Success; unsubscribe.filters.len()];
+        let forward: Vec<String> = unsubscribe
+            .filters
+            .into_iter()
+            .filter(|f| !dps::is_dps_topic(f))
+            .collect();
+        for filter in &forward {
+            self.subscriptions.remove(filter);
+        }
+        if !forward.is_empty() && self.link_tx.is_some() {
+            self.router_send(Packet::Unsubscribe(
+                Unsubscribe {
+                    pkid: unsubscribe.pkid,
+                    filters: forward,
+                },
+                None,
+            ))
+            .await?;
+        }
+        self.send(Packet::UnsubAck(
+            UnsubAck {
+                pkid: unsubscribe.pkid,
+                reasons,
+            },
+            None,
+        ))
+    }
+}

@@ -1,0 +1,375 @@
+//! Validation of operator writes (PROTOCOL B): what a body must hold before it may touch
+//! the store. Values in, a verdict out: [`enrollment`], [`group`] and [`hub`] take the
+//! body as parsed, the topic's id and the stored record, and return the record to store
+//! (keys an edit left out kept from the stored one) or why it is refused.
+//!
+//! Messages quote ids and host names, never other values: a value in the wrong field
+//! may be a key.
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+
+use edgedps_topics::admin::{
+    AllocationPolicy, Attestation, AttestationType, CertificatePair, Enrollment, EnrollmentGroup,
+    EnrollmentSettings, LinkedHub,
+};
+use edgedps_topics::encoding::Encoding;
+use edgedps_topics::identity;
+
+use crate::x509;
+
+/// Why a write is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    /// The body or the topic is wrong (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The etag sent is not the stored record's (412).
+    #[error("{0}")]
+    EtagMismatch(String),
+}
+
+fn bad(message: String) -> Invalid {
+    Invalid::BadRequest(message)
+}
+
+/// An individual enrollment written to `dps/enrollments/{topic_id}`, over `stored`.
+pub fn enrollment(
+    topic_id: &str,
+    mut e: Enrollment,
+    stored: Option<&Enrollment>,
+) -> Result<Enrollment, Invalid> {
+    if !e.registration_id.is(topic_id) {
+        return Err(bad(format!(
+            "registrationId {} is not the topic's `{topic_id}`",
+            shown(e.registration_id.as_str())
+        )));
+    }
+    registration_id(e.registration_id.as_str())?;
+    if let Some(device_id) = &e.device_id {
+        if !identity::valid_registration_id(device_id) {
+            return Err(bad(format!("deviceId {} is not valid", shown(device_id))));
+        }
+    }
+    keep_stored_keys(&mut e.attestation, stored.map(|s| &s.attestation));
+    validate_attestation(&e.attestation, false)?;
+    validate_settings(&e.settings)?;
+    check_etag(
+        e.settings.etag.as_deref(),
+        stored.and_then(|s| s.settings.etag.as_deref()),
+    )?;
+    Ok(e)
+}
+
+/// An enrollment group written to `dps/enrollment-groups/{topic_id}`, over `stored`.
+pub fn group(
+    topic_id: &str,
+    mut g: EnrollmentGroup,
+    stored: Option<&EnrollmentGroup>,
+) -> Result<EnrollmentGroup, Invalid> {
+    if g.enrollment_group_id != topic_id {
+        return Err(bad(format!(
+            "enrollmentGroupId {} is not the topic's `{topic_id}`",
+            shown(&g.enrollment_group_id)
+        )));
+    }
+    registration_id(topic_id)?;
+    keep_stored_keys(&mut g.attestation, stored.map(|s| &s.attestation));
+    validate_attestation(&g.attestation, true)?;
+    validate_settings(&g.settings)?;
+    check_etag(
+        g.settings.etag.as_deref(),
+        stored.and_then(|s| s.settings.etag.as_deref()),
+    )?;
+    Ok(g)
+}
+
+/// A linked hub written to `dps/hubs/{topic_id}`; `stored_etag` is the linked one's.
+pub fn hub(
+    topic_id: &str,
+    mut hub: LinkedHub,
+    stored_etag: Option<&str>,
+) -> Result<LinkedHub, Invalid> {
+    if hub.host_name.is_empty() {
+        hub.host_name = topic_id.to_owned();
+    }
+    if hub.host_name != topic_id {
+        return Err(bad(format!(
+            "hostName {} is not the topic's `{topic_id}`",
+            shown(&hub.host_name)
+        )));
+    }
+    if !valid_host_name(topic_id) {
+        return Err(bad(format!("`{topic_id}` is not a host name")));
+    }
+    if hub.allocation_weight > 1000 {
+        return Err(bad("allocationWeight must be 0 to 1000".into()));
+    }
+    check_etag(hub.etag.as_deref(), stored_etag)?;
+    Ok(hub)
+}
+
+/// The name of a record that is not a registration (a revocation list): the same rules.
+pub fn record_name(name: &str) -> Result<(), Invalid> {
+    registration_id(name)
+}
+
+/// The SHA-256 thumbprints of the certificates an X.509 individual enrollment names.
+pub fn enrolled_thumbprints(attestation: &Attestation) -> Vec<String> {
+    let Some(pair) = attestation
+        .x509
+        .as_ref()
+        .and_then(|x| x.client_certificates.as_ref())
+    else {
+        return Vec::new();
+    };
+    [&pair.primary, &pair.secondary]
+        .into_iter()
+        .flatten()
+        .filter_map(|cert| match (&cert.certificate, &cert.sha256_thumbprint) {
+            (Some(pem), _) => x509::pem_der(pem).ok().map(|der| x509::thumbprint(&der)),
+            (None, Some(print)) => x509::normalize_thumbprint(print).ok(),
+            (None, None) => None,
+        })
+        .collect()
+}
+
+/// Reads an operator body in its encoding.
+pub fn parse_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    encoding: Encoding,
+) -> Result<T, Invalid> {
+    encoding
+        .decode(body)
+        .map_err(|e| bad(format!("body is not a valid record: {e}")))
+}
+
+/// A value from the body as an error may show it: ids and host names are quoted; any
+/// other value (it may be a key in the wrong field) is described by its length only.
+pub fn shown(value: &str) -> String {
+    if identity::valid_registration_id(value) {
+        format!("`{value}`")
+    } else {
+        format!("({} bytes, not a valid id)", value.len())
+    }
+}
+
+pub fn check_etag(sent: Option<&str>, stored: Option<&str>) -> Result<(), Invalid> {
+    match (sent, stored) {
+        (None, _) | (Some("*"), _) => Ok(()),
+        (Some(sent), Some(stored)) if sent == stored => Ok(()),
+        (Some(_), stored) => Err(Invalid::EtagMismatch(format!(
+            "the etag sent does not match the stored {}",
+            stored.unwrap_or("(none: the record does not exist)")
+        ))),
+    }
+}
+
+fn registration_id(id: &str) -> Result<(), Invalid> {
+    if identity::valid_registration_id(id) {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "`{id}` is not a valid id (1-128 of a-z A-Z 0-9 - . _ :)"
+        )))
+    }
+}
+
+fn valid_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+fn validate_settings(settings: &EnrollmentSettings) -> Result<(), Invalid> {
+    match settings.allocation_policy {
+        Some(AllocationPolicy::GeoLatency) | Some(AllocationPolicy::Custom) => return Err(bad(
+            "allocationPolicy geoLatency and custom are not supported yet; use hashed or static"
+                .into(),
+        )),
+        Some(AllocationPolicy::Static) if settings.iot_hubs.len() != 1 => {
+            return Err(bad(
+                "allocationPolicy static needs exactly one hub in iotHubs".into(),
+            ))
+        }
+        _ => {}
+    }
+    if let Some(hub) = settings.iot_hubs.iter().find(|h| !valid_host_name(h)) {
+        return Err(bad(format!(
+            "iotHubs entry {} is not a host name",
+            shown(hub)
+        )));
+    }
+    if let Some(twin) = &settings.initial_twin {
+        if !twin.is_object() {
+            return Err(bad("initialTwin must be a JSON object".into()));
+        }
+    }
+    Ok(())
+}
+
+fn validate_attestation(attestation: &Attestation, group: bool) -> Result<(), Invalid> {
+    match attestation.kind {
+        AttestationType::SymmetricKey => {
+            let keys = attestation
+                .symmetric_key
+                .as_ref()
+                .ok_or_else(|| bad("attestation.symmetricKey is missing".into()))?;
+            let primary = keys
+                .primary_key
+                .as_deref()
+                .ok_or_else(|| bad("attestation.symmetricKey.primaryKey is missing".into()))?;
+            for (name, key) in [
+                ("primaryKey", Some(primary)),
+                ("secondaryKey", keys.secondary_key.as_deref()),
+            ] {
+                if let Some(key) = key {
+                    let len = BASE64
+                        .decode(key)
+                        .map_err(|_| bad(format!("symmetricKey.{name} is not base64")))?
+                        .len();
+                    if !(16..=64).contains(&len) {
+                        return Err(bad(format!(
+                            "symmetricKey.{name} must decode to 16 to 64 bytes, not {len}"
+                        )));
+                    }
+                }
+            }
+            Ok(())
+        }
+        AttestationType::X509 => {
+            let x509 = attestation
+                .x509
+                .as_ref()
+                .ok_or_else(|| bad("attestation.x509 is missing".into()))?;
+            let (name, pair) = if group {
+                ("signingCertificates", x509.signing_certificates.as_ref())
+            } else {
+                ("clientCertificates", x509.client_certificates.as_ref())
+            };
+            let pair = pair.ok_or_else(|| bad(format!("attestation.x509.{name} is missing")))?;
+            validate_certificates(name, pair, group)
+        }
+        AttestationType::Tpm => Err(bad("TPM attestation is not supported yet".into())),
+    }
+}
+
+fn validate_certificates(name: &str, pair: &CertificatePair, group: bool) -> Result<(), Invalid> {
+    let primary = pair
+        .primary
+        .as_ref()
+        .ok_or_else(|| bad(format!("attestation.x509.{name}.primary is missing")))?;
+    for (slot, cert) in [
+        ("primary", Some(primary)),
+        ("secondary", pair.secondary.as_ref()),
+    ] {
+        let Some(cert) = cert else { continue };
+        match (&cert.certificate, &cert.sha256_thumbprint) {
+            (Some(pem), None) => {
+                let der = x509::pem_to_der(pem)
+                    .map_err(|e| bad(format!("x509.{name}.{slot}.certificate: {e}")))?;
+                if group {
+                    let info = x509::CertificateInfo::read(&der)
+                        .map_err(|e| bad(format!("x509.{name}.{slot}: {e}")))?;
+                    if !info.is_ca {
+                        return Err(bad(format!("x509.{name}.{slot} is not a CA certificate")));
+                    }
+                }
+            }
+            (None, Some(print)) if !group => {
+                x509::normalize_thumbprint(print)
+                    .map_err(|e| bad(format!("x509.{name}.{slot}.sha256Thumbprint: {e}")))?;
+            }
+            _ => {
+                return Err(bad(format!(
+                    "x509.{name}.{slot} needs exactly one of certificate{}",
+                    if group { "" } else { " or sha256Thumbprint" }
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A write that omits the keys of a symmetric-key attestation keeps the stored keys,
+/// so the retained (redacted) record can be edited and published back.
+fn keep_stored_keys(attestation: &mut Attestation, stored: Option<&Attestation>) {
+    let (Some(new), Some(old)) = (
+        attestation.symmetric_key.as_mut(),
+        stored.and_then(|s| s.symmetric_key.as_ref()),
+    ) else {
+        return;
+    };
+    if new.primary_key.is_none() && new.secondary_key.is_none() {
+        new.primary_key = old.primary_key.clone();
+        new.secondary_key = old.secondary_key.clone();
+    }
+}
+
+fn redact(attestation: &mut Attestation) {
+    if let Some(keys) = attestation.symmetric_key.as_mut() {
+        keys.primary_key = None;
+        keys.secondary_key = None;
+    }
+}
+
+pub fn redact_enrollment(mut e: Enrollment) -> Enrollment {
+    redact(&mut e.attestation);
+    e
+}
+
+pub fn redact_group(mut g: EnrollmentGroup) -> EnrollmentGroup {
+    redact(&mut g.attestation);
+    g
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "c2VjcmV0LWtleS1tYXRlcmlhbC0wMTIzNDU2Nzg5YWI=";
+
+    fn message_for(body: &str) -> String {
+        parse_body::<Enrollment>(body.as_bytes(), Encoding::Json)
+            .map(|_| String::new())
+            .unwrap_or_else(|e| e.to_string())
+    }
+
+    #[test]
+    fn parse_errors_do_not_quote_values() {
+        let wrong_type = format!(
+            r#"{{"registrationId":"d","attestation":{{"type":"symmetricKey"}},"iotHubs":"{KEY}"}}"#
+        );
+        let wrong_variant = format!(r#"{{"registrationId":"d","attestation":{{"type":"{KEY}"}}}}"#);
+        let escaped = r#"{"registrationId":"d","attestation":{"type":"symmetricKey"},"iotHubs":"a\"b\\c-SECRET"}"#;
+        for body in [wrong_type.as_str(), wrong_variant.as_str(), escaped] {
+            let message = message_for(body);
+            assert!(
+                message.starts_with("body is not a valid record"),
+                "{message}"
+            );
+            assert!(!message.contains(KEY), "{message}");
+            assert!(!message.contains("SECRET"), "{message}");
+            assert!(message.contains("line 1 column"), "{message}");
+        }
+        let message = message_for(&wrong_type);
+        assert!(message.contains("expected a sequence"), "{message}");
+        let message = message_for(&wrong_variant);
+        assert!(message.contains("expected one of `x509`"), "{message}");
+    }
+
+    #[test]
+    fn parse_errors_keep_field_names_and_syntax_positions() {
+        let message =
+            message_for(r#"{"registrationId":"d","attestation":{"type":"x509"},"iotHub":"h"}"#);
+        assert!(message.contains("unknown field `iotHub`"), "{message}");
+        let message = message_for(r#"{"registrationId":"d","#);
+        assert!(message.contains("EOF while parsing"), "{message}");
+    }
+}
