@@ -7,12 +7,15 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use rumqttd::protocol::v4;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::tls;
 
+/// Larger packets end the connection, as the device listener's default limit does.
+const MAX_PACKET: usize = 256 * 1024;
 const CONNACK: &[u8] = &[0x20, 0x02, 0x00, 0x00];
 const PINGRESP: &[u8] = &[0xd0, 0x00];
 const RESPONSE_TOPIC: &[u8] = b"$dps/registrations/res/200/?$rid=1";
@@ -61,7 +64,11 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         }
         buf.extend_from_slice(&chunk[..n]);
         let mut out = bytes::BytesMut::new();
-        while let Some((kind, flags, body_start, len)) = frame(&buf) {
+        // Framing as the codec frames (rumqttd's fixed-header check), nothing more.
+        while let Ok(header) = v4::check(buf.iter(), MAX_PACKET) {
+            let (kind, flags) = (header.byte1 >> 4, header.byte1 & 0x0f);
+            let body_start = header.fixed_header_len;
+            let len = header.remaining_len;
             let body = &buf[body_start..body_start + len];
             match kind {
                 1 => out.extend_from_slice(CONNACK),
@@ -78,7 +85,7 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                     }
                     let remaining = 2 + RESPONSE_TOPIC.len() + RESPONSE_BODY.len();
                     out.extend_from_slice(&[0x30]);
-                    rumqttd::protocol::v4::write_remaining_length(&mut out, remaining)
+                    v4::write_remaining_length(&mut out, remaining)
                         .map_err(|e| std::io::Error::other(e.to_string()))?;
                     out.extend_from_slice(&(RESPONSE_TOPIC.len() as u16).to_be_bytes());
                     out.extend_from_slice(RESPONSE_TOPIC);
@@ -97,18 +104,4 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
             stream.write_all(&out).await?;
         }
     }
-}
-
-/// (packet type, flags, offset of the body, body length) of the first whole frame.
-fn frame(buf: &[u8]) -> Option<(u8, u8, usize, usize)> {
-    let first = *buf.first()?;
-    let mut len = 0usize;
-    for (i, byte) in buf.iter().skip(1).take(4).enumerate() {
-        len += usize::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            let start = 2 + i;
-            return (buf.len() >= start + len).then_some((first >> 4, first & 0x0f, start, len));
-        }
-    }
-    None
 }

@@ -61,20 +61,12 @@ pub struct LocalListener {
 #[serde(deny_unknown_fields)]
 pub struct HubConfig {
     pub host_name: String,
-    #[serde(default = "one")]
+    #[serde(default = "LinkedHub::default_allocation_weight")]
     pub allocation_weight: u32,
-    #[serde(default = "yes")]
+    #[serde(default = "LinkedHub::default_apply_allocation_policy")]
     pub apply_allocation_policy: bool,
     #[serde(default)]
     pub location: Option<String>,
-}
-
-fn one() -> u32 {
-    1
-}
-
-fn yes() -> bool {
-    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -151,15 +143,17 @@ impl Default for Listeners {
 
 impl Default for Limits {
     fn default() -> Self {
+        // The rate limits' defaults are the responder's (DPS's).
+        let rates = edgedps_responder::RateLimits::default();
         Limits {
             handshake_timeout_ms: 10_000,
             connect_timeout_ms: 10_000,
             max_packet_size: 256 * 1024,
             max_connections: 50_000,
             max_handshakes: 512,
-            polls_per_device: 5,
-            registrations_per_device_per_minute: 10,
-            registrations_per_second: 10_000,
+            polls_per_device: rates.polls_per_device,
+            registrations_per_device_per_minute: rates.registrations_per_device,
+            registrations_per_second: rates.registrations_per_second,
             max_subscriptions_per_session: 64,
             max_enrollment_body_size: 64 * 1024,
         }
@@ -290,10 +284,9 @@ impl Config {
     pub fn rate_limits(&self) -> edgedps_responder::RateLimits {
         edgedps_responder::RateLimits {
             polls_per_device: self.limits.polls_per_device,
-            poll_window: std::time::Duration::from_secs(10),
             registrations_per_device: self.limits.registrations_per_device_per_minute,
-            register_window: std::time::Duration::from_secs(60),
             registrations_per_second: self.limits.registrations_per_second,
+            ..edgedps_responder::RateLimits::default()
         }
     }
 

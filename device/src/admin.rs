@@ -7,6 +7,8 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
+use edgedps_topics::admin;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("operator connection: {0}")]
@@ -53,14 +55,19 @@ async fn write_chunk(
     let (client, mut eventloop) = AsyncClient::new(options, 256);
     let connection = |e: rumqttc::ClientError| AdminError::Connection(e.to_string());
     client
-        .subscribe("dps/admin/results/#", QoS::AtLeastOnce)
+        .subscribe(admin::RESULTS_FILTER, QoS::AtLeastOnce)
         .await
         .map_err(connection)?;
     // Results of every operator's writes arrive on the subscription: count our own.
     let mut pending: std::collections::HashSet<String> = records
         .iter()
-        .map(|(topic, _)| topic.replacen("dps/", "dps/admin/results/", 1))
-        .collect();
+        .map(|(topic, _)| {
+            admin::result_topic_of(topic).ok_or_else(|| AdminError::Refused {
+                topic: topic.clone(),
+                message: "not an operator record".into(),
+            })
+        })
+        .collect::<Result<_, _>>()?;
     // Publish once subscribed, from a task, while this one reads the results.
     let publisher = client.clone();
     let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel::<()>();

@@ -3,9 +3,9 @@
 //! `dps/` topics; certificates for manufacturing; and the load generator.
 
 pub mod admin;
-pub mod cutoff;
 pub mod loadgen;
 pub mod manufacture;
+pub mod process;
 pub mod provision;
 pub mod tls;
 

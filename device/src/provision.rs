@@ -213,7 +213,9 @@ pub async fn register_on(
     }
     let body = serde_json::to_vec(&body).unwrap_or_default();
     let (mut polls, mut throttled, mut rid) = (0, 0, 1u32);
-    let mut request = format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}");
+    // The operation being polled, once a 202 named one.
+    let mut polling: Option<String> = None;
+    let mut request = dps::register_topic(&rid.to_string());
     let mut request_body = body.clone();
     loop {
         client
@@ -228,13 +230,16 @@ pub async fn register_on(
         let Packet::Publish(publish) = wait_for(
             eventloop,
             "a DPS response",
-            |p| matches!(p, Packet::Publish(p) if p.topic.starts_with("$dps/registrations/res/")),
+            |p| matches!(p, Packet::Publish(p) if p.topic.starts_with(dps::RESPONSE_PREFIX)),
         )
         .await?
         else {
             return Err(DeviceError::BadResponse("not a publish".into()));
         };
-        let (status, retry_after) = parse_response_topic(&publish.topic);
+        let response = dps::parse_response_topic(&publish.topic).ok_or_else(|| {
+            DeviceError::BadResponse(format!("`{}` is not a response topic", publish.topic))
+        })?;
+        let (status, retry_after) = (response.status, response.retry_after);
         let answer: Value = serde_json::from_slice(&publish.payload)
             .map_err(|e| DeviceError::BadResponse(e.to_string()))?;
         let wait = Duration::from_secs(u64::from(retry_after.unwrap_or(1)));
@@ -246,23 +251,17 @@ pub async fn register_on(
                     .get("operationId")
                     .and_then(Value::as_str)
                     .ok_or_else(|| DeviceError::BadResponse("202 without operationId".into()))?;
-                request = format!(
-                    "$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={operation_id}"
-                );
+                request = dps::poll_topic(&rid.to_string(), operation_id);
+                polling = Some(operation_id.to_owned());
                 request_body = Vec::new();
             }
             429 => {
                 // Throttled: the same request again after `retry-after`, as the SDKs do.
                 throttled += 1;
-                if request.contains("iotdps-register") {
-                    request = format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}");
-                } else if let Some((path, _)) = request.split_once("?$rid=") {
-                    let operation = request
-                        .split_once("&operationId=")
-                        .map(|(_, op)| op.to_owned())
-                        .unwrap_or_default();
-                    request = format!("{path}?$rid={rid}&operationId={operation}");
-                }
+                request = match &polling {
+                    None => dps::register_topic(&rid.to_string()),
+                    Some(operation_id) => dps::poll_topic(&rid.to_string(), operation_id),
+                };
             }
             _ => {
                 return Ok(Outcome {
@@ -297,19 +296,3 @@ pub async fn wait_for(
         }
     }
 }
-
-/// `$dps/registrations/res/{status}/?$rid=..&retry-after=..` -> (status, retry-after).
-pub fn parse_response_topic(topic: &str) -> (u16, Option<u32>) {
-    let rest = topic
-        .strip_prefix("$dps/registrations/res/")
-        .unwrap_or_default();
-    let (status, query) = rest.split_once("/?").unwrap_or((rest, ""));
-    let retry_after = query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("retry-after="))
-        .and_then(|v| v.parse().ok());
-    (status.parse().unwrap_or(0), retry_after)
-}
-
-/// Shared client TLS configuration type, re-exported for callers that build their own.
-pub type ClientConfig = Arc<rustls::ClientConfig>;

@@ -13,6 +13,7 @@
 use ring::digest;
 
 use edgedps_topics::admin::{AllocationPolicy, LinkedHub};
+use edgedps_topics::identity::RegistrationId;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AllocationError {
@@ -26,7 +27,7 @@ pub enum AllocationError {
 /// them the enrollment names in `iot_hubs`).
 pub fn allocate<'a>(
     policy: AllocationPolicy,
-    registration_id: &str,
+    registration_id: &RegistrationId,
     iot_hubs: &[String],
     linked: &'a [LinkedHub],
 ) -> Result<&'a str, AllocationError> {
@@ -66,8 +67,12 @@ pub struct Candidate<'a> {
 
 /// Weighted rendezvous hashing over `candidates`; `None` when there is none with a
 /// positive weight.
-pub fn hashed<'a>(registration_id: &str, candidates: &[Candidate<'a>]) -> Option<&'a str> {
-    let id = registration_id.to_ascii_lowercase();
+pub fn hashed<'a>(
+    registration_id: &RegistrationId,
+    candidates: &[Candidate<'a>],
+) -> Option<&'a str> {
+    // Registration ids are case-insensitive: the canonical spelling is hashed.
+    let id = registration_id.key();
     let mut best: Option<(f64, &'a str)> = None;
     for candidate in candidates.iter().filter(|c| c.weight > 0) {
         let score = score(&id, candidate);
@@ -119,17 +124,17 @@ mod tests {
         let hubs = [linked("a.example", 1, true), linked("b.example", 1, false)];
         let names = vec!["B.example".to_string()];
         assert_eq!(
-            allocate(AllocationPolicy::Static, "dev", &names, &hubs),
+            allocate(AllocationPolicy::Static, &"dev".into(), &names, &hubs),
             Ok("b.example")
         );
         let both = vec!["a.example".to_string(), "b.example".to_string()];
         assert_eq!(
-            allocate(AllocationPolicy::Static, "dev", &both, &hubs),
+            allocate(AllocationPolicy::Static, &"dev".into(), &both, &hubs),
             Err(AllocationError::StaticNeedsOneHub)
         );
         let unknown = vec!["c.example".to_string()];
         assert_eq!(
-            allocate(AllocationPolicy::Static, "dev", &unknown, &hubs),
+            allocate(AllocationPolicy::Static, &"dev".into(), &unknown, &hubs),
             Err(AllocationError::NoHub)
         );
     }
@@ -139,24 +144,24 @@ mod tests {
         let hubs = [linked("a.example", 1, false), linked("b.example", 1, true)];
         for id in ["d1", "d2", "d3", "d4"] {
             assert_eq!(
-                allocate(AllocationPolicy::Hashed, id, &[], &hubs),
+                allocate(AllocationPolicy::Hashed, &id.into(), &[], &hubs),
                 Ok("b.example")
             );
         }
         let none = [linked("a.example", 1, false)];
         assert_eq!(
-            allocate(AllocationPolicy::Hashed, "d1", &[], &none),
+            allocate(AllocationPolicy::Hashed, &"d1".into(), &[], &none),
             Err(AllocationError::NoHub)
         );
         // Named hubs take part whatever their flag; a weight of 0 never wins.
         let named = vec!["a.example".to_string()];
         assert_eq!(
-            allocate(AllocationPolicy::Hashed, "d1", &named, &hubs),
+            allocate(AllocationPolicy::Hashed, &"d1".into(), &named, &hubs),
             Ok("a.example")
         );
         let zero = [linked("a.example", 0, true)];
         assert_eq!(
-            allocate(AllocationPolicy::Hashed, "d1", &[], &zero),
+            allocate(AllocationPolicy::Hashed, &"d1".into(), &[], &zero),
             Err(AllocationError::NoHub)
         );
     }
@@ -174,7 +179,7 @@ mod tests {
         let mut counts: HashMap<&str, u32> = HashMap::new();
         let n = 100_000;
         for i in 0..n {
-            let hub = hashed(&format!("device-{i}"), &candidates).unwrap();
+            let hub = hashed(&format!("device-{i}").into(), &candidates).unwrap();
             *counts.entry(hub).or_default() += 1;
         }
         for (hub, weight) in [("hub-a", 1.0), ("hub-b", 2.0), ("hub-c", 5.0)] {
@@ -194,8 +199,8 @@ mod tests {
         let mut moved = 0;
         for i in 0..10_000 {
             let id = format!("device-{i}");
-            let old = hashed(&id, &before).unwrap();
-            let new = hashed(&id, &after).unwrap();
+            let old = hashed(&id.as_str().into(), &before).unwrap();
+            let new = hashed(&id.as_str().into(), &after).unwrap();
             if old != new {
                 assert_eq!(new, "hub-c", "{id} moved from {old} to {new}");
                 moved += 1;
@@ -208,15 +213,15 @@ mod tests {
     #[test]
     fn answer_is_stable_and_case_insensitive() {
         let candidates = hubs(&[("hub-a", 1), ("hub-b", 1), ("hub-c", 1)]);
-        let first = hashed("Device-42", &candidates);
-        assert_eq!(first, hashed("device-42", &candidates));
+        let first = hashed(&"Device-42".into(), &candidates);
+        assert_eq!(first, hashed(&"device-42".into(), &candidates));
         let reversed: Vec<_> = candidates.iter().rev().copied().collect();
-        assert_eq!(first, hashed("device-42", &reversed));
+        assert_eq!(first, hashed(&"device-42".into(), &reversed));
     }
 
     #[test]
     fn no_candidate_means_no_hub() {
-        assert_eq!(hashed("dev", &[]), None);
-        assert_eq!(hashed("dev", &hubs(&[("hub-a", 0)])), None);
+        assert_eq!(hashed(&"dev".into(), &[]), None);
+        assert_eq!(hashed(&"dev".into(), &hubs(&[("hub-a", 0)])), None);
     }
 }

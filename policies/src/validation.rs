@@ -372,4 +372,77 @@ mod tests {
         let message = message_for(r#"{"registrationId":"d","#);
         assert!(message.contains("EOF while parsing"), "{message}");
     }
+
+    fn enrollment_body(value: serde_json::Value) -> Enrollment {
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn sas_enrollment(id: &str) -> Enrollment {
+        enrollment_body(serde_json::json!({"registrationId": id,
+            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": KEY}}}))
+    }
+
+    #[test]
+    fn an_edit_without_keys_keeps_the_stored_ones_and_a_stale_etag_is_refused() {
+        let mut stored = sas_enrollment("dev-1");
+        stored.settings.etag = Some("\"v1\"".into());
+        let mut edit = enrollment_body(serde_json::json!({"registrationId": "DEV-1",
+            "attestation": {"type": "symmetricKey", "symmetricKey": {}}, "etag": "\"v1\""}));
+        let accepted = enrollment("dev-1", edit.clone(), Some(&stored)).unwrap();
+        let keys = accepted.attestation.symmetric_key.unwrap();
+        assert_eq!(keys.primary_key.as_deref(), Some(KEY));
+        edit.settings.etag = Some("\"v0\"".into());
+        assert!(matches!(
+            enrollment("dev-1", edit.clone(), Some(&stored)),
+            Err(Invalid::EtagMismatch(_))
+        ));
+        edit.settings.etag = Some("*".into());
+        assert!(enrollment("dev-1", edit, Some(&stored)).is_ok());
+    }
+
+    #[test]
+    fn an_enrollment_must_match_its_topic_and_hold_usable_keys() {
+        let e = sas_enrollment("dev-1");
+        let refused = enrollment("dev-2", e, None).unwrap_err().to_string();
+        assert!(refused.contains("not the topic's `dev-2`"), "{refused}");
+        let short = enrollment_body(serde_json::json!({"registrationId": "dev-1",
+            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": "c2hvcnQ="}}}));
+        let refused = enrollment("dev-1", short, None).unwrap_err().to_string();
+        assert!(refused.contains("16 to 64 bytes"), "{refused}");
+        let tpm = enrollment_body(serde_json::json!({"registrationId": "dev-1",
+            "attestation": {"type": "tpm"}}));
+        assert!(enrollment("dev-1", tpm, None).is_err());
+    }
+
+    #[test]
+    fn static_allocation_needs_exactly_one_named_hub() {
+        let mut e = sas_enrollment("dev-1");
+        e.settings.allocation_policy = Some(AllocationPolicy::Static);
+        assert!(enrollment("dev-1", e.clone(), None).is_err());
+        e.settings.iot_hubs = vec!["hub-a.example.net".into()];
+        assert!(enrollment("dev-1", e.clone(), None).is_ok());
+        e.settings.iot_hubs = vec!["not a host".into()];
+        assert!(enrollment("dev-1", e, None).is_err());
+    }
+
+    #[test]
+    fn a_hub_must_be_a_host_name_with_a_weight_up_to_1000() {
+        let hub_body = |value| serde_json::from_value::<LinkedHub>(value).unwrap();
+        let named = hub("hub-a.example.net", hub_body(serde_json::json!({})), None).unwrap();
+        assert_eq!(named.host_name, "hub-a.example.net");
+        assert_eq!(named.allocation_weight, 1);
+        assert!(hub("bad_host", hub_body(serde_json::json!({})), None).is_err());
+        assert!(hub(
+            "hub-a.example.net",
+            hub_body(serde_json::json!({"allocationWeight": 1001})),
+            None
+        )
+        .is_err());
+        assert!(hub(
+            "hub-a.example.net",
+            hub_body(serde_json::json!({"hostName": "hub-b.example.net"})),
+            None
+        )
+        .is_err());
+    }
 }

@@ -396,7 +396,7 @@ impl Responder {
         let policy = settings
             .allocation_policy
             .unwrap_or(self.settings.allocation_policy);
-        allocation::allocate(policy, &registration_id.key(), &settings.iot_hubs, &linked)
+        allocation::allocate(policy, registration_id, &settings.iot_hubs, &linked)
             .map(str::to_owned)
     }
 

@@ -113,7 +113,7 @@ impl LiveDevice {
             client,
             rid: 0,
         };
-        if !device.subscribe("$dps/registrations/res/#").await {
+        if !device.subscribe(edgedps_topics::dps::RESPONSE_FILTER).await {
             return Err("the DPS response subscription was refused".into());
         }
         Ok(device)
@@ -122,15 +122,17 @@ impl LiveDevice {
     /// Registers on this connection: the status of the answer and its body.
     pub async fn register(&mut self) -> (u16, Value) {
         self.rid += 1;
-        let topic = format!("$dps/registrations/PUT/iotdps-register/?$rid={}", self.rid);
+        let topic = edgedps_topics::dps::register_topic(&self.rid.to_string());
         let body = serde_json::to_vec(&serde_json::json!({"registrationId": self.registration_id}))
             .unwrap_or_default();
         self.publish(&topic, body).await;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match self.next(deadline).await {
-                Ok(Some((topic, payload))) if topic.starts_with("$dps/registrations/res/") => {
-                    let (status, _) = edgedps_device::provision::parse_response_topic(&topic);
+                Ok(Some((topic, payload)))
+                    if topic.starts_with(edgedps_topics::dps::RESPONSE_PREFIX) =>
+                {
+                    let (status, _) = crate::response_status(&topic);
                     let body = serde_json::from_slice(&payload).unwrap_or(Value::Null);
                     return (status, body);
                 }

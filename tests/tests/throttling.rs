@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use edgedps_device::provision::{connect, exchange, parse_response_topic, register, wait_for};
+use edgedps_device::provision::{connect, exchange, register, wait_for};
 use edgedps_tests::*;
 use rumqttc::{Packet, QoS};
 use tokio::io::AsyncReadExt;
@@ -84,7 +84,7 @@ async fn per_device_registration_limit_answers_429() {
         else {
             panic!("no answer");
         };
-        statuses.push(parse_response_topic(&p.topic));
+        statuses.push(response_status(&p.topic));
     }
     assert_eq!(statuses[0].0, 200);
     assert_eq!(statuses[1].0, 429);

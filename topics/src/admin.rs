@@ -12,6 +12,8 @@ use crate::identity::RegistrationId;
 pub const PREFIX: &str = "dps/";
 /// Everything the operator plane owns, as a subscription filter.
 pub const FILTER: &str = "dps/#";
+/// Every result of an operator write, as a subscription filter.
+pub const RESULTS_FILTER: &str = "dps/admin/results/#";
 
 /// The kind of record a retained admin topic holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -95,6 +97,21 @@ pub fn parse_topic(topic: &str) -> Option<AdminTopic> {
 /// One topic level, without wildcards.
 fn plain_id(id: &str) -> bool {
     !id.is_empty() && !id.contains(['/', '+', '#'])
+}
+
+/// Where the result of a write to `record_topic` goes: `dps/admin/results/{kind}/{id}`
+/// for a record, `dps/admin/results/retire/{id}` for a retirement.
+pub fn result_topic_of(record_topic: &str) -> Option<String> {
+    match parse_topic(record_topic)? {
+        AdminTopic::Record { kind, id } => Some(kind.result_topic(&id)),
+        AdminTopic::Retire { registration_id } => Some(retire_result_topic(&registration_id)),
+        AdminTopic::Output | AdminTopic::Unknown => None,
+    }
+}
+
+/// Where an operator retires a device: `dps/admin/retire/{registrationId}`.
+pub fn retire_topic(registration_id: &str) -> String {
+    format!("{PREFIX}admin/retire/{registration_id}")
 }
 
 /// Where the result of a retirement goes: `dps/admin/results/retire/{registrationId}`.
@@ -401,9 +418,9 @@ pub struct EnrollmentGroup {
 pub struct LinkedHub {
     #[serde(default)]
     pub host_name: String,
-    #[serde(default = "one")]
+    #[serde(default = "LinkedHub::default_allocation_weight")]
     pub allocation_weight: u32,
-    #[serde(default = "yes")]
+    #[serde(default = "LinkedHub::default_apply_allocation_policy")]
     pub apply_allocation_policy: bool,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub location: Option<String>,
@@ -411,8 +428,15 @@ pub struct LinkedHub {
     pub etag: Option<String>,
 }
 
-fn one() -> u32 {
-    1
+impl LinkedHub {
+    /// DPS: a hub takes part in allocation with weight 1 unless it says otherwise.
+    pub fn default_allocation_weight() -> u32 {
+        1
+    }
+
+    pub fn default_apply_allocation_policy() -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
@@ -478,6 +502,15 @@ mod tests {
             retire_result_topic("dev-1"),
             "dps/admin/results/retire/dev-1"
         );
+        assert_eq!(
+            result_topic_of("dps/enrollment-groups/g1").as_deref(),
+            Some("dps/admin/results/enrollment-groups/g1")
+        );
+        assert_eq!(
+            result_topic_of("dps/admin/retire/dev-1").as_deref(),
+            Some("dps/admin/results/retire/dev-1")
+        );
+        assert_eq!(result_topic_of("dps/events/x"), None);
         assert_eq!(
             crate::events::acl_event_topic("dev-1"),
             "dps/events/acl/dev-1"

@@ -19,7 +19,10 @@ use std::time::{Duration, Instant};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 
-use crate::loadgen::{Percentiles, ProcessStats, SimulatedDevice};
+use edgedps_topics::admin::RecordKind;
+
+use super::{Percentiles, SimulatedDevice};
+use crate::process::ProcessStats;
 use crate::provision;
 
 /// What the cut measured.
@@ -71,14 +74,14 @@ pub async fn measure(
     }
     client
         .publish(
-            format!("dps/enrollment-groups/{group}"),
+            RecordKind::EnrollmentGroup.record_topic(group),
             QoS::AtLeastOnce,
             true,
             serde_json::to_vec(&disabled).map_err(|e| e.to_string())?,
         )
         .await
         .map_err(|e| e.to_string())?;
-    let result_topic = format!("dps/admin/results/enrollment-groups/{group}");
+    let result_topic = RecordKind::EnrollmentGroup.result_topic(group);
     let result = next_json(&mut eventloop, &result_topic).await?;
     let result_ms = started.elapsed().as_secs_f64() * 1000.0;
     if result["ok"] != true {
@@ -187,7 +190,7 @@ async fn hold(
     concurrency: usize,
     watch: bool,
 ) -> Arc<Mutex<Closures>> {
-    let held = crate::loadgen::connect_and_register(devices, concurrency).await;
+    let held = super::connect_and_register(devices, concurrency).await;
     let closures = Arc::new(Mutex::new(Closures {
         held: held.len(),
         ..Closures::default()
@@ -262,7 +265,7 @@ async fn operator(admin: SocketAddr) -> Result<(AsyncClient, rumqttc::EventLoop)
     options.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = AsyncClient::new(options, 16);
     client
-        .subscribe("dps/admin/results/#", QoS::AtLeastOnce)
+        .subscribe(edgedps_topics::admin::RESULTS_FILTER, QoS::AtLeastOnce)
         .await
         .map_err(|e| e.to_string())?;
     provision::wait_for(&mut eventloop, "SUBACK", |p| matches!(p, Packet::SubAck(_)))
@@ -277,7 +280,7 @@ async fn retained_group(
     eventloop: &mut rumqttc::EventLoop,
     group: &str,
 ) -> Result<Value, String> {
-    let topic = format!("dps/enrollment-groups/{group}");
+    let topic = RecordKind::EnrollmentGroup.record_topic(group);
     client
         .subscribe(&topic, QoS::AtMostOnce)
         .await

@@ -1,0 +1,123 @@
+//! The devices of a round: keys or certificates made here, and their enrollments (or
+//! their group) written over the operator topics before the round starts.
+
+use std::net::SocketAddr;
+
+use serde_json::json;
+
+use edgedps_topics::admin::RecordKind;
+
+use super::args::Attestation;
+use super::run::SimulatedDevice;
+use crate::provision::{self, DeviceAuth, DeviceConfig};
+
+/// Makes the devices of a round and enrolls them over the operator topics.
+pub async fn prepare(
+    attestation: Attestation,
+    count: usize,
+    round: usize,
+    port: u16,
+    admin: Option<SocketAddr>,
+    server_ca: &[u8],
+) -> Result<Vec<SimulatedDevice>, String> {
+    let scope = "0ne00000001";
+    let mut enrollments: Vec<(String, serde_json::Value)> = Vec::new();
+    let mut devices = Vec::with_capacity(count);
+    let id = |i: usize| format!("load-r{round}-{i}");
+    let shared_sas_tls = crate::tls::client_config(server_ca, None).map_err(|e| e.to_string())?;
+    match attestation {
+        Attestation::Sas | Attestation::SasGroup => {
+            let group_key = random_key();
+            if attestation == Attestation::SasGroup {
+                enrollments.push((
+                    RecordKind::EnrollmentGroup.record_topic(&format!("load-r{round}")),
+                    json!({"enrollmentGroupId": format!("load-r{round}"),
+                        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": group_key}}}),
+                ));
+            }
+            for i in 0..count {
+                let key = if attestation == Attestation::SasGroup {
+                    edgedps_policies::sas::derive_device_key(&group_key, &id(i))
+                        .map_err(|e| e.to_string())?
+                } else {
+                    let key = random_key();
+                    enrollments.push((
+                        RecordKind::Enrollment.record_topic(&id(i)),
+                        json!({"registrationId": id(i),
+                            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key}}}),
+                    ));
+                    key
+                };
+                let config = DeviceConfig::new(
+                    "localhost",
+                    port,
+                    scope,
+                    &id(i),
+                    DeviceAuth::SymmetricKey { key },
+                    server_ca.to_vec(),
+                );
+                devices.push(SimulatedDevice {
+                    config,
+                    tls: shared_sas_tls.clone(),
+                    registrations: 1,
+                });
+            }
+        }
+        Attestation::X509 | Attestation::X509Group => {
+            let ca = crate::manufacture::SigningCa::new(&format!("load CA r{round}"))
+                .map_err(|e| e.to_string())?;
+            if attestation == Attestation::X509Group {
+                enrollments.push((
+                    RecordKind::EnrollmentGroup.record_topic(&format!("load-r{round}")),
+                    json!({"enrollmentGroupId": format!("load-r{round}"),
+                        "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": ca.pem()}}}}}),
+                ));
+            }
+            for i in 0..count {
+                let leaf = ca.device(&id(i)).map_err(|e| e.to_string())?;
+                if attestation == Attestation::X509 {
+                    enrollments.push((
+                        RecordKind::Enrollment.record_topic(&id(i)),
+                        json!({"registrationId": id(i), "attestation": {"type": "x509",
+                            "x509": {"clientCertificates": {"primary": {"sha256Thumbprint": leaf.thumbprint}}}}}),
+                    ));
+                }
+                let auth = DeviceAuth::X509 {
+                    chain_pem: leaf.cert_pem.into_bytes(),
+                    key_pem: leaf.key_pem.into_bytes(),
+                };
+                let config =
+                    DeviceConfig::new("localhost", port, scope, &id(i), auth, server_ca.to_vec());
+                let tls = provision::tls_config(&config).map_err(|e| e.to_string())?;
+                devices.push(SimulatedDevice {
+                    config,
+                    tls,
+                    registrations: 1,
+                });
+            }
+        }
+    }
+    if let Some(admin) = admin {
+        crate::admin::write_all(admin, &enrollments)
+            .await
+            .map_err(|e| e.to_string())?;
+        crate::admin::write_all(
+            admin,
+            &[(
+                RecordKind::Hub.record_topic("hub-a.example.net"),
+                json!({"allocationWeight": 1}),
+            )],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(devices)
+}
+
+pub(super) fn random_key() -> String {
+    use base64::Engine;
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 32];
+    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
