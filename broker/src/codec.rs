@@ -5,6 +5,7 @@
 //! packet id (private fields in rumqttd's `Publish`) are read from the frame and set
 //! through rumqttd's public internal-format constructor.
 
+use crate::Error;
 use bytes::{BufMut, BytesMut};
 use rumqttd::protocol::{
     self, v4, v5, ConnectReturnCode, Packet, Protocol, Publish, PublishProperties, QoS,
@@ -15,20 +16,6 @@ use rumqttd::protocol::{
 pub enum Version {
     V4,
     V5,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum CodecError {
-    #[error("malformed MQTT: {0}")]
-    Protocol(#[from] protocol::Error),
-    #[error("first packet is not a CONNECT")]
-    NotConnect,
-    #[error("unsupported MQTT protocol level {0}")]
-    UnsupportedLevel(u8),
-    #[error("reserved flags {flags:#06b} set on packet type {kind}")]
-    ReservedFlags { kind: u8, flags: u8 },
-    #[error("reserved bits set in subscription options {0:#010b}")]
-    ReservedOptions(u8),
 }
 
 /// The first subscription options byte of a SUBSCRIBE body with reserved bits set (bits
@@ -80,24 +67,24 @@ pub struct Frame {
 
 /// Reads the protocol level of a CONNECT at the start of `buf`; `Ok(None)` until the
 /// bytes are there.
-pub fn detect_version(buf: &[u8], max_packet_size: usize) -> Result<Option<Version>, CodecError> {
+pub fn detect_version(buf: &[u8], max_packet_size: usize) -> Result<Option<Version>, Error> {
     let header = match v4::check(buf.iter(), max_packet_size) {
         Ok(header) => header,
         Err(protocol::Error::InsufficientBytes(_)) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
     if header.byte1 >> 4 != 1 {
-        return Err(CodecError::NotConnect);
+        return Err(Error::NotConnect);
     }
     let body = &buf[header.fixed_header_len..header.frame_length()];
     // protocol name (2-byte length + "MQTT"), then the level.
     if body.len() < 7 || &body[..6] != b"\x00\x04MQTT" {
-        return Err(CodecError::Protocol(protocol::Error::InvalidProtocol));
+        return Err(Error::Mqtt(protocol::Error::InvalidProtocol));
     }
     match body[6] {
         4 => Ok(Some(Version::V4)),
         5 => Ok(Some(Version::V5)),
-        level => Err(CodecError::UnsupportedLevel(level)),
+        level => Err(Error::UnsupportedLevel(level)),
     }
 }
 
@@ -115,7 +102,7 @@ impl Codec {
     }
 
     /// Takes one packet off `buf`; `Ok(None)` when more bytes are needed.
-    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, Error> {
         let header = match v4::check(buf.iter(), self.max_packet_size) {
             Ok(header) => header,
             Err(protocol::Error::InsufficientBytes(_)) => return Ok(None),
@@ -125,9 +112,7 @@ impl Codec {
         // on some of them (found by fuzzing), and no client may send them anyway.
         let kind = header.byte1 >> 4;
         if matches!(kind, 2 | 9 | 11 | 13) {
-            return Err(CodecError::Protocol(protocol::Error::InvalidPacketType(
-                kind,
-            )));
+            return Err(Error::Mqtt(protocol::Error::InvalidPacketType(kind)));
         }
         // The fixed header's low nibble is fixed for every type but PUBLISH (MQTT 3.1.1
         // and 5, 2.1.3); rumqttd does not look, and a packet that breaks it is malformed.
@@ -138,7 +123,7 @@ impl Codec {
             _ => 0,
         };
         if flags != expected {
-            return Err(CodecError::ReservedFlags { kind, flags });
+            return Err(Error::ReservedFlags { kind, flags });
         }
         if kind == 1 {
             // CONNECT flags: bit 0 is reserved (3.1.2.3). After the protocol name
@@ -149,7 +134,7 @@ impl Codec {
                 .map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
             if let Some(flags) = body.get(2 + name + 1) {
                 if flags & 1 != 0 {
-                    return Err(CodecError::ReservedFlags {
+                    return Err(Error::ReservedFlags {
                         kind,
                         flags: *flags,
                     });
@@ -159,7 +144,7 @@ impl Codec {
         if kind == 8 {
             let body = &buf[header.fixed_header_len..header.frame_length()];
             if let Some(options) = reserved_subscription_options(body, self.version) {
-                return Err(CodecError::ReservedOptions(options));
+                return Err(Error::ReservedOptions(options));
             }
         }
         let publish = if header.byte1 >> 4 == 3 {
@@ -186,7 +171,7 @@ impl Codec {
         Ok(Some(Frame { packet, publish }))
     }
 
-    pub fn encode(&self, packet: Packet, out: &mut BytesMut) -> Result<(), CodecError> {
+    pub fn encode(&self, packet: Packet, out: &mut BytesMut) -> Result<(), Error> {
         match self.version {
             Version::V4 => v4::V4.write(packet, out)?,
             Version::V5 => v5::V5.write(packet, out)?,
@@ -349,7 +334,7 @@ mod tests {
         other[0] = 0x30;
         assert!(matches!(
             detect_version(&other, 1024),
-            Err(CodecError::NotConnect)
+            Err(Error::NotConnect)
         ));
     }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::Error;
 use edgedps_topics::admin::{AllocationPolicy, LinkedHub};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -169,17 +170,9 @@ impl Default for LogConfig {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("configuration: {0}")]
-    Load(#[from] config::ConfigError),
-    #[error("configuration: {key}: {message}")]
-    Invalid { key: &'static str, message: String },
-}
-
 impl Config {
     /// Reads the file (if any) and the environment over the defaults.
-    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+    pub fn load(file: Option<&Path>) -> Result<Config, Error> {
         Self::load_with_env(file, std::env::vars())
     }
 
@@ -187,7 +180,7 @@ impl Config {
     pub fn load_with_env(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Config, ConfigError> {
+    ) -> Result<Config, Error> {
         let mut builder = config::Config::builder();
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
@@ -208,23 +201,23 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), Error> {
         if self.id_scope.is_empty() || self.id_scope.contains('/') {
-            return Err(ConfigError::Invalid {
+            return Err(Error::InvalidConfig {
                 key: "id_scope",
                 message: "must be a non-empty id without `/`".into(),
             });
         }
         if let Some(devices) = &self.listeners.devices {
             if devices.tls_cert.is_some() != devices.tls_key.is_some() {
-                return Err(ConfigError::Invalid {
+                return Err(Error::InvalidConfig {
                     key: "listeners.devices.tls_cert",
                     message: "tls_cert and tls_key go together".into(),
                 });
             }
         }
         if self.limits.max_packet_size < 1024 {
-            return Err(ConfigError::Invalid {
+            return Err(Error::InvalidConfig {
                 key: "limits.max_packet_size",
                 message: "must be at least 1024".into(),
             });
@@ -251,7 +244,7 @@ impl Config {
             ),
         ] {
             if value == 0 {
-                return Err(ConfigError::Invalid {
+                return Err(Error::InvalidConfig {
                     key,
                     message: "must be at least 1".into(),
                 });
@@ -259,7 +252,7 @@ impl Config {
         }
         for hub in &self.hubs {
             if hub.host_name.is_empty() {
-                return Err(ConfigError::Invalid {
+                return Err(Error::InvalidConfig {
                     key: "hubs.host_name",
                     message: "must not be empty".into(),
                 });

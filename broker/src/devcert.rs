@@ -6,6 +6,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::Error;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     SanType,
@@ -17,16 +18,8 @@ pub struct DevCertificate {
     pub ca: PathBuf,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum DevCertError {
-    #[error("development certificate in {dir}: {reason}")]
-    Io { dir: String, reason: String },
-    #[error("development certificate: {0}")]
-    Generate(#[from] rcgen::Error),
-}
-
 /// Returns the development certificate, generating it if it is not there yet.
-pub fn ensure(data_dir: &Path) -> Result<DevCertificate, DevCertError> {
+pub fn ensure(data_dir: &Path) -> Result<DevCertificate, Error> {
     let dir = data_dir.join("tls");
     let paths = DevCertificate {
         cert: dir.join("server-fullchain.pem"),
@@ -36,7 +29,7 @@ pub fn ensure(data_dir: &Path) -> Result<DevCertificate, DevCertError> {
     if paths.cert.exists() && paths.key.exists() && paths.ca.exists() {
         return Ok(paths);
     }
-    let io = |e: std::io::Error| DevCertError::Io {
+    let io = |e: std::io::Error| Error::DevCertFile {
         dir: dir.display().to_string(),
         reason: e.to_string(),
     };

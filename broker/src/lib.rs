@@ -7,10 +7,12 @@ pub mod baseline;
 pub mod codec;
 pub mod config;
 pub mod devcert;
+mod error;
 pub mod router;
 pub mod server;
 pub mod session;
 pub mod tls;
 
 pub use config::Config;
+pub use error::Error;
 pub use server::{start, Running};

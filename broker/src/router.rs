@@ -11,6 +11,7 @@ use rumqttd::protocol::{Filter, Packet, PingReq, Publish, QoS, RetainForwardRule
 use rumqttd::{Notification, RouterConfig};
 use tokio::sync::mpsc;
 
+use crate::Error;
 use edgedps_responder::{Publication, RetainedMessages};
 
 /// Where sessions hand the responder's publications; one task publishes them into the
@@ -41,10 +42,6 @@ pub struct Router {
     links: Arc<AtomicU64>,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("router link: {0}")]
-pub struct RouterError(String);
-
 impl Router {
     /// Starts the router thread (no rumqttd listeners: the front end is ours) with room
     /// for `max_links` links; rumqttd reserves its tables for them up front.
@@ -73,7 +70,7 @@ impl Router {
 
     /// A new local link. Names are made unique: takeover by client id is not wanted
     /// between a device's provisioning and hub sessions.
-    pub async fn link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), RouterError> {
+    pub async fn link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), Error> {
         let n = self.links.fetch_add(1, Ordering::Relaxed);
         // The router refuses `+ $ # /` in link names.
         let safe: String = client_id
@@ -84,15 +81,15 @@ impl Router {
         let broker = self.broker.clone();
         // Broker::link waits for the router's answer on a blocking channel.
         tokio::task::spawn_blocking(move || {
-            broker.link(&name).map_err(|e| RouterError(e.to_string()))
+            broker.link(&name).map_err(|e| Error::Router(e.to_string()))
         })
         .await
-        .map_err(|e| RouterError(e.to_string()))?
+        .map_err(|e| Error::Router(e.to_string()))?
     }
 
     /// Starts the task that publishes what the responder answers, in order, for as long
     /// as a [`Publisher`] is left.
-    pub async fn spawn_publisher(&self) -> Result<Publisher, RouterError> {
+    pub async fn spawn_publisher(&self) -> Result<Publisher, Error> {
         let (publisher, mut publications) = mpsc::channel::<Publication>(4096);
         let (mut tx, mut rx) = self.link("edgedps-responder").await?;
         tokio::spawn(async move {
@@ -128,9 +125,9 @@ impl Router {
     /// The router hands a new subscription its retained messages right after the
     /// SUBACK, in the same pass; a PINGREQ sent once the SUBACK is in is answered in a
     /// later pass, so every retained message has arrived before its PINGRESP.
-    pub async fn purge_retained(&self, filter: &str) -> Result<usize, RouterError> {
+    pub async fn purge_retained(&self, filter: &str) -> Result<usize, Error> {
         let (mut tx, mut rx) = self.link("edgedps-purge").await?;
-        let failed = |e: rumqttd::local::LinkError| RouterError(e.to_string());
+        let failed = |e: rumqttd::local::LinkError| Error::Router(e.to_string());
         let subscribe = Subscribe {
             pkid: 1,
             filters: vec![Filter {
@@ -151,7 +148,7 @@ impl Router {
             let next = tokio::time::timeout_at(deadline, rx.next())
                 .await
                 .map_err(|_| {
-                    RouterError(format!("no answer within 10 s while purging `{filter}`"))
+                    Error::Router(format!("no answer within 10 s while purging `{filter}`"))
                 })?
                 .map_err(failed)?;
             match next {

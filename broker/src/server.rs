@@ -20,29 +20,8 @@ use edgedps_responder::{Responder, Settings, SledStore};
 use crate::config::Config;
 use crate::router::Router;
 use crate::session::{self, ListenerKind, Shared};
+use crate::Error;
 use crate::{devcert, tls};
-
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("data directory {path}: {reason}")]
-    DataDir { path: String, reason: String },
-    #[error(transparent)]
-    Responder(#[from] edgedps_responder::Error),
-    #[error(transparent)]
-    Store(#[from] edgedps_responder::StoreError),
-    #[error(transparent)]
-    Tls(#[from] tls::TlsError),
-    #[error(transparent)]
-    DevCert(#[from] devcert::DevCertError),
-    #[error(transparent)]
-    Router(#[from] crate::router::RouterError),
-    #[error("listener {name} on {addr}: {reason}")]
-    Bind {
-        name: &'static str,
-        addr: SocketAddr,
-        reason: String,
-    },
-}
 
 /// A running edgedps; dropping it stops accepting connections.
 pub struct Running {
@@ -62,8 +41,8 @@ impl Drop for Running {
     }
 }
 
-pub async fn start(config: Config) -> Result<Running, StartError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| StartError::DataDir {
+pub async fn start(config: Config) -> Result<Running, Error> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::DataDir {
         path: config.data_dir.display().to_string(),
         reason: e.to_string(),
     })?;
@@ -229,8 +208,8 @@ async fn republish(responder: Arc<Responder>, publisher: crate::router::Publishe
     }
 }
 
-async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|e| StartError::Bind {
+async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr).await.map_err(|e| Error::Bind {
         name,
         addr,
         reason: e.to_string(),

@@ -11,19 +11,12 @@ use std::io::BufReader;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::Error;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{ring, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
-
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("{path}: {reason}")]
-    File { path: String, reason: String },
-    #[error("TLS setup: {0}")]
-    Rustls(#[from] rustls::Error),
-}
 
 /// Accepts any presented chain after checking the handshake signature.
 #[derive(Debug)]
@@ -78,7 +71,7 @@ impl ClientCertVerifier for PresentedChainVerifier {
 }
 
 /// The server configuration, built once and shared by every handshake.
-pub fn server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, Error> {
     let certs = read_certificates(cert_path)?;
     let key = read_key(key_path)?;
     let provider = Arc::new(ring::default_provider());
@@ -92,14 +85,14 @@ pub fn server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerConf
     Ok(Arc::new(config))
 }
 
-fn file_error(path: &Path, reason: impl ToString) -> TlsError {
-    TlsError::File {
+fn file_error(path: &Path, reason: impl ToString) -> Error {
+    Error::TlsFile {
         path: path.display().to_string(),
         reason: reason.to_string(),
     }
 }
 
-pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
     let file = File::open(path).map_err(|e| file_error(path, e))?;
     let certs = rustls_pemfile::certs(&mut BufReader::new(file))
         .collect::<Result<Vec<_>, _>>()
@@ -110,7 +103,7 @@ pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Tl
     Ok(certs)
 }
 
-pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
     let file = File::open(path).map_err(|e| file_error(path, e))?;
     rustls_pemfile::private_key(&mut BufReader::new(file))
         .map_err(|e| file_error(path, e))?

@@ -4,24 +4,16 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
 use edgedps_topics::admin;
 
-#[derive(Debug, thiserror::Error)]
-pub enum AdminError {
-    #[error("operator connection: {0}")]
-    Connection(String),
-    #[error("write to {topic} refused: {message}")]
-    Refused { topic: String, message: String },
-    #[error("no result for {0} writes within 60 s")]
-    Timeout(usize),
-}
+use crate::DeviceError;
 
 /// Writes every record (topic, JSON body) as a retained message and waits until edgedps
 /// has accepted each. Large lists go over 8 connections, whose writes share flushes.
-pub async fn write_all(addr: SocketAddr, records: &[(String, Value)]) -> Result<(), AdminError> {
+pub async fn write_all(addr: SocketAddr, records: &[(String, Value)]) -> Result<(), DeviceError> {
     if records.is_empty() {
         return Ok(());
     }
@@ -35,25 +27,31 @@ pub async fn write_all(addr: SocketAddr, records: &[(String, Value)]) -> Result<
     }
     for task in tasks {
         task.await
-            .map_err(|e| AdminError::Connection(e.to_string()))??;
+            .map_err(|e| DeviceError::Connection(e.to_string()))??;
     }
     Ok(())
+}
+
+/// An operator's MQTT client for the listener at `addr`, named `name` (made unique per
+/// process), not yet connected: the event loop connects when first polled.
+pub fn client(addr: SocketAddr, name: &str, capacity: usize) -> (AsyncClient, EventLoop) {
+    let mut options = MqttOptions::new(
+        format!("{name}-{}", std::process::id()),
+        addr.ip().to_string(),
+        addr.port(),
+    );
+    options.set_keep_alive(Duration::from_secs(60));
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    AsyncClient::new(options, capacity)
 }
 
 async fn write_chunk(
     addr: SocketAddr,
     n: usize,
     records: Vec<(String, Value)>,
-) -> Result<(), AdminError> {
-    let mut options = MqttOptions::new(
-        format!("edgedps-admin-{}-{n}", std::process::id()),
-        addr.ip().to_string(),
-        addr.port(),
-    );
-    options.set_keep_alive(Duration::from_secs(60));
-    options.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut eventloop) = AsyncClient::new(options, 256);
-    let connection = |e: rumqttc::ClientError| AdminError::Connection(e.to_string());
+) -> Result<(), DeviceError> {
+    let (client, mut eventloop) = client(addr, &format!("edgedps-admin-{n}"), 256);
+    let connection = |e: rumqttc::ClientError| DeviceError::Connection(e.to_string());
     client
         .subscribe(admin::RESULTS_FILTER, QoS::AtLeastOnce)
         .await
@@ -62,7 +60,7 @@ async fn write_chunk(
     let mut pending: std::collections::HashSet<String> = records
         .iter()
         .map(|(topic, _)| {
-            admin::result_topic_of(topic).ok_or_else(|| AdminError::Refused {
+            admin::result_topic_of(topic).ok_or_else(|| DeviceError::WriteRefused {
                 topic: topic.clone(),
                 message: "not an operator record".into(),
             })
@@ -90,8 +88,8 @@ async fn write_chunk(
     while !pending.is_empty() {
         let event = tokio::time::timeout(Duration::from_secs(60), eventloop.poll())
             .await
-            .map_err(|_| AdminError::Timeout(pending.len()))?
-            .map_err(|e| AdminError::Connection(e.to_string()))?;
+            .map_err(|_| DeviceError::NoResult(pending.len()))?
+            .map_err(|e| DeviceError::Connection(e.to_string()))?;
         match event {
             Event::Incoming(Packet::SubAck(_)) => {
                 if let Some(tx) = subscribed.take() {
@@ -102,7 +100,7 @@ async fn write_chunk(
                 let result: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
                 if result.get("ok") != Some(&Value::Bool(true)) {
                     publishing.abort();
-                    return Err(AdminError::Refused {
+                    return Err(DeviceError::WriteRefused {
                         topic: p.topic,
                         message: result
                             .get("message")

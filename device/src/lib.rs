@@ -3,10 +3,12 @@
 //! `dps/` topics; certificates for manufacturing; and the load generator.
 
 pub mod admin;
+mod error;
 pub mod loadgen;
 pub mod manufacture;
 pub mod process;
 pub mod provision;
 pub mod tls;
 
-pub use provision::{register, DeviceAuth, DeviceConfig, DeviceError, Outcome};
+pub use error::DeviceError;
+pub use provision::{register, DeviceAuth, DeviceConfig, Outcome};

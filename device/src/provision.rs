@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS,
-    TlsConfiguration, Transport,
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration,
+    Transport,
 };
 use serde_json::Value;
 
@@ -74,21 +74,7 @@ impl DeviceConfig {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum DeviceError {
-    #[error("connection refused with CONNACK code {0:?}")]
-    Refused(ConnectReturnCode),
-    #[error("connection: {0}")]
-    Connection(String),
-    #[error("TLS: {0}")]
-    Tls(#[from] crate::tls::TlsError),
-    #[error("SAS: {0}")]
-    Sas(#[from] edgedps_policies::sas::SasError),
-    #[error("timed out waiting for {0}")]
-    Timeout(&'static str),
-    #[error("response is not JSON: {0}")]
-    BadResponse(String),
-}
+pub use crate::error::DeviceError;
 
 /// The final answer of the service.
 #[derive(Debug, Clone)]
@@ -120,7 +106,7 @@ pub fn tls_config(config: &DeviceConfig) -> Result<Arc<rustls::ClientConfig>, De
         DeviceAuth::SymmetricKey { .. } => None,
         DeviceAuth::X509 { chain_pem, key_pem } => Some((chain_pem.as_slice(), key_pem.as_slice())),
     };
-    Ok(crate::tls::client_config(&config.server_ca_pem, identity)?)
+    crate::tls::client_config(&config.server_ca_pem, identity)
 }
 
 /// Opens an MQTT connection as the device and waits for the CONNACK.

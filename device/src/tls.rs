@@ -5,28 +5,22 @@ use std::sync::Arc;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("PEM: {0}")]
-    Pem(String),
-    #[error("TLS: {0}")]
-    Rustls(#[from] rustls::Error),
-}
+use crate::DeviceError;
 
-pub fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, DeviceError> {
     let certs = rustls_pemfile::certs(&mut &pem[..])
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Pem(e.to_string()))?;
+        .map_err(|e| DeviceError::Pem(e.to_string()))?;
     if certs.is_empty() {
-        return Err(TlsError::Pem("no certificate".into()));
+        return Err(DeviceError::Pem("no certificate".into()));
     }
     Ok(certs)
 }
 
-pub fn private_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub fn private_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, DeviceError> {
     rustls_pemfile::private_key(&mut &pem[..])
-        .map_err(|e| TlsError::Pem(e.to_string()))?
-        .ok_or_else(|| TlsError::Pem("no private key".into()))
+        .map_err(|e| DeviceError::Pem(e.to_string()))?
+        .ok_or_else(|| DeviceError::Pem("no private key".into()))
 }
 
 /// A client configuration trusting `server_ca_pem`, presenting `identity` (chain PEM,
@@ -34,7 +28,7 @@ pub fn private_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
 pub fn client_config(
     server_ca_pem: &[u8],
     identity: Option<(&[u8], &[u8])>,
-) -> Result<Arc<ClientConfig>, TlsError> {
+) -> Result<Arc<ClientConfig>, DeviceError> {
     let mut roots = RootCertStore::empty();
     for cert in certificates(server_ca_pem)? {
         roots.add(cert)?;

@@ -7,17 +7,13 @@
 //!
 //! A write that takes devices out of service then cuts their live sessions, and its
 //! result and audit event say how many. Deleting an enrollment or a group marks the
-//! registrations it attested `deregistered`. A revocation list is accepted only when its
-//! signature verifies against a CA edgedps trusts.
-
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine;
+//! registrations it attested `deregistered`. Revocation lists: `crl.rs`; results and
+//! audit events: `report.rs`.
 
 use edgedps_policies::attestation::GroupCredentials;
-use edgedps_policies::revocation::{self, RevocationList};
 use edgedps_policies::validation::{self, enrolled_thumbprints, redact_enrollment, redact_group};
 use edgedps_topics::admin::{
-    admin_event_topic, AdminEvent, AdminOperation, AdminOutcome, AdminResult, Effects, Enrollment,
+    admin_event_topic, AdminOperation, AdminOutcome, AdminResult, Effects, Enrollment,
     EnrollmentGroup, EnrollmentSettings, LinkedHub, ProvisioningStatus, RecordKind, Retirement,
 };
 use edgedps_topics::encoding::Encoding;
@@ -25,7 +21,6 @@ use edgedps_topics::identity::RegistrationId;
 use edgedps_topics::registration::{RegistrationState, RegistrationStatus};
 
 use crate::sessions::{Cut, Scope};
-use crate::store::CrlRecord;
 use crate::{count, read, timestamp_now, write, Error, Publication, Responder};
 
 /// What an accepted write did.
@@ -136,67 +131,6 @@ impl Responder {
             )));
         }
         Ok(())
-    }
-
-    /// The result and the audit event of a write, published after what it changed, and
-    /// its log line.
-    pub(crate) fn report(
-        &self,
-        write: Write<'_>,
-        outcome: Result<Applied, Error>,
-        reason: Option<String>,
-        publish: &mut Vec<Publication>,
-    ) -> AdminResult {
-        let mut event = AdminEvent {
-            operator: write.operator.to_owned(),
-            kind: write.kind.to_owned(),
-            id: write.id.to_owned(),
-            operation: write.operation,
-            outcome: AdminOutcome::Rejected,
-            retirement: None,
-            provisioning_status: None,
-            etag: None,
-            error_code: None,
-            message: None,
-            reason,
-            effects: Effects::default(),
-            timestamp_utc: timestamp_now(),
-        };
-        let result = match outcome {
-            Ok(applied) => {
-                event.outcome = applied.outcome;
-                event.retirement = applied.retirement;
-                event.provisioning_status = applied.status;
-                event.etag = applied.etag.clone();
-                event.effects = applied.effects;
-                AdminResult {
-                    ok: true,
-                    etag: applied.etag,
-                    error_code: None,
-                    message: None,
-                    effects: applied.effects,
-                }
-            }
-            Err(error) => {
-                let (code, message) = (error.admin_code(), error.to_string());
-                event.error_code = Some(code);
-                event.message = Some(message.clone());
-                AdminResult {
-                    ok: false,
-                    etag: None,
-                    error_code: Some(code),
-                    message: Some(message),
-                    effects: Effects::default(),
-                }
-            }
-        };
-        audit_log(&event);
-        publish.push(Publication::message(
-            write.result_topic,
-            write.encoding.encode(&result),
-        ));
-        publish.push(Publication::event(write.event_topic, &event));
-        result
     }
 
     async fn upsert(
@@ -416,58 +350,6 @@ impl Responder {
         deregistered(record, &timestamp_now(), self.new_etag())
     }
 
-    /// Verifies a revocation list, stores it, and cuts the sessions it revokes.
-    async fn put_crl(
-        &self,
-        name: &str,
-        body: &[u8],
-        publish: &mut Vec<Publication>,
-    ) -> Result<Applied, Error> {
-        validation::record_name(name)?;
-        let sent = revocation::read_body(body).map_err(|e| bad(e.to_string()))?;
-        let trusted: Vec<Vec<u8>> = read(&self.groups)
-            .values()
-            .flat_map(|entry| entry.signing_der.iter().cloned())
-            .collect();
-        let trusted: Vec<&[u8]> = trusted.iter().map(Vec::as_slice).collect();
-        let list = RevocationList::verify(&sent.crl, &sent.certificates, &trusted)
-            .map_err(|e| bad(e.to_string()))?;
-        let record = CrlRecord {
-            name: name.to_owned(),
-            crl: sent.crl,
-            issuer_certificate: list.issuer_certificate.clone(),
-            sent_certificates: sent.certificates,
-        };
-        let existed = read(&self.crls).contains_key(name);
-        self.store.put_crl(&record)?;
-        self.store.durable().await?;
-        let issuer = list.issuer().to_vec();
-        let revoked = count(list.len());
-        write(&self.crls).insert(name.to_owned(), list);
-        self.written();
-        publish.push(Publication {
-            topic: RecordKind::Crl.record_topic(name),
-            payload: crl_pem(&record),
-            retain: true,
-        });
-        let closed = self.cut_off(&[Scope::Issuer(&issuer)], None).await;
-        Ok(Applied {
-            etag: None,
-            outcome: if existed {
-                AdminOutcome::Updated
-            } else {
-                AdminOutcome::Created
-            },
-            retirement: Some(Retirement::Revoked),
-            status: None,
-            effects: Effects {
-                sessions_closed: Some(closed),
-                revoked_certificates: Some(revoked),
-                ..Effects::default()
-            },
-        })
-    }
-
     /// Sets a new etag and the timestamps of a record about to be stored; returns the
     /// etag. (The etag sent was checked by `edgedps_policies::validation`.)
     pub(crate) fn stamp(
@@ -498,63 +380,6 @@ fn deregistered(mut record: RegistrationState, now: &str, etag: String) -> Regis
 
 pub(crate) fn bad(message: String) -> Error {
     Error::Invalid(validation::Invalid::BadRequest(message))
-}
-
-/// A revocation list as its retained record shows it: PEM, with the certificates the
-/// operator sent with it.
-pub(crate) fn crl_pem(record: &CrlRecord) -> Vec<u8> {
-    let mut text = pem_block("X509 CRL", &record.crl);
-    for cert in &record.sent_certificates {
-        text.push_str(&pem_block("CERTIFICATE", cert));
-    }
-    text.into_bytes()
-}
-
-fn pem_block(label: &str, der: &[u8]) -> String {
-    let body = BASE64.encode(der);
-    let mut text = format!("-----BEGIN {label}-----\n");
-    for line in body.as_bytes().chunks(64) {
-        text.push_str(&String::from_utf8_lossy(line));
-        text.push('\n');
-    }
-    text.push_str(&format!("-----END {label}-----\n"));
-    text
-}
-
-/// One log line per admin write, under the `edgedps::audit` target.
-fn audit_log(event: &AdminEvent) {
-    let outcome = format!("{:?}", event.outcome).to_lowercase();
-    let retirement = event.retirement.map(|r| format!("{r:?}").to_lowercase());
-    match event.outcome {
-        AdminOutcome::Rejected => tracing::warn!(
-            target: "edgedps::audit",
-            operator = %event.operator,
-            kind = %event.kind,
-            id = %event.id,
-            operation = ?event.operation,
-            %outcome,
-            code = event.error_code,
-            reason = event.message.as_deref().unwrap_or_default(),
-            "admin write rejected"
-        ),
-        _ => tracing::info!(
-            target: "edgedps::audit",
-            operator = %event.operator,
-            kind = %event.kind,
-            id = %event.id,
-            operation = ?event.operation,
-            %outcome,
-            retirement,
-            status = ?event.provisioning_status,
-            etag = event.etag.as_deref().unwrap_or_default(),
-            sessions_closed = event.effects.sessions_closed,
-            registrations_deregistered = event.effects.registrations_deregistered,
-            retained_messages_purged = event.effects.retained_messages_purged,
-            revoked_certificates = event.effects.revoked_certificates,
-            reason = event.reason.as_deref(),
-            "admin write applied"
-        ),
-    }
 }
 
 #[cfg(test)]

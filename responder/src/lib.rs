@@ -11,9 +11,11 @@
 
 mod admin;
 mod connect;
+mod crl;
 mod error;
 mod latency;
 mod registration;
+mod report;
 mod republish;
 mod retire;
 pub mod sessions;

@@ -7,7 +7,7 @@
 use edgedps_policies::validation::{redact_enrollment, redact_group};
 use edgedps_topics::admin::RecordKind;
 
-use crate::admin::crl_pem;
+use crate::crl::crl_pem;
 use crate::{read, Error, Publication, Responder};
 
 impl Responder {

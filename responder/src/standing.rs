@@ -117,3 +117,168 @@ impl Responder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use edgedps_policies::attestation::Credential;
+    use edgedps_topics::admin::{Enrollment, EnrollmentGroup, LinkedHub, RecordKind};
+    use edgedps_topics::encoding::Encoding;
+    use edgedps_topics::identity::RegistrationId;
+    use edgedps_topics::registration::RegistrationState;
+
+    use crate::store::{CrlRecord, Scan, SledStore, Store, StoreError};
+    use crate::{Responder, Settings};
+
+    /// The embedded store, counting the reads of individual enrollments.
+    struct Counting {
+        inner: SledStore,
+        enrollment_reads: AtomicUsize,
+    }
+
+    impl Store for Counting {
+        fn enrollment(&self, id: &RegistrationId) -> Result<Option<Enrollment>, StoreError> {
+            self.enrollment_reads.fetch_add(1, Ordering::SeqCst);
+            self.inner.enrollment(id)
+        }
+        fn put_enrollment(&self, e: &Enrollment) -> Result<(), StoreError> {
+            self.inner.put_enrollment(e)
+        }
+        fn remove_enrollment(&self, id: &RegistrationId) -> Result<bool, StoreError> {
+            self.inner.remove_enrollment(id)
+        }
+        fn scan_enrollments(&self) -> Scan<'_, Enrollment> {
+            self.inner.scan_enrollments()
+        }
+        fn put_group(&self, g: &EnrollmentGroup) -> Result<(), StoreError> {
+            self.inner.put_group(g)
+        }
+        fn remove_group(&self, group_id: &str) -> Result<bool, StoreError> {
+            self.inner.remove_group(group_id)
+        }
+        fn scan_groups(&self) -> Scan<'_, EnrollmentGroup> {
+            self.inner.scan_groups()
+        }
+        fn put_hub(&self, h: &LinkedHub) -> Result<(), StoreError> {
+            self.inner.put_hub(h)
+        }
+        fn remove_hub(&self, host_name: &str) -> Result<bool, StoreError> {
+            self.inner.remove_hub(host_name)
+        }
+        fn scan_hubs(&self) -> Scan<'_, LinkedHub> {
+            self.inner.scan_hubs()
+        }
+        fn registration(
+            &self,
+            id: &RegistrationId,
+        ) -> Result<Option<RegistrationState>, StoreError> {
+            self.inner.registration(id)
+        }
+        fn put_registration(&self, r: &RegistrationState) -> Result<(), StoreError> {
+            self.inner.put_registration(r)
+        }
+        fn remove_registration(&self, id: &RegistrationId) -> Result<bool, StoreError> {
+            self.inner.remove_registration(id)
+        }
+        fn scan_registrations(&self) -> Scan<'_, RegistrationState> {
+            self.inner.scan_registrations()
+        }
+        fn put_crl(&self, record: &CrlRecord) -> Result<(), StoreError> {
+            self.inner.put_crl(record)
+        }
+        fn remove_crl(&self, name: &str) -> Result<bool, StoreError> {
+            self.inner.remove_crl(name)
+        }
+        fn scan_crls(&self) -> Scan<'_, CrlRecord> {
+            self.inner.scan_crls()
+        }
+        fn durable(
+            &self,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + '_>>
+        {
+            self.inner.durable()
+        }
+        fn flush_count(&self) -> u64 {
+            self.inner.flush_count()
+        }
+    }
+
+    const KEY: &str = "c2VjcmV0LWtleS1tYXRlcmlhbC0wMTIzNDU2Nzg5YWI=";
+
+    fn enrollment_body(id: &str) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({"registrationId": id,
+            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": KEY}}}))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn one_registration_reads_the_enrollment_once_unless_a_write_came_between() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Counting {
+            inner: SledStore::open(dir.path()).unwrap(),
+            enrollment_reads: AtomicUsize::new(0),
+        });
+        let mut settings = Settings::new("scope");
+        settings.hubs =
+            vec![
+                serde_json::from_value(serde_json::json!({"hostName": "hub-a.example.net"}))
+                    .unwrap(),
+            ];
+        let responder = Responder::open(settings, store.clone()).unwrap();
+        for id in ["dev-1", "dev-2"] {
+            let answer = responder
+                .apply_admin(
+                    "op",
+                    RecordKind::Enrollment,
+                    id,
+                    &enrollment_body(id),
+                    Encoding::Json,
+                )
+                .await;
+            assert!(answer.result.ok, "{:?}", answer.result);
+        }
+        let reads = || store.enrollment_reads.load(Ordering::SeqCst);
+        let username = "scope/registrations/dev-1/api-version=2021-06-01";
+        let now = crate::unix_now();
+        let token = edgedps_policies::sas::sign(KEY, "scope", "dev-1", now + 600).unwrap();
+
+        let before = reads();
+        let admission = responder.admit("dev-1", username, Credential::Sas(&token), now);
+        let admitted = admission.outcome.unwrap();
+        assert_eq!(reads() - before, 1, "the CONNECT reads the enrollment once");
+        let reply = responder
+            .register(&admitted.device, admitted.standing, b"", Encoding::Json)
+            .await;
+        assert_eq!(reply.status, 200);
+        assert!(reply.assigned_device_id.is_some());
+        assert_eq!(
+            reads() - before,
+            1,
+            "the register reuses what the CONNECT read"
+        );
+
+        // An operator write between CONNECT and register: the enrollment is read again.
+        let before = reads();
+        let admission = responder.admit("dev-1", username, Credential::Sas(&token), now);
+        let admitted = admission.outcome.unwrap();
+        let answer = responder
+            .apply_admin(
+                "op",
+                RecordKind::Enrollment,
+                "dev-2",
+                &enrollment_body("dev-2"),
+                Encoding::Json,
+            )
+            .await;
+        assert!(answer.result.ok);
+        let between = reads();
+        let reply = responder
+            .register(&admitted.device, admitted.standing, b"", Encoding::Json)
+            .await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reads() - between, 1, "a write came between: read again");
+        assert!(between > before);
+    }
+}

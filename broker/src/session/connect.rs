@@ -75,7 +75,7 @@ where
                         Identity::Device(admitted.device),
                         Role::Device { device_id },
                         Some(admitted.live),
-                        admitted.standing,
+                        admitted.standing.map(Box::new),
                     )
                 }
                 Err(error) => {

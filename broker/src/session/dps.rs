@@ -33,7 +33,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.dps_encoding = Encoding::detect(body, content_type);
                 let encoding = self.dps_encoding;
                 // What the CONNECT read serves the first register only.
-                let standing = self.standing.take();
+                let standing = self.standing.take().map(|s| *s);
                 self.shared
                     .responder
                     .register(&device, standing, body, encoding)

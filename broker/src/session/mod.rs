@@ -65,7 +65,7 @@ enum Close {
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
-    Codec(#[from] codec::CodecError),
+    Mqtt(#[from] crate::Error),
     #[error("no CONNECT within the deadline")]
     ConnectTimeout,
     #[error("keep-alive expired")]
@@ -103,7 +103,7 @@ struct Session<S> {
     /// The encoding of this connection's last register; its polls are answered in it.
     dps_encoding: Encoding,
     /// What the CONNECT read about the device, for its first register.
-    standing: Option<Standing>,
+    standing: Option<Box<Standing>>,
     next_pkid: u16,
     link_tx: Option<LinkTx>,
     link_rx: Option<LinkRx>,

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 use serde_json::{json, Value};
 
 use edgedps_topics::admin::RecordKind;
@@ -256,14 +256,7 @@ async fn register_steadily(
 }
 
 async fn operator(admin: SocketAddr) -> Result<(AsyncClient, rumqttc::EventLoop), String> {
-    let mut options = MqttOptions::new(
-        format!("edgedps-cutoff-{}", std::process::id()),
-        admin.ip().to_string(),
-        admin.port(),
-    );
-    options.set_keep_alive(Duration::from_secs(60));
-    options.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    let (client, mut eventloop) = crate::admin::client(admin, "edgedps-cutoff", 16);
     client
         .subscribe(edgedps_topics::admin::RESULTS_FILTER, QoS::AtLeastOnce)
         .await
