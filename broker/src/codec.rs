@@ -229,11 +229,11 @@ pub enum ConnectRefusal {
     Unavailable,
 }
 
-/// A PUBLISH with the given QoS (0 or 1) and packet id, built through rumqttd's
+/// A PUBLISH with the given QoS (0, 1 or 2) and packet id, built through rumqttd's
 /// internal format because its constructor only makes QoS 0 packets.
 pub fn publish(topic: &[u8], payload: &[u8], qos: u8, pkid: u16, retain: bool) -> Publish {
     let mut raw = BytesMut::with_capacity(5 + topic.len() + payload.len());
-    raw.put_u8(0b0011_0000 | u8::from(retain) | ((qos & 1) << 1));
+    raw.put_u8(0b0011_0000 | u8::from(retain) | (qos.min(2) << 1));
     raw.put_u16(if qos == 0 { 0 } else { pkid });
     raw.put_u16(topic.len() as u16);
     raw.put_slice(topic);

@@ -8,6 +8,7 @@ pub mod codec;
 pub mod config;
 pub mod devcert;
 mod error;
+pub mod qos;
 pub mod router;
 pub mod server;
 pub mod session;

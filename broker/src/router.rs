@@ -6,6 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use rumqttd::local::LinkBuilder;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{Filter, Packet, PingReq, Publish, QoS, RetainForwardRule, Subscribe};
 use rumqttd::{Notification, RouterConfig};
@@ -14,21 +15,56 @@ use tokio::sync::mpsc;
 use crate::Error;
 use edgedps_responder::{Publication, RetainedMessages};
 
-/// Where sessions hand the responder's publications; one task publishes them into the
-/// router, in order, on a link of its own.
+/// Where sessions hand the responder's publications (and the wills of sessions that
+/// ended); one task publishes them into the router, in order, on a link of its own.
 #[derive(Clone)]
 pub struct Publisher {
-    tx: mpsc::Sender<Publication>,
+    tx: mpsc::Sender<Outgoing>,
+}
+
+/// A message for the publisher's link.
+enum Outgoing {
+    /// QoS 0.
+    Record(Publication),
+    /// A will: with its QoS and properties.
+    Will {
+        topic: bytes::Bytes,
+        payload: bytes::Bytes,
+        qos: u8,
+        retain: bool,
+        properties: Option<rumqttd::protocol::PublishProperties>,
+    },
 }
 
 impl Publisher {
     /// Queues `publications` in order; waits while the queue is full.
     pub async fn publish(&self, publications: Vec<Publication>) {
         for publication in publications {
-            if self.tx.send(publication).await.is_err() {
+            if self.tx.send(Outgoing::Record(publication)).await.is_err() {
                 tracing::warn!("the router's publisher stopped; record not published");
                 return;
             }
+        }
+    }
+
+    /// Publishes a session's will message with its QoS, retain flag and properties.
+    pub async fn will(
+        &self,
+        topic: bytes::Bytes,
+        payload: bytes::Bytes,
+        qos: u8,
+        retain: bool,
+        properties: Option<rumqttd::protocol::PublishProperties>,
+    ) {
+        let will = Outgoing::Will {
+            topic,
+            payload,
+            qos,
+            retain,
+            properties,
+        };
+        if self.tx.send(will).await.is_err() {
+            tracing::warn!("the router's publisher stopped; will not published");
         }
     }
 }
@@ -36,34 +72,51 @@ impl Publisher {
 /// Retained messages a new subscription receives at most (a rumqttd limit).
 pub const RETAINED_PER_SUBSCRIPTION: u64 = 100_000;
 
+/// Builds a link to the router: name, clean session.
+type LinkFactory =
+    dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), String> + Send + Sync;
+
 #[derive(Clone)]
 pub struct Router {
-    broker: Arc<rumqttd::Broker>,
+    make_link: Arc<LinkFactory>,
     links: Arc<AtomicU64>,
+}
+
+/// A session's own link, named by its client id.
+pub struct SessionLink {
+    pub tx: LinkTx,
+    pub rx: LinkRx,
+    /// The router kept this client's session (clean session 0 / session expiry).
+    pub session_present: bool,
 }
 
 impl Router {
     /// Starts the router thread (no rumqttd listeners: the front end is ours) with room
     /// for `max_links` links; rumqttd reserves its tables for them up front.
     pub fn start(max_links: usize) -> Router {
-        let config = rumqttd::Config {
-            id: 0,
-            router: RouterConfig {
-                max_connections: max_links,
-                // rumqttd delivers at most this many retained messages on a new
-                // subscription (it reads them all and drops the excess): high enough
-                // for the operator plane's retained records (docs/operators.md).
-                max_outgoing_packet_count: RETAINED_PER_SUBSCRIPTION,
-                max_segment_size: 1024 * 1024,
-                max_segment_count: 10,
-                custom_segment: None,
-                initialized_filters: None,
-                shared_subscriptions_strategy: Default::default(),
-            },
-            ..Default::default()
+        let config = RouterConfig {
+            max_connections: max_links,
+            // rumqttd delivers at most this many retained messages on a new
+            // subscription (it reads them all and drops the excess): high enough
+            // for the operator plane's retained records (docs/operators.md).
+            max_outgoing_packet_count: RETAINED_PER_SUBSCRIPTION,
+            max_segment_size: 1024 * 1024,
+            max_segment_count: 10,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
         };
+        // The router's own sender: links are built with the options a CONNECT asks for
+        // (rumqttd's `Broker::link` only builds clean-session links).
+        let router_tx = rumqttd::Router::new(0, config).spawn();
+        let make_link: Arc<LinkFactory> = Arc::new(move |name, clean| {
+            LinkBuilder::new(name, router_tx.clone())
+                .clean_session(clean)
+                .build()
+                .map_err(|e| e.to_string())
+        });
         Router {
-            broker: Arc::new(rumqttd::Broker::new(config)),
+            make_link,
             links: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -78,27 +131,85 @@ impl Router {
             .map(|c| if "+$#/".contains(c) { '_' } else { c })
             .collect();
         let name = format!("{safe}~{n}");
-        let broker = self.broker.clone();
-        // Broker::link waits for the router's answer on a blocking channel.
-        tokio::task::spawn_blocking(move || {
-            broker.link(&name).map_err(|e| Error::Router(e.to_string()))
+        let (tx, rx, _) = self.build(name, true).await?;
+        Ok((tx, rx))
+    }
+
+    /// The link of an MQTT session that is not a DPS session: named by the client id,
+    /// so that the router keeps a persistent session under it and a second connection
+    /// with the same client id takes the session over (MQTT 3.1.4).
+    pub async fn session_link(&self, client_id: &str, clean: bool) -> Result<SessionLink, Error> {
+        let (tx, rx, connack) = self.build(session_link_name(client_id), clean).await?;
+        let session_present = match Option::<Packet>::from(connack) {
+            Some(Packet::ConnAck(ack, _)) => ack.session_present,
+            _ => false,
+        };
+        Ok(SessionLink {
+            tx,
+            rx,
+            session_present,
         })
-        .await
-        .map_err(|e| Error::Router(e.to_string()))?
+    }
+
+    async fn build(
+        &self,
+        name: String,
+        clean: bool,
+    ) -> Result<(LinkTx, LinkRx, Notification), Error> {
+        let make_link = self.make_link.clone();
+        // Building a link waits for the router's answer on a blocking channel.
+        tokio::task::spawn_blocking(move || make_link(&name, clean).map_err(Error::Router))
+            .await
+            .map_err(|e| Error::Router(e.to_string()))?
     }
 
     /// Starts the task that publishes what the responder answers, in order, for as long
     /// as a [`Publisher`] is left.
     pub async fn spawn_publisher(&self) -> Result<Publisher, Error> {
-        let (publisher, mut publications) = mpsc::channel::<Publication>(4096);
+        let (publisher, mut publications) = mpsc::channel::<Outgoing>(4096);
         let (mut tx, mut rx) = self.link("edgedps-responder").await?;
         tokio::spawn(async move {
+            let mut pkid: u16 = 0;
             while let Some(message) = publications.recv().await {
-                let publish =
-                    Publish::new(message.topic.into_bytes(), message.payload, message.retain);
-                if let Err(e) = tx.send(Packet::Publish(publish, None)).await {
-                    tracing::error!(error = %e, "router link of the responder failed; records are no longer published");
-                    return;
+                let packets = match message {
+                    Outgoing::Record(message) => {
+                        let publish = Publish::new(
+                            message.topic.into_bytes(),
+                            message.payload,
+                            message.retain,
+                        );
+                        vec![Packet::Publish(publish, crate::qos::tag(None, 0))]
+                    }
+                    Outgoing::Will {
+                        topic,
+                        payload,
+                        qos,
+                        retain,
+                        properties,
+                    } => {
+                        pkid = pkid.checked_add(1).unwrap_or(1);
+                        let publish = crate::codec::publish(&topic, &payload, qos, pkid, retain);
+                        let properties = crate::qos::tag(properties, qos);
+                        let mut packets = vec![Packet::Publish(publish, properties)];
+                        // QoS 2: the router holds the message until the PUBREL, which
+                        // this link sends at once (its PUBREC is not awaited).
+                        if qos == 2 {
+                            packets.push(Packet::PubRel(
+                                rumqttd::protocol::PubRel {
+                                    pkid,
+                                    reason: rumqttd::protocol::PubRelReason::Success,
+                                },
+                                None,
+                            ));
+                        }
+                        packets
+                    }
+                };
+                for packet in packets {
+                    if let Err(e) = tx.send(packet).await {
+                        tracing::error!(error = %e, "router link of the responder failed; records are no longer published");
+                        return;
+                    }
                 }
             }
         });
@@ -169,7 +280,7 @@ impl Router {
         }
         for topic in &topics {
             let clear = Publish::new(topic.clone(), bytes::Bytes::new(), true);
-            tx.send(Packet::Publish(clear, None))
+            tx.send(Packet::Publish(clear, crate::qos::tag(None, 0)))
                 .await
                 .map_err(failed)?;
         }
@@ -190,5 +301,34 @@ impl RetainedMessages for Router {
                 0
             }
         }
+    }
+}
+
+/// The router's name for a session's link: the client id with `%`, the characters the
+/// router refuses (`+ $ # /`) and `~` (which the DPS links' names use) percent-encoded,
+/// so that two client ids never share a link.
+fn session_link_name(client_id: &str) -> String {
+    let mut name = String::with_capacity(client_id.len());
+    for c in client_id.chars() {
+        match c {
+            '%' | '+' | '$' | '#' | '/' | '~' => name.push_str(&format!("%{:02X}", c as u32)),
+            c => name.push(c),
+        }
+    }
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_link_names_are_distinct_and_acceptable_to_the_router() {
+        let names: std::collections::HashSet<String> = ["a+b", "a_b", "a%2Bb", "a~1", "a/b", "a"]
+            .iter()
+            .map(|id| session_link_name(id))
+            .collect();
+        assert_eq!(names.len(), 6);
+        assert!(names.iter().all(|n| !n.contains(['+', '$', '#', '/', '~'])));
     }
 }

@@ -68,6 +68,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         router,
         publisher,
         limits: config.limits.clone(),
+        owners: Arc::default(),
     });
     let mut running = Running {
         devices_addr: None,

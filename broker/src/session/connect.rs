@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use rumqttd::protocol::{ConnAck, ConnectReturnCode, Packet};
+use rumqttd::protocol::{ConnAck, ConnAckProperties, ConnectReturnCode, Packet};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{timeout_at, Instant};
 
@@ -17,8 +17,8 @@ use edgedps_policies::attestation::AttestationError;
 use edgedps_responder::{unix_now, Credential, Error};
 use edgedps_topics::encoding::Encoding;
 
-use super::{Close, Identity, ListenerKind, Session, Shared};
-use crate::codec::{self, Codec, ConnectRefusal};
+use super::{will, Close, Identity, ListenerKind, Session, Shared};
+use crate::codec::{self, Codec, ConnectRefusal, Version};
 
 /// Reads the CONNECT under its deadline and decides it. `Ok(None)`: refused (CONNACK sent).
 pub(super) async fn accept<S>(
@@ -47,12 +47,59 @@ where
         }
         read_more(&mut stream, &mut inbuf, deadline).await?;
     };
-    let Packet::Connect(connect, _properties, _will, _will_properties, login) = frame.packet else {
+    let Packet::Connect(connect, properties, will, will_properties, login) = frame.packet else {
         return Err(Close::Violation("first packet is not a CONNECT".into()));
     };
-    let client_id = connect.client_id.clone();
+    let mut client_id = connect.client_id.clone();
+    let mut link = None;
+    let mut will_message = None;
+    let mut assigned = None;
     let (identity, role, live, standing) = match kind {
-        ListenerKind::Local => (Identity::Operator, Role::Operator, None, None),
+        ListenerKind::Local => {
+            if client_id.is_empty() {
+                // MQTT 3.1.3.1: a server may assign an id to a client with a clean
+                // session; one that wants its session kept must name it.
+                if !connect.clean_session {
+                    tracing::info!(%peer, "connect refused: empty client id without a clean session");
+                    refuse(&mut stream, &codec, ConnectRefusal::BadClientId).await?;
+                    return Ok(None);
+                }
+                client_id = format!("edgedps-{}", assigned_suffix());
+                assigned = Some(client_id.clone());
+            }
+            let expiry = properties
+                .as_ref()
+                .and_then(|p| p.session_expiry_interval)
+                .unwrap_or(0);
+            // MQTT 3.1.1: clean session 0 keeps the session. MQTT 5: Clean Start only
+            // says whether to begin anew; the Session Expiry Interval whether to keep it.
+            let (discard, keep) = match codec.version {
+                Version::V4 => (connect.clean_session, !connect.clean_session),
+                Version::V5 => (connect.clean_session, expiry > 0),
+            };
+            if discard && keep {
+                // rumqttd's one flag means both: clear the old session with a clean link
+                // first, then keep the new one.
+                let cleared = shared.router.session_link(&client_id, true).await;
+                if let Ok(mut cleared) = cleared {
+                    release(&mut cleared.tx).await;
+                }
+            }
+            match shared.router.session_link(&client_id, !keep).await {
+                Ok(session) => link = Some(session),
+                Err(e) => {
+                    tracing::warn!(%peer, %client_id, error = %e, "connect refused: no router link");
+                    refuse(&mut stream, &codec, ConnectRefusal::Unavailable).await?;
+                    return Ok(None);
+                }
+            }
+            let expiry = match codec.version {
+                Version::V4 => u32::MAX,
+                Version::V5 => expiry,
+            };
+            will_message = will::Will::from_connect(will, will_properties, expiry);
+            (Identity::Operator, Role::Operator, None, None)
+        }
         ListenerKind::Devices => {
             let (username, password) = login.map(|l| (l.username, l.password)).unwrap_or_default();
             let credential = if password.is_empty() {
@@ -80,16 +127,22 @@ where
                 }
                 Err(error) => {
                     tracing::warn!(target: "edgedps::audit", %peer, %client_id, reason = %error, "connect refused");
-                    let code = codec.refusal_code(refusal(&error));
-                    let mut out = BytesMut::with_capacity(8);
-                    codec.encode(connack(code), &mut out)?;
-                    stream.write_all(&out).await?;
-                    stream.flush().await?;
-                    let _ = stream.shutdown().await;
+                    refuse(&mut stream, &codec, refusal(&error)).await?;
                     return Ok(None);
                 }
             }
         }
+    };
+    let passthrough = link.is_some();
+    let session_present = link.as_ref().is_some_and(|l| l.session_present);
+    let owner = if passthrough {
+        shared.owners.claim(&client_id)
+    } else {
+        0
+    };
+    let (link_tx, link_rx) = match link {
+        Some(link) => (Some(link.tx), Some(link.rx)),
+        None => (None, None),
     };
     let mut session = Session {
         stream,
@@ -105,13 +158,31 @@ where
         dps_encoding: Encoding::Json,
         standing,
         next_pkid: 0,
-        link_tx: None,
-        link_rx: None,
+        link_tx,
+        link_rx,
         keep_alive: connect.keep_alive,
         subscriptions: std::collections::HashSet::new(),
         live,
+        passthrough,
+        owner,
+        will: will_message,
+        pending_subacks: std::collections::HashMap::new(),
+        own_qos2: std::collections::HashSet::new(),
+        settling: Default::default(),
     };
-    session.send(connack(ConnectReturnCode::Success))?;
+    // DPS: SessionPresent is always 0; provisioning sessions are never persisted.
+    let properties = assigned.map(|id| ConnAckProperties {
+        assigned_client_identifier: Some(id),
+        ..empty_connack_properties()
+    });
+    let accepted = Packet::ConnAck(
+        ConnAck {
+            session_present,
+            code: ConnectReturnCode::Success,
+        },
+        properties.filter(|_| session.codec.version == Version::V5),
+    );
+    session.send(accepted)?;
     session.flush().await?;
     Ok(Some(session))
 }
@@ -143,15 +214,66 @@ impl std::fmt::Display for Verdict<'_> {
     }
 }
 
-fn connack(code: ConnectReturnCode) -> Packet {
-    // DPS: SessionPresent is always 0; provisioning sessions are never persisted.
-    Packet::ConnAck(
-        ConnAck {
-            session_present: false,
-            code,
-        },
-        None,
-    )
+/// Answers a refused CONNECT and closes the connection.
+async fn refuse<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    codec: &Codec,
+    refusal: ConnectRefusal,
+) -> Result<(), Close> {
+    let code = codec.refusal_code(refusal);
+    let mut out = BytesMut::with_capacity(8);
+    codec.encode(
+        Packet::ConnAck(
+            ConnAck {
+                session_present: false,
+                code,
+            },
+            None,
+        ),
+        &mut out,
+    )?;
+    stream.write_all(&out).await?;
+    stream.flush().await?;
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+/// Tells the router a link is gone.
+async fn release(tx: &mut rumqttd::local::LinkTx) {
+    let disconnect = rumqttd::protocol::Disconnect {
+        reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
+    };
+    let _ = tx.send(Packet::Disconnect(disconnect, None)).await;
+}
+
+/// Random id material for an assigned client id.
+fn assigned_suffix() -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 9];
+    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn empty_connack_properties() -> ConnAckProperties {
+    ConnAckProperties {
+        session_expiry_interval: None,
+        receive_max: None,
+        max_qos: None,
+        retain_available: None,
+        max_packet_size: None,
+        assigned_client_identifier: None,
+        topic_alias_max: None,
+        reason_string: None,
+        user_properties: Vec::new(),
+        wildcard_subscription_available: None,
+        subscription_identifiers_available: None,
+        shared_subscription_available: None,
+        server_keep_alive: None,
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    }
 }
 
 async fn read_more<S: AsyncRead + Unpin>(

@@ -2,6 +2,8 @@
 //! created on first use, fed packet by packet, read for deliveries, released when the
 //! session ends.
 
+use std::collections::{HashSet, VecDeque};
+
 use rumqttd::local::LinkRx;
 use rumqttd::protocol::Packet;
 use rumqttd::Notification;
@@ -16,8 +18,11 @@ pub(super) enum RouterEvent {
     Deliver(Box<rumqttd::Forward>),
     /// The router paused the link until it is woken.
     Unscheduled,
-    /// The router closed the link.
+    /// The router closed the link (another connection took the client id over).
     Disconnected,
+    /// An acknowledgement for the client (full MQTT sessions): SUBACK, UNSUBACK,
+    /// PUBACK, PUBREC, PUBREL, PUBCOMP.
+    Ack(Box<Packet>),
     /// The link failed.
     Failed(String),
     /// Nothing for the client (acknowledgements the session does not wait for).
@@ -30,9 +35,51 @@ impl From<Notification> for RouterEvent {
             Notification::Forward(forward) => RouterEvent::Deliver(Box::new(forward)),
             Notification::Unschedule => RouterEvent::Unscheduled,
             Notification::Disconnect(..) => RouterEvent::Disconnected,
+            ack @ Notification::DeviceAck(_) => match Option::<Packet>::from(ack) {
+                Some(packet) => RouterEvent::Ack(Box::new(packet)),
+                None => RouterEvent::Nothing,
+            },
             _ => RouterEvent::Nothing,
         }
     }
+}
+
+/// What a full MQTT session owes the router for its QoS 1 and 2 deliveries.
+///
+/// rumqttd takes acknowledgements only in the order it sent the publishes (PUBACK and
+/// PUBREC), and PUBCOMPs only in the order of its PUBRELs; any other order disconnects
+/// the session. A delivery made below the router's QoS (`deliver`) is acknowledged here
+/// for the client, so both kinds are queued in the router's order and sent from the
+/// front as they become due.
+#[derive(Default)]
+pub(super) struct Settling {
+    /// Deliveries the router awaits a PUBACK or PUBREC for, in its order.
+    acks: VecDeque<Owed>,
+    /// PUBRELs the router awaits a PUBCOMP for, in its order: (packet id, due).
+    completions: VecDeque<(u16, bool)>,
+    /// QoS 2 deliveries the client got below QoS 2: their PUBREL is answered here.
+    released_here: HashSet<u16>,
+}
+
+struct Owed {
+    pkid: u16,
+    /// The router's QoS: 1 owes a PUBACK, 2 a PUBREC.
+    routed: u8,
+    /// The client's QoS.
+    delivered: u8,
+    /// The client acknowledged it (or it needs no acknowledgement).
+    due: bool,
+}
+
+/// The QoS and packet id of a publish rumqttd made (its fields are private), from its
+/// internal form: the fixed header's first byte, then the packet id.
+fn qos_and_pkid(publish: &rumqttd::protocol::Publish) -> (u8, u16) {
+    let raw = publish.serialize();
+    let qos = raw.first().map_or(0, |b| (b >> 1) & 0b11);
+    let pkid = raw
+        .get(1..3)
+        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+    (qos, pkid)
 }
 
 /// The next event of the link; never resolves while the session has none.
@@ -84,12 +131,48 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match event {
             RouterEvent::Nothing => Ok(()),
             RouterEvent::Failed(e) => Err(Close::Router(e)),
+            RouterEvent::Deliver(forward) if self.passthrough => self.deliver(*forward).await,
+            RouterEvent::Ack(packet) if self.passthrough => match *packet {
+                Packet::SubAck(ack, _) => self.subscribed(ack),
+                Packet::ConnAck(..) => Ok(()),
+                Packet::PubRel(pubrel, properties) => {
+                    let here = self.settling.released_here.remove(&pubrel.pkid);
+                    self.settling.completions.push_back((pubrel.pkid, here));
+                    if here {
+                        // A delivery the client got below QoS 2: completed here.
+                        self.settle().await
+                    } else {
+                        self.send(Packet::PubRel(pubrel, properties))
+                    }
+                }
+                packet => self.send(packet),
+            },
+            // DPS sessions wait for their acknowledgements where they need them.
+            RouterEvent::Ack(_) => Ok(()),
+            RouterEvent::Disconnected if self.passthrough => {
+                if self.codec.version == crate::codec::Version::V5 {
+                    let disconnect = rumqttd::protocol::Disconnect {
+                        reason_code: rumqttd::protocol::DisconnectReasonCode::SessionTakenOver,
+                    };
+                    // With a reason string: see `out_of_service`.
+                    let properties = rumqttd::protocol::DisconnectProperties {
+                        session_expiry_interval: None,
+                        reason_string: Some("another connection took the client id".into()),
+                        user_properties: Vec::new(),
+                        server_reference: None,
+                    };
+                    self.send(Packet::Disconnect(disconnect, Some(properties)))?;
+                }
+                Err(Close::TakenOver)
+            }
             RouterEvent::Deliver(forward) => {
                 // Nothing more reaches a device taken out of service.
                 if let Some(cut) = self.cut() {
                     return Err(Close::OutOfService(cut));
                 }
-                let properties = self.codec.properties(forward.properties);
+                let mut properties = forward.properties;
+                crate::qos::untag(&mut properties);
+                let properties = self.codec.properties(properties);
                 let publish = codec::publish(
                     &forward.publish.topic,
                     &forward.publish.payload,
@@ -107,5 +190,110 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             RouterEvent::Disconnected => Err(Close::Router("router disconnected the link".into())),
         }
+    }
+
+    /// A router delivery to a full MQTT session, at the lower of the published QoS and
+    /// the router's (the subscription's).
+    async fn deliver(&mut self, forward: rumqttd::Forward) -> Result<(), Close> {
+        let mut properties = forward.properties;
+        let (routed, pkid) = qos_and_pkid(&forward.publish);
+        let published = crate::qos::untag(&mut properties).unwrap_or(routed);
+        let properties = self.codec.properties(properties);
+        let delivered = published.min(routed);
+        if delivered == routed {
+            // As the router sends it: QoS, packet id, DUP and RETAIN are its.
+            self.send(Packet::Publish(forward.publish, properties))?;
+        } else {
+            let publish = codec::publish(
+                &forward.publish.topic,
+                &forward.publish.payload,
+                delivered,
+                pkid,
+                forward.publish.retain,
+            );
+            self.send(Packet::Publish(publish, properties))?;
+        }
+        if routed == 0 {
+            return Ok(());
+        }
+        self.settling.acks.push_back(Owed {
+            pkid,
+            routed,
+            delivered,
+            due: delivered == 0,
+        });
+        self.settle().await
+    }
+
+    /// The client's PUBACK or PUBREC of a router delivery.
+    pub(super) async fn acknowledged(&mut self, pkid: u16) -> Result<(), Close> {
+        if let Some(owed) = self
+            .settling
+            .acks
+            .iter_mut()
+            .find(|o| o.pkid == pkid && !o.due)
+        {
+            owed.due = true;
+        }
+        self.settle().await
+    }
+
+    /// The client's PUBCOMP of a router delivery.
+    pub(super) async fn completed(&mut self, pkid: u16) -> Result<(), Close> {
+        if let Some(entry) = self
+            .settling
+            .completions
+            .iter_mut()
+            .find(|(id, due)| *id == pkid && !*due)
+        {
+            entry.1 = true;
+        }
+        self.settle().await
+    }
+
+    /// Sends the router what is due, from the front of each queue.
+    async fn settle(&mut self) -> Result<(), Close> {
+        while self.settling.acks.front().is_some_and(|o| o.due) {
+            let Some(owed) = self.settling.acks.pop_front() else {
+                break;
+            };
+            let ack = if owed.routed == 1 {
+                Packet::PubAck(
+                    rumqttd::protocol::PubAck {
+                        pkid: owed.pkid,
+                        reason: rumqttd::protocol::PubAckReason::Success,
+                    },
+                    None,
+                )
+            } else {
+                if owed.delivered < 2 {
+                    self.settling.released_here.insert(owed.pkid);
+                }
+                Packet::PubRec(
+                    rumqttd::protocol::PubRec {
+                        pkid: owed.pkid,
+                        reason: rumqttd::protocol::PubRecReason::Success,
+                    },
+                    None,
+                )
+            };
+            self.router_send(ack).await?;
+        }
+        while self
+            .settling
+            .completions
+            .front()
+            .is_some_and(|(_, due)| *due)
+        {
+            let Some((pkid, _)) = self.settling.completions.pop_front() else {
+                break;
+            };
+            let pubcomp = rumqttd::protocol::PubComp {
+                pkid,
+                reason: rumqttd::protocol::PubCompReason::Success,
+            };
+            self.router_send(Packet::PubComp(pubcomp, None)).await?;
+        }
+        Ok(())
     }
 }

@@ -4,7 +4,16 @@
 //! - `dps.rs`: `$dps/` requests, answered by the responder in process;
 //! - `admin.rs`: operator writes under `dps/`;
 //! - `subscriptions.rs`: SUBSCRIBE and UNSUBSCRIBE, with the topic ACL;
-//! - `link.rs`: this session's rumqttd link: publishes in, deliveries out.
+//! - `link.rs`: this session's rumqttd link: publishes in, deliveries out;
+//! - `will.rs`: will messages.
+//!
+//! Two kinds of session. A DPS session (device listener) keeps PROTOCOL A's rules: only
+//! `$dps/` and, once assigned, its device topics; router deliveries at QoS 0; nothing
+//! kept after it ends. Every other session (local listener: operators and the
+//! gateway's applications) is a full MQTT 3.1.1 and 5 session: its link is named by its
+//! client id, so that rumqttd's router keeps its persistent session and takes it over
+//! on a second CONNECT, and its publishes, subscriptions and acknowledgements (QoS 0, 1
+//! and 2 both ways) pass through to the router, which answers them.
 //!
 //! Here: the session's state and its event loop (the socket, the router, the
 //! keep-alive, the cut-off), and how it ends.
@@ -19,6 +28,7 @@ mod connect;
 mod dps;
 mod link;
 mod subscriptions;
+pub(crate) mod will;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,7 +36,10 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::protocol::{Packet, PingResp, PubAck, PubAckReason};
+use rumqttd::protocol::{
+    DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
+    PubRecReason, SubscribeReasonCode,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{timeout_at, Instant};
 
@@ -56,6 +69,8 @@ pub struct Shared {
     /// Where the responder's records, results and events go into the router.
     pub publisher: Publisher,
     pub limits: Limits,
+    /// Which connection holds each client id (for will delays).
+    pub owners: Arc<will::Owners>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +91,10 @@ enum Close {
     Denied(String),
     #[error("client disconnected")]
     Disconnect,
+    #[error("client disconnected, asking for its will to be sent")]
+    DisconnectWithWill,
+    #[error("a new connection with the same client id took the session over")]
+    TakenOver,
     #[error("router: {0}")]
     Router(String),
     #[error("taken out of service: {0}")]
@@ -113,6 +132,18 @@ struct Session<S> {
     subscriptions: std::collections::HashSet<String>,
     /// A device's place in the live-session registry.
     live: Option<Entered>,
+    /// Not a DPS session: a full MQTT session whose packets pass through to the router.
+    passthrough: bool,
+    /// This connection's claim on its client id (pass-through sessions).
+    owner: u64,
+    will: Option<will::Will>,
+    /// SUBSCRIBEs the router has not acknowledged yet: the codes decided here (refused
+    /// filters), `None` where the router's code goes.
+    pending_subacks: std::collections::HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
+    /// QoS 2 publishes answered here (operator writes): PUBREC sent, PUBREL awaited.
+    own_qos2: std::collections::HashSet<u16>,
+    /// What the router expects back for its deliveries, in its order (`link.rs`).
+    settling: link::Settling,
 }
 
 /// Runs a session on an established (TLS or plain) stream until it closes. `_slot` is
@@ -130,9 +161,14 @@ pub async fn serve<S>(
     match Box::pin(connect::accept(stream, chain, kind, peer, shared)).await {
         Ok(Some(mut session)) => {
             let result = session.run().await;
-            session.release_link().await;
+            // A session taken over has no link of its own any more: the router gave its
+            // id to the new connection.
+            if !matches!(result, Err(Close::TakenOver)) {
+                session.release_link().await;
+            }
+            session.end(&result).await;
             match result {
-                Err(Close::Eof) | Err(Close::Disconnect) => {
+                Err(Close::Eof) | Err(Close::Disconnect) | Err(Close::DisconnectWithWill) => {
                     tracing::debug!(peer = %session.peer, client_id = %session.client_id, "session ended")
                 }
                 Err(e @ Close::Denied(_)) => {
@@ -216,6 +252,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// After the session: its will, unless it ended with a normal DISCONNECT.
+    async fn end(&mut self, result: &Result<(), Close>) {
+        if !self.passthrough {
+            return;
+        }
+        let normal = matches!(result, Ok(()) | Err(Close::Disconnect));
+        if let (false, Some(will)) = (normal, self.will.take()) {
+            will::publish(
+                will,
+                self.client_id.clone(),
+                self.owner,
+                self.shared.owners.clone(),
+                self.shared.publisher.clone(),
+            )
+            .await;
+        }
+        self.shared.owners.release(&self.client_id, self.owner);
+    }
+
     /// Set once the registry has cut this device session.
     fn cut(&self) -> Option<Cut> {
         self.live
@@ -292,7 +347,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let meta = frame
                     .publish
                     .unwrap_or(codec::PublishMeta { qos: 0, pkid: 0 });
-                if meta.qos > 1 {
+                if meta.qos > 1 && !self.passthrough {
+                    // PROTOCOL A: DPS sessions speak QoS 0 and 1.
                     return Err(Close::Violation("QoS 2 is not supported".into()));
                 }
                 let topic = std::str::from_utf8(&publish.topic)
@@ -313,21 +369,50 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if !acl::may_publish(&self.role, &topic) {
                     return Err(self.denied("publish", &topic).await);
                 }
+                if self.passthrough {
+                    // The router stores it and acknowledges it (PUBACK, PUBREC).
+                    let properties = crate::qos::tag(properties, meta.qos);
+                    return self.router_send(Packet::Publish(publish, properties)).await;
+                }
                 let forward = rumqttd::protocol::Publish::new(
                     publish.topic.clone(),
                     publish.payload.clone(),
                     publish.retain,
                 );
-                self.router_send(Packet::Publish(forward, self.codec.properties(properties)))
+                let properties = crate::qos::tag(self.codec.properties(properties), meta.qos);
+                self.router_send(Packet::Publish(forward, properties))
                     .await?;
                 self.puback(meta)
             }
             Packet::Subscribe(subscribe, _) => self.subscribe(subscribe).await,
             Packet::Unsubscribe(unsubscribe, _) => self.unsubscribe(unsubscribe).await,
             Packet::PingReq(_) => self.send(Packet::PingResp(PingResp)),
-            Packet::Disconnect(..) => Err(Close::Disconnect),
-            // Acknowledgements of what we delivered: nothing is retransmitted, so
-            // nothing to settle.
+            Packet::Disconnect(disconnect, _) => match disconnect.reason_code {
+                DisconnectReasonCode::DisconnectWithWillMessage => Err(Close::DisconnectWithWill),
+                _ => Err(Close::Disconnect),
+            },
+            Packet::PubRel(pubrel, _) if self.own_qos2.remove(&pubrel.pkid) => {
+                self.send(Packet::PubComp(
+                    PubComp {
+                        pkid: pubrel.pkid,
+                        reason: PubCompReason::Success,
+                    },
+                    None,
+                ))
+            }
+            // Acknowledgements of what the router delivered: settled with the router in
+            // its order (`link.rs`).
+            Packet::PubAck(PubAck { pkid, .. }, _) | Packet::PubRec(PubRec { pkid, .. }, _)
+                if self.passthrough =>
+            {
+                self.acknowledged(pkid).await
+            }
+            Packet::PubComp(PubComp { pkid, .. }, _) if self.passthrough => {
+                self.completed(pkid).await
+            }
+            // The release of a QoS 2 publish the router holds.
+            release @ Packet::PubRel(..) if self.passthrough => self.router_send(release).await,
+            // DPS sessions: deliveries are QoS 0, nothing to settle.
             Packet::PubAck(..) => Ok(()),
             Packet::Connect(..) => Err(Close::Violation("second CONNECT".into())),
             other => Err(Close::Violation(format!("unexpected packet {other:?}"))),
@@ -351,16 +436,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Close::Denied(format!("{action} to `{topic}`: {reason}"))
     }
 
+    /// Acknowledges a publish answered here: PUBACK for QoS 1, PUBREC for QoS 2 (the
+    /// PUBCOMP follows the client's PUBREL).
     fn puback(&mut self, meta: codec::PublishMeta) -> Result<(), Close> {
-        if meta.qos == 1 {
-            self.send(Packet::PubAck(
+        match meta.qos {
+            1 => self.send(Packet::PubAck(
                 PubAck {
                     pkid: meta.pkid,
                     reason: PubAckReason::Success,
                 },
                 None,
-            ))?;
+            )),
+            2 => {
+                self.own_qos2.insert(meta.pkid);
+                self.send(Packet::PubRec(
+                    PubRec {
+                        pkid: meta.pkid,
+                        reason: PubRecReason::Success,
+                    },
+                    None,
+                ))
+            }
+            _ => Ok(()),
         }
-        Ok(())
     }
 }

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use rumqttd::protocol::{
-    Filter, Packet, QoS, RetainForwardRule, SubAck, Subscribe, UnsubAck, UnsubAckReason,
-    Unsubscribe,
+    Filter, Packet, QoS, RetainForwardRule, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
+    UnsubAckReason, Unsubscribe,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -20,6 +20,9 @@ use super::{Close, Identity, Session};
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn subscribe(&mut self, subscribe: Subscribe) -> Result<(), Close> {
+        if self.passthrough {
+            return self.subscribe_through(subscribe).await;
+        }
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut forward = Vec::new();
         let mut refused = Vec::new();
@@ -87,6 +90,83 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(())
     }
 
+    /// A full MQTT session's SUBSCRIBE: refused filters are answered here, the others go
+    /// to the router with the QoS asked for; the SUBACK goes out when the router has
+    /// acknowledged them (`link.rs`), with the router's codes in their places.
+    async fn subscribe_through(&mut self, subscribe: Subscribe) -> Result<(), Close> {
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        let mut forward = Vec::new();
+        let mut refused = Vec::new();
+        for filter in subscribe.filters {
+            if !rumqttd::protocol::valid_filter(&filter.path)
+                || !acl::may_subscribe(&self.role, &filter.path)
+            {
+                tracing::warn!(client_id = %self.client_id, filter = %filter.path, "subscription refused");
+                refused.push(self.shared.responder.topic_refused(
+                    &self.client_id,
+                    "subscribe",
+                    &filter.path,
+                    "not allowed for this session",
+                ));
+                codes.push(Some(self.codec.subscribe_refused()));
+            } else if !self.subscriptions.contains(&filter.path)
+                && self.subscriptions.len() >= self.shared.limits.max_subscriptions_per_session
+            {
+                tracing::warn!(client_id = %self.client_id, filter = %filter.path, "subscription refused: limits.max_subscriptions_per_session reached");
+                codes.push(Some(self.codec.subscribe_refused()));
+            } else {
+                self.subscriptions.insert(filter.path.clone());
+                codes.push(None);
+                forward.push(filter);
+            }
+        }
+        if !refused.is_empty() {
+            self.publish(refused).await;
+        }
+        if forward.is_empty() {
+            let return_codes = codes.into_iter().flatten().collect();
+            return self.send(Packet::SubAck(
+                SubAck {
+                    pkid: subscribe.pkid,
+                    return_codes,
+                },
+                None,
+            ));
+        }
+        self.pending_subacks.insert(subscribe.pkid, codes);
+        self.router_send(Packet::Subscribe(
+            Subscribe {
+                pkid: subscribe.pkid,
+                filters: forward,
+            },
+            None,
+        ))
+        .await
+    }
+
+    /// The router acknowledged a SUBSCRIBE of a full MQTT session: its codes go where
+    /// this session left room for them.
+    pub(super) fn subscribed(&mut self, ack: SubAck) -> Result<(), Close> {
+        let Some(codes) = self.pending_subacks.remove(&ack.pkid) else {
+            return self.send(Packet::SubAck(ack, None));
+        };
+        let mut routed = ack.return_codes.into_iter();
+        let return_codes = codes
+            .into_iter()
+            .map(|code| {
+                code.or_else(|| routed.next())
+                    .unwrap_or(SubscribeReasonCode::Unspecified)
+            })
+            .collect();
+        self.send(Packet::SubAck(
+            SubAck {
+                pkid: ack.pkid,
+                return_codes,
+            },
+            None,
+        ))
+    }
+
     /// Waits until the router has applied what this session sent it: only then is the
     /// subscription live, and only then may the client be told so (otherwise a publish
     /// right after the SUBACK could miss it). Returns what arrived meanwhile.
@@ -111,6 +191,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     pub(super) async fn unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Result<(), Close> {
+        if self.passthrough {
+            // The router answers (its UNSUBACK passes through, `link.rs`).
+            for filter in &unsubscribe.filters {
+                self.subscriptions.remove(filter);
+            }
+            return self
+                .router_send(Packet::Unsubscribe(unsubscribe, None))
+                .await;
+        }
         let reasons = vec![UnsubAckReason::Success; unsubscribe.filters.len()];
         let forward: Vec<String> = unsubscribe
             .filters

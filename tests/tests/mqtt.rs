@@ -1,0 +1,343 @@
+//! The gateway's MQTT broker (issue 10): sessions on the local listener that are not DPS
+//! sessions get MQTT 3.1.1 semantics: QoS 0, 1 and 2 both ways at the lower of the
+//! published and the granted QoS, wills, persistent sessions, assigned client ids and
+//! takeover. Each test asserts what arrives, with which QoS, and what does not.
+
+use std::time::Duration;
+
+use edgedps_tests::*;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// An MQTT 3.1.1 client on the local listener, connected (CONNACK read).
+async fn client(server: &Server, id: &str, clean: bool) -> (AsyncClient, EventLoop, bool) {
+    let mut options = MqttOptions::new(id, "127.0.0.1", server.local_port);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_clean_session(clean);
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let session_present =
+        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => ack.session_present,
+            other => panic!("{id}: no CONNACK: {other:?}"),
+        };
+    (client, eventloop, session_present)
+}
+
+/// Subscribes and returns the SUBACK's codes.
+async fn subscribe(
+    client: &AsyncClient,
+    eventloop: &mut EventLoop,
+    filter: &str,
+    qos: QoS,
+) -> Vec<rumqttc::SubscribeReasonCode> {
+    client.subscribe(filter, qos).await.expect("subscribe");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(ack)))) => return ack.return_codes,
+            Ok(Ok(_)) => {}
+            other => panic!("no SUBACK for {filter}: {other:?}"),
+        }
+    }
+}
+
+/// The publishes that arrive within `wait` (acknowledging them as rumqttc does).
+async fn publishes_within(eventloop: &mut EventLoop, wait: Duration) -> Vec<Publish> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut received = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Err(_) => return received,
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => received.push(p),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("connection failed: {e}"),
+        }
+    }
+}
+
+/// Keeps a publisher's event loop turning until `done` sees the packet it waits for.
+async fn drive_until(eventloop: &mut EventLoop, what: &str, done: impl Fn(&Packet) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(packet))) if done(&packet) => return,
+            Ok(Ok(_)) => {}
+            other => panic!("no {what}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_2_publish_is_delivered_once_at_qos_2_and_completes() {
+    let server = Server::start().await;
+    let (sub, mut sub_loop, _) = client(&server, "q2-sub", true).await;
+    let granted = subscribe(&sub, &mut sub_loop, "app/q2", QoS::ExactlyOnce).await;
+    assert_eq!(
+        granted,
+        vec![rumqttc::SubscribeReasonCode::Success(QoS::ExactlyOnce)]
+    );
+    let (publisher, mut pub_loop, _) = client(&server, "q2-pub", true).await;
+    publisher
+        .publish("app/q2", QoS::ExactlyOnce, false, "once")
+        .await
+        .unwrap();
+    // PUBREC, then (rumqttc sends PUBREL) PUBCOMP.
+    drive_until(&mut pub_loop, "PUBCOMP", |p| {
+        matches!(p, Packet::PubComp(_))
+    })
+    .await;
+    let received = publishes_within(&mut sub_loop, Duration::from_secs(2)).await;
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert_eq!(received[0].qos, QoS::ExactlyOnce);
+    assert_eq!(&received[0].payload[..], b"once");
+    assert!(!received[0].dup);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_qos_is_the_lower_of_published_and_granted() {
+    let server = Server::start().await;
+    let (at_1, mut at_1_loop, _) = client(&server, "min-1", true).await;
+    subscribe(&at_1, &mut at_1_loop, "app/min", QoS::AtLeastOnce).await;
+    let (at_0, mut at_0_loop, _) = client(&server, "min-0", true).await;
+    subscribe(&at_0, &mut at_0_loop, "app/min", QoS::AtMostOnce).await;
+    let (publisher, mut pub_loop, _) = client(&server, "min-pub", true).await;
+    publisher
+        .publish("app/min", QoS::ExactlyOnce, false, "two")
+        .await
+        .unwrap();
+    drive_until(&mut pub_loop, "PUBCOMP", |p| {
+        matches!(p, Packet::PubComp(_))
+    })
+    .await;
+    publisher
+        .publish("app/min", QoS::AtMostOnce, false, "zero")
+        .await
+        .unwrap();
+    tokio::spawn(async move { publishes_within(&mut pub_loop, Duration::from_secs(3)).await });
+    let one = publishes_within(&mut at_1_loop, Duration::from_secs(2)).await;
+    let zero = publishes_within(&mut at_0_loop, Duration::from_secs(1)).await;
+    let qos_of = |list: &[Publish]| -> Vec<(Vec<u8>, QoS)> {
+        list.iter().map(|p| (p.payload.to_vec(), p.qos)).collect()
+    };
+    assert_eq!(
+        qos_of(&one),
+        vec![
+            (b"two".to_vec(), QoS::AtLeastOnce),
+            (b"zero".to_vec(), QoS::AtMostOnce)
+        ]
+    );
+    assert_eq!(
+        qos_of(&zero),
+        vec![
+            (b"two".to_vec(), QoS::AtMostOnce),
+            (b"zero".to_vec(), QoS::AtMostOnce)
+        ]
+    );
+}
+
+/// An MQTT 3.1.1 CONNECT with a will on `will_topic` (QoS 1) and the given keep-alive.
+fn connect_with_will(client_id: &str, keep_alive: u16, will_topic: &str, will: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4];
+    // Clean session, will flag, will QoS 1.
+    body.push(0x02 | 0x04 | 0x08);
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    for field in [client_id.as_bytes(), will_topic.as_bytes(), will.as_bytes()] {
+        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        body.extend_from_slice(field);
+    }
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend_from_slice(&body);
+    packet
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn will_is_published_when_keep_alive_expires_and_not_after_a_disconnect() {
+    let server = Server::start().await;
+    let (watcher, mut watch_loop, _) = client(&server, "will-watcher", true).await;
+    subscribe(&watcher, &mut watch_loop, "app/will/#", QoS::AtLeastOnce).await;
+
+    // Silent after its CONNECT: closed after 1.5 keep-alives, and its will goes out.
+    let mut silent = TcpStream::connect(("127.0.0.1", server.local_port))
+        .await
+        .unwrap();
+    silent
+        .write_all(&connect_with_will(
+            "will-silent",
+            1,
+            "app/will/silent",
+            "gone",
+        ))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    silent.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    let wills = publishes_within(&mut watch_loop, Duration::from_secs(4)).await;
+    assert_eq!(wills.len(), 1, "{wills:?}");
+    assert_eq!(wills[0].topic, "app/will/silent");
+    assert_eq!(&wills[0].payload[..], b"gone");
+    assert_eq!(wills[0].qos, QoS::AtLeastOnce);
+
+    // Dropped without DISCONNECT: the will goes out.
+    let mut dropped = TcpStream::connect(("127.0.0.1", server.local_port))
+        .await
+        .unwrap();
+    dropped
+        .write_all(&connect_with_will(
+            "will-dropped",
+            60,
+            "app/will/dropped",
+            "lost",
+        ))
+        .await
+        .unwrap();
+    dropped.read_exact(&mut connack).await.unwrap();
+    drop(dropped);
+    let wills = publishes_within(&mut watch_loop, Duration::from_secs(2)).await;
+    assert_eq!(wills.len(), 1, "{wills:?}");
+    assert_eq!(wills[0].topic, "app/will/dropped");
+
+    // A normal DISCONNECT: no will.
+    let mut polite = TcpStream::connect(("127.0.0.1", server.local_port))
+        .await
+        .unwrap();
+    polite
+        .write_all(&connect_with_will(
+            "will-polite",
+            60,
+            "app/will/polite",
+            "bye",
+        ))
+        .await
+        .unwrap();
+    polite.read_exact(&mut connack).await.unwrap();
+    polite.write_all(&[0xe0, 0x00]).await.unwrap();
+    let wills = publishes_within(&mut watch_loop, Duration::from_secs(2)).await;
+    assert!(
+        wills.is_empty(),
+        "a will after a normal DISCONNECT: {wills:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_session_keeps_its_subscriptions_and_queues_messages_while_offline() {
+    let server = Server::start().await;
+    let (keeper, mut keep_loop, present) = client(&server, "keeper", false).await;
+    assert!(!present, "a first connection has no session");
+    subscribe(&keeper, &mut keep_loop, "app/persist", QoS::AtLeastOnce).await;
+    keeper.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while keep_loop.poll().await.is_ok() {}
+    })
+    .await;
+
+    let (publisher, mut pub_loop, _) = client(&server, "persist-pub", true).await;
+    for n in 0..3 {
+        publisher
+            .publish("app/persist", QoS::AtLeastOnce, false, format!("m{n}"))
+            .await
+            .unwrap();
+    }
+    for _ in 0..3 {
+        drive_until(&mut pub_loop, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    }
+
+    // Back with clean session 0: the session is there, and the queued messages arrive
+    // without a new SUBSCRIBE.
+    let (_keeper, mut keep_loop, present) = client(&server, "keeper", false).await;
+    assert!(present, "SessionPresent is 1 on resume");
+    let queued = publishes_within(&mut keep_loop, Duration::from_secs(3)).await;
+    let payloads: Vec<&[u8]> = queued.iter().map(|p| &p.payload[..]).collect();
+    assert_eq!(payloads, vec![&b"m0"[..], b"m1", b"m2"]);
+    assert!(queued.iter().all(|p| p.qos == QoS::AtLeastOnce));
+    drop(keep_loop);
+
+    // A clean session discards it.
+    let (_fresh, _fresh_loop, present) = client(&server, "keeper", true).await;
+    assert!(!present);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_client_id_is_assigned_with_a_clean_session_and_refused_without() {
+    let server = Server::start().await;
+    for (clean, expected) in [(true, [0x20, 2, 0, 0]), (false, [0x20, 2, 0, 2])] {
+        let mut stream = TcpStream::connect(("127.0.0.1", server.local_port))
+            .await
+            .unwrap();
+        let flags = if clean { 0x02 } else { 0x00 };
+        stream
+            .write_all(&[
+                0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, flags, 0, 30, 0, 0,
+            ])
+            .await
+            .unwrap();
+        let mut connack = [0u8; 4];
+        stream.read_exact(&mut connack).await.unwrap();
+        assert_eq!(connack, expected, "clean session {clean}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_connection_with_the_same_client_id_takes_the_session_over() {
+    let server = Server::start().await;
+    let (_first, mut first_loop, _) = client(&server, "twice", true).await;
+    let (second, mut second_loop, _) = client(&server, "twice", true).await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if first_loop.poll().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the first connection was not closed");
+    // The second one works.
+    subscribe(&second, &mut second_loop, "app/twice", QoS::AtLeastOnce).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_below_the_subscription_qos_are_settled_with_the_router() {
+    // More messages than the router keeps in flight per session: had a downgraded
+    // delivery not been settled with the router, the later ones would never come.
+    const COUNT: usize = 150;
+    let server = Server::start().await;
+    let (at_2, mut at_2_loop, _) = client(&server, "settle-2", true).await;
+    subscribe(&at_2, &mut at_2_loop, "app/settle", QoS::ExactlyOnce).await;
+    let (publisher, mut pub_loop, _) = client(&server, "settle-pub", true).await;
+    let driving = tokio::spawn(async move {
+        publishes_within(&mut pub_loop, Duration::from_secs(15)).await;
+    });
+    let publishing = tokio::spawn(async move {
+        for n in 0..COUNT {
+            let qos = if n % 2 == 0 {
+                QoS::AtLeastOnce
+            } else {
+                QoS::AtMostOnce
+            };
+            publisher
+                .publish("app/settle", qos, false, n.to_string())
+                .await
+                .unwrap();
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut received = Vec::new();
+    while received.len() < COUNT {
+        match tokio::time::timeout_at(deadline, at_2_loop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => received.push(p),
+            Ok(Ok(_)) => {}
+            other => panic!("after {} of {COUNT}: {other:?}", received.len()),
+        }
+    }
+    for (n, p) in received.iter().enumerate() {
+        assert_eq!(&p.payload[..], n.to_string().as_bytes());
+        let expected = if n % 2 == 0 {
+            QoS::AtLeastOnce
+        } else {
+            QoS::AtMostOnce
+        };
+        assert_eq!(p.qos, expected, "message {n}");
+    }
+    publishing.await.unwrap();
+    driving.abort();
+}
