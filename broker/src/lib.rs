@@ -7,6 +7,7 @@ pub mod baseline;
 pub mod codec;
 pub mod config;
 pub mod devcert;
+pub mod dollar;
 mod error;
 pub mod qos;
 pub mod router;

@@ -1,8 +1,10 @@
 //! Topic ACLs for what a session passes to the router (DESIGN: roles and listeners).
 //!
 //! `$dps/` topics never reach this check: the session answers them itself. A device may
-//! use `devices/{deviceId}/#` once it is provisioned, and nothing else; an operator may
-//! use any topic the router carries.
+//! use `devices/{deviceId}/#` once it is provisioned, and nothing else. An operator (a
+//! full MQTT session) may use any topic, `$`-topics included, but `$dps/` (the device
+//! protocol's) and `$SYS` (the server's: edgedps publishes none); it may subscribe to
+//! shared subscriptions `$share/{group}/{filter}` of what it may subscribe to.
 
 /// Who a session is, for the ACL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,10 +31,15 @@ fn wildcard_free(device_id: &str) -> bool {
     !device_id.is_empty() && !device_id.contains(['+', '#', '/'])
 }
 
+/// Topics reserved to the server: `$dps/` and `$SYS`.
+fn reserved(topic: &str) -> bool {
+    topic.starts_with("$dps/") || topic == "$dps" || topic == "$SYS" || topic.starts_with("$SYS/")
+}
+
 /// May this role publish to `topic` (outside `$dps/`)?
 pub fn may_publish(role: &Role, topic: &str) -> bool {
     match role {
-        Role::Operator => !topic.starts_with('$'),
+        Role::Operator => !reserved(topic) && !topic.starts_with("$share/"),
         Role::Device {
             device_id: Some(id),
         } => wildcard_free(id) && device_prefix_ok(id, topic),
@@ -43,7 +50,18 @@ pub fn may_publish(role: &Role, topic: &str) -> bool {
 /// May this role subscribe to `filter` (outside `$dps/`)?
 pub fn may_subscribe(role: &Role, filter: &str) -> bool {
     match role {
-        Role::Operator => !filter.starts_with('$'),
+        Role::Operator => match filter.strip_prefix("$share/") {
+            Some(shared) => match shared.split_once('/') {
+                Some((group, inner)) => {
+                    !group.is_empty()
+                        && !group.contains(['+', '#'])
+                        && !inner.starts_with("$share/")
+                        && !reserved(inner)
+                }
+                None => false,
+            },
+            None => !reserved(filter),
+        },
         Role::Device {
             device_id: Some(id),
         } => {
@@ -105,5 +123,23 @@ mod tests {
         assert!(may_subscribe(&Role::Operator, "#"));
         assert!(may_publish(&Role::Operator, "devices/dev-1/x"));
         assert!(!may_subscribe(&Role::Operator, "$SYS/#"));
+    }
+
+    #[test]
+    fn operator_may_use_dollar_topics_and_shared_subscriptions_but_not_the_servers() {
+        let op = Role::Operator;
+        assert!(may_publish(&op, "$app/status"));
+        assert!(may_subscribe(&op, "$app/#"));
+        assert!(may_subscribe(&op, "$share/workers/jobs/+"));
+        assert!(may_subscribe(&op, "$share/workers/$app/#"));
+        for reserved in ["$SYS/broker/load", "$SYS", "$dps/registrations/res/#"] {
+            assert!(!may_publish(&op, reserved), "{reserved}");
+            assert!(!may_subscribe(&op, reserved), "{reserved}");
+        }
+        assert!(!may_subscribe(&op, "$share/workers/$SYS/#"));
+        assert!(!may_subscribe(&op, "$share//jobs"));
+        assert!(!may_subscribe(&op, "$share/w+/jobs"));
+        assert!(!may_subscribe(&op, "$share/workers"));
+        assert!(!may_publish(&op, "$share/workers/jobs"));
     }
 }

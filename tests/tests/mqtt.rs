@@ -341,3 +341,148 @@ async fn deliveries_below_the_subscription_qos_are_settled_with_the_router() {
     publishing.await.unwrap();
     driving.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_are_delivered_on_subscribe_replaced_and_cleared() {
+    let server = Server::start().await;
+    let (publisher, mut pub_loop, _) = client(&server, "ret-pub", true).await;
+    let driving = tokio::spawn(async move {
+        publishes_within(&mut pub_loop, Duration::from_secs(20)).await;
+    });
+    publisher
+        .publish("app/ret/a", QoS::AtLeastOnce, true, "first")
+        .await
+        .unwrap();
+    publisher
+        .publish("app/ret/a", QoS::AtLeastOnce, true, "second")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // On subscribe: the latest retained message, with RETAIN set.
+    let (sub, mut sub_loop, _) = client(&server, "ret-sub", true).await;
+    subscribe(&sub, &mut sub_loop, "app/ret/#", QoS::AtLeastOnce).await;
+    let got = publishes_within(&mut sub_loop, Duration::from_secs(1)).await;
+    let seen: Vec<(&[u8], bool)> = got.iter().map(|p| (&p.payload[..], p.retain)).collect();
+    assert_eq!(seen, vec![(&b"second"[..], true)]);
+
+    // Delivered to an existing subscription: RETAIN is 0 (MQTT 3.1.1 3.3.1.3).
+    publisher
+        .publish("app/ret/a", QoS::AtLeastOnce, true, "third")
+        .await
+        .unwrap();
+    let got = publishes_within(&mut sub_loop, Duration::from_secs(1)).await;
+    let seen: Vec<(&[u8], bool)> = got.iter().map(|p| (&p.payload[..], p.retain)).collect();
+    assert_eq!(seen, vec![(&b"third"[..], false)]);
+
+    // An empty retained message clears it: a new subscriber gets nothing.
+    publisher
+        .publish("app/ret/a", QoS::AtLeastOnce, true, "")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (late, mut late_loop, _) = client(&server, "ret-late", true).await;
+    subscribe(&late, &mut late_loop, "app/ret/#", QoS::AtLeastOnce).await;
+    let got = publishes_within(&mut late_loop, Duration::from_secs(1)).await;
+    assert!(got.is_empty(), "{got:?}");
+    driving.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribe_stops_deliveries_at_once() {
+    let server = Server::start().await;
+    let (sub, mut sub_loop, _) = client(&server, "unsub-sub", true).await;
+    subscribe(&sub, &mut sub_loop, "app/unsub", QoS::AtLeastOnce).await;
+    sub.unsubscribe("app/unsub").await.unwrap();
+    drive_until(&mut sub_loop, "UNSUBACK", |p| {
+        matches!(p, Packet::UnsubAck(_))
+    })
+    .await;
+    let (publisher, mut pub_loop, _) = client(&server, "unsub-pub", true).await;
+    publisher
+        .publish("app/unsub", QoS::AtLeastOnce, false, "late")
+        .await
+        .unwrap();
+    drive_until(&mut pub_loop, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    let got = publishes_within(&mut sub_loop, Duration::from_secs(1)).await;
+    assert!(got.is_empty(), "{got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dollar_topics_are_routed_but_never_matched_by_a_first_level_wildcard() {
+    let server = Server::start().await;
+    let (everything, mut everything_loop, _) = client(&server, "dollar-all", true).await;
+    subscribe(&everything, &mut everything_loop, "#", QoS::AtLeastOnce).await;
+    let (plus, mut plus_loop, _) = client(&server, "dollar-plus", true).await;
+    subscribe(&plus, &mut plus_loop, "+/status", QoS::AtLeastOnce).await;
+    let (dollar, mut dollar_loop, _) = client(&server, "dollar-own", true).await;
+    subscribe(&dollar, &mut dollar_loop, "$app/#", QoS::AtLeastOnce).await;
+    let (publisher, mut pub_loop, _) = client(&server, "dollar-pub", true).await;
+    publisher
+        .publish("$app/status", QoS::AtLeastOnce, false, "up")
+        .await
+        .unwrap();
+    drive_until(&mut pub_loop, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    // `$SYS` is the server's: refused, and the session stays.
+    publisher
+        .publish("$SYS/broker/x", QoS::AtLeastOnce, false, "forged")
+        .await
+        .unwrap();
+    drive_until(&mut pub_loop, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    publisher
+        .publish("app/status", QoS::AtLeastOnce, false, "plain")
+        .await
+        .unwrap();
+    drive_until(&mut pub_loop, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+
+    let topics = |list: Vec<Publish>| -> Vec<(String, Vec<u8>)> {
+        list.into_iter()
+            .map(|p| (p.topic, p.payload.to_vec()))
+            .collect()
+    };
+    let got = topics(publishes_within(&mut dollar_loop, Duration::from_secs(1)).await);
+    assert_eq!(got, vec![("$app/status".to_string(), b"up".to_vec())]);
+    // `#` also sees the operator plane (`dps/`: the retained hub, the refusal's event).
+    let mut got = topics(publishes_within(&mut everything_loop, Duration::from_secs(1)).await);
+    got.retain(|(topic, _)| !topic.starts_with("dps/"));
+    assert_eq!(got, vec![("app/status".to_string(), b"plain".to_vec())]);
+    let got = topics(publishes_within(&mut plus_loop, Duration::from_secs(1)).await);
+    assert_eq!(got, vec![("app/status".to_string(), b"plain".to_vec())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_subscription_gives_each_message_to_one_member() {
+    const COUNT: usize = 20;
+    let server = Server::start().await;
+    let (a, mut a_loop, _) = client(&server, "share-a", true).await;
+    subscribe(&a, &mut a_loop, "$share/workers/jobs/+", QoS::AtLeastOnce).await;
+    let (b, mut b_loop, _) = client(&server, "share-b", true).await;
+    subscribe(&b, &mut b_loop, "$share/workers/jobs/+", QoS::AtLeastOnce).await;
+    let (publisher, mut pub_loop, _) = client(&server, "share-pub", true).await;
+    let driving = tokio::spawn(async move {
+        publishes_within(&mut pub_loop, Duration::from_secs(10)).await;
+    });
+    for n in 0..COUNT {
+        publisher
+            .publish(format!("jobs/{n}"), QoS::AtLeastOnce, false, n.to_string())
+            .await
+            .unwrap();
+    }
+    let (got_a, got_b) = tokio::join!(
+        publishes_within(&mut a_loop, Duration::from_secs(3)),
+        publishes_within(&mut b_loop, Duration::from_secs(3))
+    );
+    let mut all: Vec<String> = got_a
+        .iter()
+        .chain(got_b.iter())
+        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+        .collect();
+    all.sort_by_key(|n| n.parse::<usize>().unwrap_or_default());
+    let expected: Vec<String> = (0..COUNT).map(|n| n.to_string()).collect();
+    assert_eq!(all, expected, "each message once, to one member");
+    assert!(
+        !got_a.is_empty() && !got_b.is_empty(),
+        "both members served"
+    );
+    driving.abort();
+}

@@ -194,11 +194,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// A router delivery to a full MQTT session, at the lower of the published QoS and
     /// the router's (the subscription's).
-    async fn deliver(&mut self, forward: rumqttd::Forward) -> Result<(), Close> {
+    async fn deliver(&mut self, mut forward: rumqttd::Forward) -> Result<(), Close> {
         let mut properties = forward.properties;
         let (routed, pkid) = qos_and_pkid(&forward.publish);
         let published = crate::qos::untag(&mut properties).unwrap_or(routed);
         let properties = self.codec.properties(properties);
+        let (topic, dollar) = crate::dollar::from_router_topic(&forward.publish.topic);
+        let wanted = !dollar || {
+            let topic = String::from_utf8_lossy(topic);
+            self.subscriptions
+                .iter()
+                .any(|filter| crate::dollar::matches(&topic, filter))
+        };
+        if dollar {
+            forward.publish.topic = forward.publish.topic.slice(1..);
+        }
+        if !wanted {
+            // A `$`-topic the router matched with a filter that begins with a wildcard:
+            // not for the client; the router is settled as if it had been delivered.
+            if routed > 0 {
+                self.settling.acks.push_back(Owed {
+                    pkid,
+                    routed,
+                    delivered: 0,
+                    due: true,
+                });
+                return self.settle().await;
+            }
+            return Ok(());
+        }
         let delivered = published.min(routed);
         if delivered == routed {
             // As the router sends it: QoS, packet id, DUP and RETAIN are its.

@@ -366,11 +366,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         .admin_write(&topic, admin, &publish.payload, encoding, meta)
                         .await;
                 }
+                if crate::dollar::forbidden(&topic) {
+                    return Err(Close::Violation("topic holds U+0000".into()));
+                }
                 if !acl::may_publish(&self.role, &topic) {
+                    if self.passthrough {
+                        // A full MQTT session keeps its connection: the publish is
+                        // refused (MQTT 5: reason 0x87) and dropped.
+                        self.refused("publish", &topic).await;
+                        return self.refuse_publish(meta);
+                    }
                     return Err(self.denied("publish", &topic).await);
                 }
                 if self.passthrough {
                     // The router stores it and acknowledges it (PUBACK, PUBREC).
+                    let mut publish = publish;
+                    if let std::borrow::Cow::Owned(routed) = crate::dollar::to_router_topic(&topic)
+                    {
+                        publish.topic = routed.into();
+                    }
                     let properties = crate::qos::tag(properties, meta.qos);
                     return self.router_send(Packet::Publish(publish, properties)).await;
                 }
@@ -416,6 +430,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Packet::PubAck(..) => Ok(()),
             Packet::Connect(..) => Err(Close::Violation("second CONNECT".into())),
             other => Err(Close::Violation(format!("unexpected packet {other:?}"))),
+        }
+    }
+
+    /// A refused publish of a full MQTT session: an event for the operators.
+    async fn refused(&self, action: &str, topic: &str) {
+        tracing::warn!(client_id = %self.client_id, %topic, "{action} refused");
+        let event = self.shared.responder.topic_refused(
+            &self.client_id,
+            action,
+            topic,
+            "reserved to the server ($SYS, $dps)",
+        );
+        self.publish(vec![event]).await;
+    }
+
+    /// Acknowledges a refused publish: MQTT 5 with reason 0x87 (not authorized); MQTT
+    /// 3.1.1, which has no such code, as if accepted.
+    fn refuse_publish(&mut self, meta: codec::PublishMeta) -> Result<(), Close> {
+        if self.codec.version == Version::V4 {
+            return self.puback(meta);
+        }
+        match meta.qos {
+            1 => self.send(Packet::PubAck(
+                PubAck {
+                    pkid: meta.pkid,
+                    reason: PubAckReason::NotAuthorized,
+                },
+                None,
+            )),
+            2 => self.send(Packet::PubRec(
+                PubRec {
+                    pkid: meta.pkid,
+                    reason: PubRecReason::NotAuthorized,
+                },
+                None,
+            )),
+            _ => Ok(()),
         }
     }
 

@@ -97,8 +97,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut forward = Vec::new();
         let mut refused = Vec::new();
-        for filter in subscribe.filters {
+        for mut filter in subscribe.filters {
             if !rumqttd::protocol::valid_filter(&filter.path)
+                || crate::dollar::forbidden(&filter.path)
                 || !acl::may_subscribe(&self.role, &filter.path)
             {
                 tracing::warn!(client_id = %self.client_id, filter = %filter.path, "subscription refused");
@@ -117,6 +118,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             } else {
                 self.subscriptions.insert(filter.path.clone());
                 codes.push(None);
+                if let std::borrow::Cow::Owned(routed) =
+                    crate::dollar::to_router_filter(&filter.path)
+                {
+                    filter.path = routed;
+                }
                 forward.push(filter);
             }
         }
@@ -193,8 +199,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Result<(), Close> {
         if self.passthrough {
             // The router answers (its UNSUBACK passes through, `link.rs`).
-            for filter in &unsubscribe.filters {
-                self.subscriptions.remove(filter);
+            let mut unsubscribe = unsubscribe;
+            for filter in &mut unsubscribe.filters {
+                self.subscriptions.remove(filter.as_str());
+                if let std::borrow::Cow::Owned(routed) = crate::dollar::to_router_filter(filter) {
+                    *filter = routed;
+                }
             }
             return self
                 .router_send(Packet::Unsubscribe(unsubscribe, None))
