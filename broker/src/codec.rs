@@ -241,6 +241,16 @@ pub fn publish(topic: &[u8], payload: &[u8], qos: u8, pkid: u16, retain: bool) -
     Publish::deserialize(raw.freeze())
 }
 
+/// The same PUBLISH with DUP set: a redelivery (MQTT 3.3.1.1).
+pub fn with_dup(publish: Publish) -> Publish {
+    let raw = publish.serialize();
+    let mut raw = BytesMut::from(&raw[..]);
+    if let Some(first) = raw.first_mut() {
+        *first |= 0b1000;
+    }
+    Publish::deserialize(raw.freeze())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -69,6 +69,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         publisher,
         limits: config.limits.clone(),
         owners: Arc::default(),
+        saved: Arc::default(),
     });
     let mut running = Running {
         devices_addr: None,

@@ -486,3 +486,162 @@ async fn a_shared_subscription_gives_each_message_to_one_member() {
     );
     driving.abort();
 }
+
+/// A bare MQTT 3.1.1 client over a socket (rumqttc's packet codec, no state machine):
+/// the storm test decides itself what to acknowledge and when to drop the connection.
+struct Bare {
+    stream: TcpStream,
+    buffer: bytes::BytesMut,
+}
+
+impl Bare {
+    async fn connect(port: u16, client_id: &str, clean: bool) -> (Bare, bool) {
+        use rumqttc::mqttbytes::v4::{Connect, Packet as P};
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut bare = Bare {
+            stream,
+            buffer: bytes::BytesMut::new(),
+        };
+        let mut connect = Connect::new(client_id);
+        connect.clean_session = clean;
+        connect.keep_alive = 60;
+        bare.send(P::Connect(connect)).await;
+        match bare.next().await {
+            Some(P::ConnAck(ack)) => {
+                assert_eq!(ack.code, rumqttc::mqttbytes::v4::ConnectReturnCode::Success);
+                (bare, ack.session_present)
+            }
+            other => panic!("no CONNACK: {other:?}"),
+        }
+    }
+
+    async fn send(&mut self, packet: rumqttc::mqttbytes::v4::Packet) {
+        let mut out = bytes::BytesMut::new();
+        packet.write(&mut out, 1 << 20).unwrap();
+        self.stream.write_all(&out).await.unwrap();
+    }
+
+    /// The next packet, or `None` after 5 s of silence or a closed connection.
+    async fn next(&mut self) -> Option<rumqttc::mqttbytes::v4::Packet> {
+        loop {
+            match rumqttc::mqttbytes::v4::Packet::read(&mut self.buffer, 1 << 20) {
+                Ok(packet) => return Some(packet),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => panic!("bad packet: {e}"),
+            }
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout(Duration::from_secs(5), self.stream.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+                Ok(Ok(n)) => self.buffer.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos_1_and_2_storm_survives_a_subscriber_that_drops_and_resumes() {
+    use rumqttc::mqttbytes::v4::{Packet as P, PubAck, PubComp, PubRec, Subscribe};
+    use std::collections::{BTreeMap, HashSet};
+    const COUNT: usize = 400;
+    let server = Server::start().await;
+    let (mut sub, _) = Bare::connect(server.local_port, "storm-sub", false).await;
+    sub.send(P::Subscribe(Subscribe::new("storm/#", QoS::ExactlyOnce)))
+        .await;
+    assert!(matches!(sub.next().await, Some(P::SubAck(_))));
+
+    let (publisher, mut pub_loop, _) = client(&server, "storm-pub", true).await;
+    let driving = tokio::spawn(async move {
+        publishes_within(&mut pub_loop, Duration::from_secs(60)).await;
+    });
+    let publishing = tokio::spawn(async move {
+        for n in 0..COUNT {
+            let (topic, qos) = if n % 2 == 0 {
+                ("storm/q1", QoS::AtLeastOnce)
+            } else {
+                ("storm/q2", QoS::ExactlyOnce)
+            };
+            publisher
+                .publish(topic, qos, false, n.to_string())
+                .await
+                .unwrap();
+        }
+    });
+
+    // What the application saw: every QoS 1 message at least once; every QoS 2 message
+    // once, a redelivery (DUP, the same packet id, before its PUBREL) being the same one.
+    let mut seen: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut qos2_held: HashSet<u16> = HashSet::new();
+    let mut resent_with_dup = 0;
+    let mut dropped = false;
+    let mut unacknowledged = None;
+    let mut received = 0;
+    while seen.len() < COUNT {
+        let Some(packet) = sub.next().await else {
+            let missing: Vec<usize> = (0..COUNT).filter(|n| !seen.contains_key(n)).collect();
+            panic!(
+                "the subscriber heard nothing more after {} of {COUNT}: missing {missing:?}, \
+                 {unacknowledged:?} left unacknowledged",
+                seen.len()
+            );
+        };
+        match packet {
+            P::Publish(p) => {
+                received += 1;
+                let n: usize = String::from_utf8_lossy(&p.payload).parse().unwrap();
+                if p.dup {
+                    resent_with_dup += 1;
+                }
+                let new = match p.qos {
+                    QoS::ExactlyOnce => qos2_held.insert(p.pkid),
+                    _ => true,
+                };
+                if new {
+                    *seen.entry(n).or_default() += 1;
+                }
+                // A third of the way in: drop the connection with a QoS 2 message
+                // received but not acknowledged, then come back.
+                if !dropped && received > COUNT / 3 && p.qos == QoS::ExactlyOnce {
+                    dropped = true;
+                    unacknowledged = Some((p.pkid, n));
+                    // The connection is lost (the socket closes), then the client
+                    // comes back.
+                    drop(sub);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let (resumed, present) =
+                        Bare::connect(server.local_port, "storm-sub", false).await;
+                    assert!(present, "SessionPresent on resume");
+                    sub = resumed;
+                    continue;
+                }
+                match p.qos {
+                    QoS::AtLeastOnce => sub.send(P::PubAck(PubAck::new(p.pkid))).await,
+                    QoS::ExactlyOnce => sub.send(P::PubRec(PubRec::new(p.pkid))).await,
+                    QoS::AtMostOnce => {}
+                }
+            }
+            P::PubRel(rel) => {
+                qos2_held.remove(&rel.pkid);
+                sub.send(P::PubComp(PubComp::new(rel.pkid))).await;
+            }
+            _ => {}
+        }
+    }
+    publishing.await.unwrap();
+    driving.abort();
+    assert!(dropped);
+    let missing: Vec<usize> = (0..COUNT).filter(|n| !seen.contains_key(n)).collect();
+    assert!(missing.is_empty(), "lost: {missing:?}");
+    let doubled: Vec<usize> = seen
+        .iter()
+        .filter(|(n, times)| *n % 2 == 1 && **times > 1)
+        .map(|(n, _)| *n)
+        .collect();
+    assert!(
+        doubled.is_empty(),
+        "QoS 2 messages delivered twice: {doubled:?} ({unacknowledged:?} was left unacknowledged)"
+    );
+    assert!(
+        resent_with_dup > 0,
+        "the in-flight message came back with DUP"
+    );
+}

@@ -54,6 +54,7 @@ where
     let mut link = None;
     let mut will_message = None;
     let mut assigned = None;
+    let mut keep_session = false;
     let (identity, role, live, standing) = match kind {
         ListenerKind::Local => {
             if client_id.is_empty() {
@@ -85,8 +86,17 @@ where
                     release(&mut cleared.tx).await;
                 }
             }
+            keep_session = keep;
             match shared.router.session_link(&client_id, !keep).await {
-                Ok(session) => link = Some(session),
+                Ok(session) => {
+                    // A connection this one took over hands its delivery state on as it
+                    // ends (`Session::end`).
+                    shared
+                        .owners
+                        .released(&client_id, Duration::from_secs(2))
+                        .await;
+                    link = Some(session)
+                }
                 Err(e) => {
                     tracing::warn!(%peer, %client_id, error = %e, "connect refused: no router link");
                     refuse(&mut stream, &codec, ConnectRefusal::Unavailable).await?;
@@ -140,6 +150,16 @@ where
     } else {
         0
     };
+    // What the connection before left of the session's deliveries.
+    let saved = if passthrough {
+        super::lock(&shared.saved).remove(&client_id)
+    } else {
+        None
+    };
+    let settling = match saved {
+        Some(saved) if session_present => super::settling::Settling::resume(saved),
+        _ => Default::default(),
+    };
     let (link_tx, link_rx) = match link {
         Some(link) => (Some(link.tx), Some(link.rx)),
         None => (None, None),
@@ -168,7 +188,8 @@ where
         will: will_message,
         pending_subacks: std::collections::HashMap::new(),
         own_qos2: std::collections::HashSet::new(),
-        settling: Default::default(),
+        settling,
+        keep: keep_session,
     };
     // DPS: SessionPresent is always 0; provisioning sessions are never persisted.
     let properties = assigned.map(|id| ConnAckProperties {

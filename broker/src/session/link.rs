@@ -2,8 +2,6 @@
 //! created on first use, fed packet by packet, read for deliveries, released when the
 //! session ends.
 
-use std::collections::{HashSet, VecDeque};
-
 use rumqttd::local::LinkRx;
 use rumqttd::protocol::Packet;
 use rumqttd::Notification;
@@ -42,33 +40,6 @@ impl From<Notification> for RouterEvent {
             _ => RouterEvent::Nothing,
         }
     }
-}
-
-/// What a full MQTT session owes the router for its QoS 1 and 2 deliveries.
-///
-/// rumqttd takes acknowledgements only in the order it sent the publishes (PUBACK and
-/// PUBREC), and PUBCOMPs only in the order of its PUBRELs; any other order disconnects
-/// the session. A delivery made below the router's QoS (`deliver`) is acknowledged here
-/// for the client, so both kinds are queued in the router's order and sent from the
-/// front as they become due.
-#[derive(Default)]
-pub(super) struct Settling {
-    /// Deliveries the router awaits a PUBACK or PUBREC for, in its order.
-    acks: VecDeque<Owed>,
-    /// PUBRELs the router awaits a PUBCOMP for, in its order: (packet id, due).
-    completions: VecDeque<(u16, bool)>,
-    /// QoS 2 deliveries the client got below QoS 2: their PUBREL is answered here.
-    released_here: HashSet<u16>,
-}
-
-struct Owed {
-    pkid: u16,
-    /// The router's QoS: 1 owes a PUBACK, 2 a PUBREC.
-    routed: u8,
-    /// The client's QoS.
-    delivered: u8,
-    /// The client acknowledged it (or it needs no acknowledgement).
-    due: bool,
 }
 
 /// The QoS and packet id of a publish rumqttd made (its fields are private), from its
@@ -136,14 +107,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Packet::SubAck(ack, _) => self.subscribed(ack),
                 Packet::ConnAck(..) => Ok(()),
                 Packet::PubRel(pubrel, properties) => {
-                    let here = self.settling.released_here.remove(&pubrel.pkid);
-                    self.settling.completions.push_back((pubrel.pkid, here));
-                    if here {
-                        // A delivery the client got below QoS 2: completed here.
-                        self.settle().await
-                    } else {
-                        self.send(Packet::PubRel(pubrel, properties))
-                    }
+                    let actions = self.settling.router_released(pubrel, properties);
+                    self.act(actions).await
                 }
                 packet => self.send(packet),
             },
@@ -193,12 +158,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// A router delivery to a full MQTT session, at the lower of the published QoS and
-    /// the router's (the subscription's).
-    async fn deliver(&mut self, mut forward: rumqttd::Forward) -> Result<(), Close> {
+    /// the router's (the subscription's), under this session's packet id
+    /// (`settling.rs`).
+    async fn deliver(&mut self, forward: rumqttd::Forward) -> Result<(), Close> {
         let mut properties = forward.properties;
-        let (routed, pkid) = qos_and_pkid(&forward.publish);
+        let (routed, router_pkid) = qos_and_pkid(&forward.publish);
         let published = crate::qos::untag(&mut properties).unwrap_or(routed);
-        let properties = self.codec.properties(properties);
         let (topic, dollar) = crate::dollar::from_router_topic(&forward.publish.topic);
         let wanted = !dollar || {
             let topic = String::from_utf8_lossy(topic);
@@ -206,117 +171,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .iter()
                 .any(|filter| crate::dollar::matches(&topic, filter))
         };
-        if dollar {
-            forward.publish.topic = forward.publish.topic.slice(1..);
-        }
-        if !wanted {
-            // A `$`-topic the router matched with a filter that begins with a wildcard:
-            // not for the client; the router is settled as if it had been delivered.
-            if routed > 0 {
-                self.settling.acks.push_back(Owed {
-                    pkid,
-                    routed,
-                    delivered: 0,
-                    due: true,
-                });
-                return self.settle().await;
-            }
-            return Ok(());
-        }
-        let delivered = published.min(routed);
-        if delivered == routed {
-            // As the router sends it: QoS, packet id, DUP and RETAIN are its.
-            self.send(Packet::Publish(forward.publish, properties))?;
+        let topic = if dollar {
+            forward.publish.topic.slice(1..)
         } else {
-            let publish = codec::publish(
-                &forward.publish.topic,
-                &forward.publish.payload,
-                delivered,
-                pkid,
-                forward.publish.retain,
-            );
-            self.send(Packet::Publish(publish, properties))?;
-        }
-        if routed == 0 {
-            return Ok(());
-        }
-        self.settling.acks.push_back(Owed {
-            pkid,
+            forward.publish.topic.clone()
+        };
+        let delivery = super::settling::Delivery {
+            topic,
+            payload: forward.publish.payload.clone(),
+            retain: forward.publish.retain,
+            properties: self.codec.properties(properties),
             routed,
-            delivered,
-            due: delivered == 0,
-        });
-        self.settle().await
+            router_pkid,
+            published,
+            cursor: forward.cursor,
+            wanted,
+        };
+        let actions = self.settling.deliver(delivery);
+        self.act(actions).await
     }
 
     /// The client's PUBACK or PUBREC of a router delivery.
     pub(super) async fn acknowledged(&mut self, pkid: u16) -> Result<(), Close> {
-        if let Some(owed) = self
-            .settling
-            .acks
-            .iter_mut()
-            .find(|o| o.pkid == pkid && !o.due)
-        {
-            owed.due = true;
-        }
-        self.settle().await
+        let actions = self.settling.client_acknowledged(pkid);
+        self.act(actions).await
     }
 
     /// The client's PUBCOMP of a router delivery.
     pub(super) async fn completed(&mut self, pkid: u16) -> Result<(), Close> {
-        if let Some(entry) = self
-            .settling
-            .completions
-            .iter_mut()
-            .find(|(id, due)| *id == pkid && !*due)
-        {
-            entry.1 = true;
-        }
-        self.settle().await
+        let actions = self.settling.client_completed(pkid);
+        self.act(actions).await
     }
 
-    /// Sends the router what is due, from the front of each queue.
-    async fn settle(&mut self) -> Result<(), Close> {
-        while self.settling.acks.front().is_some_and(|o| o.due) {
-            let Some(owed) = self.settling.acks.pop_front() else {
-                break;
-            };
-            let ack = if owed.routed == 1 {
-                Packet::PubAck(
-                    rumqttd::protocol::PubAck {
-                        pkid: owed.pkid,
-                        reason: rumqttd::protocol::PubAckReason::Success,
-                    },
-                    None,
-                )
-            } else {
-                if owed.delivered < 2 {
-                    self.settling.released_here.insert(owed.pkid);
-                }
-                Packet::PubRec(
-                    rumqttd::protocol::PubRec {
-                        pkid: owed.pkid,
-                        reason: rumqttd::protocol::PubRecReason::Success,
-                    },
-                    None,
-                )
-            };
-            self.router_send(ack).await?;
-        }
-        while self
-            .settling
-            .completions
-            .front()
-            .is_some_and(|(_, due)| *due)
-        {
-            let Some((pkid, _)) = self.settling.completions.pop_front() else {
-                break;
-            };
-            let pubcomp = rumqttd::protocol::PubComp {
-                pkid,
-                reason: rumqttd::protocol::PubCompReason::Success,
-            };
-            self.router_send(Packet::PubComp(pubcomp, None)).await?;
+    async fn act(&mut self, actions: Vec<super::settling::Action>) -> Result<(), Close> {
+        for action in actions {
+            match action {
+                super::settling::Action::ToClient(packet) => self.send(packet)?,
+                super::settling::Action::ToRouter(packet) => self.router_send(packet).await?,
+            }
         }
         Ok(())
     }

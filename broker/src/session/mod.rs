@@ -27,6 +27,7 @@ mod admin;
 mod connect;
 mod dps;
 mod link;
+mod settling;
 mod subscriptions;
 pub(crate) mod will;
 
@@ -71,6 +72,8 @@ pub struct Shared {
     pub limits: Limits,
     /// Which connection holds each client id (for will delays).
     pub owners: Arc<will::Owners>,
+    /// The delivery bookkeeping of persistent sessions between their connections.
+    pub saved: Arc<std::sync::Mutex<std::collections::HashMap<String, settling::Saved>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,8 +145,10 @@ struct Session<S> {
     pending_subacks: std::collections::HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
     /// QoS 2 publishes answered here (operator writes): PUBREC sent, PUBREL awaited.
     own_qos2: std::collections::HashSet<u16>,
-    /// What the router expects back for its deliveries, in its order (`link.rs`).
-    settling: link::Settling,
+    /// The QoS bookkeeping of router deliveries (`settling.rs`).
+    settling: settling::Settling,
+    /// A persistent session: its bookkeeping is kept when the connection ends.
+    keep: bool,
 }
 
 /// Runs a session on an established (TLS or plain) stream until it closes. `_slot` is
@@ -256,6 +261,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn end(&mut self, result: &Result<(), Close>) {
         if !self.passthrough {
             return;
+        }
+        if self.keep {
+            let saved = self.settling.saved();
+            lock(&self.shared.saved).insert(self.client_id.clone(), saved);
         }
         let normal = matches!(result, Ok(()) | Err(Close::Disconnect));
         if let (false, Some(will)) = (normal, self.will.take()) {
@@ -511,4 +520,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             _ => Ok(()),
         }
     }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
