@@ -51,14 +51,15 @@ pub fn forbidden(text: &str) -> bool {
     text.contains(PREFIX)
 }
 
-/// MQTT topic matching of a `$`-topic against a client's filter (the inner filter of a
-/// shared subscription): only filters that begin with the same `$` level can match.
+/// MQTT topic matching of a client's topic against one of its filters (the inner filter
+/// of a shared subscription); a `$`-topic is matched only by filters that begin with
+/// the same `$` level.
 pub fn matches(topic: &str, filter: &str) -> bool {
     let filter = filter
         .strip_prefix("$share/")
         .and_then(|shared| shared.split_once('/'))
         .map_or(filter, |(_, inner)| inner);
-    if filter.starts_with(['#', '+']) {
+    if topic.starts_with('$') && filter.starts_with(['#', '+']) {
         return false;
     }
     let mut topic_levels = topic.split('/');
@@ -107,5 +108,8 @@ mod tests {
         assert!(!matches("$app/x/y", "$app/+"));
         assert!(!matches("$other/x", "$app/#"));
         assert!(matches("$app/x", "$share/g/$app/#"));
+        assert!(matches("app/x", "#"));
+        assert!(matches("app/x", "+/x"));
+        assert!(!matches("app/x/y", "+/x"));
     }
 }

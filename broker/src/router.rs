@@ -178,7 +178,10 @@ impl Router {
                             message.payload,
                             message.retain,
                         );
-                        vec![Packet::Publish(publish, crate::qos::tag(None, 0))]
+                        vec![Packet::Publish(
+                            publish,
+                            crate::qos::tag(None, 0, message.retain),
+                        )]
                     }
                     Outgoing::Will {
                         topic,
@@ -189,7 +192,7 @@ impl Router {
                     } => {
                         pkid = pkid.checked_add(1).unwrap_or(1);
                         let publish = crate::codec::publish(&topic, &payload, qos, pkid, retain);
-                        let properties = crate::qos::tag(properties, qos);
+                        let properties = crate::qos::tag(properties, qos, retain);
                         let mut packets = vec![Packet::Publish(publish, properties)];
                         // QoS 2: the router holds the message until the PUBREL, which
                         // this link sends at once (its PUBREC is not awaited).
@@ -280,7 +283,7 @@ impl Router {
         }
         for topic in &topics {
             let clear = Publish::new(topic.clone(), bytes::Bytes::new(), true);
-            tx.send(Packet::Publish(clear, crate::qos::tag(None, 0)))
+            tx.send(Packet::Publish(clear, crate::qos::tag(None, 0, true)))
                 .await
                 .map_err(failed)?;
         }

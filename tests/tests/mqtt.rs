@@ -645,3 +645,27 @@ async fn a_qos_1_and_2_storm_survives_a_subscriber_that_drops_and_resumes() {
         "the in-flight message came back with DUP"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_session_keeps_its_dollar_subscriptions() {
+    let server = Server::start().await;
+    let (keeper, mut keep_loop, _) = client(&server, "dollar-keeper", false).await;
+    subscribe(&keeper, &mut keep_loop, "$app/kept", QoS::AtLeastOnce).await;
+    keeper.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while keep_loop.poll().await.is_ok() {}
+    })
+    .await;
+    let (publisher, mut pub_loop, _) = client(&server, "dollar-keeper-pub", true).await;
+    publisher
+        .publish("$app/kept", QoS::AtLeastOnce, false, "while away")
+        .await
+        .unwrap();
+    drive_until(&mut pub_loop, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    let (_keeper, mut keep_loop, present) = client(&server, "dollar-keeper", false).await;
+    assert!(present);
+    let got = publishes_within(&mut keep_loop, Duration::from_secs(2)).await;
+    let payloads: Vec<&[u8]> = got.iter().map(|p| &p.payload[..]).collect();
+    assert_eq!(payloads, vec![&b"while away"[..]]);
+    assert_eq!(got[0].topic, "$app/kept");
+}

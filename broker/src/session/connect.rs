@@ -156,10 +156,8 @@ where
     } else {
         None
     };
-    let settling = match saved {
-        Some(saved) if session_present => super::settling::Settling::resume(saved),
-        _ => Default::default(),
-    };
+    let saved = saved.filter(|_| session_present).unwrap_or_default();
+    let settling = super::settling::Settling::resume(saved.settling);
     let (link_tx, link_rx) = match link {
         Some(link) => (Some(link.tx), Some(link.rx)),
         None => (None, None),
@@ -181,7 +179,8 @@ where
         link_tx,
         link_rx,
         keep_alive: connect.keep_alive,
-        subscriptions: std::collections::HashSet::new(),
+        subscriptions: saved.filters,
+        sequence: saved.sequence,
         live,
         passthrough,
         owner,
@@ -190,10 +189,13 @@ where
         own_qos2: std::collections::HashSet::new(),
         settling,
         keep: keep_session,
+        topic_aliases: std::collections::HashMap::new(),
     };
     // DPS: SessionPresent is always 0; provisioning sessions are never persisted.
-    let properties = assigned.map(|id| ConnAckProperties {
-        assigned_client_identifier: Some(id),
+    // A full MQTT 5 session is told what it may use; DPS sessions get no properties.
+    let properties = passthrough.then(|| ConnAckProperties {
+        assigned_client_identifier: assigned,
+        topic_alias_max: Some(super::TOPIC_ALIAS_MAX),
         ..empty_connack_properties()
     });
     let accepted = Packet::ConnAck(

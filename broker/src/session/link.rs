@@ -137,6 +137,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 let mut properties = forward.properties;
                 crate::qos::untag(&mut properties);
+                crate::qos::was_retained(&mut properties);
+                if !crate::qos::unexpired(&mut properties) {
+                    return Ok(());
+                }
                 let properties = self.codec.properties(properties);
                 let publish = codec::publish(
                     &forward.publish.topic,
@@ -164,12 +168,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut properties = forward.properties;
         let (routed, router_pkid) = qos_and_pkid(&forward.publish);
         let published = crate::qos::untag(&mut properties).unwrap_or(routed);
+        let unexpired = crate::qos::unexpired(&mut properties);
+        let was_retained = crate::qos::was_retained(&mut properties);
         let (topic, dollar) = crate::dollar::from_router_topic(&forward.publish.topic);
-        let wanted = !dollar || {
-            let topic = String::from_utf8_lossy(topic);
-            self.subscriptions
-                .iter()
-                .any(|filter| crate::dollar::matches(&topic, filter))
+        let client_topic = String::from_utf8_lossy(topic).into_owned();
+        let matching: Vec<super::subscriptions::FilterOptions> = self
+            .subscriptions
+            .iter()
+            .filter(|(filter, _)| crate::dollar::matches(&client_topic, filter))
+            .map(|(_, options)| *options)
+            .collect();
+        // The router reads retained messages only for a new subscription, with no log
+        // position: the latest matching subscription says whether it wanted them.
+        let retained_read = forward.cursor.is_none();
+        let wanted_retained = matching
+            .iter()
+            .max_by_key(|o| o.sequence)
+            .is_none_or(|o| o.retained_on_subscribe);
+        let wanted =
+            unexpired && (!dollar || !matching.is_empty()) && (!retained_read || wanted_retained);
+        let retain = if retained_read {
+            forward.publish.retain
+        } else {
+            was_retained && matching.iter().any(|o| o.retain_as_published)
         };
         let topic = if dollar {
             forward.publish.topic.slice(1..)
@@ -179,7 +200,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let delivery = super::settling::Delivery {
             topic,
             payload: forward.publish.payload.clone(),
-            retain: forward.publish.retain,
+            retain,
             properties: self.codec.properties(properties),
             routed,
             router_pkid,

@@ -28,7 +28,7 @@ mod connect;
 mod dps;
 mod link;
 mod settling;
-mod subscriptions;
+pub(crate) mod subscriptions;
 pub(crate) mod will;
 
 use std::net::SocketAddr;
@@ -73,7 +73,7 @@ pub struct Shared {
     /// Which connection holds each client id (for will delays).
     pub owners: Arc<will::Owners>,
     /// The delivery bookkeeping of persistent sessions between their connections.
-    pub saved: Arc<std::sync::Mutex<std::collections::HashMap<String, settling::Saved>>>,
+    pub saved: Arc<std::sync::Mutex<std::collections::HashMap<String, SavedSession>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,8 +131,11 @@ struct Session<S> {
     link_rx: Option<LinkRx>,
     /// Seconds; 0 turns keep-alive off.
     keep_alive: u16,
-    /// Filters held in the router, for `limits.max_subscriptions_per_session`.
-    subscriptions: std::collections::HashSet<String>,
+    /// Filters held in the router, as the client wrote them, with what it asked of them
+    /// (`limits.max_subscriptions_per_session` bounds them).
+    subscriptions: std::collections::HashMap<String, subscriptions::FilterOptions>,
+    /// Numbers subscriptions in order.
+    sequence: u64,
     /// A device's place in the live-session registry.
     live: Option<Entered>,
     /// Not a DPS session: a full MQTT session whose packets pass through to the router.
@@ -149,7 +152,21 @@ struct Session<S> {
     settling: settling::Settling,
     /// A persistent session: its bookkeeping is kept when the connection ends.
     keep: bool,
+    /// MQTT 5 topic aliases the client set.
+    topic_aliases: std::collections::HashMap<u16, bytes::Bytes>,
 }
+
+/// What a persistent session keeps between its connections besides what the router
+/// keeps: its delivery bookkeeping and its subscriptions' options.
+#[derive(Debug, Default, Clone)]
+pub struct SavedSession {
+    settling: settling::Saved,
+    filters: std::collections::HashMap<String, subscriptions::FilterOptions>,
+    sequence: u64,
+}
+
+/// Topic aliases a full MQTT 5 session may set (CONNACK Topic Alias Maximum).
+pub(crate) const TOPIC_ALIAS_MAX: u16 = 32;
 
 /// Runs a session on an established (TLS or plain) stream until it closes. `_slot` is
 /// the session's place in the connection limit, given back when it ends.
@@ -263,7 +280,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return;
         }
         if self.keep {
-            let saved = self.settling.saved();
+            let saved = SavedSession {
+                settling: self.settling.saved(),
+                filters: self.subscriptions.clone(),
+                sequence: self.sequence,
+            };
             lock(&self.shared.saved).insert(self.client_id.clone(), saved);
         }
         let normal = matches!(result, Ok(()) | Err(Close::Disconnect));
@@ -352,13 +373,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Err(Close::OutOfService(cut));
         }
         match frame.packet {
-            Packet::Publish(publish, properties) => {
+            Packet::Publish(mut publish, mut properties) => {
                 let meta = frame
                     .publish
                     .unwrap_or(codec::PublishMeta { qos: 0, pkid: 0 });
                 if meta.qos > 1 && !self.passthrough {
                     // PROTOCOL A: DPS sessions speak QoS 0 and 1.
                     return Err(Close::Violation("QoS 2 is not supported".into()));
+                }
+                if let Some(alias) = properties.as_mut().and_then(|p| p.topic_alias.take()) {
+                    publish.topic = self.resolve_alias(alias, publish.topic)?;
                 }
                 let topic = std::str::from_utf8(&publish.topic)
                     .map_err(|_| Close::Violation("topic is not UTF-8".into()))?
@@ -394,7 +418,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     {
                         publish.topic = routed.into();
                     }
-                    let properties = crate::qos::tag(properties, meta.qos);
+                    let properties = crate::qos::tag(properties, meta.qos, publish.retain);
                     return self.router_send(Packet::Publish(publish, properties)).await;
                 }
                 let forward = rumqttd::protocol::Publish::new(
@@ -402,13 +426,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     publish.payload.clone(),
                     publish.retain,
                 );
-                let properties = crate::qos::tag(self.codec.properties(properties), meta.qos);
+                let properties =
+                    crate::qos::tag(self.codec.properties(properties), meta.qos, publish.retain);
                 self.router_send(Packet::Publish(forward, properties))
                     .await?;
                 self.puback(meta)
             }
-            Packet::Subscribe(subscribe, _) => self.subscribe(subscribe).await,
-            Packet::Unsubscribe(unsubscribe, _) => self.unsubscribe(unsubscribe).await,
+            Packet::Subscribe(subscribe, properties) => self.subscribe(subscribe, properties).await,
+            Packet::Unsubscribe(unsubscribe, properties) => {
+                self.unsubscribe(unsubscribe, properties).await
+            }
             Packet::PingReq(_) => self.send(Packet::PingResp(PingResp)),
             Packet::Disconnect(disconnect, _) => match disconnect.reason_code {
                 DisconnectReasonCode::DisconnectWithWillMessage => Err(Close::DisconnectWithWill),
@@ -440,6 +467,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Packet::Connect(..) => Err(Close::Violation("second CONNECT".into())),
             other => Err(Close::Violation(format!("unexpected packet {other:?}"))),
         }
+    }
+
+    /// MQTT 5 topic aliases (3.3.2.3.4) of a full session: a publish with a topic sets
+    /// the alias, one without uses it. DPS sessions are offered none.
+    fn resolve_alias(&mut self, alias: u16, topic: bytes::Bytes) -> Result<bytes::Bytes, Close> {
+        if !self.passthrough || alias == 0 || alias > TOPIC_ALIAS_MAX {
+            return Err(Close::Violation(format!(
+                "topic alias {alias} is outside 1..={TOPIC_ALIAS_MAX}"
+            )));
+        }
+        if topic.is_empty() {
+            return self
+                .topic_aliases
+                .get(&alias)
+                .cloned()
+                .ok_or_else(|| Close::Violation(format!("topic alias {alias} was never set")));
+        }
+        self.topic_aliases.insert(alias, topic.clone());
+        Ok(topic)
     }
 
     /// A refused publish of a full MQTT session: an event for the operators.

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use rumqttd::protocol::{
-    Filter, Packet, QoS, RetainForwardRule, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
-    UnsubAckReason, Unsubscribe,
+    Filter, Packet, QoS, RetainForwardRule, SubAck, Subscribe, SubscribeProperties,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe, UnsubscribeProperties,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -18,10 +18,28 @@ use edgedps_topics::dps;
 
 use super::{Close, Identity, Session};
 
+/// What a full MQTT session asked of one of its subscriptions, beyond its QoS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilterOptions {
+    /// MQTT 5 Retain As Published.
+    pub retain_as_published: bool,
+    /// Whether the subscribe that made it wanted the retained messages (MQTT 5 Retain
+    /// Handling 0, or 1 for a new subscription).
+    pub retained_on_subscribe: bool,
+    /// Later subscribes have larger numbers: the router reads retained messages for the
+    /// latest one.
+    pub sequence: u64,
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    pub(super) async fn subscribe(&mut self, subscribe: Subscribe) -> Result<(), Close> {
+    pub(super) async fn subscribe(
+        &mut self,
+        subscribe: Subscribe,
+        properties: Option<SubscribeProperties>,
+    ) -> Result<(), Close> {
         if self.passthrough {
-            return self.subscribe_through(subscribe).await;
+            // MQTT 5 properties (the subscription identifier) go to the router.
+            return self.subscribe_through(subscribe, properties).await;
         }
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut forward = Vec::new();
@@ -43,14 +61,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     "not allowed for this session",
                 ));
                 codes.push(self.codec.subscribe_refused());
-            } else if !self.subscriptions.contains(&filter.path)
+            } else if !self.subscriptions.contains_key(&filter.path)
                 && self.subscriptions.len() >= self.shared.limits.max_subscriptions_per_session
             {
                 tracing::warn!(client_id = %self.client_id, filter = %filter.path, "subscription refused: limits.max_subscriptions_per_session reached");
                 codes.push(self.codec.subscribe_refused());
             } else {
                 // Router deliveries go out at QoS 0 (see docs/protocol.md).
-                self.subscriptions.insert(filter.path.clone());
+                self.sequence += 1;
+                let options = FilterOptions {
+                    retain_as_published: false,
+                    retained_on_subscribe: true,
+                    sequence: self.sequence,
+                };
+                self.subscriptions.insert(filter.path.clone(), options);
                 codes.push(self.codec.subscribe_granted(0));
                 forward.push(Filter {
                     path: filter.path,
@@ -93,7 +117,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// A full MQTT session's SUBSCRIBE: refused filters are answered here, the others go
     /// to the router with the QoS asked for; the SUBACK goes out when the router has
     /// acknowledged them (`link.rs`), with the router's codes in their places.
-    async fn subscribe_through(&mut self, subscribe: Subscribe) -> Result<(), Close> {
+    async fn subscribe_through(
+        &mut self,
+        subscribe: Subscribe,
+        properties: Option<SubscribeProperties>,
+    ) -> Result<(), Close> {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut forward = Vec::new();
         let mut refused = Vec::new();
@@ -110,13 +138,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     "not allowed for this session",
                 ));
                 codes.push(Some(self.codec.subscribe_refused()));
-            } else if !self.subscriptions.contains(&filter.path)
+            } else if !self.subscriptions.contains_key(&filter.path)
                 && self.subscriptions.len() >= self.shared.limits.max_subscriptions_per_session
             {
                 tracing::warn!(client_id = %self.client_id, filter = %filter.path, "subscription refused: limits.max_subscriptions_per_session reached");
                 codes.push(Some(self.codec.subscribe_refused()));
             } else {
-                self.subscriptions.insert(filter.path.clone());
+                let existed = self.subscriptions.contains_key(&filter.path);
+                self.sequence += 1;
+                let options = FilterOptions {
+                    retain_as_published: filter.preserve_retain,
+                    retained_on_subscribe: match filter.retain_forward_rule {
+                        RetainForwardRule::OnEverySubscribe => true,
+                        RetainForwardRule::OnNewSubscribe => !existed,
+                        RetainForwardRule::Never => false,
+                    },
+                    sequence: self.sequence,
+                };
+                self.subscriptions.insert(filter.path.clone(), options);
                 codes.push(None);
                 if let std::borrow::Cow::Owned(routed) =
                     crate::dollar::to_router_filter(&filter.path)
@@ -145,7 +184,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 pkid: subscribe.pkid,
                 filters: forward,
             },
-            None,
+            properties,
         ))
         .await
     }
@@ -196,7 +235,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    pub(super) async fn unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Result<(), Close> {
+    pub(super) async fn unsubscribe(
+        &mut self,
+        unsubscribe: Unsubscribe,
+        properties: Option<UnsubscribeProperties>,
+    ) -> Result<(), Close> {
         if self.passthrough {
             // The router answers (its UNSUBACK passes through, `link.rs`).
             let mut unsubscribe = unsubscribe;
@@ -207,7 +250,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
             return self
-                .router_send(Packet::Unsubscribe(unsubscribe, None))
+                .router_send(Packet::Unsubscribe(unsubscribe, properties))
                 .await;
         }
         let reasons = vec![UnsubAckReason::Success; unsubscribe.filters.len()];

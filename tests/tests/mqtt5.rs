@@ -1,0 +1,207 @@
+//! The gateway's MQTT broker for MQTT 5 clients (issue 10): properties passed through,
+//! subscription identifiers, message expiry, will delay, Retain Handling and Retain As
+//! Published, on full MQTT sessions of the local listener.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use edgedps_tests::*;
+use rumqttc::v5::mqttbytes::v5::{
+    Filter, LastWill, LastWillProperties, Packet, Publish, PublishProperties, RetainForwardRule,
+    SubscribeProperties,
+};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+
+async fn client5(
+    server: &Server,
+    id: &str,
+    adjust: impl FnOnce(&mut MqttOptions),
+) -> (AsyncClient, EventLoop) {
+    let mut options = MqttOptions::new(id, "127.0.0.1", server.local_port);
+    options.set_keep_alive(Duration::from_secs(30));
+    adjust(&mut options);
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+        Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {}
+        other => panic!("{id}: no CONNACK: {other:?}"),
+    }
+    (client, eventloop)
+}
+
+async fn until(eventloop: &mut EventLoop, what: &str, done: impl Fn(&Packet) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(packet))) if done(&packet) => return,
+            Ok(Ok(_)) => {}
+            other => panic!("no {what}: {other:?}"),
+        }
+    }
+}
+
+async fn publishes_within(eventloop: &mut EventLoop, wait: Duration) -> Vec<Publish> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut received = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Err(_) => return received,
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => received.push(p),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("connection failed: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn properties_pass_through_with_the_subscription_identifier_and_nothing_of_ours() {
+    let server = Server::start().await;
+    let (sub, mut sub_loop) = client5(&server, "v5-props-sub", |_| {}).await;
+    let properties = SubscribeProperties {
+        id: Some(7),
+        user_properties: Vec::new(),
+    };
+    sub.subscribe_with_properties("app/props", QoS::AtLeastOnce, properties)
+        .await
+        .unwrap();
+    until(&mut sub_loop, "SUBACK", |p| matches!(p, Packet::SubAck(..))).await;
+    let (publisher, mut pub_loop) = client5(&server, "v5-props-pub", |_| {}).await;
+    let sent = PublishProperties {
+        content_type: Some("text/plain".into()),
+        user_properties: vec![("k".into(), "v".into())],
+        response_topic: Some("app/reply".into()),
+        correlation_data: Some(Bytes::from_static(b"c-1")),
+        ..Default::default()
+    };
+    publisher
+        .publish_with_properties("app/props", QoS::AtLeastOnce, false, "hi", sent)
+        .await
+        .unwrap();
+    until(&mut pub_loop, "PUBACK", |p| matches!(p, Packet::PubAck(..))).await;
+    let got = publishes_within(&mut sub_loop, Duration::from_secs(1)).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    let props = got[0].properties.clone().expect("properties");
+    assert_eq!(props.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(
+        props.user_properties,
+        vec![("k".to_string(), "v".to_string())]
+    );
+    assert_eq!(props.response_topic.as_deref(), Some("app/reply"));
+    assert_eq!(props.correlation_data.as_deref(), Some(&b"c-1"[..]));
+    assert_eq!(props.subscription_identifiers, vec![7]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_message_is_not_delivered_and_a_late_one_carries_what_is_left() {
+    let server = Server::start().await;
+    let (publisher, mut pub_loop) = client5(&server, "v5-exp-pub", |_| {}).await;
+    for (topic, seconds) in [("app/exp/short", 1), ("app/exp/long", 100)] {
+        let properties = PublishProperties {
+            message_expiry_interval: Some(seconds),
+            ..Default::default()
+        };
+        publisher
+            .publish_with_properties(topic, QoS::AtLeastOnce, true, "x", properties)
+            .await
+            .unwrap();
+        until(&mut pub_loop, "PUBACK", |p| matches!(p, Packet::PubAck(..))).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (sub, mut sub_loop) = client5(&server, "v5-exp-sub", |_| {}).await;
+    sub.subscribe("app/exp/#", QoS::AtLeastOnce).await.unwrap();
+    let got = publishes_within(&mut sub_loop, Duration::from_secs(1)).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(&got[0].topic[..], b"app/exp/long");
+    let left = got[0]
+        .properties
+        .as_ref()
+        .and_then(|p| p.message_expiry_interval);
+    assert!(matches!(left, Some(90..=98)), "{left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retain_handling_and_retain_as_published_are_honoured() {
+    let server = Server::start().await;
+    let (publisher, mut pub_loop) = client5(&server, "v5-ret-pub", |_| {}).await;
+    publisher
+        .publish("app/rh", QoS::AtLeastOnce, true, "kept")
+        .await
+        .unwrap();
+    until(&mut pub_loop, "PUBACK", |p| matches!(p, Packet::PubAck(..))).await;
+    let (sub, mut sub_loop) = client5(&server, "v5-ret-sub", |_| {}).await;
+    let mut never = Filter::new("app/rh", QoS::AtLeastOnce);
+    never.retain_forward_rule = RetainForwardRule::Never;
+    never.preserve_retain = true;
+    sub.subscribe_many(vec![never]).await.unwrap();
+    let got = publishes_within(&mut sub_loop, Duration::from_secs(1)).await;
+    assert!(
+        got.is_empty(),
+        "Retain Handling 2 sends no retained message: {got:?}"
+    );
+    publisher
+        .publish("app/rh", QoS::AtLeastOnce, true, "live")
+        .await
+        .unwrap();
+    until(&mut pub_loop, "PUBACK", |p| matches!(p, Packet::PubAck(..))).await;
+    let got = publishes_within(&mut sub_loop, Duration::from_secs(1)).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(
+        got[0].retain,
+        "Retain As Published keeps RETAIN on a live delivery"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_waits_for_its_delay_and_a_quick_return_cancels_it() {
+    let server = Server::start().await;
+    let (watcher, mut watch_loop) = client5(&server, "v5-will-watch", |_| {}).await;
+    watcher
+        .subscribe("app/will5/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    until(&mut watch_loop, "SUBACK", |p| {
+        matches!(p, Packet::SubAck(..))
+    })
+    .await;
+    let with_will = |topic: &'static str| {
+        move |options: &mut MqttOptions| {
+            let properties = LastWillProperties {
+                delay_interval: Some(2),
+                payload_format_indicator: None,
+                message_expiry_interval: None,
+                content_type: None,
+                response_topic: None,
+                correlation_data: None,
+                user_properties: Vec::new(),
+            };
+            options.set_last_will(LastWill::new(
+                topic,
+                "gone",
+                QoS::AtLeastOnce,
+                false,
+                Some(properties),
+            ));
+            options.set_session_expiry_interval(Some(60));
+            options.set_clean_start(false);
+        }
+    };
+    // Lost, and not back: the will comes after its delay.
+    let (_lost, lost_loop) = client5(&server, "v5-will-lost", with_will("app/will5/lost")).await;
+    drop(lost_loop);
+    let early = publishes_within(&mut watch_loop, Duration::from_millis(1200)).await;
+    assert!(early.is_empty(), "sent before its delay: {early:?}");
+    let late = publishes_within(&mut watch_loop, Duration::from_secs(3)).await;
+    assert_eq!(late.len(), 1, "{late:?}");
+    assert_eq!(&late[0].topic[..], b"app/will5/lost");
+
+    // Lost, and back within the delay: no will.
+    let (_back, back_loop) = client5(&server, "v5-will-back", with_will("app/will5/back")).await;
+    drop(back_loop);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_again, _again_loop) = client5(&server, "v5-will-back", with_will("app/will5/back")).await;
+    let none = publishes_within(&mut watch_loop, Duration::from_secs(3)).await;
+    assert!(
+        none.is_empty(),
+        "a will after the client came back: {none:?}"
+    );
+}
