@@ -205,3 +205,94 @@ async fn a_will_waits_for_its_delay_and_a_quick_return_cancels_it() {
         "a will after the client came back: {none:?}"
     );
 }
+
+/// Writes one MQTT 5 packet (rumqttc's codec) on a raw socket.
+async fn write5(stream: &mut tokio::net::TcpStream, packet: Packet) {
+    use tokio::io::AsyncWriteExt;
+    let mut out = bytes::BytesMut::new();
+    packet.write(&mut out, None).unwrap();
+    stream.write_all(&out).await.unwrap();
+}
+
+/// Reads one MQTT 5 packet from a raw socket.
+async fn read5(stream: &mut tokio::net::TcpStream, buffer: &mut bytes::BytesMut) -> Packet {
+    use tokio::io::AsyncReadExt;
+    loop {
+        match Packet::read(buffer, None) {
+            Ok(packet) => return packet,
+            Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => {}
+            Err(e) => panic!("bad packet: {e}"),
+        }
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(n > 0, "connection closed");
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_may_publish_by_topic_alias_within_the_maximum_the_connack_gives() {
+    use rumqttc::v5::mqttbytes::v5::Connect;
+    let server = Server::start().await;
+    let (sub, mut sub_loop) = client5(&server, "v5-alias-sub", |_| {}).await;
+    sub.subscribe("app/alias", QoS::AtLeastOnce).await.unwrap();
+    until(&mut sub_loop, "SUBACK", |p| matches!(p, Packet::SubAck(..))).await;
+
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", server.local_port))
+        .await
+        .unwrap();
+    let mut buffer = bytes::BytesMut::new();
+    let connect = Connect {
+        keep_alive: 30,
+        client_id: "v5-alias-pub".into(),
+        clean_start: true,
+        properties: None,
+    };
+    write5(&mut stream, Packet::Connect(connect, None, None)).await;
+    let Packet::ConnAck(ack) = read5(&mut stream, &mut buffer).await else {
+        panic!("no CONNACK");
+    };
+    let maximum = ack.properties.and_then(|p| p.topic_alias_max);
+    assert_eq!(maximum, Some(32));
+    let aliased = |topic: &'static str, payload: &'static str, pkid: u16, alias: u16| {
+        let mut publish = Publish::new(topic, QoS::AtLeastOnce, payload, None);
+        publish.pkid = pkid;
+        publish.properties = Some(PublishProperties {
+            topic_alias: Some(alias),
+            ..Default::default()
+        });
+        Packet::Publish(publish)
+    };
+    // Sets alias 3, then uses it with an empty topic.
+    write5(&mut stream, aliased("app/alias", "by name", 1, 3)).await;
+    write5(&mut stream, aliased("", "by alias", 2, 3)).await;
+    for _ in 0..2 {
+        assert!(matches!(
+            read5(&mut stream, &mut buffer).await,
+            Packet::PubAck(_)
+        ));
+    }
+    let got = publishes_within(&mut sub_loop, Duration::from_secs(1)).await;
+    let seen: Vec<(&[u8], &[u8])> = got.iter().map(|p| (&p.topic[..], &p.payload[..])).collect();
+    assert_eq!(
+        seen,
+        vec![
+            (&b"app/alias"[..], &b"by name"[..]),
+            (&b"app/alias"[..], &b"by alias"[..])
+        ]
+    );
+    // The alias does not reach the subscriber.
+    assert!(got.iter().all(|p| p
+        .properties
+        .as_ref()
+        .is_none_or(|props| props.topic_alias.is_none())));
+    // An alias never set is a protocol error: the connection closes.
+    write5(&mut stream, aliased("", "unknown", 3, 4)).await;
+    let mut rest = [0u8; 16];
+    use tokio::io::AsyncReadExt;
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+}
