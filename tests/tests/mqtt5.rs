@@ -296,3 +296,110 @@ async fn a_client_may_publish_by_topic_alias_within_the_maximum_the_connack_give
     let closed = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut rest)).await;
     assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_when_its_expiry_interval_runs_out() {
+    let server = Server::start().await;
+    let connect = |expiry: u32| {
+        move |options: &mut MqttOptions| {
+            options.set_clean_start(false);
+            options.set_session_expiry_interval(Some(expiry));
+        }
+    };
+    let session_present = |packet: &Packet| match packet {
+        Packet::ConnAck(ack) => Some(ack.session_present),
+        _ => None,
+    };
+    for (id, expiry, away, kept) in [("v5-exp-1", 1, 2000, false), ("v5-exp-30", 30, 1200, true)] {
+        let (client, mut eventloop) = client5(&server, id, connect(expiry)).await;
+        client
+            .subscribe("app/expiry", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        until(&mut eventloop, "SUBACK", |p| {
+            matches!(p, Packet::SubAck(..))
+        })
+        .await;
+        client.disconnect().await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while eventloop.poll().await.is_ok() {}
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(away)).await;
+        let mut options = MqttOptions::new(id, "127.0.0.1", server.local_port);
+        connect(expiry)(&mut options);
+        let (_client, mut eventloop) = AsyncClient::new(options, 8);
+        let present = match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(packet))) => session_present(&packet),
+            other => panic!("no CONNACK: {other:?}"),
+        };
+        assert_eq!(present, Some(kept), "{id} after {away} ms away");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_more_messages_in_flight_than_the_client_s_receive_maximum() {
+    use rumqttc::v5::mqttbytes::v5::Connect;
+    use rumqttc::v5::mqttbytes::v5::{ConnectProperties, PubAck, Subscribe};
+    let server = Server::start().await;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", server.local_port))
+        .await
+        .unwrap();
+    let mut buffer = bytes::BytesMut::new();
+    let mut properties = ConnectProperties::new();
+    properties.receive_maximum = Some(2);
+    let connect = Connect {
+        keep_alive: 30,
+        client_id: "v5-recv-max".into(),
+        clean_start: true,
+        properties: Some(properties),
+    };
+    write5(&mut stream, Packet::Connect(connect, None, None)).await;
+    assert!(matches!(
+        read5(&mut stream, &mut buffer).await,
+        Packet::ConnAck(_)
+    ));
+    let subscribe = Subscribe::new(Filter::new("app/window", QoS::AtLeastOnce), None);
+    write5(&mut stream, Packet::Subscribe(subscribe)).await;
+    assert!(matches!(
+        read5(&mut stream, &mut buffer).await,
+        Packet::SubAck(_)
+    ));
+
+    let (publisher, mut pub_loop) = client5(&server, "v5-recv-pub", |_| {}).await;
+    let driving = tokio::spawn(async move {
+        publishes_within(&mut pub_loop, Duration::from_secs(10)).await;
+    });
+    for n in 0..5 {
+        publisher
+            .publish("app/window", QoS::AtLeastOnce, false, n.to_string())
+            .await
+            .unwrap();
+    }
+    // Two in flight, and nothing more until one is acknowledged.
+    let mut in_flight = Vec::new();
+    for _ in 0..2 {
+        match read5(&mut stream, &mut buffer).await {
+            Packet::Publish(p) => in_flight.push(p),
+            other => panic!("{other:?}"),
+        }
+    }
+    use tokio::io::AsyncReadExt;
+    let mut more = [0u8; 64];
+    let early = tokio::time::timeout(Duration::from_millis(700), stream.read(&mut more)).await;
+    assert!(
+        early.is_err(),
+        "a third message before an acknowledgement: {early:?}"
+    );
+    write5(
+        &mut stream,
+        Packet::PubAck(PubAck::new(in_flight[0].pkid, None)),
+    )
+    .await;
+    let Packet::Publish(third) = read5(&mut stream, &mut buffer).await else {
+        panic!("no third message");
+    };
+    assert_eq!(&third.payload[..], b"2");
+    assert!(third.pkid != in_flight[1].pkid);
+    driving.abort();
+}

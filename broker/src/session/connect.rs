@@ -55,6 +55,7 @@ where
     let mut will_message = None;
     let mut assigned = None;
     let mut keep_session = false;
+    let mut session_expiry = 0;
     let (identity, role, live, standing) = match kind {
         ListenerKind::Local => {
             if client_id.is_empty() {
@@ -107,6 +108,7 @@ where
                 Version::V4 => u32::MAX,
                 Version::V5 => expiry,
             };
+            session_expiry = expiry;
             will_message = will::Will::from_connect(will, will_properties, expiry);
             (Identity::Operator, Role::Operator, None, None)
         }
@@ -157,7 +159,11 @@ where
         None
     };
     let saved = saved.filter(|_| session_present).unwrap_or_default();
-    let settling = super::settling::Settling::resume(saved.settling);
+    let receive_maximum = properties
+        .as_ref()
+        .and_then(|p| p.receive_maximum)
+        .unwrap_or(u16::MAX);
+    let settling = super::settling::Settling::resume(saved.settling, receive_maximum);
     let (link_tx, link_rx) = match link {
         Some(link) => (Some(link.tx), Some(link.rx)),
         None => (None, None),
@@ -189,6 +195,7 @@ where
         own_qos2: std::collections::HashSet::new(),
         settling,
         keep: keep_session,
+        expiry: session_expiry,
         topic_aliases: std::collections::HashMap::new(),
     };
     // DPS: SessionPresent is always 0; provisioning sessions are never persisted.

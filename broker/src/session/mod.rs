@@ -152,6 +152,9 @@ struct Session<S> {
     settling: settling::Settling,
     /// A persistent session: its bookkeeping is kept when the connection ends.
     keep: bool,
+    /// How long a kept session outlives its connection, in seconds (MQTT 5 Session
+    /// Expiry Interval; `u32::MAX`, MQTT 3.1.1's clean session 0: until it comes back).
+    expiry: u32,
     /// MQTT 5 topic aliases the client set.
     topic_aliases: std::collections::HashMap<u16, bytes::Bytes>,
 }
@@ -286,6 +289,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 sequence: self.sequence,
             };
             lock(&self.shared.saved).insert(self.client_id.clone(), saved);
+            if self.expiry != u32::MAX {
+                tokio::spawn(expire(
+                    self.shared.clone(),
+                    self.client_id.clone(),
+                    self.owner,
+                    std::time::Duration::from_secs(u64::from(self.expiry)),
+                ));
+            }
         }
         let normal = matches!(result, Ok(()) | Err(Close::Disconnect));
         if let (false, Some(will)) = (normal, self.will.take()) {
@@ -437,10 +448,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.unsubscribe(unsubscribe, properties).await
             }
             Packet::PingReq(_) => self.send(Packet::PingResp(PingResp)),
-            Packet::Disconnect(disconnect, _) => match disconnect.reason_code {
-                DisconnectReasonCode::DisconnectWithWillMessage => Err(Close::DisconnectWithWill),
-                _ => Err(Close::Disconnect),
-            },
+            Packet::Disconnect(disconnect, properties) => {
+                // MQTT 5: a DISCONNECT may change the Session Expiry Interval, but not
+                // make a session that was to end with its connection outlive it.
+                if let Some(expiry) = properties.and_then(|p| p.session_expiry_interval) {
+                    if self.keep {
+                        self.expiry = expiry;
+                    }
+                }
+                match disconnect.reason_code {
+                    DisconnectReasonCode::DisconnectWithWillMessage => {
+                        Err(Close::DisconnectWithWill)
+                    }
+                    _ => Err(Close::Disconnect),
+                }
+            }
             Packet::PubRel(pubrel, _) if self.own_qos2.remove(&pubrel.pkid) => {
                 self.send(Packet::PubComp(
                     PubComp {
@@ -572,4 +594,24 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Ends a kept session that stayed away longer than its Session Expiry Interval: the
+/// router forgets it (a clean link under its client id) and so does the session table.
+async fn expire(shared: Arc<Shared>, client_id: String, token: u64, after: Duration) {
+    tokio::time::sleep(after).await;
+    if !shared.owners.unclaimed_since(&client_id, token) || shared.owners.held(&client_id) {
+        return;
+    }
+    lock(&shared.saved).remove(&client_id);
+    match shared.router.session_link(&client_id, true).await {
+        Ok(mut link) => {
+            let disconnect = rumqttd::protocol::Disconnect {
+                reason_code: DisconnectReasonCode::NormalDisconnection,
+            };
+            let _ = link.tx.send(Packet::Disconnect(disconnect, None)).await;
+            tracing::info!(%client_id, "session expired");
+        }
+        Err(e) => tracing::warn!(%client_id, error = %e, "an expired session could not be cleared"),
+    }
 }

@@ -15,6 +15,9 @@
 //! flight before it came back, the id the client knows, with DUP set. Acknowledgements
 //! are queued in the router's order and sent from the front as they become due. A
 //! persistent session's bookkeeping outlives its connection ([`Settling::saved`]).
+//!
+//! MQTT 5's Receive Maximum (3.3.4): no more QoS 1 and 2 messages in flight to the
+//! client than it said it can take; the others wait here, in order.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -69,6 +72,16 @@ pub(super) struct Settling {
     /// flight, by log position: their client packet id, and whether the client had
     /// acknowledged them (PUBREC) already.
     resend: HashMap<Cursor, (u16, bool)>,
+    /// The client's Receive Maximum (65,535 when it gave none).
+    receive_maximum: usize,
+    /// Deliveries waiting for room in the client's Receive Maximum, in order.
+    waiting: VecDeque<Waiting>,
+}
+
+struct Waiting {
+    router_pkid: u16,
+    delivery: Delivery,
+    delivered: u8,
 }
 
 struct Owed {
@@ -97,14 +110,16 @@ pub struct Saved {
 }
 
 impl Settling {
-    /// The bookkeeping of a resumed session.
-    pub fn resume(saved: Saved) -> Settling {
+    /// The bookkeeping of a session (resumed from `saved`), for a client that takes at
+    /// most `receive_maximum` messages in flight.
+    pub fn resume(saved: Saved, receive_maximum: u16) -> Settling {
         let mut in_use: HashSet<u16> = saved.resend.values().map(|(pkid, _)| *pkid).collect();
         in_use.extend(saved.released_to_client.values().copied());
         Settling {
             resend: saved.resend,
             released_to_client: saved.released_to_client,
             in_use,
+            receive_maximum: usize::from(receive_maximum.max(1)),
             ..Settling::default()
         }
     }
@@ -113,7 +128,8 @@ impl Settling {
     pub fn saved(&self) -> Saved {
         let mut resend = self.resend.clone();
         for owed in &self.acks {
-            if let (Some(cursor), true) = (owed.cursor, owed.delivered > 0) {
+            if let (Some(cursor), true) = (owed.cursor, owed.delivered > 0 && owed.client_pkid != 0)
+            {
                 // Acknowledged by the client but not yet by this session to the router
                 // (it waited behind an earlier one): the router sends it again, and the
                 // client, which holds it, must not take it for a new one.
@@ -151,6 +167,27 @@ impl Settling {
             0
         };
         let again = delivery.cursor.and_then(|c| self.resend.remove(&c));
+        if delivered > 0
+            && again.is_none()
+            && (self.in_use.len() >= self.receive_maximum || !self.waiting.is_empty())
+        {
+            // The client has as many in flight as it can take: this one waits (its
+            // acknowledgement to the router waits with it, in the router's order).
+            self.acks.push_back(Owed {
+                router_pkid: delivery.router_pkid,
+                client_pkid: 0,
+                routed: delivery.routed,
+                delivered,
+                due: false,
+                cursor: delivery.cursor,
+            });
+            self.waiting.push_back(Waiting {
+                router_pkid: delivery.router_pkid,
+                delivery,
+                delivered,
+            });
+            return actions;
+        }
         let (client_pkid, dup, already_acknowledged) = match (delivered, again) {
             (0, _) => (0, false, false),
             (_, Some((pkid, acknowledged))) => (pkid, true, acknowledged),
@@ -202,15 +239,45 @@ impl Settling {
         if let Some(owed) = self
             .acks
             .iter_mut()
-            .find(|o| o.client_pkid == client_pkid && !o.due)
+            .find(|o| o.client_pkid == client_pkid && client_pkid != 0 && !o.due)
         {
             owed.due = true;
             if owed.delivered == 1 {
                 self.in_use.remove(&client_pkid);
             }
         }
+        self.release_waiting(&mut actions);
         self.settle(&mut actions);
         actions
+    }
+
+    /// Sends what waited for room in the client's Receive Maximum.
+    fn release_waiting(&mut self, actions: &mut Vec<Action>) {
+        while self.in_use.len() < self.receive_maximum {
+            let Some(waiting) = self.waiting.pop_front() else {
+                return;
+            };
+            let client_pkid = self.allocate();
+            if let Some(owed) = self
+                .acks
+                .iter_mut()
+                .find(|o| o.router_pkid == waiting.router_pkid && o.client_pkid == 0 && !o.due)
+            {
+                owed.client_pkid = client_pkid;
+            }
+            let delivery = waiting.delivery;
+            let publish = crate::codec::publish(
+                &delivery.topic,
+                &delivery.payload,
+                waiting.delivered,
+                client_pkid,
+                delivery.retain,
+            );
+            actions.push(Action::ToClient(Packet::Publish(
+                publish,
+                delivery.properties,
+            )));
+        }
     }
 
     /// The client's PUBCOMP.
@@ -224,6 +291,7 @@ impl Settling {
             completion.due = true;
         }
         self.in_use.remove(&client_pkid);
+        self.release_waiting(&mut actions);
         self.settle(&mut actions);
         actions
     }
@@ -355,7 +423,7 @@ mod tests {
 
     #[test]
     fn acknowledgements_reach_the_router_in_its_order() {
-        let mut s = Settling::default();
+        let mut s = Settling::resume(Saved::default(), u16::MAX);
         let first = s.deliver(delivery(1, 7, 1, 1));
         let (a, _) = client_publish(&first).unwrap();
         // Published at QoS 0: due at once, but waits behind the first.
@@ -369,7 +437,7 @@ mod tests {
 
     #[test]
     fn a_qos_2_delivery_at_qos_1_is_completed_here() {
-        let mut s = Settling::default();
+        let mut s = Settling::resume(Saved::default(), u16::MAX);
         let actions = s.deliver(delivery(2, 3, 1, 1));
         let (client, _) = client_publish(&actions).unwrap();
         assert_eq!(to_router(&s.client_acknowledged(client)), vec!["pubrec 3"]);
@@ -383,15 +451,27 @@ mod tests {
     }
 
     #[test]
+    fn no_more_in_flight_than_the_client_s_receive_maximum() {
+        let mut s = Settling::resume(Saved::default(), 2);
+        let first = client_publish(&s.deliver(delivery(1, 1, 1, 1))).unwrap().0;
+        assert!(client_publish(&s.deliver(delivery(1, 2, 1, 2))).is_some());
+        // The third waits; QoS 0 deliveries do not count but keep their place.
+        assert!(client_publish(&s.deliver(delivery(1, 3, 1, 3))).is_none());
+        let released = s.client_acknowledged(first);
+        assert!(client_publish(&released).is_some(), "the third goes out");
+        assert_eq!(to_router(&released), vec!["puback 1"]);
+    }
+
+    #[test]
     fn a_resumed_session_gets_its_in_flight_message_again_under_its_id_with_dup() {
-        let mut s = Settling::default();
+        let mut s = Settling::resume(Saved::default(), u16::MAX);
         let held = s.deliver(delivery(2, 1, 2, 10));
         let (held_id, _) = client_publish(&held).unwrap();
         let unacked = s.deliver(delivery(2, 2, 2, 11));
         let (unacked_id, _) = client_publish(&unacked).unwrap();
         s.client_acknowledged(held_id);
         // The connection drops; the router numbers from 1 again and sends both again.
-        let mut s = Settling::resume(s.saved());
+        let mut s = Settling::resume(s.saved(), u16::MAX);
         let again = s.deliver(delivery(2, 1, 2, 11));
         assert_eq!(client_publish(&again), Some((unacked_id, true)));
         let fresh = s.deliver(delivery(2, 2, 2, 12));

@@ -97,8 +97,13 @@ impl Owners {
         }
     }
 
+    /// Whether a connection holds `client_id` now.
+    pub fn held(&self, client_id: &str) -> bool {
+        lock(&self.current).contains_key(client_id)
+    }
+
     /// No other connection of `client_id` came since `token`'s.
-    fn unclaimed_since(&self, client_id: &str, token: u64) -> bool {
+    pub(super) fn unclaimed_since(&self, client_id: &str, token: u64) -> bool {
         lock(&self.current)
             .get(client_id)
             .is_none_or(|current| *current <= token)
