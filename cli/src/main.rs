@@ -31,6 +31,8 @@ enum Command {
     },
     /// Provision many simulated devices against a fresh edgedps and report.
     Loadgen(edgedps_device::loadgen::LoadgenArgs),
+    /// Publish and subscribe through a fresh edgedps and a mosquitto, side by side.
+    LoadgenBroker(edgedps_device::loadgen::broker::BrokerLoadArgs),
     /// Fill a store with enrollments, for start-up benchmarks.
     #[command(hide = true)]
     BenchStore {
@@ -56,6 +58,30 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(config),
         Command::Loadgen(args) => loadgen(args),
+        Command::LoadgenBroker(args) => {
+            let exe = match std::env::current_exe() {
+                Ok(exe) => exe,
+                Err(e) => {
+                    eprintln!("edgedps loadgen-broker: cannot find this executable: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result = runtime()
+                .and_then(|rt| rt.block_on(edgedps_device::loadgen::broker::main(args, &exe)));
+            match result {
+                Ok(reports) if reports.iter().all(|r| r.delivered == r.expected) => {
+                    ExitCode::SUCCESS
+                }
+                Ok(_) => {
+                    eprintln!("edgedps loadgen-broker: some messages were not delivered");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("edgedps loadgen-broker: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::BenchStore {
             data_dir,
             enrollments,

@@ -11,6 +11,7 @@
 //! figures; `cutoff.rs` the `--cut-off` measurement. Here: the rounds.
 
 mod args;
+pub mod broker;
 pub mod cutoff;
 mod enroll;
 mod report;
