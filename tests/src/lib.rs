@@ -8,6 +8,7 @@ pub mod live;
 pub mod operator;
 pub mod pki;
 pub mod process;
+pub mod python;
 pub mod server;
 
 pub use devices::*;
@@ -15,6 +16,7 @@ pub use edgedps_device::provision::{DeviceAuth, DeviceConfig, Outcome};
 pub use operator::*;
 pub use pki::*;
 pub use process::*;
+pub use python::{python, run_python};
 pub use server::*;
 
 pub const ID_SCOPE: &str = "0ne00000001";

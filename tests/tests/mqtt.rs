@@ -669,3 +669,23 @@ async fn a_resumed_session_keeps_its_dollar_subscriptions() {
     assert_eq!(payloads, vec![&b"while away"[..]]);
     assert_eq!(got[0].topic, "$app/kept");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_subscriptions_get_the_message_at_the_highest_granted_qos() {
+    let server = Server::start().await;
+    let (sub, mut sub_loop, _) = client(&server, "overlap-sub", true).await;
+    subscribe(&sub, &mut sub_loop, "app/ov/#", QoS::AtMostOnce).await;
+    subscribe(&sub, &mut sub_loop, "app/ov/x", QoS::AtLeastOnce).await;
+    let (publisher, mut pub_loop, _) = client(&server, "overlap-pub", true).await;
+    publisher
+        .publish("app/ov/x", QoS::AtLeastOnce, false, "both")
+        .await
+        .unwrap();
+    drive_until(&mut pub_loop, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    let got = publishes_within(&mut sub_loop, Duration::from_secs(1)).await;
+    // MQTT 3.3.5 / 5 3.3.4: at least one copy at the highest QoS of the matching
+    // subscriptions; a further copy per subscription is allowed.
+    assert!(!got.is_empty() && got.len() <= 2, "{got:?}");
+    assert!(got.iter().all(|p| &p.payload[..] == b"both"));
+    assert!(got.iter().any(|p| p.qos == QoS::AtLeastOnce), "{got:?}");
+}

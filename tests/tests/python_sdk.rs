@@ -8,58 +8,17 @@
 //! Python environment is `.venv` at the workspace root (`scripts/test` makes it);
 //! `EDGEDPS_PYTHON` may name another interpreter. A missing SDK fails the test.
 
-use std::path::PathBuf;
-use std::process::Stdio;
-
 use edgedps_policies::sas::derive_device_key;
 use edgedps_tests::*;
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
-
-fn python() -> PathBuf {
-    if let Ok(python) = std::env::var("EDGEDPS_PYTHON") {
-        return PathBuf::from(python);
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(
-        venv.exists(),
-        "{} is missing: run scripts/test (it creates the venv with azure-iot-device==2.14.0)",
-        venv.display()
-    );
-    venv
-}
 
 async fn run_sdk(request: Value) -> Vec<Value> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/provision.py");
-    let mut child = tokio::process::Command::new(python())
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python starts");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin
-        .write_all(&serde_json::to_vec(&request).unwrap())
-        .await
-        .unwrap();
-    drop(stdin);
-    let output = tokio::time::timeout(
+    run_python(
+        "provision.py",
+        &request,
         std::time::Duration::from_secs(180),
-        child.wait_with_output(),
     )
     .await
-    .expect("the SDK finishes within 3 minutes")
-    .expect("python runs");
-    assert!(
-        output.status.success(),
-        "python failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,21 +50,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let granted = requested.min(1);
                 self.dps_qos = Some(granted);
                 codes.push(self.codec.subscribe_granted(granted));
-            } else if !rumqttd::protocol::valid_filter(&filter.path)
-                || !acl::may_subscribe(&self.role, &filter.path)
-            {
-                tracing::warn!(client_id = %self.client_id, filter = %filter.path, "subscription refused");
-                refused.push(self.shared.responder.topic_refused(
-                    &self.client_id,
-                    "subscribe",
-                    &filter.path,
-                    "not allowed for this session",
-                ));
-                codes.push(self.codec.subscribe_refused());
-            } else if !self.subscriptions.contains_key(&filter.path)
-                && self.subscriptions.len() >= self.shared.limits.max_subscriptions_per_session
-            {
-                tracing::warn!(client_id = %self.client_id, filter = %filter.path, "subscription refused: limits.max_subscriptions_per_session reached");
+            } else if !self.admissible(&filter.path, &mut refused) {
                 codes.push(self.codec.subscribe_refused());
             } else {
                 // Router deliveries go out at QoS 0 (see docs/protocol.md).
@@ -114,6 +100,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(())
     }
 
+    /// Whether this session may hold `filter`: a valid filter, allowed by the topic ACL,
+    /// within `limits.max_subscriptions_per_session`. A filter the ACL refuses adds an
+    /// event to `refused`.
+    fn admissible(&self, filter: &str, refused: &mut Vec<edgedps_responder::Publication>) -> bool {
+        if !rumqttd::protocol::valid_filter(filter)
+            || crate::dollar::forbidden(filter)
+            || !acl::may_subscribe(&self.role, filter)
+        {
+            tracing::warn!(client_id = %self.client_id, %filter, "subscription refused");
+            refused.push(self.shared.responder.topic_refused(
+                &self.client_id,
+                "subscribe",
+                filter,
+                "not allowed for this session",
+            ));
+            return false;
+        }
+        if !self.subscriptions.contains_key(filter)
+            && self.subscriptions.len() >= self.shared.limits.max_subscriptions_per_session
+        {
+            tracing::warn!(client_id = %self.client_id, %filter, "subscription refused: limits.max_subscriptions_per_session reached");
+            return false;
+        }
+        true
+    }
+
     /// A full MQTT session's SUBSCRIBE: refused filters are answered here, the others go
     /// to the router with the QoS asked for; the SUBACK goes out when the router has
     /// acknowledged them (`link.rs`), with the router's codes in their places.
@@ -126,22 +138,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut forward = Vec::new();
         let mut refused = Vec::new();
         for mut filter in subscribe.filters {
-            if !rumqttd::protocol::valid_filter(&filter.path)
-                || crate::dollar::forbidden(&filter.path)
-                || !acl::may_subscribe(&self.role, &filter.path)
-            {
-                tracing::warn!(client_id = %self.client_id, filter = %filter.path, "subscription refused");
-                refused.push(self.shared.responder.topic_refused(
-                    &self.client_id,
-                    "subscribe",
-                    &filter.path,
-                    "not allowed for this session",
-                ));
-                codes.push(Some(self.codec.subscribe_refused()));
-            } else if !self.subscriptions.contains_key(&filter.path)
-                && self.subscriptions.len() >= self.shared.limits.max_subscriptions_per_session
-            {
-                tracing::warn!(client_id = %self.client_id, filter = %filter.path, "subscription refused: limits.max_subscriptions_per_session reached");
+            if !self.admissible(&filter.path, &mut refused) {
                 codes.push(Some(self.codec.subscribe_refused()));
             } else {
                 let existed = self.subscriptions.contains_key(&filter.path);

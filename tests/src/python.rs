@@ -1,0 +1,57 @@
+//! Python clients (the stock Azure SDK, paho-mqtt) run from the venv `scripts/test`
+//! makes: a script reads one JSON request on stdin and prints one JSON object per line.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+
+/// The interpreter: `EDGEDPS_PYTHON`, or `.venv` at the workspace root. A missing venv
+/// fails the test.
+pub fn python() -> PathBuf {
+    if let Ok(python) = std::env::var("EDGEDPS_PYTHON") {
+        return PathBuf::from(python);
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(
+        venv.exists(),
+        "{} is missing: run scripts/test (it creates the venv with azure-iot-device==2.14.0)",
+        venv.display()
+    );
+    venv
+}
+
+/// Runs `tests/python/{script}` with `request` on stdin, within `limit`; its lines.
+pub async fn run_python(script: &str, request: &Value, limit: Duration) -> Vec<Value> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(script);
+    let mut child = tokio::process::Command::new(python())
+        .arg(path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python starts");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(&serde_json::to_vec(request).expect("JSON"))
+        .await
+        .expect("the request is written");
+    drop(stdin);
+    let output = tokio::time::timeout(limit, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{script} finishes within {limit:?}"))
+        .expect("python runs");
+    assert!(
+        output.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+        .collect()
+}
