@@ -538,8 +538,10 @@ impl Bare {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_qos_1_and_2_storm_survives_a_subscriber_that_drops_and_resumes() {
+/// The storm: a subscriber that stops acknowledging a third of the way in and comes
+/// back, either after its connection was lost (`takeover` false) or by connecting again
+/// while the first connection is still open.
+async fn storm(takeover: bool) {
     use rumqttc::mqttbytes::v4::{Packet as P, PubAck, PubComp, PubRec, Subscribe};
     use std::collections::{BTreeMap, HashSet};
     const COUNT: usize = 400;
@@ -603,10 +605,12 @@ async fn a_qos_1_and_2_storm_survives_a_subscriber_that_drops_and_resumes() {
                 if !dropped && received > COUNT / 3 && p.qos == QoS::ExactlyOnce {
                     dropped = true;
                     unacknowledged = Some((p.pkid, n));
-                    // The connection is lost (the socket closes), then the client
-                    // comes back.
-                    drop(sub);
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    // The connection is lost (the socket closes) and the client comes
+                    // back, or it comes back while the first connection is open.
+                    if !takeover {
+                        drop(sub);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
                     let (resumed, present) =
                         Bare::connect(server.local_port, "storm-sub", false).await;
                     assert!(present, "SessionPresent on resume");
@@ -644,6 +648,16 @@ async fn a_qos_1_and_2_storm_survives_a_subscriber_that_drops_and_resumes() {
         resent_with_dup > 0,
         "the in-flight message came back with DUP"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos_1_and_2_storm_survives_a_subscriber_that_drops_and_resumes() {
+    storm(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos_1_and_2_storm_survives_a_takeover_by_the_same_client() {
+    storm(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -65,6 +65,10 @@ pub(super) struct Settling {
     /// Router packet id -> client packet id, for QoS 2 deliveries the router has the
     /// PUBREC of and the client awaits the PUBREL of.
     released_to_client: HashMap<u16, u16>,
+    /// Log positions of the QoS 2 deliveries whose PUBREC went to the router and whose
+    /// PUBREL has not come back: if the connection is taken over before the router read
+    /// that PUBREC, it delivers them again, and the client must know them.
+    recorded: HashMap<u16, Cursor>,
     /// Client packet ids in flight (awaiting the client's PUBACK or PUBCOMP).
     in_use: HashSet<u16>,
     next: u16,
@@ -134,6 +138,11 @@ impl Settling {
                 // (it waited behind an earlier one): the router sends it again, and the
                 // client, which holds it, must not take it for a new one.
                 resend.insert(cursor, (owed.client_pkid, owed.due));
+            }
+        }
+        for (router_pkid, cursor) in &self.recorded {
+            if let Some(client_pkid) = self.released_to_client.get(router_pkid) {
+                resend.entry(*cursor).or_insert((*client_pkid, true));
             }
         }
         let mut released_to_client = self.released_to_client.clone();
@@ -315,10 +324,13 @@ impl Settling {
         }
         // Unknown to this session (its mapping was lost): the client's id is taken to
         // be the router's.
+        self.recorded.remove(&router_pkid);
         let client_pkid = self
             .released_to_client
             .remove(&router_pkid)
             .unwrap_or(router_pkid);
+        // Released: not to be taken for a redelivery any more.
+        self.resend.retain(|_, (pkid, _)| *pkid != client_pkid);
         self.completions.push_back(Completion {
             router_pkid,
             client_pkid,
@@ -355,6 +367,9 @@ impl Settling {
                     } else {
                         self.released_to_client
                             .insert(owed.router_pkid, owed.client_pkid);
+                        if let Some(cursor) = owed.cursor {
+                            self.recorded.insert(owed.router_pkid, cursor);
+                        }
                     }
                     actions.push(Action::ToRouter(Packet::PubRec(
                         PubRec {
@@ -448,6 +463,31 @@ mod tests {
         let actions = s.router_released(release, None);
         assert_eq!(to_router(&actions), vec!["pubcomp 3"]);
         assert!(!actions.iter().any(|a| matches!(a, Action::ToClient(_))));
+    }
+
+    #[test]
+    fn a_message_whose_pubrec_the_router_may_not_have_read_is_known_when_it_comes_again() {
+        let mut s = Settling::resume(Saved::default(), u16::MAX);
+        let first = s.deliver(delivery(2, 1, 2, 20));
+        let (client, _) = client_publish(&first).unwrap();
+        assert_eq!(to_router(&s.client_acknowledged(client)), vec!["pubrec 1"]);
+        // Taken over before the router read that PUBREC: it delivers the message again.
+        let mut s = Settling::resume(s.saved(), u16::MAX);
+        let again = s.deliver(delivery(2, 1, 2, 20));
+        assert!(
+            client_publish(&again).is_none(),
+            "the client has it already"
+        );
+        assert_eq!(to_router(&again), vec!["pubrec 1"]);
+        let release = PubRel {
+            pkid: 1,
+            reason: PubRelReason::Success,
+        };
+        let released = s.router_released(release, None);
+        assert!(released.iter().any(|a| matches!(
+            a,
+            Action::ToClient(Packet::PubRel(rel, _)) if rel.pkid == client
+        )));
     }
 
     #[test]
