@@ -136,9 +136,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     return Err(Close::OutOfService(cut));
                 }
                 let mut properties = forward.properties;
-                crate::qos::untag(&mut properties);
-                crate::qos::was_retained(&mut properties);
-                if !crate::qos::unexpired(&mut properties) {
+                if crate::qos::take(&mut properties).expired {
                     return Ok(());
                 }
                 let properties = self.codec.properties(properties);
@@ -167,9 +165,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn deliver(&mut self, forward: rumqttd::Forward) -> Result<(), Close> {
         let mut properties = forward.properties;
         let (routed, router_pkid) = qos_and_pkid(&forward.publish);
-        let published = crate::qos::untag(&mut properties).unwrap_or(routed);
-        let unexpired = crate::qos::unexpired(&mut properties);
-        let was_retained = crate::qos::was_retained(&mut properties);
+        let carried = crate::qos::take(&mut properties);
+        let (published, unexpired, was_retained) =
+            (carried.qos, !carried.expired, carried.retained);
         let (topic, dollar) = crate::dollar::from_router_topic(&forward.publish.topic);
         let client_topic = String::from_utf8_lossy(topic).into_owned();
         let matching: Vec<super::subscriptions::FilterOptions> = self
