@@ -6,7 +6,7 @@
 //! through rumqttd's public internal-format constructor.
 
 use crate::Error;
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use rumqttd::protocol::{
     self, v4, v5, ConnectReturnCode, Packet, Protocol, Publish, PublishProperties, QoS,
     SubscribeReasonCode,
@@ -229,26 +229,42 @@ pub enum ConnectRefusal {
     Unavailable,
 }
 
-/// A PUBLISH with the given QoS (0, 1 or 2) and packet id, built through rumqttd's
-/// internal format because its constructor only makes QoS 0 packets.
-pub fn publish(topic: &[u8], payload: &[u8], qos: u8, pkid: u16, retain: bool) -> Publish {
-    let mut raw = BytesMut::with_capacity(5 + topic.len() + payload.len());
-    raw.put_u8(0b0011_0000 | u8::from(retain) | (qos.min(2) << 1));
+/// A PUBLISH with the given QoS (0, 1 or 2), packet id, RETAIN and DUP (a redelivery,
+/// MQTT 3.3.1.1; QoS 1 and 2 only), built through rumqttd's internal format because its
+/// fields are private and its constructor only makes QoS 0 packets. The payload is
+/// shared, not copied.
+pub fn publish(
+    topic: &[u8],
+    payload: Bytes,
+    qos: u8,
+    pkid: u16,
+    retain: bool,
+    dup: bool,
+) -> Publish {
+    let qos = qos.min(2);
+    let dup = dup && qos > 0;
+    let mut raw = BytesMut::with_capacity(5 + topic.len());
+    raw.put_u8(0b0011_0000 | u8::from(retain) | (qos << 1) | (u8::from(dup) << 3));
     raw.put_u16(if qos == 0 { 0 } else { pkid });
     raw.put_u16(topic.len() as u16);
     raw.put_slice(topic);
-    raw.put_slice(payload);
-    Publish::deserialize(raw.freeze())
+    let mut publish = Publish::deserialize(raw.freeze());
+    publish.payload = payload;
+    publish
 }
 
-/// The same PUBLISH with DUP set: a redelivery (MQTT 3.3.1.1).
-pub fn with_dup(publish: Publish) -> Publish {
-    let raw = publish.serialize();
-    let mut raw = BytesMut::from(&raw[..]);
-    if let Some(first) = raw.first_mut() {
-        *first |= 0b1000;
-    }
-    Publish::deserialize(raw.freeze())
+/// The QoS and packet id of a rumqttd `Publish` (its fields are private), read from its
+/// internal form without copying its topic or payload.
+pub fn qos_and_pkid(publish: &Publish) -> (u8, u16) {
+    let mut header = publish.clone();
+    header.topic = Bytes::new();
+    header.payload = Bytes::new();
+    let raw = header.serialize();
+    let qos = raw.first().map_or(0, |b| (b >> 1) & 0b11);
+    let pkid = raw
+        .get(1..3)
+        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+    (qos, pkid)
 }
 
 #[cfg(test)]
@@ -354,7 +370,10 @@ mod tests {
         let mut out = BytesMut::new();
         codec
             .encode(
-                Packet::Publish(publish(b"a/b", b"hello", 1, 7, false), None),
+                Packet::Publish(
+                    publish(b"a/b", Bytes::from_static(b"hello"), 1, 7, false, false),
+                    None,
+                ),
                 &mut out,
             )
             .unwrap();
@@ -370,6 +389,20 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_redelivery_at_qos_2_keeps_its_flags_and_shares_its_payload() {
+        let payload = Bytes::from(vec![7u8; 1024]);
+        let p = publish(b"t", payload.clone(), 2, 9, true, true);
+        assert_eq!(qos_and_pkid(&p), (2, 9));
+        assert_eq!(p.payload.as_ptr(), payload.as_ptr(), "not copied");
+        let raw = p.serialize();
+        assert_eq!(raw[0] & 0b1111, 0b1101, "DUP, QoS 2, RETAIN");
+        // DUP never on QoS 0.
+        let p = publish(b"t", payload, 0, 9, false, true);
+        assert_eq!(qos_and_pkid(&p), (0, 0));
+        assert_eq!(p.serialize()[0] & 0b1000, 0);
     }
 
     #[test]

@@ -59,26 +59,13 @@ pub fn matches(topic: &str, filter: &str) -> bool {
         .strip_prefix("$share/")
         .and_then(|shared| shared.split_once('/'))
         .map_or(filter, |(_, inner)| inner);
-    if topic.starts_with('$') && filter.starts_with(['#', '+']) {
-        return false;
+    // rumqttd's matcher never matches a topic that begins with `$`; such a topic can
+    // only be matched by a filter that begins with the same `$`, so both lose it.
+    match (topic.strip_prefix('$'), filter.strip_prefix('$')) {
+        (Some(topic), Some(filter)) => rumqttd::protocol::matches(topic, filter),
+        (Some(_), None) => false,
+        (None, _) => rumqttd::protocol::matches(topic, filter),
     }
-    let mut topic_levels = topic.split('/');
-    for level in filter.split('/') {
-        match level {
-            "#" => return true,
-            "+" => {
-                if topic_levels.next().is_none() {
-                    return false;
-                }
-            }
-            literal => {
-                if topic_levels.next() != Some(literal) {
-                    return false;
-                }
-            }
-        }
-    }
-    topic_levels.next().is_none()
 }
 
 #[cfg(test)]

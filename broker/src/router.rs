@@ -191,7 +191,8 @@ impl Router {
                         properties,
                     } => {
                         pkid = pkid.checked_add(1).unwrap_or(1);
-                        let publish = crate::codec::publish(&topic, &payload, qos, pkid, retain);
+                        let publish =
+                            crate::codec::publish(&topic, payload, qos, pkid, retain, false);
                         let properties = crate::qos::tag(properties, qos, retain);
                         let mut packets = vec![Packet::Publish(publish, properties)];
                         // QoS 2: the router holds the message until the PUBREL, which
@@ -287,10 +288,7 @@ impl Router {
                 .await
                 .map_err(failed)?;
         }
-        let disconnect = rumqttd::protocol::Disconnect {
-            reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
-        };
-        let _ = tx.send(Packet::Disconnect(disconnect, None)).await;
+        release(&mut tx).await;
         Ok(topics.len())
     }
 }
@@ -305,6 +303,15 @@ impl RetainedMessages for Router {
             }
         }
     }
+}
+
+/// Tells the router a link is gone (best effort: a link the router already dropped is
+/// gone anyway). A persistent session's state is kept by the router from then on.
+pub async fn release(tx: &mut LinkTx) {
+    let disconnect = rumqttd::protocol::Disconnect {
+        reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
+    };
+    let _ = tx.send(Packet::Disconnect(disconnect, None)).await;
 }
 
 /// The router's name for a session's link: the client id with `%`, the characters the

@@ -84,18 +84,20 @@ where
                 // first, then keep the new one.
                 let cleared = shared.router.session_link(&client_id, true).await;
                 if let Ok(mut cleared) = cleared {
-                    release(&mut cleared.tx).await;
+                    crate::router::release(&mut cleared.tx).await;
                 }
             }
             keep_session = keep;
             match shared.router.session_link(&client_id, !keep).await {
                 Ok(session) => {
                     // A connection this one took over hands its delivery state on as it
-                    // ends (`Session::end`).
-                    shared
-                        .owners
-                        .released(&client_id, Duration::from_secs(2))
-                        .await;
+                    // ends (`Session::end`); only a resumed session needs it.
+                    if session.session_present {
+                        shared
+                            .owners
+                            .released(&client_id, Duration::from_secs(2))
+                            .await;
+                    }
                     link = Some(session)
                 }
                 Err(e) => {
@@ -203,7 +205,7 @@ where
     let properties = passthrough.then(|| ConnAckProperties {
         assigned_client_identifier: assigned,
         topic_alias_max: Some(super::TOPIC_ALIAS_MAX),
-        ..empty_connack_properties()
+        ..Default::default()
     });
     let accepted = Packet::ConnAck(
         ConnAck {
@@ -268,42 +270,12 @@ async fn refuse<S: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Tells the router a link is gone.
-async fn release(tx: &mut rumqttd::local::LinkTx) {
-    let disconnect = rumqttd::protocol::Disconnect {
-        reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
-    };
-    let _ = tx.send(Packet::Disconnect(disconnect, None)).await;
-}
-
 /// Random id material for an assigned client id.
 fn assigned_suffix() -> String {
     use ring::rand::SecureRandom;
     let mut bytes = [0u8; 9];
     let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn empty_connack_properties() -> ConnAckProperties {
-    ConnAckProperties {
-        session_expiry_interval: None,
-        receive_max: None,
-        max_qos: None,
-        retain_available: None,
-        max_packet_size: None,
-        assigned_client_identifier: None,
-        topic_alias_max: None,
-        reason_string: None,
-        user_properties: Vec::new(),
-        wildcard_subscription_available: None,
-        subscription_identifiers_available: None,
-        shared_subscription_available: None,
-        server_keep_alive: None,
-        response_information: None,
-        server_reference: None,
-        authentication_method: None,
-        authentication_data: None,
-    }
 }
 
 async fn read_more<S: AsyncRead + Unpin>(

@@ -60,7 +60,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let topic = dps::response_topic(reply.status, request.rid(), reply.retry_after);
         let pkid = self.pkid();
-        let publish = codec::publish(topic.as_bytes(), &reply.body, qos, pkid, false);
+        let publish = codec::publish(
+            topic.as_bytes(),
+            bytes::Bytes::from(reply.body),
+            qos,
+            pkid,
+            false,
+            false,
+        );
         let properties = (reply.encoding == Encoding::Cbor).then(|| PublishProperties {
             content_type: Some(CBOR_CONTENT_TYPE.into()),
             ..Default::default()

@@ -42,17 +42,6 @@ impl From<Notification> for RouterEvent {
     }
 }
 
-/// The QoS and packet id of a publish rumqttd made (its fields are private), from its
-/// internal form: the fixed header's first byte, then the packet id.
-fn qos_and_pkid(publish: &rumqttd::protocol::Publish) -> (u8, u16) {
-    let raw = publish.serialize();
-    let qos = raw.first().map_or(0, |b| (b >> 1) & 0b11);
-    let pkid = raw
-        .get(1..3)
-        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
-    (qos, pkid)
-}
-
 /// The next event of the link; never resolves while the session has none.
 pub(super) async fn next_event(rx: &mut Option<LinkRx>) -> RouterEvent {
     match rx {
@@ -89,10 +78,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Tells the router this session is gone, so it drops its subscriptions.
     pub(super) async fn release_link(&mut self) {
         if let Some(mut tx) = self.link_tx.take() {
-            let disconnect = rumqttd::protocol::Disconnect {
-                reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
-            };
-            let _ = tx.send(Packet::Disconnect(disconnect, None)).await;
+            crate::router::release(&mut tx).await;
         }
         self.link_rx = None;
     }
@@ -142,10 +128,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let properties = self.codec.properties(properties);
                 let publish = codec::publish(
                     &forward.publish.topic,
-                    &forward.publish.payload,
+                    forward.publish.payload,
                     0,
                     0,
                     forward.publish.retain,
+                    false,
                 );
                 self.send(Packet::Publish(publish, properties))
             }
@@ -164,21 +151,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// (`settling.rs`).
     async fn deliver(&mut self, forward: rumqttd::Forward) -> Result<(), Close> {
         let mut properties = forward.properties;
-        let (routed, router_pkid) = qos_and_pkid(&forward.publish);
+        let (routed, router_pkid) = codec::qos_and_pkid(&forward.publish);
         let carried = crate::qos::take(&mut properties);
         let (published, unexpired, was_retained) =
             (carried.qos, !carried.expired, carried.retained);
         let (topic, dollar) = crate::dollar::from_router_topic(&forward.publish.topic);
-        let client_topic = String::from_utf8_lossy(topic).into_owned();
-        let matching: Vec<super::subscriptions::FilterOptions> = self
-            .subscriptions
-            .iter()
-            .filter(|(filter, _)| crate::dollar::matches(&client_topic, filter))
-            .map(|(_, options)| *options)
-            .collect();
         // The router reads retained messages only for a new subscription, with no log
-        // position: the latest matching subscription says whether it wanted them.
+        // position.
         let retained_read = forward.cursor.is_none();
+        // Which of the client's subscriptions match matters only for a `$`-topic, a
+        // retained read (the latest matching subscription says whether it wanted them)
+        // and a message published retained (Retain As Published): not for the plain
+        // live message, which the router routed by its subscriptions.
+        let matching: Vec<super::subscriptions::FilterOptions> =
+            if dollar || retained_read || was_retained {
+                let client_topic = String::from_utf8_lossy(topic);
+                self.subscriptions
+                    .iter()
+                    .filter(|(filter, _)| crate::dollar::matches(&client_topic, filter))
+                    .map(|(_, options)| *options)
+                    .collect()
+            } else {
+                Vec::new()
+            };
         let wanted_retained = matching
             .iter()
             .max_by_key(|o| o.sequence)

@@ -606,10 +606,7 @@ async fn expire(shared: Arc<Shared>, client_id: String, token: u64, after: Durat
     lock(&shared.saved).remove(&client_id);
     match shared.router.session_link(&client_id, true).await {
         Ok(mut link) => {
-            let disconnect = rumqttd::protocol::Disconnect {
-                reason_code: DisconnectReasonCode::NormalDisconnection,
-            };
-            let _ = link.tx.send(Packet::Disconnect(disconnect, None)).await;
+            crate::router::release(&mut link.tx).await;
             tracing::info!(%client_id, "session expired");
         }
         Err(e) => tracing::warn!(%client_id, error = %e, "an expired session could not be cleared"),

@@ -203,16 +203,14 @@ impl Settling {
             (_, None) => (self.allocate(), false, false),
         };
         if delivery.wanted && !already_acknowledged {
-            let mut publish = crate::codec::publish(
+            let publish = crate::codec::publish(
                 &delivery.topic,
-                &delivery.payload,
+                delivery.payload,
                 delivered,
                 client_pkid,
                 delivery.retain,
+                dup,
             );
-            if dup {
-                publish = crate::codec::with_dup(publish);
-            }
             actions.push(Action::ToClient(Packet::Publish(
                 publish,
                 delivery.properties,
@@ -277,10 +275,11 @@ impl Settling {
             let delivery = waiting.delivery;
             let publish = crate::codec::publish(
                 &delivery.topic,
-                &delivery.payload,
+                delivery.payload,
                 waiting.delivered,
                 client_pkid,
                 delivery.retain,
+                false,
             );
             actions.push(Action::ToClient(Packet::Publish(
                 publish,

@@ -13,6 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rumqttd::protocol::{LastWill, LastWillProperties, PublishProperties};
 
+use super::lock;
 use crate::router::Publisher;
 
 /// The will of one session.
@@ -108,12 +109,6 @@ impl Owners {
             .get(client_id)
             .is_none_or(|current| *current <= token)
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Publishes `will` for the connection `token` of `client_id`, now or after its delay.
