@@ -93,6 +93,12 @@ pub struct Limits {
     pub max_subscriptions_per_session: usize,
     /// Largest body of an operator write (enrollment, group, hub), in bytes.
     pub max_enrollment_body_size: usize,
+    /// QoS 1 and 2 messages kept for one persistent session while its client is away;
+    /// beyond it the oldest is dropped (counted and logged).
+    pub max_queued_messages: usize,
+    /// Persistent sessions kept while their client is away; beyond it the one away the
+    /// longest ends.
+    pub max_offline_sessions: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -157,6 +163,8 @@ impl Default for Limits {
             registrations_per_second: rates.registrations_per_second,
             max_subscriptions_per_session: 64,
             max_enrollment_body_size: 64 * 1024,
+            max_queued_messages: 1000,
+            max_offline_sessions: 10_000,
         }
     }
 }
@@ -241,6 +249,14 @@ impl Config {
             (
                 "limits.max_enrollment_body_size",
                 self.limits.max_enrollment_body_size,
+            ),
+            (
+                "limits.max_queued_messages",
+                self.limits.max_queued_messages,
+            ),
+            (
+                "limits.max_offline_sessions",
+                self.limits.max_offline_sessions,
             ),
         ] {
             if value == 0 {

@@ -29,6 +29,8 @@ pub struct Carried {
     pub retained: bool,
     /// Its Message Expiry Interval ran out.
     pub expired: bool,
+    /// When it expires, in Unix milliseconds (MQTT 5 Message Expiry Interval).
+    pub deadline: Option<u64>,
 }
 
 /// `properties` for the router: the published QoS, RETAIN flag and expiry deadline
@@ -67,6 +69,7 @@ pub fn take(properties: &mut Option<PublishProperties>) -> Carried {
         qos: 0,
         retained: false,
         expired: false,
+        deadline: None,
     };
     let Some(props) = properties.as_mut() else {
         return carried;
@@ -86,18 +89,27 @@ pub fn take(properties: &mut Option<PublishProperties>) -> Carried {
         .unwrap_or_default();
     carried.retained = flags.ends_with('r');
     if let Ok(deadline) = deadline.parse::<u64>() {
-        let now = now_ms();
-        if now >= deadline {
-            carried.expired = true;
-        } else {
-            let left = (deadline - now).div_ceil(1000);
-            props.message_expiry_interval = Some(u32::try_from(left).unwrap_or(u32::MAX));
-        }
+        carried.deadline = Some(deadline);
+        carried.expired = !left_until(properties, deadline);
     }
-    if *props == PublishProperties::default() {
+    if properties.as_ref() == Some(&PublishProperties::default()) {
         *properties = None;
     }
     carried
+}
+
+/// Sets the Message Expiry Interval of a message that expires at `deadline` (Unix
+/// milliseconds) to what is left of it; false once it has run out.
+pub fn left_until(properties: &mut Option<PublishProperties>, deadline: u64) -> bool {
+    let now = now_ms();
+    if now >= deadline {
+        return false;
+    }
+    let left = (deadline - now).div_ceil(1000);
+    properties
+        .get_or_insert_with(Default::default)
+        .message_expiry_interval = Some(u32::try_from(left).unwrap_or(u32::MAX));
+    true
 }
 
 fn now_ms() -> u64 {
@@ -120,7 +132,8 @@ mod tests {
             Carried {
                 qos: 0,
                 retained: false,
-                expired: false
+                expired: false,
+                deadline: None
             }
         );
     }
@@ -145,7 +158,8 @@ mod tests {
             Carried {
                 qos: 0,
                 retained: true,
-                expired: false
+                expired: false,
+                deadline: None
             }
         );
     }
@@ -185,7 +199,8 @@ mod tests {
             Carried {
                 qos: 1,
                 retained: false,
-                expired: false
+                expired: false,
+                deadline: None
             }
         );
     }

@@ -30,6 +30,8 @@ pub struct Running {
     /// The CA of the generated development certificate, when there is one.
     pub dev_ca: Option<PathBuf>,
     pub responder: Arc<Responder>,
+    /// Persistent sessions whose client is away, and what their queues dropped.
+    pub offline: Arc<session::offline::Registry>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -56,8 +58,10 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     settings.max_admin_body = config.limits.max_enrollment_body_size;
     let responder = Arc::new(Responder::open(settings, Arc::new(store))?);
 
-    // Every session may hold a link, plus the responder's publisher.
-    let router = Router::start(config.limits.max_connections + 1);
+    // Every session may hold a link, and every offline session; plus the responder's
+    // publisher and one passing link (an expiry, a purge).
+    let router =
+        Router::start(config.limits.max_connections + config.limits.max_offline_sessions + 2);
     let publisher = router.spawn_publisher().await?;
     // The stored state goes back out as retained messages in the background: with a
     // million enrollments that takes seconds, and devices need not wait for it.
@@ -70,12 +74,15 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         limits: config.limits.clone(),
         owners: Arc::default(),
         saved: Arc::default(),
+        offline: Arc::default(),
+        connecting: tokio::sync::Mutex::new(()),
     });
     let mut running = Running {
         devices_addr: None,
         local_addr: None,
         dev_ca: None,
         responder,
+        offline: shared.offline.clone(),
         tasks: Vec::new(),
     };
 

@@ -257,6 +257,106 @@ async fn persistent_session_keeps_its_subscriptions_and_queues_messages_while_of
     assert!(!present);
 }
 
+/// Disconnects `client` and lets its event loop run out.
+async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop) {
+    client.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
+}
+
+/// Waits until `done` holds, at most ten seconds.
+async fn eventually(what: &str, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_session_keeps_its_newest_messages_up_to_its_limit_and_counts_the_rest() {
+    let server = Server::start_with(|config| config.limits.max_queued_messages = 5).await;
+    let offline = server.running.offline.clone();
+    let (away, mut away_loop, _) = client(&server, "bounded", false).await;
+    subscribe(&away, &mut away_loop, "app/bounded", QoS::ExactlyOnce).await;
+    disconnect(&away, &mut away_loop).await;
+    eventually("the session is offline", || offline.holds("bounded")).await;
+
+    let (publisher, mut pub_loop, _) = client(&server, "bounded-pub", true).await;
+    for n in 0..8 {
+        let qos = if n % 2 == 0 {
+            QoS::AtLeastOnce
+        } else {
+            QoS::ExactlyOnce
+        };
+        publisher
+            .publish("app/bounded", qos, false, format!("m{n}"))
+            .await
+            .unwrap();
+        // One at a time: a QoS 2 message enters the router's log at its PUBREL.
+        drive_until(&mut pub_loop, "PUBACK or PUBCOMP", |p| {
+            matches!(p, Packet::PubAck(_) | Packet::PubComp(_))
+        })
+        .await;
+    }
+    // QoS 0 is not kept for an absent client, and does not push anything out.
+    publisher
+        .publish("app/bounded", QoS::AtMostOnce, false, "zero")
+        .await
+        .unwrap();
+    tokio::spawn(async move { publishes_within(&mut pub_loop, Duration::from_secs(10)).await });
+    eventually("three dropped", || offline.dropped() == 3).await;
+
+    let (_back, mut back_loop, present) = client(&server, "bounded", false).await;
+    assert!(present);
+    let queued = publishes_within(&mut back_loop, Duration::from_secs(2)).await;
+    let got: Vec<(String, QoS, bool)> = queued
+        .iter()
+        .map(|p| {
+            (
+                String::from_utf8_lossy(&p.payload).into_owned(),
+                p.qos,
+                p.dup,
+            )
+        })
+        .collect();
+    let expected: Vec<(String, QoS, bool)> = (3..8)
+        .map(|n| {
+            let qos = if n % 2 == 0 {
+                QoS::AtLeastOnce
+            } else {
+                QoS::ExactlyOnce
+            };
+            (format!("m{n}"), qos, false)
+        })
+        .collect();
+    assert_eq!(got, expected, "the five newest, in order, once");
+    assert_eq!(offline.sessions(), 0);
+    assert_eq!(offline.dropped(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_offline_session_limit_the_one_away_longest_ends() {
+    let server = Server::start_with(|config| config.limits.max_offline_sessions = 1).await;
+    let offline = server.running.offline.clone();
+    for id in ["first-away", "second-away"] {
+        let (away, mut away_loop, _) = client(&server, id, false).await;
+        subscribe(&away, &mut away_loop, "app/away", QoS::AtLeastOnce).await;
+        disconnect(&away, &mut away_loop).await;
+        eventually("it is offline", || offline.holds(id)).await;
+    }
+    eventually("only the second is kept", || {
+        offline.sessions() == 1 && !offline.holds("first-away")
+    })
+    .await;
+    let (_first, _first_loop, present) = client(&server, "first-away", false).await;
+    assert!(!present, "the session away the longest ended");
+    let (_second, _second_loop, present) = client(&server, "second-away", false).await;
+    assert!(present, "the other is kept");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_client_id_is_assigned_with_a_clean_session_and_refused_without() {
     let server = Server::start().await;

@@ -403,3 +403,83 @@ async fn no_more_messages_in_flight_than_the_client_s_receive_maximum() {
     assert!(third.pkid != in_flight[1].pkid);
     driving.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_taken_over_is_told_so_with_reason_0x8e() {
+    use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
+    let server = Server::start().await;
+    let (_first, mut first_loop) = client5(&server, "v5-twice", |_| {}).await;
+    let (_second, _second_loop) = client5(&server, "v5-twice", |_| {}).await;
+    let told = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match first_loop.poll().await {
+                Ok(_) => {}
+                // rumqttc ends its event loop with what the server's DISCONNECT said.
+                Err(rumqttc::v5::ConnectionError::MqttState(
+                    rumqttc::v5::StateError::ServerDisconnect { reason_code, .. },
+                )) => return Some(reason_code),
+                Err(_) => return None,
+            }
+        }
+    })
+    .await;
+    assert_eq!(told, Ok(Some(DisconnectReasonCode::SessionTakenOver)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_session_s_queue_keeps_the_properties_and_the_expiry_of_its_messages() {
+    let server = Server::start().await;
+    let keep = |options: &mut MqttOptions| {
+        options.set_clean_start(false);
+        options.set_session_expiry_interval(Some(60));
+    };
+    let (away, mut away_loop) = client5(&server, "v5-queue", keep).await;
+    away.subscribe("app/v5queue", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    until(&mut away_loop, "SUBACK", |p| {
+        matches!(p, Packet::SubAck(..))
+    })
+    .await;
+    away.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while away_loop.poll().await.is_ok() {}
+    })
+    .await;
+    let offline = server.running.offline.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !offline.holds("v5-queue") {
+        assert!(tokio::time::Instant::now() < deadline, "never offline");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let (publisher, mut pub_loop) = client5(&server, "v5-queue-pub", |_| {}).await;
+    for (payload, expiry) in [("short", 1), ("long", 60)] {
+        let properties = PublishProperties {
+            message_expiry_interval: Some(expiry),
+            user_properties: vec![("k".into(), payload.into())],
+            ..Default::default()
+        };
+        publisher
+            .publish_with_properties("app/v5queue", QoS::AtLeastOnce, false, payload, properties)
+            .await
+            .unwrap();
+        until(&mut pub_loop, "PUBACK", |p| matches!(p, Packet::PubAck(..))).await;
+    }
+    // The short one expires while the client is away.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (_back, mut back_loop) = client5(&server, "v5-queue", keep).await;
+    let queued = publishes_within(&mut back_loop, Duration::from_secs(2)).await;
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    assert_eq!(&queued[0].payload[..], b"long");
+    let properties = queued[0].properties.clone().unwrap_or_default();
+    assert_eq!(
+        properties.user_properties,
+        vec![("k".into(), "long".into())]
+    );
+    assert!(
+        matches!(properties.message_expiry_interval, Some(55..=58)),
+        "{:?}",
+        properties.message_expiry_interval
+    );
+}

@@ -17,7 +17,7 @@ use edgedps_policies::attestation::AttestationError;
 use edgedps_responder::{unix_now, Credential, Error};
 use edgedps_topics::encoding::Encoding;
 
-use super::{will, Close, Identity, ListenerKind, Session, Shared};
+use super::{lock, will, Close, Identity, ListenerKind, Session, Shared};
 use crate::codec::{self, Codec, ConnectRefusal, Version};
 
 /// Reads the CONNECT under its deadline and decides it. `Ok(None)`: refused (CONNACK sent).
@@ -56,6 +56,8 @@ where
     let mut assigned = None;
     let mut keep_session = false;
     let mut session_expiry = 0;
+    let mut owner = 0;
+    let mut saved: Option<super::SavedSession> = None;
     let (identity, role, live, standing) = match kind {
         ListenerKind::Local => {
             if client_id.is_empty() {
@@ -79,6 +81,10 @@ where
                 Version::V4 => (connect.clean_session, !connect.clean_session),
                 Version::V5 => (connect.clean_session, expiry > 0),
             };
+            keep_session = keep;
+            // No expiry of an offline session crosses this (`offline.rs`).
+            let connecting = shared.connecting.lock().await;
+            owner = shared.owners.claim(&client_id);
             if discard && keep {
                 // rumqttd's one flag means both: clear the old session with a clean link
                 // first, then keep the new one.
@@ -87,20 +93,22 @@ where
                     crate::router::release(&mut cleared.tx).await;
                 }
             }
-            keep_session = keep;
-            match shared.router.session_link(&client_id, !keep).await {
+            let linked = shared.router.session_link(&client_id, !keep).await;
+            drop(connecting);
+            match linked {
                 Ok(session) => {
-                    // A connection this one took over hands its delivery state on as it
-                    // ends (`Session::end`); only a resumed session needs it.
-                    if session.session_present {
-                        shared
-                            .owners
-                            .released(&client_id, Duration::from_secs(2))
-                            .await;
-                    }
+                    // The connection or offline session this one took over hands its
+                    // state on as it ends; only a resumed session needs it.
+                    saved = if session.session_present {
+                        shared.handed_over(&client_id, Duration::from_secs(2)).await
+                    } else {
+                        lock(&shared.saved).remove(&client_id);
+                        None
+                    };
                     link = Some(session)
                 }
                 Err(e) => {
+                    shared.owners.release(&client_id, owner);
                     tracing::warn!(%peer, %client_id, error = %e, "connect refused: no router link");
                     refuse(&mut stream, &codec, ConnectRefusal::Unavailable).await?;
                     return Ok(None);
@@ -149,23 +157,21 @@ where
     };
     let passthrough = link.is_some();
     let session_present = link.as_ref().is_some_and(|l| l.session_present);
-    let owner = if passthrough {
-        shared.owners.claim(&client_id)
-    } else {
-        0
-    };
-    // What the connection before left of the session's deliveries.
-    let saved = if passthrough {
-        super::lock(&shared.saved).remove(&client_id)
-    } else {
-        None
-    };
-    let saved = saved.filter(|_| session_present).unwrap_or_default();
+    // What the connection before left of the session.
+    let saved = saved.unwrap_or_default();
+    if saved.settling.dropped() > 0 || saved.settling.queued() > 0 {
+        tracing::info!(%client_id, queued = saved.settling.queued(), dropped = saved.settling.dropped(), "session resumed with messages queued while the client was away (dropped: over the session's life, queue full)");
+    }
     let receive_maximum = properties
         .as_ref()
         .and_then(|p| p.receive_maximum)
         .unwrap_or(u16::MAX);
-    let settling = super::settling::Settling::resume(saved.settling, receive_maximum);
+    let settling = super::settling::Settling::resume(
+        saved.settling,
+        receive_maximum,
+        codec.version == Version::V5,
+        shared.limits.max_queued_messages,
+    );
     let (link_tx, link_rx) = match link {
         Some(link) => (Some(link.tx), Some(link.rx)),
         None => (None, None),
@@ -215,6 +221,9 @@ where
         properties.filter(|_| session.codec.version == Version::V5),
     );
     session.send(accepted)?;
+    // A resumed session: what its client awaits, before anything new.
+    let first = session.settling.start();
+    session.act(first).await?;
     session.flush().await?;
     Ok(Some(session))
 }

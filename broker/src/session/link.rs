@@ -7,7 +7,9 @@ use rumqttd::protocol::Packet;
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Close, Session};
+use super::settling::{Delivery, Message};
+use super::subscriptions::FilterOptions;
+use super::{Close, Filters, Session};
 use crate::codec;
 
 /// What the router told the session.
@@ -45,12 +47,75 @@ impl From<Notification> for RouterEvent {
 /// The next event of the link; never resolves while the session has none.
 pub(super) async fn next_event(rx: &mut Option<LinkRx>) -> RouterEvent {
     match rx {
-        Some(rx) => match rx.next().await {
-            Ok(Some(notification)) => notification.into(),
-            Ok(None) => RouterEvent::Nothing,
-            Err(e) => RouterEvent::Failed(e.to_string()),
-        },
+        Some(rx) => next_event_of(rx).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The next event of `rx`.
+pub(super) async fn next_event_of(rx: &mut LinkRx) -> RouterEvent {
+    match rx.next().await {
+        Ok(Some(notification)) => notification.into(),
+        Ok(None) => RouterEvent::Nothing,
+        Err(e) => RouterEvent::Failed(e.to_string()),
+    }
+}
+
+/// A router delivery to a full MQTT session, as its client is to get it: with the
+/// published QoS, RETAIN as MQTT says, the `$` of a `$`-topic back, and not wanted if
+/// the client's subscriptions (`filters`) do not want it.
+pub(super) fn delivery(forward: rumqttd::Forward, filters: &Filters) -> Delivery {
+    let mut properties = forward.properties;
+    let (routed, router_pkid) = codec::qos_and_pkid(&forward.publish);
+    let carried = crate::qos::take(&mut properties);
+    let (topic, dollar) = crate::dollar::from_router_topic(&forward.publish.topic);
+    // The router reads retained messages only for a new subscription, with no log
+    // position.
+    let retained_read = forward.cursor.is_none();
+    // Which of the client's subscriptions match matters only for a `$`-topic, a
+    // retained read (the latest matching subscription says whether it wanted them) and
+    // a message published retained (Retain As Published): not for the plain live
+    // message, which the router routed by its subscriptions.
+    let matching: Vec<FilterOptions> = if dollar || retained_read || carried.retained {
+        let client_topic = String::from_utf8_lossy(topic);
+        filters
+            .iter()
+            .filter(|(filter, _)| crate::dollar::matches(&client_topic, filter))
+            .map(|(_, options)| *options)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let wanted_retained = matching
+        .iter()
+        .max_by_key(|o| o.sequence)
+        .is_none_or(|o| o.retained_on_subscribe);
+    let wanted = !carried.expired
+        && (!dollar || !matching.is_empty())
+        && (!retained_read || wanted_retained);
+    let retain = if retained_read {
+        forward.publish.retain
+    } else {
+        carried.retained && matching.iter().any(|o| o.retain_as_published)
+    };
+    let topic = if dollar {
+        forward.publish.topic.slice(1..)
+    } else {
+        forward.publish.topic.clone()
+    };
+    Delivery {
+        message: Message {
+            topic,
+            payload: forward.publish.payload,
+            retain,
+            properties,
+            deadline: carried.deadline,
+        },
+        routed,
+        router_pkid,
+        published: carried.qos,
+        cursor: forward.cursor,
+        wanted,
     }
 }
 
@@ -87,8 +152,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn on_router(&mut self, event: RouterEvent) -> Result<(), Close> {
         match event {
             RouterEvent::Nothing => Ok(()),
+            // The router drops a full session's link when another connection takes its
+            // client id.
+            RouterEvent::Failed(_) | RouterEvent::Disconnected if self.passthrough => {
+                self.taken_over().await
+            }
             RouterEvent::Failed(e) => Err(Close::Router(e)),
+            RouterEvent::Disconnected => Err(Close::Router("router disconnected the link".into())),
             RouterEvent::Deliver(forward) if self.passthrough => self.deliver(*forward).await,
+            RouterEvent::Deliver(forward) => self.deliver_to_device(*forward),
             RouterEvent::Ack(packet) if self.passthrough => match *packet {
                 Packet::SubAck(ack, _) => self.subscribed(ack),
                 Packet::ConnAck(..) => Ok(()),
@@ -100,108 +172,68 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             },
             // DPS sessions wait for their acknowledgements where they need them.
             RouterEvent::Ack(_) => Ok(()),
-            RouterEvent::Disconnected if self.passthrough => {
-                if self.codec.version == crate::codec::Version::V5 {
-                    let disconnect = rumqttd::protocol::Disconnect {
-                        reason_code: rumqttd::protocol::DisconnectReasonCode::SessionTakenOver,
-                    };
-                    // With a reason string: see `out_of_service`.
-                    let properties = rumqttd::protocol::DisconnectProperties {
-                        session_expiry_interval: None,
-                        reason_string: Some("another connection took the client id".into()),
-                        user_properties: Vec::new(),
-                        server_reference: None,
-                    };
-                    self.send(Packet::Disconnect(disconnect, Some(properties)))?;
-                }
-                Err(Close::TakenOver)
-            }
-            RouterEvent::Deliver(forward) => {
-                // Nothing more reaches a device taken out of service.
-                if let Some(cut) = self.cut() {
-                    return Err(Close::OutOfService(cut));
-                }
-                let mut properties = forward.properties;
-                if crate::qos::take(&mut properties).expired {
-                    return Ok(());
-                }
-                let properties = self.codec.properties(properties);
-                let publish = codec::publish(
-                    &forward.publish.topic,
-                    forward.publish.payload,
-                    0,
-                    0,
-                    forward.publish.retain,
-                    false,
-                );
-                self.send(Packet::Publish(publish, properties))
-            }
             RouterEvent::Unscheduled => {
                 if let Some(rx) = self.link_rx.as_ref() {
                     rx.wake().await.map_err(|e| Close::Router(e.to_string()))?;
                 }
                 Ok(())
             }
-            RouterEvent::Disconnected => Err(Close::Router("router disconnected the link".into())),
         }
+    }
+
+    /// Another connection took this session's client id: MQTT 5 says so first.
+    async fn taken_over(&mut self) -> Result<(), Close> {
+        if self.codec.version == crate::codec::Version::V5 {
+            let disconnect = rumqttd::protocol::Disconnect {
+                reason_code: rumqttd::protocol::DisconnectReasonCode::SessionTakenOver,
+            };
+            // With a reason string: see `out_of_service`.
+            let properties = rumqttd::protocol::DisconnectProperties {
+                session_expiry_interval: None,
+                reason_string: Some("another connection took the client id".into()),
+                user_properties: Vec::new(),
+                server_reference: None,
+            };
+            // Best effort: the connection closes either way.
+            if self
+                .send(Packet::Disconnect(disconnect, Some(properties)))
+                .is_ok()
+            {
+                let _ = self.flush().await;
+            }
+        }
+        Err(Close::TakenOver)
+    }
+
+    /// A router delivery to a DPS session: at QoS 0.
+    fn deliver_to_device(&mut self, forward: rumqttd::Forward) -> Result<(), Close> {
+        // Nothing more reaches a device taken out of service.
+        if let Some(cut) = self.cut() {
+            return Err(Close::OutOfService(cut));
+        }
+        let mut properties = forward.properties;
+        if crate::qos::take(&mut properties).expired {
+            return Ok(());
+        }
+        let properties = self.codec.properties(properties);
+        let publish = codec::publish(
+            &forward.publish.topic,
+            forward.publish.payload,
+            0,
+            0,
+            forward.publish.retain,
+            false,
+        );
+        self.send(Packet::Publish(publish, properties))
     }
 
     /// A router delivery to a full MQTT session, at the lower of the published QoS and
     /// the router's (the subscription's), under this session's packet id
     /// (`settling.rs`).
     async fn deliver(&mut self, forward: rumqttd::Forward) -> Result<(), Close> {
-        let mut properties = forward.properties;
-        let (routed, router_pkid) = codec::qos_and_pkid(&forward.publish);
-        let carried = crate::qos::take(&mut properties);
-        let (published, unexpired, was_retained) =
-            (carried.qos, !carried.expired, carried.retained);
-        let (topic, dollar) = crate::dollar::from_router_topic(&forward.publish.topic);
-        // The router reads retained messages only for a new subscription, with no log
-        // position.
-        let retained_read = forward.cursor.is_none();
-        // Which of the client's subscriptions match matters only for a `$`-topic, a
-        // retained read (the latest matching subscription says whether it wanted them)
-        // and a message published retained (Retain As Published): not for the plain
-        // live message, which the router routed by its subscriptions.
-        let matching: Vec<super::subscriptions::FilterOptions> =
-            if dollar || retained_read || was_retained {
-                let client_topic = String::from_utf8_lossy(topic);
-                self.subscriptions
-                    .iter()
-                    .filter(|(filter, _)| crate::dollar::matches(&client_topic, filter))
-                    .map(|(_, options)| *options)
-                    .collect()
-            } else {
-                Vec::new()
-            };
-        let wanted_retained = matching
-            .iter()
-            .max_by_key(|o| o.sequence)
-            .is_none_or(|o| o.retained_on_subscribe);
-        let wanted =
-            unexpired && (!dollar || !matching.is_empty()) && (!retained_read || wanted_retained);
-        let retain = if retained_read {
-            forward.publish.retain
-        } else {
-            was_retained && matching.iter().any(|o| o.retain_as_published)
-        };
-        let topic = if dollar {
-            forward.publish.topic.slice(1..)
-        } else {
-            forward.publish.topic.clone()
-        };
-        let delivery = super::settling::Delivery {
-            topic,
-            payload: forward.publish.payload.clone(),
-            retain,
-            properties: self.codec.properties(properties),
-            routed,
-            router_pkid,
-            published,
-            cursor: forward.cursor,
-            wanted,
-        };
-        let actions = self.settling.deliver(delivery);
+        let actions = self
+            .settling
+            .deliver(delivery(forward, &self.subscriptions));
         self.act(actions).await
     }
 
@@ -217,7 +249,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.act(actions).await
     }
 
-    async fn act(&mut self, actions: Vec<super::settling::Action>) -> Result<(), Close> {
+    pub(super) async fn act(&mut self, actions: Vec<super::settling::Action>) -> Result<(), Close> {
         for action in actions {
             match action {
                 super::settling::Action::ToClient(packet) => self.send(packet)?,

@@ -5,6 +5,8 @@
 //! - `admin.rs`: operator writes under `dps/`;
 //! - `subscriptions.rs`: SUBSCRIBE and UNSUBSCRIBE, with the topic ACL;
 //! - `link.rs`: this session's rumqttd link: publishes in, deliveries out;
+//! - `settling.rs`: the QoS bookkeeping of deliveries between the router and the client;
+//! - `offline.rs`: a persistent session while its client is away;
 //! - `will.rs`: will messages.
 //!
 //! Two kinds of session. A DPS session (device listener) keeps PROTOCOL A's rules: only
@@ -27,6 +29,7 @@ mod admin;
 mod connect;
 mod dps;
 mod link;
+pub mod offline;
 mod settling;
 pub(crate) mod subscriptions;
 pub(crate) mod will;
@@ -72,9 +75,35 @@ pub struct Shared {
     pub limits: Limits,
     /// Which connection holds each client id (for will delays).
     pub owners: Arc<will::Owners>,
-    /// The delivery bookkeeping of persistent sessions between their connections.
+    /// Persistent sessions handed from one connection to the next.
     pub saved: Arc<std::sync::Mutex<std::collections::HashMap<String, SavedSession>>>,
+    /// Persistent sessions whose client is away.
+    pub offline: Arc<offline::Registry>,
+    /// Held while a CONNECT of the local listener, or an offline session's end, changes
+    /// the router's link of a client id: the two never cross.
+    pub connecting: tokio::sync::Mutex<()>,
 }
+
+impl Shared {
+    /// The session a resumed connection took over, once the connection or offline
+    /// session that held it has handed it on (at most `limit`).
+    async fn handed_over(&self, client_id: &str, limit: Duration) -> Option<SavedSession> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(saved) = lock(&self.saved).remove(client_id) {
+                return Some(saved);
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(%client_id, "the session taken over was not handed on in time; its queued messages and delivery state are lost");
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+/// A session's subscriptions: each filter as the client wrote it, with its options.
+type Filters = std::collections::HashMap<String, subscriptions::FilterOptions>;
 
 #[derive(Debug, thiserror::Error)]
 enum Close {
@@ -133,7 +162,7 @@ struct Session<S> {
     keep_alive: u16,
     /// Filters held in the router, as the client wrote them, with what it asked of them
     /// (`limits.max_subscriptions_per_session` bounds them).
-    subscriptions: std::collections::HashMap<String, subscriptions::FilterOptions>,
+    subscriptions: Filters,
     /// Numbers subscriptions in order.
     sequence: u64,
     /// A device's place in the live-session registry.
@@ -164,7 +193,7 @@ struct Session<S> {
 #[derive(Debug, Default, Clone)]
 pub struct SavedSession {
     settling: settling::Saved,
-    filters: std::collections::HashMap<String, subscriptions::FilterOptions>,
+    filters: Filters,
     sequence: u64,
 }
 
@@ -186,11 +215,6 @@ pub async fn serve<S>(
     match Box::pin(connect::accept(stream, chain, kind, peer, shared)).await {
         Ok(Some(mut session)) => {
             let result = session.run().await;
-            // A session taken over has no link of its own any more: the router gave its
-            // id to the new connection.
-            if !matches!(result, Err(Close::TakenOver)) {
-                session.release_link().await;
-            }
             session.end(&result).await;
             match result {
                 Err(Close::Eof) | Err(Close::Disconnect) | Err(Close::DisconnectWithWill) => {
@@ -277,26 +301,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    /// After the session: its will, unless it ended with a normal DISCONNECT.
+    /// After the session: its will, unless it ended with a normal DISCONNECT; a
+    /// persistent session goes on without its client (`offline.rs`) or, taken over,
+    /// hands itself to the connection that took it.
     async fn end(&mut self, result: &Result<(), Close>) {
         if !self.passthrough {
+            self.release_link().await;
             return;
-        }
-        if self.keep {
-            let saved = SavedSession {
-                settling: self.settling.saved(),
-                filters: self.subscriptions.clone(),
-                sequence: self.sequence,
-            };
-            lock(&self.shared.saved).insert(self.client_id.clone(), saved);
-            if self.expiry != u32::MAX {
-                tokio::spawn(expire(
-                    self.shared.clone(),
-                    self.client_id.clone(),
-                    self.owner,
-                    std::time::Duration::from_secs(u64::from(self.expiry)),
-                ));
-            }
         }
         let normal = matches!(result, Ok(()) | Err(Close::Disconnect));
         if let (false, Some(will)) = (normal, self.will.take()) {
@@ -309,7 +320,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             )
             .await;
         }
-        self.shared.owners.release(&self.client_id, self.owner);
+        let taken_over = matches!(result, Err(Close::TakenOver));
+        if !self.keep {
+            if !taken_over {
+                self.release_link().await;
+            }
+            self.shared.owners.release(&self.client_id, self.owner);
+            return;
+        }
+        let filters = std::mem::take(&mut self.subscriptions);
+        match (taken_over, self.link_tx.take(), self.link_rx.take()) {
+            (false, Some(tx), Some(rx)) => {
+                let offline = offline::Offline {
+                    client_id: self.client_id.clone(),
+                    owner: self.owner,
+                    tx,
+                    rx,
+                    settling: std::mem::take(&mut self.settling),
+                    filters,
+                    sequence: self.sequence,
+                    expiry: (self.expiry != u32::MAX)
+                        .then(|| Duration::from_secs(u64::from(self.expiry))),
+                };
+                // The claim on the client id goes with it.
+                tokio::spawn(offline.wait(self.shared.clone()));
+            }
+            _ => {
+                let saved = SavedSession {
+                    settling: self.settling.saved(),
+                    filters,
+                    sequence: self.sequence,
+                };
+                lock(&self.shared.saved).insert(self.client_id.clone(), saved);
+                self.shared.owners.release(&self.client_id, self.owner);
+            }
+        }
     }
 
     /// Set once the registry has cut this device session.
@@ -594,21 +639,4 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Ends a kept session that stayed away longer than its Session Expiry Interval: the
-/// router forgets it (a clean link under its client id) and so does the session table.
-async fn expire(shared: Arc<Shared>, client_id: String, token: u64, after: Duration) {
-    tokio::time::sleep(after).await;
-    if !shared.owners.unclaimed_since(&client_id, token) || shared.owners.held(&client_id) {
-        return;
-    }
-    lock(&shared.saved).remove(&client_id);
-    match shared.router.session_link(&client_id, true).await {
-        Ok(mut link) => {
-            crate::router::release(&mut link.tx).await;
-            tracing::info!(%client_id, "session expired");
-        }
-        Err(e) => tracing::warn!(%client_id, error = %e, "an expired session could not be cleared"),
-    }
 }
