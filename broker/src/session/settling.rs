@@ -74,37 +74,26 @@ pub(super) struct Delivery {
 }
 
 /// Which message a router delivery is, to know it when the router sends it again: its
-/// log position (per filter, so positions repeat across filters), topic and payload.
-#[derive(Debug, Clone)]
+/// log position (per filter, so positions repeat across filters) and a fingerprint of
+/// its topic and payload (which keeps no payload alive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Mark {
     cursor: Cursor,
-    topic: Bytes,
-    payload: Bytes,
+    fingerprint: u64,
 }
 
 impl Mark {
     fn of(delivery: &Delivery) -> Option<Mark> {
-        delivery.cursor.map(|cursor| Mark {
-            cursor,
-            topic: delivery.message.topic.clone(),
-            payload: delivery.message.payload.clone(),
+        use std::hash::{Hash, Hasher};
+        delivery.cursor.map(|cursor| {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            delivery.message.topic.hash(&mut hasher);
+            delivery.message.payload.hash(&mut hasher);
+            Mark {
+                cursor,
+                fingerprint: hasher.finish(),
+            }
         })
-    }
-}
-
-impl PartialEq for Mark {
-    fn eq(&self, other: &Mark) -> bool {
-        self.cursor == other.cursor && self.topic == other.topic && self.payload == other.payload
-    }
-}
-
-impl Eq for Mark {}
-
-impl std::hash::Hash for Mark {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        // Not the payload: equal marks hash alike without reading it.
-        self.cursor.hash(state);
-        self.topic.hash(state);
     }
 }
 
@@ -309,7 +298,7 @@ impl Settling {
             } else if let Some(pkid) = pkid {
                 self.in_use.remove(&pkid);
             }
-            if let Some(mark) = owed.mark.clone() {
+            if let Some(mark) = owed.mark {
                 remember(&mut self.seen, mark);
             }
             owed.due = true;
@@ -339,12 +328,12 @@ impl Settling {
                 // Sent to the client and not yet settled with the router: the router
                 // sends it again, and the client, which holds it, must not take it for
                 // a new one.
-                resend.insert(mark.clone(), (owed.client_pkid, owed.due));
+                resend.insert(*mark, (owed.client_pkid, owed.due));
             }
         }
         for (router_pkid, mark) in &self.recorded {
             if let Some(client_pkid) = self.released_to_client.get(router_pkid) {
-                resend.entry(mark.clone()).or_insert((*client_pkid, true));
+                resend.entry(*mark).or_insert((*client_pkid, true));
             }
         }
         let mut released_to_client = self.released_to_client.clone();
@@ -398,7 +387,16 @@ impl Settling {
     /// router.
     pub fn deliver(&mut self, delivery: Delivery) -> Vec<Action> {
         let mut actions = Vec::new();
-        let mark = Mark::of(&delivery);
+        // Only a QoS 1 or 2 delivery may be sent again, and only one the router may
+        // repeat needs looking up.
+        let mark = if delivery.published.min(delivery.routed) > 0
+            || !self.seen.is_empty()
+            || !self.resend.is_empty()
+        {
+            Mark::of(&delivery)
+        } else {
+            None
+        };
         let queued_before = mark.as_ref().is_some_and(|m| forget(&mut self.seen, m));
         let send = delivery.wanted && !queued_before;
         let delivered = if send {
@@ -422,7 +420,7 @@ impl Settling {
             // QoS 0 goes out at once, and is not kept for an absent client.
             (0, _) => {
                 if send && self.online {
-                    if let Some(packet) = self.publish(&message, 0, 0, false) {
+                    if let Some(packet) = self.publish(message, 0, 0, false) {
                         actions.push(Action::ToClient(packet));
                     }
                 }
@@ -442,7 +440,7 @@ impl Settling {
                 if pkid.is_some() {
                     self.reserved += 1;
                 }
-                if let Some(mark) = owed.mark.clone() {
+                if let Some(mark) = owed.mark {
                     remember(&mut self.seen, mark);
                 }
                 self.queued.push_back(Queued { message, qos, pkid });
@@ -467,7 +465,7 @@ impl Settling {
                     None => (self.allocate(), false),
                 };
                 owed.client_pkid = pkid;
-                if let Some(packet) = self.publish(&message, qos, pkid, dup) {
+                if let Some(packet) = self.publish(message.clone(), qos, pkid, dup) {
                     actions.push(Action::ToClient(packet));
                     owed.message = Some(message);
                 } else {
@@ -486,9 +484,9 @@ impl Settling {
     }
 
     /// The publish of `message` to the client, unless it expired.
-    fn publish(&self, message: &Message, qos: u8, pkid: u16, dup: bool) -> Option<Packet> {
+    fn publish(&self, message: Message, qos: u8, pkid: u16, dup: bool) -> Option<Packet> {
         let mut properties = if self.properties {
-            message.properties.clone()
+            message.properties
         } else {
             None
         };
@@ -502,7 +500,7 @@ impl Settling {
         }
         let publish = crate::codec::publish(
             &message.topic,
-            message.payload.clone(),
+            message.payload,
             qos,
             pkid,
             message.retain,
@@ -573,7 +571,7 @@ impl Settling {
                     }
                     None => (self.allocate(), false),
                 };
-                match self.publish(&queued.message, queued.qos, pkid, dup) {
+                match self.publish(queued.message.clone(), queued.qos, pkid, dup) {
                     Some(packet) => {
                         actions.push(Action::ToClient(packet));
                         self.sends += 1;
@@ -603,7 +601,7 @@ impl Settling {
                 let owed = &self.acks[index];
                 owed.message
                     .as_ref()
-                    .and_then(|m| self.publish(m, owed.delivered, client_pkid, false))
+                    .and_then(|m| self.publish(m.clone(), owed.delivered, client_pkid, false))
             };
             let owed = &mut self.acks[index];
             match packet {
