@@ -22,8 +22,7 @@ async fn checks(port: u16, protocol: u8) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paho_clients_get_mqtt_semantics_in_3_1_1_and_5() {
-    let server =
-        Server::start_with(|config| config.limits.max_queued_messages = QUEUE_LIMIT).await;
+    let server = Server::start_with(|config| config.limits.max_queued_messages = QUEUE_LIMIT).await;
     for protocol in [4, 5] {
         let results = checks(server.local_port, protocol).await;
         assert_eq!(results.len(), 8, "MQTT {protocol}: {results:?}");

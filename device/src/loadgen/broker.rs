@@ -39,6 +39,11 @@ pub struct BrokerLoadArgs {
     /// Rounds (edgedps and mosquitto alternate).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Messages per second per publisher; 0: as fast as the in-flight window allows
+    /// (the latency of a full queue). A rate the broker keeps up with gives the
+    /// latency of a broker at work but not saturated.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u32,
     /// The mosquitto executable.
     #[arg(long, default_value = "/usr/sbin/mosquitto")]
     pub mosquitto: String,
@@ -150,9 +155,18 @@ async fn round(
             client(port, &format!("bench-pub-{p}-{}", std::process::id()));
         connected(&mut eventloop).await?;
         let (messages, size) = (args.messages, args.payload.max(16));
+        let mut pace = (args.rate > 0).then(|| {
+            let mut pace =
+                tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate)));
+            pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            pace
+        });
         publishers.push(tokio::spawn(async move {
             let driving = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
             for n in 0..messages {
+                if let Some(pace) = pace.as_mut() {
+                    pace.tick().await;
+                }
                 let mut payload = vec![0u8; size];
                 payload[..8].copy_from_slice(&now_ns().to_be_bytes());
                 payload[8..16].copy_from_slice(&(n as u64).to_be_bytes());
