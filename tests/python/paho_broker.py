@@ -150,12 +150,18 @@ def will():
     watcher.stop()
 
 
-def persistent():
-    keeper = Client("keeper", clean=False).start()
-    keeper.subscribe(f"{TAG}/persist", 1)
+def gone_away(name, topic, qos):
+    """Leaves a persistent session `name` subscribed to `topic` without its client;
+    returns a publisher."""
+    keeper = Client(name, clean=False).start()
+    keeper.subscribe(topic, qos)
     keeper.stop()
     time.sleep(0.3)
-    pub = Client("persist-pub").start()
+    return Client(f"{name}-pub").start()
+
+
+def persistent():
+    pub = gone_away("keeper", f"{TAG}/persist", 1)
     pub.publish(f"{TAG}/persist", "m0", 1)
     pub.publish(f"{TAG}/persist", "m1", 1)
     back = Client("keeper", clean=False).start()
@@ -167,11 +173,7 @@ def persistent():
 
 
 def bounded_queue():
-    keeper = Client("bounded", clean=False).start()
-    keeper.subscribe(f"{TAG}/bounded", 2)
-    keeper.stop()
-    time.sleep(0.3)
-    pub = Client("bounded-pub").start()
+    pub = gone_away("bounded", f"{TAG}/bounded", 2)
     sent = QUEUE_LIMIT + 3
     for n in range(sent):
         pub.publish(f"{TAG}/bounded", f"m{n}", 2 if n % 2 else 1)

@@ -183,25 +183,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Another connection took this session's client id: MQTT 5 says so first.
     async fn taken_over(&mut self) -> Result<(), Close> {
-        if self.codec.version == crate::codec::Version::V5 {
-            let disconnect = rumqttd::protocol::Disconnect {
-                reason_code: rumqttd::protocol::DisconnectReasonCode::SessionTakenOver,
-            };
-            // With a reason string: see `out_of_service`.
-            let properties = rumqttd::protocol::DisconnectProperties {
-                session_expiry_interval: None,
-                reason_string: Some("another connection took the client id".into()),
-                user_properties: Vec::new(),
-                server_reference: None,
-            };
-            // Best effort: the connection closes either way.
-            if self
-                .send(Packet::Disconnect(disconnect, Some(properties)))
-                .is_ok()
-            {
-                let _ = self.flush().await;
-            }
-        }
+        self.say_disconnect(
+            rumqttd::protocol::DisconnectReasonCode::SessionTakenOver,
+            "another connection took the client id".into(),
+        )
+        .await;
         Err(Close::TakenOver)
     }
 

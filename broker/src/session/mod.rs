@@ -366,28 +366,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Ends a session that was taken out of service: MQTT 5 says why first.
     async fn out_of_service(&mut self, cut: Cut) -> Result<(), Close> {
-        if self.codec.version == Version::V5 {
-            let disconnect = rumqttd::protocol::Disconnect {
-                reason_code: rumqttd::protocol::DisconnectReasonCode::AdministrativeAction,
-            };
-            // With a reason string: rumqttd's encoder miscounts the length of a
-            // DISCONNECT that has a reason code but no properties.
-            let properties = rumqttd::protocol::DisconnectProperties {
-                session_expiry_interval: None,
-                reason_string: Some(format!("taken out of service: {cut}")),
-                user_properties: Vec::new(),
-                server_reference: None,
-            };
-            // Best effort: the connection closes either way.
-            if self
-                .send(Packet::Disconnect(disconnect, Some(properties)))
-                .is_ok()
-            {
-                let _ = self.flush().await;
-            }
-        }
+        self.say_disconnect(
+            DisconnectReasonCode::AdministrativeAction,
+            format!("taken out of service: {cut}"),
+        )
+        .await;
         let _ = self.stream.shutdown().await;
         Err(Close::OutOfService(cut))
+    }
+
+    /// Tells an MQTT 5 client why the server closes its connection (best effort: it
+    /// closes either way). MQTT 3.1.1 has no server DISCONNECT.
+    async fn say_disconnect(&mut self, reason_code: DisconnectReasonCode, why: String) {
+        if self.codec.version != Version::V5 {
+            return;
+        }
+        let disconnect = rumqttd::protocol::Disconnect { reason_code };
+        // With a reason string: rumqttd's encoder miscounts the length of a DISCONNECT
+        // that has a reason code but no properties.
+        let properties = rumqttd::protocol::DisconnectProperties {
+            session_expiry_interval: None,
+            reason_string: Some(why),
+            user_properties: Vec::new(),
+            server_reference: None,
+        };
+        if self
+            .send(Packet::Disconnect(disconnect, Some(properties)))
+            .is_ok()
+        {
+            let _ = self.flush().await;
+        }
     }
 
     async fn drain_input(&mut self) -> Result<(), Close> {
