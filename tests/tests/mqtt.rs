@@ -137,9 +137,20 @@ async fn delivery_qos_is_the_lower_of_published_and_granted() {
 
 /// An MQTT 3.1.1 CONNECT with a will on `will_topic` (QoS 1) and the given keep-alive.
 fn connect_with_will(client_id: &str, keep_alive: u16, will_topic: &str, will: &str) -> Vec<u8> {
+    connect_with_will_flags(client_id, keep_alive, will_topic, will, false)
+}
+
+/// As [`connect_with_will`], with Will Retain set when `retain`.
+fn connect_with_will_flags(
+    client_id: &str,
+    keep_alive: u16,
+    will_topic: &str,
+    will: &str,
+    retain: bool,
+) -> Vec<u8> {
     let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4];
-    // Clean session, will flag, will QoS 1.
-    body.push(0x02 | 0x04 | 0x08);
+    // Clean session, will flag, will QoS 1, will retain.
+    body.push(0x02 | 0x04 | 0x08 | if retain { 0x20 } else { 0 });
     body.extend_from_slice(&keep_alive.to_be_bytes());
     for field in [client_id.as_bytes(), will_topic.as_bytes(), will.as_bytes()] {
         body.extend_from_slice(&(field.len() as u16).to_be_bytes());
@@ -217,6 +228,51 @@ async fn will_is_published_when_keep_alive_expires_and_not_after_a_disconnect() 
         wills.is_empty(),
         "a will after a normal DISCONNECT: {wills:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_error_sends_the_will_and_will_retain_keeps_it() {
+    let server = Server::start().await;
+    let (watcher, mut watch_loop, _) = client(&server, "broken-watcher", true).await;
+    subscribe(&watcher, &mut watch_loop, "app/broken/#", QoS::AtLeastOnce).await;
+    let mut broken = TcpStream::connect(("127.0.0.1", server.local_port))
+        .await
+        .unwrap();
+    broken
+        .write_all(&connect_with_will_flags(
+            "will-broken",
+            60,
+            "app/broken/status",
+            "offline",
+            true,
+        ))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    broken.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    // Packet type 0 is reserved: a protocol error, the server closes the connection.
+    broken.write_all(&[0x00, 0x00]).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), broken.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the connection stays open after a protocol error"
+    );
+    let wills = publishes_within(&mut watch_loop, Duration::from_secs(2)).await;
+    assert_eq!(wills.len(), 1, "{wills:?}");
+    assert_eq!(
+        (&wills[0].payload[..], wills[0].qos, wills[0].retain),
+        (&b"offline"[..], QoS::AtLeastOnce, false),
+        "live delivery: RETAIN 0 (MQTT 3.1.1 3.3.1.3)"
+    );
+    // Retained: a later subscriber gets it, with RETAIN set.
+    let (late, mut late_loop, _) = client(&server, "broken-late", true).await;
+    subscribe(&late, &mut late_loop, "app/broken/#", QoS::AtLeastOnce).await;
+    let retained = publishes_within(&mut late_loop, Duration::from_secs(2)).await;
+    assert_eq!(retained.len(), 1, "{retained:?}");
+    assert!(retained[0].retain);
+    assert_eq!(&retained[0].payload[..], b"offline");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
