@@ -2,6 +2,11 @@
 //! configuration as the device listener, and nothing else. It completes the handshake
 //! and answers each MQTT packet with canned bytes, so "edgedps rate / baseline rate"
 //! measures what provisioning costs on top of TLS, on one machine in one run.
+//!
+//! The least a server must do for the same exchange: one task per connection, one
+//! write per batch of answers, no per-connection state but the QoS the device
+//! subscribed with (the response goes at that QoS, as edgedps sends it, and the device
+//! acknowledges it).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -51,12 +56,15 @@ pub async fn run(
 }
 
 /// Answers packets by type: CONNECT, SUBSCRIBE, PUBLISH (PUBACK and a canned response),
-/// PINGREQ; DISCONNECT or EOF ends it.
+/// PINGREQ; the device's PUBACK of the response needs no answer; DISCONNECT or EOF ends
+/// it.
 async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     mut stream: S,
 ) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
+    // The QoS granted on the response filter (at most 1, as PROTOCOL A grants).
+    let mut granted = 0u8;
     loop {
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
@@ -73,7 +81,9 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
             match kind {
                 1 => out.extend_from_slice(CONNACK),
                 8 if body.len() >= 2 => {
-                    out.extend_from_slice(&[0x90, 0x03, body[0], body[1], 0x01])
+                    // Packet id, filter length, filter, options: the last byte.
+                    granted = body.last().map_or(0, |options| (options & 0b11).min(1));
+                    out.extend_from_slice(&[0x90, 0x03, body[0], body[1], granted])
                 }
                 3 => {
                     let qos = (flags >> 1) & 0b11;
@@ -83,12 +93,16 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                             out.extend_from_slice(&[0x40, 0x02, pkid[0], pkid[1]]);
                         }
                     }
-                    let remaining = 2 + RESPONSE_TOPIC.len() + RESPONSE_BODY.len();
-                    out.extend_from_slice(&[0x30]);
+                    let pkid_len = if granted > 0 { 2 } else { 0 };
+                    let remaining = 2 + RESPONSE_TOPIC.len() + pkid_len + RESPONSE_BODY.len();
+                    out.extend_from_slice(&[0x30 | (granted << 1)]);
                     v4::write_remaining_length(&mut out, remaining)
                         .map_err(|e| std::io::Error::other(e.to_string()))?;
                     out.extend_from_slice(&(RESPONSE_TOPIC.len() as u16).to_be_bytes());
                     out.extend_from_slice(RESPONSE_TOPIC);
+                    if granted > 0 {
+                        out.extend_from_slice(&[0x00, 0x01]);
+                    }
                     out.extend_from_slice(RESPONSE_BODY);
                 }
                 12 => out.extend_from_slice(PINGRESP),

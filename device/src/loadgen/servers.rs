@@ -25,17 +25,7 @@ pub async fn spawn_server(
     let log = std::fs::File::create(dir.join("edgedps.log")).map_err(|e| e.to_string())?;
     // EDGEDPS_LOADGEN_WRAPPER runs the server under a profiler, e.g.
     // "valgrind --tool=massif --massif-out-file=/tmp/massif.out".
-    let wrapper = std::env::var("EDGEDPS_LOADGEN_WRAPPER").unwrap_or_default();
-    let mut words = wrapper.split_whitespace();
-    let mut command = match words.next() {
-        Some(program) => {
-            let mut command = Command::new(program);
-            command.args(words).arg(exe);
-            command
-        }
-        None => Command::new(exe),
-    };
-    let child = command
+    let child = wrapped(exe, "EDGEDPS_LOADGEN_WRAPPER")
         .args(["serve", "--config"])
         .arg(&path)
         .stdout(Stdio::null())
@@ -52,7 +42,8 @@ pub async fn spawn_server(
 pub async fn spawn_baseline(exe: &Path, dir: &Path) -> Result<(ChildProcess, u16), String> {
     let port = free_port().map_err(|e| e.to_string())?;
     let tls = dir.join("data/tls");
-    let child = Command::new(exe)
+    // EDGEDPS_LOADGEN_BASELINE_WRAPPER: the same for the baseline.
+    let child = wrapped(exe, "EDGEDPS_LOADGEN_BASELINE_WRAPPER")
         .args([
             "bench-server",
             "--bind",
@@ -68,4 +59,19 @@ pub async fn spawn_baseline(exe: &Path, dir: &Path) -> Result<(ChildProcess, u16
     let child = ChildProcess(child);
     wait_for_port(port).await?;
     Ok((child, port))
+}
+
+/// A command that runs `exe`, under the program and arguments in the environment
+/// variable `wrapper` when it is set (a profiler).
+fn wrapped(exe: &Path, wrapper: &str) -> Command {
+    let wrapper = std::env::var(wrapper).unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    match words.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(words).arg(exe);
+            command
+        }
+        None => Command::new(exe),
+    }
 }
