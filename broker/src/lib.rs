@@ -9,6 +9,7 @@ pub mod config;
 pub mod devcert;
 pub mod dollar;
 mod error;
+pub mod interest;
 pub mod qos;
 pub mod router;
 pub mod server;

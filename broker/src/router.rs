@@ -20,6 +20,9 @@ use edgedps_responder::{Publication, RetainedMessages};
 #[derive(Clone)]
 pub struct Publisher {
     tx: mpsc::Sender<Outgoing>,
+    /// Who listens: a message that is not retained goes only where a subscription may
+    /// take it.
+    interest: Arc<crate::interest::Interest>,
 }
 
 /// A message for the publisher's link.
@@ -37,9 +40,12 @@ enum Outgoing {
 }
 
 impl Publisher {
-    /// Queues `publications` in order; waits while the queue is full.
+    /// Queues `publications` in order; waits while the queue is full. A publication
+    /// that is not retained and that no subscription matches is dropped here, as the
+    /// router would drop it (`interest.rs`).
     pub async fn publish(&self, publications: Vec<Publication>) {
-        for publication in publications {
+        let heard = |p: &Publication| p.retain || self.interest.matches(&p.topic);
+        for publication in publications.into_iter().filter(heard) {
             if self.tx.send(Outgoing::Record(publication)).await.is_err() {
                 tracing::warn!("the router's publisher stopped; record not published");
                 return;
@@ -165,7 +171,10 @@ impl Router {
 
     /// Starts the task that publishes what the responder answers, in order, for as long
     /// as a [`Publisher`] is left.
-    pub async fn spawn_publisher(&self) -> Result<Publisher, Error> {
+    pub async fn spawn_publisher(
+        &self,
+        interest: Arc<crate::interest::Interest>,
+    ) -> Result<Publisher, Error> {
         let (publisher, mut publications) = mpsc::channel::<Outgoing>(4096);
         let (mut tx, mut rx) = self.link("edgedps-responder").await?;
         tokio::spawn(async move {
@@ -231,7 +240,10 @@ impl Router {
                 }
             }
         });
-        Ok(Publisher { tx: publisher })
+        Ok(Publisher {
+            tx: publisher,
+            interest,
+        })
     }
 
     /// Clears every retained message under `filter` (an empty retained publish to each

@@ -62,7 +62,8 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     // publisher and one passing link (an expiry, a purge).
     let router =
         Router::start(config.limits.max_connections + config.limits.max_offline_sessions + 2);
-    let publisher = router.spawn_publisher().await?;
+    let interest = Arc::new(crate::interest::Interest::default());
+    let publisher = router.spawn_publisher(interest.clone()).await?;
     // The stored state goes back out as retained messages in the background: with a
     // million enrollments that takes seconds, and devices need not wait for it.
     tokio::spawn(republish(responder.clone(), publisher.clone()));
@@ -76,6 +77,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         saved: Arc::default(),
         offline: Arc::default(),
         connecting: tokio::sync::Mutex::new(()),
+        interest,
     });
     let mut running = Running {
         devices_addr: None,

@@ -155,6 +155,80 @@ async fn retained_records_show_the_stored_state_without_keys() {
     assert_eq!(outcome.status_word(), Some("assigned"));
 }
 
+/// Events are not retained and go only where a subscription takes them
+/// (`broker/src/interest.rs`): every form of subscription that matches must still get
+/// them, a persistent session's included once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_reach_every_subscription_that_matches_them() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let server = Server::start().await;
+    let mut operator = server.operator().await;
+
+    // Alone first: nothing else holds a matching subscription.
+    let keeper_options = || {
+        let mut options = MqttOptions::new("events-keeper", "127.0.0.1", server.local_port);
+        options.set_clean_session(false);
+        options
+    };
+    let (keeper, mut keeper_loop) = AsyncClient::new(keeper_options(), 16);
+    keeper
+        .subscribe("dps/events/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    edgedps_device::provision::wait_for(&mut keeper_loop, "SUBACK", |p| {
+        matches!(p, Packet::SubAck(_))
+    })
+    .await
+    .unwrap();
+    keeper.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        while keeper_loop.poll().await.is_ok() {}
+    })
+    .await;
+    let (_keeper, mut keeper_loop) = AsyncClient::new(keeper_options(), 16);
+    edgedps_device::provision::wait_for(
+        &mut keeper_loop,
+        "CONNACK with the session",
+        |p| matches!(p, Packet::ConnAck(ack) if ack.session_present),
+    )
+    .await
+    .unwrap();
+    let key = operator.enroll("heard-once-back").await;
+    register(&server.device("heard-once-back", sas(&key)), None)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, keeper_loop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p))))
+                if p.topic == "dps/events/registrations/heard-once-back" =>
+            {
+                break
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("the resumed session got no event: {other:?}"),
+        }
+    }
+
+    let mut watchers = Vec::new();
+    for filter in ["#", "+/events/registrations/+", "$share/ops/dps/events/#"] {
+        let mut watcher = server.operator().await;
+        watcher.subscribe(filter).await;
+        watchers.push((filter, watcher));
+    }
+    let key = operator.enroll("heard").await;
+    register(&server.device("heard", sas(&key)), None)
+        .await
+        .unwrap();
+    for (filter, watcher) in &mut watchers {
+        let (topic, _) = watcher
+            .next_publish("dps/events/registrations/")
+            .await
+            .unwrap_or_else(|| panic!("no event for `{filter}`"));
+        assert_eq!(topic, "dps/events/registrations/heard", "{filter}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_events_are_published() {
     let server = Server::start().await;

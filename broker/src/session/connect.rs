@@ -102,7 +102,10 @@ where
                     saved = if session.session_present {
                         shared.handed_over(&client_id, Duration::from_secs(2)).await
                     } else {
-                        lock(&shared.saved).remove(&client_id);
+                        // Left by a session the router no longer has: forgotten.
+                        if let Some(stale) = lock(&shared.saved).remove(&client_id) {
+                            shared.forget_filters(&stale.filters);
+                        }
                         None
                     };
                     link = Some(session)

@@ -82,9 +82,18 @@ pub struct Shared {
     /// Held while a CONNECT of the local listener, or an offline session's end, changes
     /// the router's link of a client id: the two never cross.
     pub connecting: tokio::sync::Mutex<()>,
+    /// The subscriptions that may take the server's own messages (`interest.rs`).
+    pub interest: Arc<crate::interest::Interest>,
 }
 
 impl Shared {
+    /// Forgets the subscriptions of a session that ended.
+    fn forget_filters(&self, filters: &Filters) {
+        for filter in filters.keys() {
+            self.interest.remove(filter);
+        }
+    }
+
     /// The session a resumed connection took over, once the connection or offline
     /// session that held it has handed it on (at most `limit`).
     async fn handed_over(&self, client_id: &str, limit: Duration) -> Option<SavedSession> {
@@ -307,6 +316,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn end(&mut self, result: &Result<(), Close>) {
         if !self.passthrough {
             self.release_link().await;
+            self.shared.forget_filters(&self.subscriptions);
             return;
         }
         let normal = matches!(result, Ok(()) | Err(Close::Disconnect));
@@ -325,6 +335,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if !taken_over {
                 self.release_link().await;
             }
+            self.shared.forget_filters(&self.subscriptions);
             self.shared.owners.release(&self.client_id, self.owner);
             return;
         }

@@ -207,6 +207,7 @@ impl Offline {
     /// it over), and so does everything here.
     async fn end(self, shared: &Shared) {
         lock(&shared.saved).remove(&self.client_id);
+        shared.forget_filters(&self.filters);
         match shared.router.session_link(&self.client_id, true).await {
             Ok(mut cleared) => {
                 crate::router::release(&mut cleared.tx).await;

@@ -60,7 +60,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     retained_on_subscribe: true,
                     sequence: self.sequence,
                 };
-                self.subscriptions.insert(filter.path.clone(), options);
+                self.hold_filter(filter.path.clone(), options);
                 codes.push(self.codec.subscribe_granted(0));
                 forward.push(Filter {
                     path: filter.path,
@@ -98,6 +98,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.on_router(notification.into()).await?;
         }
         Ok(())
+    }
+
+    /// Holds `filter` with `options` (counted in `Shared::interest` while held).
+    fn hold_filter(&mut self, filter: String, options: FilterOptions) {
+        if !self.subscriptions.contains_key(&filter) {
+            self.shared.interest.add(&filter);
+        }
+        self.subscriptions.insert(filter, options);
+    }
+
+    /// Gives up `filter`.
+    fn drop_filter(&mut self, filter: &str) {
+        if self.subscriptions.remove(filter).is_some() {
+            self.shared.interest.remove(filter);
+        }
     }
 
     /// Whether this session may hold `filter`: a valid filter, allowed by the topic ACL,
@@ -152,7 +167,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     },
                     sequence: self.sequence,
                 };
-                self.subscriptions.insert(filter.path.clone(), options);
+                self.hold_filter(filter.path.clone(), options);
                 codes.push(None);
                 if let std::borrow::Cow::Owned(routed) =
                     crate::dollar::to_router_filter(&filter.path)
@@ -241,7 +256,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // The router answers (its UNSUBACK passes through, `link.rs`).
             let mut unsubscribe = unsubscribe;
             for filter in &mut unsubscribe.filters {
-                self.subscriptions.remove(filter.as_str());
+                self.drop_filter(filter);
                 if let std::borrow::Cow::Owned(routed) = crate::dollar::to_router_filter(filter) {
                     *filter = routed;
                 }
@@ -257,7 +272,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .filter(|f| !dps::is_dps_topic(f))
             .collect();
         for filter in &forward {
-            self.subscriptions.remove(filter);
+            self.drop_filter(filter);
         }
         if !forward.is_empty() && self.link_tx.is_some() {
             self.router_send(Packet::Unsubscribe(
