@@ -22,13 +22,22 @@ pub fn to_router_topic(topic: &str) -> Cow<'_, str> {
     }
 }
 
+/// The group and the inner filter of a shared subscription (`$share/{group}/{filter}`).
+pub fn shared(filter: &str) -> Option<(&str, &str)> {
+    filter
+        .strip_prefix("$share/")
+        .and_then(|shared| shared.split_once('/'))
+}
+
+/// The filter a subscription matches with: the inner one of a shared subscription.
+pub fn unshared(filter: &str) -> &str {
+    shared(filter).map_or(filter, |(_, inner)| inner)
+}
+
 /// A client's filter as the router takes it; in a shared subscription
 /// (`$share/{group}/{filter}`) the inner filter.
 pub fn to_router_filter(filter: &str) -> Cow<'_, str> {
-    if let Some((group, inner)) = filter
-        .strip_prefix("$share/")
-        .and_then(|shared| shared.split_once('/'))
-    {
+    if let Some((group, inner)) = shared(filter) {
         return match to_router_topic(inner) {
             Cow::Borrowed(_) => Cow::Borrowed(filter),
             Cow::Owned(inner) => Cow::Owned(format!("$share/{group}/{inner}")),
@@ -55,10 +64,7 @@ pub fn forbidden(text: &str) -> bool {
 /// of a shared subscription); a `$`-topic is matched only by filters that begin with
 /// the same `$` level.
 pub fn matches(topic: &str, filter: &str) -> bool {
-    let filter = filter
-        .strip_prefix("$share/")
-        .and_then(|shared| shared.split_once('/'))
-        .map_or(filter, |(_, inner)| inner);
+    let filter = unshared(filter);
     // rumqttd's matcher never matches a topic that begins with `$`; such a topic can
     // only be matched by a filter that begins with the same `$`, so both lose it.
     match (topic.strip_prefix('$'), filter.strip_prefix('$')) {

@@ -55,11 +55,10 @@ impl Interest {
 
 /// Whether `filter` could match a topic under `dps/`.
 fn concerns_the_server(filter: &str) -> bool {
-    let filter = filter
-        .strip_prefix("$share/")
-        .and_then(|shared| shared.split_once('/'))
-        .map_or(filter, |(_, inner)| inner);
-    let first = filter.split('/').next().unwrap_or_default();
+    let first = crate::dollar::unshared(filter)
+        .split('/')
+        .next()
+        .unwrap_or_default();
     matches!(first, "dps" | "+" | "#")
 }
 

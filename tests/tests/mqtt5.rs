@@ -40,6 +40,15 @@ async fn until(eventloop: &mut EventLoop, what: &str, done: impl Fn(&Packet) -> 
     }
 }
 
+/// Disconnects `client` and lets its event loop run out.
+async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop) {
+    client.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
+}
+
 async fn publishes_within(eventloop: &mut EventLoop, wait: Duration) -> Vec<Publish> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut received = Vec::new();
@@ -320,11 +329,7 @@ async fn a_session_ends_when_its_expiry_interval_runs_out() {
             matches!(p, Packet::SubAck(..))
         })
         .await;
-        client.disconnect().await.unwrap();
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while eventloop.poll().await.is_ok() {}
-        })
-        .await;
+        disconnect(&client, &mut eventloop).await;
         tokio::time::sleep(Duration::from_millis(away)).await;
         let mut options = MqttOptions::new(id, "127.0.0.1", server.local_port);
         connect(expiry)(&mut options);
@@ -441,11 +446,7 @@ async fn an_offline_session_s_queue_keeps_the_properties_and_the_expiry_of_its_m
         matches!(p, Packet::SubAck(..))
     })
     .await;
-    away.disconnect().await.unwrap();
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while away_loop.poll().await.is_ok() {}
-    })
-    .await;
+    disconnect(&away, &mut away_loop).await;
     let offline = server.running.offline.clone();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !offline.holds("v5-queue") {

@@ -94,6 +94,13 @@ impl Shared {
         }
     }
 
+    /// Hands a persistent session on to the connection that takes it over, and lets go
+    /// of the client id (`token`'s claim).
+    fn hand_on(&self, client_id: &str, token: u64, saved: SavedSession) {
+        lock(&self.saved).insert(client_id.to_owned(), saved);
+        self.owners.release(client_id, token);
+    }
+
     /// The session a resumed connection took over, once the connection or offline
     /// session that held it has handed it on (at most `limit`).
     async fn handed_over(&self, client_id: &str, limit: Duration) -> Option<SavedSession> {
@@ -362,8 +369,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     filters,
                     sequence: self.sequence,
                 };
-                lock(&self.shared.saved).insert(self.client_id.clone(), saved);
-                self.shared.owners.release(&self.client_id, self.owner);
+                self.shared.hand_on(&self.client_id, self.owner, saved);
             }
         }
     }

@@ -163,9 +163,8 @@ impl Offline {
             filters: self.filters,
             sequence: self.sequence,
         };
-        lock(&shared.saved).insert(self.client_id.clone(), saved);
         shared.offline.leave(&self.client_id, self.owner);
-        shared.owners.release(&self.client_id, self.owner);
+        shared.hand_on(&self.client_id, self.owner, saved);
     }
 
     /// Sends the router what is due; false once the link is gone.

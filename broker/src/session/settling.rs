@@ -75,7 +75,8 @@ pub(super) struct Delivery {
 
 /// Which message a router delivery is, to know it when the router sends it again: its
 /// log position (per filter, so positions repeat across filters) and a fingerprint of
-/// its topic and payload (which keeps no payload alive).
+/// its topic and payload (which keeps no payload alive). Computed only when needed: to
+/// look a delivery up, or when the session goes or is taken over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Mark {
     cursor: Cursor,
@@ -83,12 +84,12 @@ struct Mark {
 }
 
 impl Mark {
-    fn of(delivery: &Delivery) -> Option<Mark> {
+    fn of(cursor: Option<Cursor>, message: &Message) -> Option<Mark> {
         use std::hash::{Hash, Hasher};
-        delivery.cursor.map(|cursor| {
+        cursor.map(|cursor| {
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            delivery.message.topic.hash(&mut hasher);
-            delivery.message.payload.hash(&mut hasher);
+            message.topic.hash(&mut hasher);
+            message.payload.hash(&mut hasher);
             Mark {
                 cursor,
                 fingerprint: hasher.finish(),
@@ -172,10 +173,31 @@ struct Owed {
     delivered: u8,
     /// The client acknowledged it (or it needs no acknowledgement).
     due: bool,
+    cursor: Option<Cursor>,
+    /// Its mark, once one was needed.
     mark: Option<Mark>,
-    /// The message, while the client owes an acknowledgement for it (or it waits for
-    /// room in the client's Receive Maximum: `client_pkid` 0).
+    /// The message, when it went or is to go to the client (`client_pkid` 0: it waits
+    /// for room in the client's Receive Maximum), until it is settled with the router.
     message: Option<Message>,
+}
+
+impl Owed {
+    /// Its mark: the one a lookup computed, or one from the message it keeps.
+    fn mark(&self) -> Option<Mark> {
+        self.mark.or_else(|| {
+            self.message
+                .as_ref()
+                .and_then(|message| Mark::of(self.cursor, message))
+        })
+    }
+
+    /// Settled here: it does not (or no longer) go to the client, and the router's
+    /// release of a QoS 2 delivery is answered here.
+    fn settle_here(&mut self) {
+        self.due = true;
+        self.delivered = 0;
+        self.message = None;
+    }
 }
 
 struct Completion {
@@ -285,6 +307,9 @@ impl Settling {
             if owed.due || owed.delivered == 0 {
                 continue;
             }
+            if let Some(mark) = owed.mark() {
+                remember(&mut self.seen, mark);
+            }
             let pkid = (owed.client_pkid != 0).then_some(owed.client_pkid);
             if let Some(message) = owed.message.take() {
                 if pkid.is_some() {
@@ -298,12 +323,7 @@ impl Settling {
             } else if let Some(pkid) = pkid {
                 self.in_use.remove(&pkid);
             }
-            if let Some(mark) = owed.mark {
-                remember(&mut self.seen, mark);
-            }
-            owed.due = true;
-            // Its QoS 2 release is the router's business and this session's now.
-            owed.delivered = 0;
+            owed.settle_here();
         }
         self.waiting = 0;
         self.queued.extend(later);
@@ -324,11 +344,11 @@ impl Settling {
     pub fn saved(&self) -> Saved {
         let mut resend = self.resend.clone();
         for owed in &self.acks {
-            if let (Some(mark), true) = (&owed.mark, owed.delivered > 0 && owed.client_pkid != 0) {
+            if let (true, Some(mark)) = (owed.delivered > 0 && owed.client_pkid != 0, owed.mark()) {
                 // Sent to the client and not yet settled with the router: the router
                 // sends it again, and the client, which holds it, must not take it for
                 // a new one.
-                resend.insert(*mark, (owed.client_pkid, owed.due));
+                resend.insert(mark, (owed.client_pkid, owed.due));
             }
         }
         for (router_pkid, mark) in &self.recorded {
@@ -387,15 +407,16 @@ impl Settling {
     /// router.
     pub fn deliver(&mut self, delivery: Delivery) -> Vec<Action> {
         let mut actions = Vec::new();
-        // Only a QoS 1 or 2 delivery may be sent again, and only one the router may
-        // repeat needs looking up.
-        let mark = if delivery.published.min(delivery.routed) > 0
-            || !self.seen.is_empty()
-            || !self.resend.is_empty()
-        {
-            Mark::of(&delivery)
-        } else {
-            None
+        // Computed (hashing the payload) only for a delivery at the position of one the
+        // router may be sending again.
+        let mark = match delivery.cursor {
+            Some(cursor)
+                if self.seen.iter().any(|m| m.cursor == cursor)
+                    || self.resend.keys().any(|m| m.cursor == cursor) =>
+            {
+                Mark::of(delivery.cursor, &delivery.message)
+            }
+            _ => None,
         };
         let queued_before = mark.as_ref().is_some_and(|m| forget(&mut self.seen, m));
         let send = delivery.wanted && !queued_before;
@@ -413,6 +434,7 @@ impl Settling {
             routed,
             delivered,
             due: delivered == 0,
+            cursor: delivery.cursor,
             mark,
             message: None,
         };
@@ -440,12 +462,11 @@ impl Settling {
                 if pkid.is_some() {
                     self.reserved += 1;
                 }
-                if let Some(mark) = owed.mark {
+                if let Some(mark) = owed.mark.or_else(|| Mark::of(owed.cursor, &message)) {
                     remember(&mut self.seen, mark);
                 }
                 self.queued.push_back(Queued { message, qos, pkid });
-                owed.due = true;
-                owed.delivered = 0;
+                owed.settle_here();
                 self.bound();
             }
             (qos, None)
@@ -471,8 +492,7 @@ impl Settling {
                 } else {
                     // Expired while it waited: settled as if acknowledged.
                     self.in_use.remove(&pkid);
-                    owed.due = true;
-                    owed.delivered = 0;
+                    owed.settle_here();
                 }
             }
         }
@@ -537,7 +557,6 @@ impl Settling {
             .find(|o| o.client_pkid == client_pkid && client_pkid != 0 && !o.due)
         {
             owed.due = true;
-            owed.message = None;
             if owed.delivered == 1 {
                 self.in_use.remove(&client_pkid);
             }
@@ -610,9 +629,7 @@ impl Settling {
                     actions.push(Action::ToClient(packet));
                 }
                 None => {
-                    owed.message = None;
-                    owed.due = true;
-                    owed.delivered = 0;
+                    owed.settle_here();
                     self.in_use.remove(&client_pkid);
                 }
             }
@@ -711,7 +728,7 @@ impl Settling {
                     } else {
                         self.released_to_client
                             .insert(owed.router_pkid, owed.client_pkid);
-                        if let Some(mark) = owed.mark {
+                        if let Some(mark) = owed.mark() {
                             self.recorded.insert(owed.router_pkid, mark);
                         }
                     }

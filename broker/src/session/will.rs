@@ -85,24 +85,6 @@ impl Owners {
         }
     }
 
-    /// Waits (at most `limit`) until no connection holds `client_id`: a session taken
-    /// over hands its state on as it ends.
-    pub async fn released(&self, client_id: &str, limit: Duration) {
-        let deadline = tokio::time::Instant::now() + limit;
-        while lock(&self.current).contains_key(client_id) {
-            if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(%client_id, "the connection taken over did not end in time; its delivery state is not carried over");
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// Whether a connection holds `client_id` now.
-    pub fn held(&self, client_id: &str) -> bool {
-        lock(&self.current).contains_key(client_id)
-    }
-
     /// No other connection of `client_id` came since `token`'s.
     pub(super) fn unclaimed_since(&self, client_id: &str, token: u64) -> bool {
         lock(&self.current)
