@@ -41,10 +41,11 @@ enum Outgoing {
 
 impl Publisher {
     /// Queues `publications` in order; waits while the queue is full. A publication
-    /// that is not retained and that no subscription matches is dropped here, as the
-    /// router would drop it (`interest.rs`).
+    /// that is not kept retained and that no subscription matches is dropped here, as
+    /// the router would drop it (`interest.rs`). The operator plane's records are not
+    /// kept retained: subscriptions read them from the store (`session/records.rs`).
     pub async fn publish(&self, publications: Vec<Publication>) {
-        let heard = |p: &Publication| p.retain || self.interest.matches(&p.topic);
+        let heard = |p: &Publication| kept(p) || self.interest.matches(&p.topic);
         for publication in publications.into_iter().filter(heard) {
             if self.tx.send(Outgoing::Record(publication)).await.is_err() {
                 tracing::warn!("the router's publisher stopped; record not published");
@@ -73,6 +74,12 @@ impl Publisher {
             tracing::warn!("the router's publisher stopped; will not published");
         }
     }
+}
+
+/// Whether the router keeps `publication` as a retained message: retained and not one
+/// of the operator plane's records.
+fn kept(publication: &Publication) -> bool {
+    publication.retain && !edgedps_topics::admin::is_record_topic(&publication.topic)
 }
 
 /// Retained messages a new subscription receives at most (a rumqttd limit).
@@ -182,11 +189,11 @@ impl Router {
             while let Some(message) = publications.recv().await {
                 let packets = match message {
                     Outgoing::Record(message) => {
-                        let publish = Publish::new(
-                            message.topic.into_bytes(),
-                            message.payload,
-                            message.retain,
-                        );
+                        // A record goes out live only, carrying the RETAIN it was
+                        // published with for Retain As Published.
+                        let keep = kept(&message);
+                        let publish =
+                            Publish::new(message.topic.into_bytes(), message.payload, keep);
                         vec![Packet::Publish(
                             publish,
                             crate::qos::tag(None, 0, message.retain),

@@ -64,9 +64,6 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         Router::start(config.limits.max_connections + config.limits.max_offline_sessions + 2);
     let interest = Arc::new(crate::interest::Interest::default());
     let publisher = router.spawn_publisher(interest.clone()).await?;
-    // The stored state goes back out as retained messages in the background: with a
-    // million enrollments that takes seconds, and devices need not wait for it.
-    tokio::spawn(republish(responder.clone(), publisher.clone()));
 
     let shared = Arc::new(Shared {
         responder: responder.clone(),
@@ -182,41 +179,6 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         running.tasks.push(tokio::spawn(accept));
     }
     Ok(running)
-}
-
-/// Publishes every stored record as a retained message, one at a time.
-async fn republish(responder: Arc<Responder>, publisher: crate::router::Publisher) {
-    let started = std::time::Instant::now();
-    let mut records = 0usize;
-    // Read in batches off the async workers: the store is read from disk.
-    let (batches, mut received) = tokio::sync::mpsc::channel(4);
-    let reader = responder.clone();
-    let reading = tokio::task::spawn_blocking(move || {
-        let mut batch = Vec::with_capacity(256);
-        for publication in reader.republish() {
-            batch.push(publication?);
-            if batch.len() == 256 && batches.blocking_send(std::mem::take(&mut batch)).is_err() {
-                return Ok(());
-            }
-        }
-        if !batch.is_empty() {
-            let _ = batches.blocking_send(batch);
-        }
-        Ok::<_, edgedps_responder::Error>(())
-    });
-    while let Some(batch) = received.recv().await {
-        records += batch.len();
-        publisher.publish(batch).await;
-    }
-    match reading.await {
-        Ok(Ok(())) => tracing::info!(
-            records,
-            seconds = started.elapsed().as_secs_f64(),
-            "republished the stored state as retained messages"
-        ),
-        Ok(Err(e)) => tracing::error!(error = %e, "republishing the stored state failed"),
-        Err(e) => tracing::error!(error = %e, "republishing the stored state failed"),
-    }
 }
 
 async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {

@@ -33,7 +33,7 @@ enum Command {
     Loadgen(edgedps_device::loadgen::LoadgenArgs),
     /// Publish and subscribe through a fresh edgedps and a mosquitto, side by side.
     LoadgenBroker(edgedps_device::loadgen::broker::BrokerLoadArgs),
-    /// Fill a store with enrollments, for start-up benchmarks.
+    /// Fill a store with enrollments and their registrations, for start-up benchmarks.
     #[command(hide = true)]
     BenchStore {
         #[arg(long)]
@@ -114,7 +114,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))
 }
 
-/// Writes `count` symmetric-key enrollments straight into the store of `data_dir`.
+/// Writes `count` symmetric-key enrollments straight into the store of `data_dir`, each
+/// with an assigned registration record.
 async fn bench_store(data_dir: &std::path::Path, count: usize) -> Result<(), String> {
     use edgedps_responder::Store;
     use edgedps_topics::admin::{
@@ -122,9 +123,21 @@ async fn bench_store(data_dir: &std::path::Path, count: usize) -> Result<(), Str
     };
     let store =
         edgedps_responder::SledStore::open(&data_dir.join("store")).map_err(|e| e.to_string())?;
+    use edgedps_topics::registration::{RegistrationState, RegistrationStatus};
     for i in 0..count {
+        let id = format!("bulk-{i}");
+        let mut registration =
+            RegistrationState::new(id.clone().into(), RegistrationStatus::Assigned);
+        registration.assigned_hub = Some("hub-a.example.net".into());
+        registration.device_id = Some(id.clone());
+        registration.etag = Some(format!("\"{i:x}\""));
+        registration.created_date_time_utc = Some("2026-12-01T00:00:00Z".into());
+        registration.last_updated_date_time_utc = Some("2026-12-01T00:00:00Z".into());
+        store
+            .put_registration(&registration)
+            .map_err(|e| e.to_string())?;
         let enrollment = Enrollment {
-            registration_id: format!("bulk-{i}").into(),
+            registration_id: id.into(),
             device_id: None,
             attestation: Attestation {
                 kind: AttestationType::SymmetricKey,

@@ -329,7 +329,7 @@ impl Responder {
         // A scan of every registration: off the async workers.
         tokio::task::spawn_blocking(move || {
             let mut marked = Vec::new();
-            for record in store.scan_registrations() {
+            for record in store.scan_registrations(None) {
                 let record = record?;
                 if record.is_assigned() && record.enrollment_group_id() == Some(group.as_str()) {
                     let etag = edgedps_topics::etag(&crate::random_bytes(&random, 12));

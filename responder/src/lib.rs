@@ -14,9 +14,9 @@ mod connect;
 mod crl;
 mod error;
 mod latency;
+mod records;
 mod registration;
 mod report;
-mod republish;
 mod retire;
 pub mod sessions;
 mod standing;
@@ -42,6 +42,7 @@ pub use edgedps_policies::attestation::{
 };
 pub use error::Error;
 pub use latency::LatencySummary;
+pub use records::RecordReading;
 pub use registration::Reply;
 pub use retire::RetainedMessages;
 pub use sessions::{Cut, Entered, LiveSession, LiveSessions, Scope};

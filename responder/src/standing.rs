@@ -149,8 +149,8 @@ mod tests {
         fn remove_enrollment(&self, id: &RegistrationId) -> Result<bool, StoreError> {
             self.inner.remove_enrollment(id)
         }
-        fn scan_enrollments(&self) -> Scan<'_, Enrollment> {
-            self.inner.scan_enrollments()
+        fn scan_enrollments(&self, after: Option<&str>) -> Scan<'_, Enrollment> {
+            self.inner.scan_enrollments(after)
         }
         fn put_group(&self, g: &EnrollmentGroup) -> Result<(), StoreError> {
             self.inner.put_group(g)
@@ -182,8 +182,8 @@ mod tests {
         fn remove_registration(&self, id: &RegistrationId) -> Result<bool, StoreError> {
             self.inner.remove_registration(id)
         }
-        fn scan_registrations(&self) -> Scan<'_, RegistrationState> {
-            self.inner.scan_registrations()
+        fn scan_registrations(&self, after: Option<&str>) -> Scan<'_, RegistrationState> {
+            self.inner.scan_registrations(after)
         }
         fn put_crl(&self, record: &CrlRecord) -> Result<(), StoreError> {
             self.inner.put_crl(record)

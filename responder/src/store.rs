@@ -26,7 +26,9 @@ pub trait Store: Send + Sync + 'static {
     fn enrollment(&self, id: &RegistrationId) -> Result<Option<Enrollment>, StoreError>;
     fn put_enrollment(&self, e: &Enrollment) -> Result<(), StoreError>;
     fn remove_enrollment(&self, id: &RegistrationId) -> Result<bool, StoreError>;
-    fn scan_enrollments(&self) -> Scan<'_, Enrollment>;
+    /// Enrollments in key order, from the first whose key (canonical registration id)
+    /// comes after `after`: a scan can be read a page at a time.
+    fn scan_enrollments(&self, after: Option<&str>) -> Scan<'_, Enrollment>;
 
     fn put_group(&self, g: &EnrollmentGroup) -> Result<(), StoreError>;
     fn remove_group(&self, group_id: &str) -> Result<bool, StoreError>;
@@ -39,7 +41,8 @@ pub trait Store: Send + Sync + 'static {
     fn registration(&self, id: &RegistrationId) -> Result<Option<RegistrationState>, StoreError>;
     fn put_registration(&self, r: &RegistrationState) -> Result<(), StoreError>;
     fn remove_registration(&self, id: &RegistrationId) -> Result<bool, StoreError>;
-    fn scan_registrations(&self) -> Scan<'_, RegistrationState>;
+    /// Registrations in key order, after `after` as [`Store::scan_enrollments`].
+    fn scan_registrations(&self, after: Option<&str>) -> Scan<'_, RegistrationState>;
 
     fn put_crl(&self, record: &CrlRecord) -> Result<(), StoreError>;
     fn remove_crl(&self, name: &str) -> Result<bool, StoreError>;
@@ -54,7 +57,7 @@ pub trait Store: Send + Sync + 'static {
     fn flush_count(&self) -> u64;
 
     fn enrollments(&self) -> Result<Vec<Enrollment>, StoreError> {
-        self.scan_enrollments().collect()
+        self.scan_enrollments(None).collect()
     }
 
     fn groups(&self) -> Result<Vec<EnrollmentGroup>, StoreError> {
@@ -66,7 +69,7 @@ pub trait Store: Send + Sync + 'static {
     }
 
     fn registrations(&self) -> Result<Vec<RegistrationState>, StoreError> {
-        self.scan_registrations().collect()
+        self.scan_registrations(None).collect()
     }
 
     fn crls(&self) -> Result<Vec<CrlRecord>, StoreError> {
@@ -203,8 +206,8 @@ impl Store for SledStore {
             .is_some())
     }
 
-    fn scan_enrollments(&self) -> Scan<'_, Enrollment> {
-        scan(&self.inner.enrollments, "enrollments")
+    fn scan_enrollments(&self, after: Option<&str>) -> Scan<'_, Enrollment> {
+        scan_after(&self.inner.enrollments, "enrollments", after)
     }
 
     fn put_group(&self, g: &EnrollmentGroup) -> Result<(), StoreError> {
@@ -247,8 +250,8 @@ impl Store for SledStore {
             .is_some())
     }
 
-    fn scan_registrations(&self) -> Scan<'_, RegistrationState> {
-        scan(&self.inner.registrations, "registrations")
+    fn scan_registrations(&self, after: Option<&str>) -> Scan<'_, RegistrationState> {
+        scan_after(&self.inner.registrations, "registrations", after)
     }
 
     fn put_crl(&self, record: &CrlRecord) -> Result<(), StoreError> {
@@ -347,6 +350,26 @@ fn scan<'a, T: DeserializeOwned + 'a>(tree: &'a sled::Tree, name: &'static str) 
         let (key, bytes) = item?;
         decode(name, &key, &bytes)
     }))
+}
+
+/// [`scan`] from the first key after `after`.
+fn scan_after<'a, T: DeserializeOwned + 'a>(
+    tree: &'a sled::Tree,
+    name: &'static str,
+    after: Option<&str>,
+) -> Scan<'a, T> {
+    use std::ops::Bound;
+    let Some(after) = after else {
+        return scan(tree, name);
+    };
+    let from = Bound::Excluded(sled::IVec::from(after.as_bytes()));
+    Box::new(
+        tree.range::<sled::IVec, _>((from, Bound::Unbounded))
+            .map(move |item| {
+                let (key, bytes) = item?;
+                decode(name, &key, &bytes)
+            }),
+    )
 }
 
 #[cfg(test)]

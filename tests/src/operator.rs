@@ -175,3 +175,22 @@ pub fn new_key() -> String {
         .expect("random bytes");
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
+
+/// A client with `options` subscribed to `filter`, once its SUBACK is in.
+pub async fn subscribed(
+    options: rumqttc::MqttOptions,
+    filter: &str,
+    qos: rumqttc::QoS,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 64);
+    client
+        .subscribe(filter, qos)
+        .await
+        .expect("subscribe queued");
+    edgedps_device::provision::wait_for(&mut eventloop, "SUBACK", |p| {
+        matches!(p, rumqttc::Packet::SubAck(_))
+    })
+    .await
+    .expect("SUBACK");
+    (client, eventloop)
+}

@@ -170,16 +170,8 @@ async fn events_reach_every_subscription_that_matches_them() {
         options.set_clean_session(false);
         options
     };
-    let (keeper, mut keeper_loop) = AsyncClient::new(keeper_options(), 16);
-    keeper
-        .subscribe("dps/events/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    edgedps_device::provision::wait_for(&mut keeper_loop, "SUBACK", |p| {
-        matches!(p, Packet::SubAck(_))
-    })
-    .await
-    .unwrap();
+    let (keeper, mut keeper_loop) =
+        subscribed(keeper_options(), "dps/events/#", QoS::AtLeastOnce).await;
     keeper.disconnect().await.unwrap();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
         while keeper_loop.poll().await.is_ok() {}
@@ -327,9 +319,14 @@ async fn operator_clears_a_registration_record() {
     );
 }
 
+/// The records are read from the store for each new subscription
+/// (`broker/src/session/records.rs`), in pages: every filter that matches gets each of
+/// its records exactly once, as a retained message, and nothing else of the records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscriber_receives_every_retained_record() {
-    // rumqttd's default batch (200) used to cut the retained list short.
+async fn a_subscriber_receives_every_retained_record_once() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    // More than one page of the store's reading (256), and more than rumqttd's batch
+    // (200), which used to cut the retained list short.
     let server = Server::start().await;
     let admin = ([127, 0, 0, 1], server.local_port).into();
     let records: Vec<_> = (0..600)
@@ -344,13 +341,92 @@ async fn a_subscriber_receives_every_retained_record() {
     edgedps_device::admin::write_all(admin, &records)
         .await
         .unwrap();
-    let mut watcher = server.operator().await;
-    watcher.subscribe("dps/enrollments/#").await;
-    let mut seen = std::collections::BTreeSet::new();
-    while let Some((topic, _)) = watcher.next_publish("dps/enrollments/").await {
-        seen.insert(topic);
+    let mut operator = server.operator().await;
+    let key = operator.enroll("listed-registered").await;
+    register(&server.device("listed-registered", sas(&key)), None)
+        .await
+        .unwrap();
+
+    let enrollments = |n: usize| -> Vec<String> {
+        let mut topics: Vec<String> = (0..n)
+            .map(|i| format!("dps/enrollments/listed-{i}"))
+            .collect();
+        topics.push("dps/enrollments/listed-registered".into());
+        topics
+    };
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        ("dps/enrollments/#", enrollments(600)),
+        (
+            "dps/enrollments/listed-7",
+            vec!["dps/enrollments/listed-7".into()],
+        ),
+        (
+            "+/+/listed-registered",
+            vec![
+                "dps/enrollments/listed-registered".into(),
+                "dps/registrations/listed-registered".into(),
+            ],
+        ),
+        (
+            "dps/registrations/+",
+            vec!["dps/registrations/listed-registered".into()],
+        ),
+        ("dps/hubs/#", vec!["dps/hubs/hub-a.example.net".into()]),
+        ("dps/registrations/LISTED-REGISTERED", vec![]),
+        ("$share/ops/dps/#", vec![]),
+        ("dps/events/#", vec![]),
+    ];
+    for (n, (filter, expected)) in cases.into_iter().enumerate() {
+        let options = MqttOptions::new(format!("lister-{n}"), "127.0.0.1", server.local_port);
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+        let mut seen = Vec::new();
+        loop {
+            match tokio::time::timeout(std::time::Duration::from_millis(700), eventloop.poll())
+                .await
+            {
+                Err(_) => break,
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    assert!(p.retain, "{filter}: {} arrived without RETAIN", p.topic);
+                    seen.push(p.topic);
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("{filter}: {e}"),
+            }
+        }
+        let mut expected = expected;
+        expected.sort();
+        seen.sort();
+        assert_eq!(seen.len(), expected.len(), "{filter}: count");
+        assert_eq!(seen, expected, "{filter}");
     }
-    assert_eq!(seen.len(), 600);
+}
+
+/// A record that changes is published live to the subscriptions that are there, with
+/// RETAIN 0 as for any live message; a deleted one as an empty message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_record_reaches_subscribers_live() {
+    use rumqttc::{Event, MqttOptions, Packet, QoS};
+    let server = Server::start().await;
+    let options = MqttOptions::new("live-lister", "127.0.0.1", server.local_port);
+    let (_client, mut eventloop) = subscribed(options, "dps/enrollments/#", QoS::AtMostOnce).await;
+    let mut operator = server.operator().await;
+    operator.enroll("live-1").await;
+    operator.write("dps/enrollments/live-1", b"").await;
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        match tokio::time::timeout(std::time::Duration::from_secs(5), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => seen.push(p),
+            Ok(Ok(_)) => {}
+            other => panic!("live record missing after {seen:?}: {other:?}"),
+        }
+    }
+    assert_eq!(seen[0].topic, "dps/enrollments/live-1");
+    assert!(!seen[0].retain);
+    let body: Value = serde_json::from_slice(&seen[0].payload).unwrap();
+    assert_eq!(body["registrationId"], "live-1");
+    assert_eq!(seen[1].topic, "dps/enrollments/live-1");
+    assert!(seen[1].payload.is_empty(), "a delete is an empty message");
 }
 
 /// Writes through `operator` and returns the result and the audit event that follows it.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use edgedps_device::provision::register;
 use edgedps_responder::Store;
 use edgedps_tests::*;
-use rumqttc::{AsyncClient, MqttOptions, Packet, QoS};
+use rumqttc::{MqttOptions, Packet, QoS};
 
 struct Tmpfs(std::path::PathBuf);
 
@@ -40,16 +40,8 @@ async fn full_disk_fails_writes_clearly_and_loses_nothing_acknowledged() {
     let mut options = MqttOptions::new("filler", "127.0.0.1", local_port);
     options.set_keep_alive(Duration::from_secs(60));
     options.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut eventloop) = AsyncClient::new(options, 16);
-    client
-        .subscribe("dps/admin/results/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    edgedps_device::provision::wait_for(&mut eventloop, "SUBACK", |p| {
-        matches!(p, Packet::SubAck(_))
-    })
-    .await
-    .unwrap();
+    let (client, mut eventloop) =
+        subscribed(options, "dps/admin/results/#", QoS::AtLeastOnce).await;
     // Devices assigned while there is room.
     let group_key = new_key();
     let mut operator = Operator::connect(local_port).await;

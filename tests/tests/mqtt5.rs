@@ -160,6 +160,65 @@ async fn retain_handling_and_retain_as_published_are_honoured() {
     );
 }
 
+/// The operator plane's records are read from the store for a new subscription
+/// (`broker/src/session/records.rs`), with the MQTT 5 rules of retained messages:
+/// the Subscription Identifier, Retain Handling 1 and 2, Retain As Published on a
+/// live change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_follow_the_rules_of_retained_messages() {
+    let server = Server::start().await;
+    let mut operator = server.operator().await;
+    operator.enroll("v5-record").await;
+    let (sub, mut sub_loop) = client5(&server, "v5-records", |_| {}).await;
+
+    let properties = SubscribeProperties {
+        id: Some(11),
+        user_properties: Vec::new(),
+    };
+    let mut first = Filter::new("dps/enrollments/+", QoS::AtLeastOnce);
+    first.retain_forward_rule = RetainForwardRule::OnNewSubscribe;
+    first.preserve_retain = true;
+    sub.subscribe_many_with_properties(vec![first.clone()], properties)
+        .await
+        .unwrap();
+    let got = publishes_within(&mut sub_loop, Duration::from_secs(1)).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].topic, Bytes::from("dps/enrollments/v5-record"));
+    assert!(got[0].retain);
+    assert_eq!(got[0].qos, QoS::AtMostOnce);
+    let ids = got[0]
+        .properties
+        .as_ref()
+        .map(|p| p.subscription_identifiers.clone());
+    assert_eq!(ids, Some(vec![11]));
+
+    // Retain Handling 1 on a subscription that exists: nothing again.
+    sub.subscribe_many(vec![first]).await.unwrap();
+    let got = publishes_within(&mut sub_loop, Duration::from_secs(1)).await;
+    assert!(
+        got.is_empty(),
+        "Retain Handling 1, existing subscription: {got:?}"
+    );
+
+    // Retain Handling 2: never on subscribe; Retain As Published on a live change.
+    let mut never = Filter::new("dps/enrollments/#", QoS::AtLeastOnce);
+    never.retain_forward_rule = RetainForwardRule::Never;
+    never.preserve_retain = true;
+    sub.subscribe_many(vec![never]).await.unwrap();
+    let got = publishes_within(&mut sub_loop, Duration::from_secs(1)).await;
+    assert!(got.is_empty(), "Retain Handling 2: {got:?}");
+    operator.enroll("v5-record-2").await;
+    let got = publishes_within(&mut sub_loop, Duration::from_secs(1)).await;
+    assert!(!got.is_empty(), "the live change");
+    for p in &got {
+        assert_eq!(p.topic, Bytes::from("dps/enrollments/v5-record-2"));
+        assert!(
+            p.retain,
+            "Retain As Published keeps RETAIN on a live record"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_will_waits_for_its_delay_and_a_quick_return_cancels_it() {
     let server = Server::start().await;

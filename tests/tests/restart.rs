@@ -1,5 +1,5 @@
 //! The real binary restarted: enrollments and registrations survive, and the stored
-//! state is republished as retained messages.
+//! state is shown again on the records' topics.
 
 use edgedps_device::provision::register;
 use edgedps_tests::*;

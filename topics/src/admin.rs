@@ -27,7 +27,41 @@ pub enum RecordKind {
 }
 
 impl RecordKind {
-    /// The topic segment after `dps/`.
+    /// Every kind, in the order a subscription receives them.
+    pub const ALL: [RecordKind; 5] = [
+        RecordKind::Enrollment,
+        RecordKind::EnrollmentGroup,
+        RecordKind::Hub,
+        RecordKind::Registration,
+        RecordKind::Crl,
+    ];
+
+    /// Which records of this kind the subscription `filter` matches (MQTT topic
+    /// matching of `dps/{segment}/{id}`), `None` for none. `filter` is a plain filter:
+    /// not shared, not a `$` filter.
+    pub fn selected_by(self, filter: &str) -> Option<Selection> {
+        let mut levels = filter.split('/');
+        let mut next_level = |expected: &str| match levels.next() {
+            Some("#") => Some(true),
+            Some(level) if level == "+" || level == expected => Some(false),
+            _ => None,
+        };
+        // `#` at the first or second level takes every record.
+        if next_level(PREFIX.trim_end_matches('/'))? || next_level(self.segment())? {
+            return Some(Selection::All);
+        }
+        let selection = match levels.next()? {
+            "#" | "+" => Selection::All,
+            id => Selection::One(id.to_owned()),
+        };
+        // A record topic has three levels: only `#` may follow (it matches its parent).
+        match levels.next() {
+            None => Some(selection),
+            Some("#") if levels.next().is_none() => Some(selection),
+            Some(_) => None,
+        }
+    }
+
     pub fn segment(self) -> &'static str {
         match self {
             RecordKind::Enrollment => "enrollments",
@@ -45,6 +79,30 @@ impl RecordKind {
     pub fn result_topic(self, id: &str) -> String {
         format!("{PREFIX}admin/results/{}/{id}", self.segment())
     }
+}
+
+/// The records of one kind a subscription matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    All,
+    /// The record with this id (as the filter spells it).
+    One(String),
+}
+
+impl Selection {
+    /// Whether the record with id `id` is selected.
+    pub fn takes(&self, id: &str) -> bool {
+        match self {
+            Selection::All => true,
+            Selection::One(one) => one == id,
+        }
+    }
+}
+
+/// Whether `topic` is one of the records edgedps keeps under `dps/` (in its store, not
+/// as retained messages in the router: subscriptions read them from the store).
+pub fn is_record_topic(topic: &str) -> bool {
+    matches!(parse_topic(topic), Some(AdminTopic::Record { .. }))
 }
 
 /// What a publish under `dps/` addresses.
@@ -442,6 +500,45 @@ impl LinkedHub {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filters_select_the_records_mqtt_matching_would() {
+        use RecordKind::*;
+        let one = |id: &str| Some(Selection::One(id.into()));
+        let cases: &[(&str, RecordKind, Option<Selection>)] = &[
+            ("#", Registration, Some(Selection::All)),
+            ("dps/#", Crl, Some(Selection::All)),
+            ("+/#", Hub, Some(Selection::All)),
+            ("dps/registrations/#", Registration, Some(Selection::All)),
+            ("dps/registrations/#", Enrollment, None),
+            ("dps/+/+", EnrollmentGroup, Some(Selection::All)),
+            ("+/+/dev-1", Enrollment, one("dev-1")),
+            ("dps/enrollments/dev-1", Enrollment, one("dev-1")),
+            ("dps/enrollments/dev-1/#", Enrollment, one("dev-1")),
+            ("dps/enrollments/+/#", Enrollment, Some(Selection::All)),
+            ("dps/enrollments/dev-1/+", Enrollment, None),
+            ("dps/enrollments/dev-1/x", Enrollment, None),
+            ("dps/enrollments/dev-1/#/x", Enrollment, None),
+            ("dps/enrollments", Enrollment, None),
+            ("dps/enrollments/", Enrollment, one("")),
+            ("dps", Enrollment, None),
+            ("+", Enrollment, None),
+            ("dps/+", Enrollment, None),
+            ("other/enrollments/#", Enrollment, None),
+            ("dps/events/#", Registration, None),
+            ("dps/admin/#", Hub, None),
+        ];
+        for (filter, kind, selection) in cases {
+            assert_eq!(
+                &kind.selected_by(filter),
+                selection,
+                "{filter} for {kind:?}"
+            );
+        }
+        assert!(is_record_topic("dps/crls/root"));
+        assert!(!is_record_topic("dps/events/registrations/dev-1"));
+        assert!(!is_record_topic("dps/admin/retire/dev-1"));
+    }
 
     #[test]
     fn record_topics_parse() {

@@ -203,6 +203,7 @@ where
         owner,
         will: will_message,
         pending_subacks: std::collections::HashMap::new(),
+        readings: std::collections::VecDeque::new(),
         own_qos2: std::collections::HashSet::new(),
         settling,
         keep: keep_session,

@@ -4,6 +4,8 @@
 //! - `dps.rs`: `$dps/` requests, answered by the responder in process;
 //! - `admin.rs`: operator writes under `dps/`;
 //! - `subscriptions.rs`: SUBSCRIBE and UNSUBSCRIBE, with the topic ACL;
+//! - `records.rs`: the operator plane's records, read from the store for a new
+//!   subscription;
 //! - `link.rs`: this session's rumqttd link: publishes in, deliveries out;
 //! - `settling.rs`: the QoS bookkeeping of deliveries between the router and the client;
 //! - `offline.rs`: a persistent session while its client is away;
@@ -30,6 +32,7 @@ mod connect;
 mod dps;
 mod link;
 pub mod offline;
+mod records;
 mod settling;
 pub(crate) mod subscriptions;
 pub(crate) mod will;
@@ -42,7 +45,7 @@ use bytes::BytesMut;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, SubscribeReasonCode,
+    PubRecReason,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{timeout_at, Instant};
@@ -188,9 +191,10 @@ struct Session<S> {
     /// This connection's claim on its client id (pass-through sessions).
     owner: u64,
     will: Option<will::Will>,
-    /// SUBSCRIBEs the router has not acknowledged yet: the codes decided here (refused
-    /// filters), `None` where the router's code goes.
-    pending_subacks: std::collections::HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
+    /// SUBSCRIBEs the router has not acknowledged yet.
+    pending_subacks: std::collections::HashMap<u16, subscriptions::Pending>,
+    /// The operator plane's records new subscriptions are receiving (`records.rs`).
+    readings: std::collections::VecDeque<records::Reading>,
     /// QoS 2 publishes answered here (operator writes): PUBREC sent, PUBREL awaited.
     own_qos2: std::collections::HashSet<u16>,
     /// The QoS bookkeeping of router deliveries (`settling.rs`).
@@ -268,6 +272,8 @@ enum Event {
     KeepAliveExpired,
     Router(RouterEvent),
     Cut(Cut),
+    /// Records are waiting to be read for a new subscription.
+    Records,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -288,8 +294,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let read = self.stream.read_buf(&mut self.inbuf);
                 let notification = link::next_event(&mut self.link_rx);
                 let cut = next_cut(&self.live);
+                let reading = !self.readings.is_empty();
                 tokio::select! {
                     cut = cut => Event::Cut(cut),
+                    () = std::future::ready(()), if reading => Event::Records,
                     r = async {
                         match deadline {
                             Some(d) => timeout_at(d, read).await.ok(),
@@ -312,6 +320,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Event::KeepAliveExpired => return Err(Close::KeepAlive),
                 Event::Router(event) => Box::pin(self.on_router(event)).await?,
                 Event::Cut(cut) => return self.out_of_service(cut).await,
+                Event::Records => self.send_records().await?,
             }
             self.flush().await?;
         }

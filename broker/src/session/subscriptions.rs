@@ -31,6 +31,15 @@ pub struct FilterOptions {
     pub sequence: u64,
 }
 
+/// A SUBSCRIBE of a full MQTT session the router has not acknowledged yet.
+#[derive(Debug)]
+pub(super) struct Pending {
+    /// The codes decided here (refused filters), `None` where the router's code goes.
+    codes: Vec<Option<SubscribeReasonCode>>,
+    /// The records each filter at a position in `codes` reads once granted.
+    readings: Vec<(usize, super::records::Reading)>,
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn subscribe(
         &mut self,
@@ -152,6 +161,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut forward = Vec::new();
         let mut refused = Vec::new();
+        let mut readings = Vec::new();
+        let subscription_id = properties.as_ref().and_then(|p| p.id);
         for mut filter in subscribe.filters {
             if !self.admissible(&filter.path, &mut refused) {
                 codes.push(Some(self.codec.subscribe_refused()));
@@ -167,6 +178,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     },
                     sequence: self.sequence,
                 };
+                if let Some(reading) =
+                    super::records::Reading::of(&filter.path, &options, subscription_id)
+                {
+                    readings.push((codes.len(), reading));
+                }
                 self.hold_filter(filter.path.clone(), options);
                 codes.push(None);
                 if let std::borrow::Cow::Owned(routed) =
@@ -190,7 +206,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 None,
             ));
         }
-        self.pending_subacks.insert(subscribe.pkid, codes);
+        self.pending_subacks
+            .insert(subscribe.pkid, Pending { codes, readings });
         self.router_send(Packet::Subscribe(
             Subscribe {
                 pkid: subscribe.pkid,
@@ -204,17 +221,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// The router acknowledged a SUBSCRIBE of a full MQTT session: its codes go where
     /// this session left room for them.
     pub(super) fn subscribed(&mut self, ack: SubAck) -> Result<(), Close> {
-        let Some(codes) = self.pending_subacks.remove(&ack.pkid) else {
+        let Some(pending) = self.pending_subacks.remove(&ack.pkid) else {
             return self.send(Packet::SubAck(ack, None));
         };
         let mut routed = ack.return_codes.into_iter();
-        let return_codes = codes
+        let return_codes: Vec<_> = pending
+            .codes
             .into_iter()
             .map(|code| {
                 code.or_else(|| routed.next())
                     .unwrap_or(SubscribeReasonCode::Unspecified)
             })
             .collect();
+        // The records of the granted filters follow the SUBACK.
+        for (position, reading) in pending.readings {
+            if return_codes.get(position).is_some_and(granted) {
+                super::records::start(&mut self.readings, reading);
+            }
+        }
         self.send(Packet::SubAck(
             SubAck {
                 pkid: ack.pkid,
@@ -257,6 +281,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let mut unsubscribe = unsubscribe;
             for filter in &mut unsubscribe.filters {
                 self.drop_filter(filter);
+                super::records::stop(&mut self.readings, filter);
                 if let std::borrow::Cow::Owned(routed) = crate::dollar::to_router_filter(filter) {
                     *filter = routed;
                 }
@@ -292,4 +317,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             None,
         ))
     }
+}
+
+/// Whether a SUBACK code grants the subscription.
+fn granted(code: &SubscribeReasonCode) -> bool {
+    matches!(
+        code,
+        SubscribeReasonCode::QoS0
+            | SubscribeReasonCode::QoS1
+            | SubscribeReasonCode::QoS2
+            | SubscribeReasonCode::Success(_)
+    )
 }

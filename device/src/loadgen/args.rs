@@ -43,8 +43,8 @@ pub struct LoadgenArgs {
     /// work on them competes with the bystanders for the same cores).
     #[arg(long)]
     pub cut_off_unwatched: bool,
-    /// Before starting the server, fill its store with this many enrollments and report
-    /// how long the server takes to start.
+    /// Before starting the server, fill its store with this many enrollments (each with
+    /// an assigned registration record) and report how long the server takes to start.
     #[arg(long, default_value_t = 0)]
     pub preload: usize,
     /// Print the final report as JSON.

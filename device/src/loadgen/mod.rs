@@ -70,7 +70,7 @@ pub async fn main(args: LoadgenArgs, exe: &Path) -> Result<Vec<Report>, String> 
             return Err("bench-store failed".into());
         }
         eprintln!(
-            "preloaded {} enrollments in {:.1} s",
+            "preloaded {} enrollments and their registrations in {:.1} s",
             args.preload,
             filled.elapsed().as_secs_f64()
         );
@@ -86,7 +86,7 @@ pub async fn main(args: LoadgenArgs, exe: &Path) -> Result<Vec<Report>, String> 
         );
     } else {
         println!(
-            "start-up with {} stored enrollments: {startup:.2} s to listening, RSS {} KiB",
+            "start-up with {} stored enrollments and registrations: {startup:.2} s to listening, RSS {} KiB",
             args.preload, stats.rss_kib
         );
     }

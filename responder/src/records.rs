@@ -1,0 +1,185 @@
+//! The operator plane's records as retained messages, read from the store when a
+//! subscription asks for them (DESIGN: operator plane).
+//!
+//! The records (`dps/enrollments/…`, `dps/enrollment-groups/…`, `dps/hubs/…`,
+//! `dps/registrations/…`, `dps/crls/…`) are not kept in the router as retained
+//! messages: a million devices would keep a million copies and a million topics in
+//! memory, and a restart would republish them all. Instead a new subscription that
+//! matches records reads them from the store, a page at a time
+//! ([`Responder::read_records`]), and receives them as retained messages; a change is
+//! published live to the subscriptions that are there.
+
+use edgedps_policies::validation::{redact_enrollment, redact_group};
+use edgedps_topics::admin::{RecordKind, Selection};
+use edgedps_topics::identity::RegistrationId;
+
+use crate::crl::crl_pem;
+use crate::{read, Error, Publication, Responder};
+
+/// Where one subscription's reading of the records stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordReading {
+    /// The kinds left to read, the current one first.
+    left: Vec<(RecordKind, Selection)>,
+    /// The key of the last record read of the current kind, in a scan.
+    after: Option<String>,
+}
+
+impl RecordReading {
+    /// The reading of every record `filter` (a plain filter, not shared) matches;
+    /// `None` when it matches none.
+    pub fn of(filter: &str) -> Option<RecordReading> {
+        let left: Vec<_> = RecordKind::ALL
+            .into_iter()
+            .filter_map(|kind| kind.selected_by(filter).map(|s| (kind, s)))
+            .collect();
+        (!left.is_empty()).then_some(RecordReading { left, after: None })
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.left.is_empty()
+    }
+}
+
+impl Responder {
+    /// The next records of `reading` as retained messages, at most `page` of them
+    /// (more only for the kinds kept in memory: groups, hubs, revocation lists). Empty
+    /// once the reading is done. Reads the store: call it off the async workers, or
+    /// with a small page.
+    pub fn read_records(
+        &self,
+        reading: &mut RecordReading,
+        page: usize,
+    ) -> Result<Vec<Publication>, Error> {
+        let mut out = Vec::new();
+        while out.len() < page {
+            let Some((kind, selection)) = reading.left.first().cloned() else {
+                break;
+            };
+            let room = page - out.len();
+            let finished = match (kind, &selection) {
+                (RecordKind::Enrollment, Selection::One(id)) => {
+                    if let Some(e) = self.enrollment_record(id)? {
+                        out.push(enrollment(e));
+                    }
+                    true
+                }
+                (RecordKind::Enrollment, Selection::All) => {
+                    let scan = self.store.scan_enrollments(reading.after.as_deref());
+                    page_of(scan, room, &mut reading.after, &mut out, |e| {
+                        (e.registration_id.key().into_owned(), enrollment(e))
+                    })?
+                }
+                (RecordKind::Registration, Selection::One(id)) => {
+                    if let Some(r) = self.registration_record(id)? {
+                        out.push(record(kind, r.registration_id.as_str(), &r));
+                    }
+                    true
+                }
+                (RecordKind::Registration, Selection::All) => {
+                    let scan = self.store.scan_registrations(reading.after.as_deref());
+                    page_of(scan, room, &mut reading.after, &mut out, |r| {
+                        let key = r.registration_id.key().into_owned();
+                        (key, record(kind, r.registration_id.as_str(), &r))
+                    })?
+                }
+                (RecordKind::EnrollmentGroup, _) => {
+                    let groups = read(&self.groups);
+                    for entry in groups.values() {
+                        let g = &entry.group;
+                        if selection.takes(&g.enrollment_group_id) {
+                            out.push(record(
+                                kind,
+                                &g.enrollment_group_id,
+                                &redact_group(g.clone()),
+                            ));
+                        }
+                    }
+                    true
+                }
+                (RecordKind::Hub, _) => {
+                    for h in self.linked_hubs() {
+                        if selection.takes(&h.host_name) {
+                            out.push(record(kind, &h.host_name, &h));
+                        }
+                    }
+                    true
+                }
+                (RecordKind::Crl, _) => {
+                    for crl in self.store.crls()? {
+                        if selection.takes(&crl.name) {
+                            out.push(Publication {
+                                topic: kind.record_topic(&crl.name),
+                                payload: crl_pem(&crl),
+                                retain: true,
+                            });
+                        }
+                    }
+                    true
+                }
+            };
+            if finished {
+                reading.left.remove(0);
+                reading.after = None;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The enrollment whose topic is `dps/enrollments/{id}`, spelled exactly so.
+    fn enrollment_record(
+        &self,
+        id: &str,
+    ) -> Result<Option<edgedps_topics::admin::Enrollment>, Error> {
+        let Ok(rid) = RegistrationId::parse(id) else {
+            return Ok(None);
+        };
+        Ok(self
+            .store
+            .enrollment(&rid)?
+            .filter(|e| e.registration_id.as_str() == id))
+    }
+
+    /// The registration whose topic is `dps/registrations/{id}`, spelled exactly so.
+    fn registration_record(
+        &self,
+        id: &str,
+    ) -> Result<Option<edgedps_topics::registration::RegistrationState>, Error> {
+        let Ok(rid) = RegistrationId::parse(id) else {
+            return Ok(None);
+        };
+        Ok(self
+            .store
+            .registration(&rid)?
+            .filter(|r| r.registration_id.as_str() == id))
+    }
+}
+
+/// Up to `room` records of `scan` into `out`, `after` set to the key of the last;
+/// whether the scan is done.
+fn page_of<T>(
+    scan: crate::store::Scan<'_, T>,
+    room: usize,
+    after: &mut Option<String>,
+    out: &mut Vec<Publication>,
+    publication: impl Fn(T) -> (String, Publication),
+) -> Result<bool, Error> {
+    let mut read = 0;
+    for item in scan.take(room) {
+        let (key, publication) = publication(item?);
+        read += 1;
+        *after = Some(key);
+        out.push(publication);
+    }
+    Ok(read < room)
+}
+
+/// An enrollment's record: keys redacted.
+fn enrollment(e: edgedps_topics::admin::Enrollment) -> Publication {
+    let topic = RecordKind::Enrollment.record_topic(e.registration_id.as_str());
+    Publication::record(topic, &redact_enrollment(e))
+}
+
+fn record(kind: RecordKind, id: &str, body: &impl serde::Serialize) -> Publication {
+    Publication::record(kind.record_topic(id), body)
+}
