@@ -27,7 +27,7 @@ pub(super) async fn accept<S>(
     kind: ListenerKind,
     peer: SocketAddr,
     shared: Arc<Shared>,
-) -> Result<Option<Session<S>>, Close>
+) -> Result<Option<Box<Session<S>>>, Close>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -179,7 +179,8 @@ where
         Some(link) => (Some(link.tx), Some(link.rx)),
         None => (None, None),
     };
-    let mut session = Session {
+    // Boxed: in the session's task it is a pointer, not a copy in each of its states.
+    let mut session = Box::new(Session {
         stream,
         peer,
         client_id,
@@ -209,7 +210,7 @@ where
         keep: keep_session,
         expiry: session_expiry,
         topic_aliases: std::collections::HashMap::new(),
-    };
+    });
     // DPS: SessionPresent is always 0; provisioning sessions are never persisted.
     // A full MQTT 5 session is told what it may use; DPS sessions get no properties.
     let properties = passthrough.then(|| ConnAckProperties {

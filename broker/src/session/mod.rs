@@ -220,41 +220,37 @@ pub struct SavedSession {
 /// Topic aliases a full MQTT 5 session may set (CONNACK Topic Alias Maximum).
 pub(crate) const TOPIC_ALIAS_MAX: u16 = 32;
 
-/// Runs a session on an established (TLS or plain) stream until it closes. `_slot` is
+/// Runs a session on an established (TLS or plain) stream until it closes. `slot` is
 /// the session's place in the connection limit, given back when it ends.
-pub async fn serve<S>(
+///
+/// The arguments go straight into the CONNECT's boxed future and the session is boxed:
+/// the task that lives as long as the session holds neither the stream nor the session
+/// inline (an `async fn` keeps its arguments for all its life: BENCHMARKS.md, idle
+/// session memory).
+pub fn serve<S>(
     stream: S,
     chain: Vec<Vec<u8>>,
     kind: ListenerKind,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    _slot: tokio::sync::OwnedSemaphorePermit,
-) where
+    slot: tokio::sync::OwnedSemaphorePermit,
+) -> impl std::future::Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match Box::pin(connect::accept(stream, chain, kind, peer, shared)).await {
-        Ok(Some(mut session)) => {
-            let result = session.run().await;
-            session.end(&result).await;
-            match result {
-                Err(Close::Eof) | Err(Close::Disconnect) | Err(Close::DisconnectWithWill) => {
-                    tracing::debug!(peer = %session.peer, client_id = %session.client_id, "session ended")
-                }
-                Err(e @ Close::Denied(_)) => {
-                    tracing::warn!(peer = %session.peer, client_id = %session.client_id, reason = %e, "session closed")
-                }
-                Err(Close::OutOfService(cut)) => {
-                    tracing::info!(target: "edgedps::audit", peer = %session.peer, client_id = %session.client_id, reason = %cut, "session closed: out of service")
-                }
-                Err(e) => {
-                    tracing::info!(peer = %session.peer, client_id = %session.client_id, reason = %e, "session closed")
-                }
-                Ok(()) => {}
+    let accept = Box::pin(connect::accept(stream, chain, kind, peer, shared));
+    async move {
+        let _slot = slot;
+        match accept.await {
+            Ok(Some(mut session)) => {
+                let result = session.run().await;
+                session.end(&result).await;
+                session.report(result);
             }
-        }
-        Ok(None) => {}
-        Err(e) => {
-            tracing::info!(%peer, reason = %e, "connection dropped before CONNECT was accepted")
+            Ok(None) => {}
+            Err(e) => {
+                tracing::info!(%peer, reason = %e, "connection dropped before CONNECT was accepted")
+            }
         }
     }
 }
@@ -277,6 +273,24 @@ enum Event {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// Logs how the session ended.
+    fn report(&self, result: Result<(), Close>) {
+        let (peer, client_id) = (&self.peer, &self.client_id);
+        match result {
+            Err(Close::Eof) | Err(Close::Disconnect) | Err(Close::DisconnectWithWill) => {
+                tracing::debug!(%peer, %client_id, "session ended")
+            }
+            Err(e @ Close::Denied(_)) => {
+                tracing::warn!(%peer, %client_id, reason = %e, "session closed")
+            }
+            Err(Close::OutOfService(cut)) => {
+                tracing::info!(target: "edgedps::audit", %peer, %client_id, reason = %cut, "session closed: out of service")
+            }
+            Err(e) => tracing::info!(%peer, %client_id, reason = %e, "session closed"),
+            Ok(()) => {}
+        }
+    }
+
     async fn run(&mut self) -> Result<(), Close> {
         // Packets that arrived with the CONNECT.
         self.drain_input().await?;
