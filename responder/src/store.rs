@@ -11,7 +11,7 @@ use std::sync::{Arc, Weak};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use edgedps_topics::admin::{Enrollment, EnrollmentGroup, LinkedHub};
 use edgedps_topics::identity::RegistrationId;
@@ -103,7 +103,7 @@ pub struct CrlRecord {
     pub sent_certificates: Vec<Vec<u8>>,
 }
 
-/// Flush progress shared between writers and the flusher task.
+/// Flush progress shared between writers and the flusher thread.
 #[derive(Debug, Clone, Default)]
 struct FlushState {
     /// How many flushes ran (each may cover many writes).
@@ -115,7 +115,9 @@ struct FlushState {
 
 struct GroupCommit {
     requested: AtomicU64,
-    wake: Notify,
+    /// Set by a writer that wants a flush; the flusher thread waits on `woken`.
+    wanted: std::sync::Mutex<bool>,
+    woken: std::sync::Condvar,
     closed: AtomicBool,
     state: watch::Sender<FlushState>,
 }
@@ -133,7 +135,7 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.commit.closed.store(true, Ordering::SeqCst);
-        self.commit.wake.notify_one();
+        self.commit.wake();
     }
 }
 
@@ -145,8 +147,7 @@ pub struct SledStore {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store in `path` and starts its flusher task; call from
-    /// inside a tokio runtime.
+    /// Opens (or creates) the store in `path` and starts its flusher thread.
     pub fn open(path: &std::path::Path) -> Result<SledStore, StoreError> {
         let db = sled::Config::new()
             .path(path)
@@ -162,19 +163,24 @@ impl SledStore {
             db,
             commit: Arc::new(GroupCommit {
                 requested: AtomicU64::new(0),
-                wake: Notify::new(),
+                wanted: std::sync::Mutex::new(false),
+                woken: std::sync::Condvar::new(),
                 closed: AtomicBool::new(false),
                 state,
             }),
         });
-        tokio::spawn(flusher(Arc::downgrade(&inner), inner.commit.clone()));
+        let (store, commit) = (Arc::downgrade(&inner), inner.commit.clone());
+        std::thread::Builder::new()
+            .name("edgedps-flusher".into())
+            .spawn(move || flusher(store, commit))
+            .map_err(|e| StoreError::Flush(format!("cannot start the flusher thread: {e}")))?;
         Ok(SledStore { inner })
     }
 
     async fn flushed(&self) -> Result<(), StoreError> {
         let ticket = self.inner.commit.requested.fetch_add(1, Ordering::SeqCst) + 1;
         let mut rx = self.inner.commit.state.subscribe();
-        self.inner.commit.wake.notify_one();
+        self.inner.commit.wake();
         let state = rx
             .wait_for(|s| s.flushed >= ticket || s.failed >= ticket)
             .await
@@ -278,12 +284,31 @@ impl Store for SledStore {
     }
 }
 
-async fn flusher(store: Weak<Inner>, commit: Arc<GroupCommit>) {
-    loop {
-        commit.wake.notified().await;
-        if commit.closed.load(Ordering::SeqCst) {
-            return;
+impl GroupCommit {
+    /// Asks the flusher thread for a flush (or, once closed, to stop).
+    fn wake(&self) {
+        *self.wanted.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.woken.notify_one();
+    }
+
+    /// Waits until a flush is wanted; false once the store is closed.
+    fn wait(&self) -> bool {
+        let mut wanted = self.wanted.lock().unwrap_or_else(|p| p.into_inner());
+        while !*wanted {
+            wanted = self.woken.wait(wanted).unwrap_or_else(|p| p.into_inner());
         }
+        *wanted = false;
+        !self.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// The group commit: one flush covers every write requested before it started. An OS
+/// thread of its own, not a task handing the flush to tokio's blocking pool: each
+/// hand-off between threads waits for a core, and on a gateway whose two cores are busy
+/// with TLS handshakes those waits were the whole of the register's p99 (BENCHMARKS.md,
+/// issue 11).
+fn flusher(store: Weak<Inner>, commit: Arc<GroupCommit>) {
+    while commit.wait() {
         let target = commit.requested.load(Ordering::SeqCst);
         if commit.state.borrow().flushed >= target {
             continue;
@@ -291,14 +316,10 @@ async fn flusher(store: Weak<Inner>, commit: Arc<GroupCommit>) {
         let Some(db) = store.upgrade().map(|inner| inner.db.clone()) else {
             return;
         };
-        let result = tokio::task::spawn_blocking(move || db.flush()).await;
-        let outcome = match result {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(format!("flush task: {e}")),
-        };
+        let outcome = db.flush().map_err(|e| e.to_string());
+        drop(db);
         commit.state.send_modify(|state| match outcome {
-            Ok(()) => {
+            Ok(_) => {
                 state.flushes += 1;
                 state.flushed = state.flushed.max(target);
             }
