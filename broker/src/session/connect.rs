@@ -202,11 +202,11 @@ where
         live,
         passthrough,
         owner,
-        will: will_message,
+        will: will_message.map(Box::new),
         pending_subacks: std::collections::HashMap::new(),
         readings: std::collections::VecDeque::new(),
         own_qos2: std::collections::HashSet::new(),
-        settling,
+        settling: passthrough.then(|| Box::new(settling)),
         keep: keep_session,
         expiry: session_expiry,
         topic_aliases: std::collections::HashMap::new(),
@@ -227,7 +227,11 @@ where
     );
     session.send(accepted)?;
     // A resumed session: what its client awaits, before anything new.
-    let first = session.settling.start();
+    let first = session
+        .settling
+        .as_mut()
+        .map(|s| s.start())
+        .unwrap_or_default();
     session.act(first).await?;
     session.flush().await?;
     Ok(Some(session))

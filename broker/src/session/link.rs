@@ -165,7 +165,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Packet::SubAck(ack, _) => self.subscribed(ack),
                 Packet::ConnAck(..) => Ok(()),
                 Packet::PubRel(pubrel, properties) => {
-                    let actions = self.settling.router_released(pubrel, properties);
+                    let actions = self.settling_mut().router_released(pubrel, properties);
                     self.act(actions).await
                 }
                 packet => self.send(packet),
@@ -217,21 +217,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// the router's (the subscription's), under this session's packet id
     /// (`settling.rs`).
     async fn deliver(&mut self, forward: rumqttd::Forward) -> Result<(), Close> {
-        let actions = self
-            .settling
-            .deliver(delivery(forward, &self.subscriptions));
+        let delivery = delivery(forward, &self.subscriptions);
+        let actions = self.settling_mut().deliver(delivery);
         self.act(actions).await
     }
 
     /// The client's PUBACK or PUBREC of a router delivery.
     pub(super) async fn acknowledged(&mut self, pkid: u16) -> Result<(), Close> {
-        let actions = self.settling.client_acknowledged(pkid);
+        let actions = self.settling_mut().client_acknowledged(pkid);
         self.act(actions).await
     }
 
     /// The client's PUBCOMP of a router delivery.
     pub(super) async fn completed(&mut self, pkid: u16) -> Result<(), Close> {
-        let actions = self.settling.client_completed(pkid);
+        let actions = self.settling_mut().client_completed(pkid);
         self.act(actions).await
     }
 

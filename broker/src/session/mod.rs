@@ -190,15 +190,16 @@ struct Session<S> {
     passthrough: bool,
     /// This connection's claim on its client id (pass-through sessions).
     owner: u64,
-    will: Option<will::Will>,
+    will: Option<Box<will::Will>>,
     /// SUBSCRIBEs the router has not acknowledged yet.
     pending_subacks: std::collections::HashMap<u16, subscriptions::Pending>,
     /// The operator plane's records new subscriptions are receiving (`records.rs`).
     readings: std::collections::VecDeque<records::Reading>,
     /// QoS 2 publishes answered here (operator writes): PUBREC sent, PUBREL awaited.
     own_qos2: std::collections::HashSet<u16>,
-    /// The QoS bookkeeping of router deliveries (`settling.rs`).
-    settling: settling::Settling,
+    /// The QoS bookkeeping of router deliveries (`settling.rs`); full MQTT sessions
+    /// only (boxed: a device session, idle most of its life, does not carry it).
+    settling: Option<Box<settling::Settling>>,
     /// A persistent session: its bookkeeping is kept when the connection ends.
     keep: bool,
     /// How long a kept session outlives its connection, in seconds (MQTT 5 Session
@@ -216,6 +217,9 @@ pub struct SavedSession {
     filters: Filters,
     sequence: u64,
 }
+
+/// The write buffer a device session keeps between flushes, at most.
+const OUT_KEPT: usize = 256;
 
 /// Topic aliases a full MQTT 5 session may set (CONNACK Topic Alias Maximum).
 pub(crate) const TOPIC_ALIAS_MAX: u16 = 32;
@@ -273,6 +277,11 @@ enum Event {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// The QoS bookkeeping of router deliveries, made on first use.
+    fn settling_mut(&mut self) -> &mut settling::Settling {
+        self.settling.get_or_insert_with(Default::default)
+    }
+
     /// Logs how the session ended.
     fn report(&self, result: Result<(), Close>) {
         let (peer, client_id) = (&self.peer, &self.client_id);
@@ -352,7 +361,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let normal = matches!(result, Ok(()) | Err(Close::Disconnect));
         if let (false, Some(will)) = (normal, self.will.take()) {
             will::publish(
-                will,
+                *will,
                 self.client_id.clone(),
                 self.owner,
                 self.shared.owners.clone(),
@@ -377,7 +386,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     owner: self.owner,
                     tx,
                     rx,
-                    settling: std::mem::take(&mut self.settling),
+                    settling: self.settling.take().map(|s| *s).unwrap_or_default(),
                     filters,
                     sequence: self.sequence,
                     expiry: (self.expiry != u32::MAX)
@@ -388,7 +397,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             _ => {
                 let saved = SavedSession {
-                    settling: self.settling.saved(),
+                    settling: self
+                        .settling
+                        .as_ref()
+                        .map(|s| s.saved())
+                        .unwrap_or_default(),
                     filters,
                     sequence: self.sequence,
                 };
@@ -457,6 +470,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.stream.write_all(&self.out).await?;
             self.stream.flush().await?;
             self.out.clear();
+            // A device session, idle for most of its life, keeps no room for a large
+            // answer it sent once (a registration response grows it to about 1 KiB).
+            // Full MQTT sessions keep theirs for their traffic.
+            if !self.passthrough && self.out.capacity() > OUT_KEPT {
+                self.out = BytesMut::new();
+            }
         }
         Ok(())
     }
