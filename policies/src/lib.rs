@@ -3,7 +3,8 @@
 //! (`x509`), which hub gets this device (`allocation`), what a register makes of its
 //! record (`reprovision`), may this device use its hub now (`access`), may this session
 //! use this topic (`acl`), is this certificate revoked (`revocation`), may this operator
-//! write be stored (`validation`). Values in, verdict out; no IO, no clock (callers
+//! write be stored (`validation`), what a twin patch makes of a twin (`twin`). Values
+//! in, verdict out; no IO, no clock (callers
 //! pass the time).
 
 pub mod access;
@@ -13,6 +14,7 @@ pub mod attestation;
 pub mod reprovision;
 pub mod revocation;
 pub mod sas;
+pub mod twin;
 pub mod validation;
 pub mod x509;
 

@@ -107,6 +107,32 @@ impl<'a> SasToken<'a> {
         if !resource.eq_ignore_ascii_case(&expected) {
             return Err(SasError::WrongResource(quotable_resource(&resource)));
         }
+        self.verify_signature(keys, now)
+    }
+
+    /// Checks a hub token (PROTOCOL E): resource `{hostName}/devices/{deviceId}` (the
+    /// host name in any case, the device id exactly: IoT Hub's device ids are
+    /// case-sensitive), expiry and signature, as [`SasToken::verify`].
+    pub fn verify_hub(
+        &self,
+        host_name: &str,
+        device_id: &str,
+        keys: &[&str],
+        now: u64,
+    ) -> Result<KeyUsed, SasError> {
+        let resource = self.resource();
+        let ours = resource
+            .split_once("/devices/")
+            .is_some_and(|(host, device)| {
+                host.eq_ignore_ascii_case(host_name) && device == device_id
+            });
+        if !ours {
+            return Err(SasError::WrongResource(quotable_resource(&resource)));
+        }
+        self.verify_signature(keys, now)
+    }
+
+    fn verify_signature(&self, keys: &[&str], now: u64) -> Result<KeyUsed, SasError> {
         if self.expiry.saturating_add(EXPIRY_SKEW_SECONDS) < now {
             return Err(SasError::Expired {
                 expiry: self.expiry,
@@ -184,6 +210,20 @@ pub fn sign(
     let resource = format!("{id_scope}/registrations/{registration_id}");
     let sr = utf8_percent_encode(&resource, ENCODE).to_string();
     sign_resource(key, &sr, expiry)
+}
+
+/// Device side: a hub token for `{hostName}/devices/{deviceId}` (PROTOCOL E), the
+/// resource URL-encoded, no key name.
+pub fn sign_hub(
+    key: &str,
+    host_name: &str,
+    device_id: &str,
+    expiry: u64,
+) -> Result<String, SasError> {
+    let resource = format!("{host_name}/devices/{device_id}");
+    let sr = utf8_percent_encode(&resource, ENCODE).to_string();
+    let token = sign_resource(key, &sr, expiry)?;
+    Ok(token.trim_end_matches("&skn=registration").to_owned())
 }
 
 /// Signs a resource spelled exactly as given (`sr` is not re-encoded).
@@ -293,6 +333,53 @@ mod tests {
         assert!(
             refusal.to_string().contains("scope/registrations/dev-2"),
             "{refusal}"
+        );
+    }
+
+    #[test]
+    fn hub_tokens_name_the_host_and_the_exact_device_id() {
+        let token = sign_hub(KEY, "Gateway.Local", "Dev-1", NOW + 60).unwrap();
+        assert!(!token.contains("skn="));
+        let parsed = SasToken::parse(&token).unwrap();
+        assert_eq!(
+            parsed.verify_hub("gateway.local", "Dev-1", &[KEY], NOW),
+            Ok(KeyUsed::Primary)
+        );
+        for (host, device) in [
+            ("gateway.local", "dev-1"),
+            ("other.local", "Dev-1"),
+            ("gateway.local", "Dev-2"),
+        ] {
+            assert!(
+                matches!(
+                    parsed.verify_hub(host, device, &[KEY], NOW),
+                    Err(SasError::WrongResource(_))
+                ),
+                "{host} {device}"
+            );
+        }
+        // A DPS token is not a hub token, and the other way round.
+        let dps_token = sign(KEY, "gateway.local", "Dev-1", NOW + 60).unwrap();
+        let dps = SasToken::parse(&dps_token).unwrap();
+        assert!(matches!(
+            dps.verify_hub("gateway.local", "Dev-1", &[KEY], NOW),
+            Err(SasError::WrongResource(_))
+        ));
+        assert!(matches!(
+            parsed.verify("gateway.local", "Dev-1", &[KEY], NOW),
+            Err(SasError::WrongResource(_))
+        ));
+        assert_eq!(
+            parsed.verify_hub("gateway.local", "Dev-1", &[KEY], NOW + 3600),
+            Err(SasError::Expired {
+                expiry: NOW + 60,
+                now: NOW + 3600
+            })
+        );
+        let other_key = derive_device_key(KEY, "x").unwrap();
+        assert_eq!(
+            parsed.verify_hub("gateway.local", "Dev-1", &[other_key.as_str()], NOW),
+            Err(SasError::BadSignature)
         );
     }
 

@@ -163,9 +163,92 @@ pub fn parse_username(username: &str) -> Result<Username<'_>, UsernameError> {
     })
 }
 
+/// A parsed IoT Hub CONNECT username (PROTOCOL E):
+/// `{hostName}/{deviceId}/?api-version={v}[&key=value...]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubUsername<'a> {
+    pub host_name: &'a str,
+    pub device_id: &'a str,
+    pub api_version: &'a str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HubUsernameError {
+    #[error("username is not {{hostName}}/{{deviceId}}/?api-version=.. (module identities are not served)")]
+    Shape,
+    #[error("username has no api-version")]
+    MissingApiVersion,
+}
+
+/// Parses an IoT Hub device username. Any api-version is accepted (the SDKs send many);
+/// other query keys (`DeviceClientType`, `model-id`, ...) are ignored.
+pub fn parse_hub_username(username: &str) -> Result<HubUsername<'_>, HubUsernameError> {
+    let mut parts = username.splitn(3, '/');
+    let (Some(host_name), Some(device_id), Some(query)) =
+        (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(HubUsernameError::Shape);
+    };
+    // A module identity has one more level before the query.
+    let Some(query) = query.strip_prefix('?') else {
+        return Err(HubUsernameError::Shape);
+    };
+    if host_name.is_empty() || device_id.is_empty() || device_id == "registrations" {
+        return Err(HubUsernameError::Shape);
+    }
+    let api_version = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("api-version="))
+        .filter(|v| !v.is_empty())
+        .ok_or(HubUsernameError::MissingApiVersion)?;
+    Ok(HubUsername {
+        host_name,
+        device_id,
+        api_version,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hub_usernames_of_the_sdks_parse_and_dps_ones_do_not() {
+        for (username, version) in [
+            ("gw.local/dev-1/?api-version=2019-10-01&DeviceClientType=py-azure-iot-device%2F2.14.0", "2019-10-01"),
+            ("gw.local/dev-1/?api-version=2021-04-12&DeviceClientType=azure-iot-device-mqtt", "2021-04-12"),
+            ("gw.local/dev-1/?DeviceClientType=c&api-version=2025-08-01-preview&model-id=dtmi:x;1", "2025-08-01-preview"),
+        ] {
+            let parsed = parse_hub_username(username).unwrap();
+            assert_eq!((parsed.host_name, parsed.device_id, parsed.api_version), ("gw.local", "dev-1", version));
+        }
+        for (username, error) in [
+            (
+                "0ne00000001/registrations/dev-1/api-version=2019-03-31",
+                HubUsernameError::Shape,
+            ),
+            (
+                "gw.local/dev-1/module-a/?api-version=2019-10-01",
+                HubUsernameError::Shape,
+            ),
+            (
+                "gw.local/dev-1/api-version=2019-10-01",
+                HubUsernameError::Shape,
+            ),
+            ("gw.local//?api-version=2019-10-01", HubUsernameError::Shape),
+            ("gw.local/dev-1", HubUsernameError::Shape),
+            (
+                "gw.local/dev-1/?DeviceClientType=x",
+                HubUsernameError::MissingApiVersion,
+            ),
+            (
+                "gw.local/dev-1/?api-version=",
+                HubUsernameError::MissingApiVersion,
+            ),
+        ] {
+            assert_eq!(parse_hub_username(username), Err(error), "{username}");
+        }
+    }
 
     #[test]
     fn usernames_of_the_sdks_parse() {

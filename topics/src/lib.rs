@@ -1,7 +1,7 @@
 //! The edgedps wire contract, without IO: the device topics of Azure DPS over MQTT
 //! (`dps`), the CONNECT username and registration ids (`identity`), the request and
-//! response bodies (`registration`), the operator plane (`admin`), and the events
-//! edgedps publishes about both (`events`).
+//! response bodies (`registration`), the operator plane (`admin`), the events
+//! edgedps publishes about both (`events`), and a device's twin (`twin`).
 //!
 //! Nothing here touches a socket or a clock: every function takes values and returns
 //! values, so the contract is tested with plain `#[test]`s.
@@ -12,6 +12,7 @@ pub mod encoding;
 pub mod events;
 pub mod identity;
 pub mod registration;
+pub mod twin;
 
 pub use dps::{DeviceRequest, TopicError};
 pub use identity::{
