@@ -183,3 +183,87 @@ fn enrollment(e: edgedps_topics::admin::Enrollment) -> Publication {
 fn record(kind: RecordKind, id: &str, body: &impl serde::Serialize) -> Publication {
     Publication::record(kind.record_topic(id), body)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use edgedps_topics::admin::Enrollment;
+    use edgedps_topics::registration::{RegistrationState, RegistrationStatus};
+
+    use super::*;
+    use crate::{Settings, SledStore, Store};
+
+    fn enrollment(id: &str) -> Enrollment {
+        serde_json::from_value(serde_json::json!({"registrationId": id,
+            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": "VGhpcyBpcyBhIHRlc3Qga2V5IGZvciBkb2NzIG9ubHkhIQ=="}}}))
+        .unwrap()
+    }
+
+    /// Every page size reads every record once, in key order, whatever the case of the
+    /// ids (keys are lower-case, topics keep the id's spelling).
+    #[tokio::test]
+    async fn pages_of_any_size_read_each_record_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let ids = ["b-2", "A-1", "c-3", "D-4", "e-5"];
+        for id in ids {
+            store.put_enrollment(&enrollment(id)).unwrap();
+        }
+        for id in ["A-1", "c-3"] {
+            let record = RegistrationState::new(id.into(), RegistrationStatus::Assigned);
+            store.put_registration(&record).unwrap();
+        }
+        let mut settings = Settings::new("scope");
+        settings.hubs =
+            vec![serde_json::from_value(serde_json::json!({"hostName": "hub-a"})).unwrap()];
+        let responder = Responder::open(settings, Arc::new(store)).unwrap();
+
+        let mut expected: Vec<String> = ids
+            .iter()
+            .map(|id| format!("dps/enrollments/{id}"))
+            .chain(["dps/hubs/hub-a".into()])
+            .chain(["A-1", "c-3"].map(|id| format!("dps/registrations/{id}")))
+            .collect();
+        expected.sort();
+        for page in 1..=8 {
+            let mut reading = RecordReading::of("dps/#").unwrap();
+            let mut topics = Vec::new();
+            while !reading.is_done() {
+                let records = responder.read_records(&mut reading, page).unwrap();
+                assert!(records.len() <= page, "page {page}: {}", records.len());
+                topics.extend(records.into_iter().map(|r| r.topic));
+            }
+            // Enrollments come in key order (the case of the id does not matter).
+            let enrollments: Vec<_> = topics
+                .iter()
+                .filter(|t| t.starts_with("dps/enrollments/"))
+                .cloned()
+                .collect();
+            assert_eq!(
+                enrollments,
+                ["A-1", "b-2", "c-3", "D-4", "e-5"].map(|id| format!("dps/enrollments/{id}")),
+                "page {page}"
+            );
+            topics.sort();
+            assert_eq!(topics, expected, "page {page}");
+        }
+        // One id, spelled exactly.
+        let mut one = RecordReading::of("dps/+/A-1").unwrap();
+        let mut topics: Vec<_> = responder
+            .read_records(&mut one, 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.topic)
+            .collect();
+        topics.sort();
+        assert_eq!(topics, ["dps/enrollments/A-1", "dps/registrations/A-1"]);
+        assert!(one.is_done());
+        let mut wrong_case = RecordReading::of("dps/enrollments/a-1").unwrap();
+        assert!(responder
+            .read_records(&mut wrong_case, 10)
+            .unwrap()
+            .is_empty());
+        assert!(RecordReading::of("dps/events/#").is_none());
+    }
+}
