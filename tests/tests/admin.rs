@@ -402,6 +402,89 @@ async fn a_subscriber_receives_every_retained_record_once() {
     }
 }
 
+/// Writes during a long reading of the records: whatever the interleaving of the pages
+/// read from the store and the live changes, the last message of each record a
+/// subscriber gets is the record's state once the writes are done (what a new
+/// subscriber reads), and a deleted record's last message is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_reading_records_while_they_change_ends_with_their_current_state() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    use std::collections::BTreeMap;
+    let server = Server::start().await;
+    let admin = ([127, 0, 0, 1], server.local_port).into();
+    let body = |i: usize, key: &str| symmetric_enrollment(&format!("churn-{i}"), key);
+    let first: Vec<_> = (0..600)
+        .map(|i| (format!("dps/enrollments/churn-{i}"), body(i, &new_key())))
+        .collect();
+    edgedps_device::admin::write_all(admin, &first)
+        .await
+        .unwrap();
+
+    /// Every record message of `eventloop` until it has been quiet for `quiet`: the
+    /// last payload per topic, an empty one removing it.
+    async fn last_per_topic(
+        eventloop: &mut rumqttc::EventLoop,
+        quiet: std::time::Duration,
+    ) -> BTreeMap<String, Value> {
+        let mut last = BTreeMap::new();
+        loop {
+            match tokio::time::timeout(quiet, eventloop.poll()).await {
+                Err(_) => return last,
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    if p.payload.is_empty() {
+                        last.remove(&p.topic);
+                    } else {
+                        last.insert(p.topic, serde_json::from_slice(&p.payload).unwrap());
+                    }
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("{e}"),
+            }
+        }
+    }
+
+    let options = MqttOptions::new("churn-watcher", "127.0.0.1", server.local_port);
+    let (watcher, mut watching) = AsyncClient::new(options, 64);
+    watcher
+        .subscribe("dps/enrollments/#", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let watched = tokio::spawn(async move {
+        let last = last_per_topic(&mut watching, std::time::Duration::from_secs(2)).await;
+        (watcher, last)
+    });
+    // While the watcher reads: delete a hundred, rewrite a hundred, add fifty.
+    let mut operator = server.operator().await;
+    for i in (0..600).step_by(6) {
+        let result = operator
+            .write(&format!("dps/enrollments/churn-{i}"), b"")
+            .await;
+        assert_eq!(result["ok"], true, "{result}");
+    }
+    let rewrites: Vec<_> = (1..600)
+        .step_by(6)
+        .chain(600..650)
+        .map(|i| (format!("dps/enrollments/churn-{i}"), body(i, &new_key())))
+        .collect();
+    edgedps_device::admin::write_all(admin, &rewrites)
+        .await
+        .unwrap();
+    let (_watcher, seen) = watched.await.unwrap();
+
+    let options = MqttOptions::new("churn-reader", "127.0.0.1", server.local_port);
+    let (reader, mut reading) = AsyncClient::new(options, 64);
+    reader
+        .subscribe("dps/enrollments/#", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let current = last_per_topic(&mut reading, std::time::Duration::from_millis(700)).await;
+    assert_eq!(current.len(), 550, "600 - 100 deleted + 50 new");
+    assert_eq!(seen.len(), current.len());
+    for (topic, record) in &current {
+        assert_eq!(seen.get(topic), Some(record), "{topic}");
+    }
+}
+
 /// A record that changes is published live to the subscriptions that are there, with
 /// RETAIN 0 as for any live message; a deleted one as an empty message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
