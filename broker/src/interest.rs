@@ -1,10 +1,12 @@
 //! Which of the server's own messages somebody listens to.
 //!
-//! The responder's results and events (`dps/results/...`, `dps/events/...`) are not
-//! retained: a broker drops a message that is not retained and matches no
-//! subscription. Handing such a message to rumqttd's router anyway costs a wake-up of
-//! the router thread and, for every new topic (one per device for events), memory the
-//! router keeps forever (BENCHMARKS.md, issue 11). So the sessions count here the
+//! The responder's results and events (`dps/admin/results/...`, `dps/events/...`) are
+//! not retained, and its records (`dps/registrations/...`, ...) are not kept by the
+//! router (subscriptions read them from the store, `session/records.rs`): a broker
+//! drops a message that is not retained and matches no subscription. Handing such a
+//! message to rumqttd's router anyway costs a wake-up of the router thread and, for
+//! every new topic (one per device), memory the router keeps forever (BENCHMARKS.md,
+//! issue 11). So the sessions count here the
 //! filters that could match such a message (first level `dps`, `+` or `#`, shared or
 //! not), and [`Interest::matches`] tells the publisher whether to hand it over.
 //!

@@ -102,12 +102,12 @@ impl<'a> SasToken<'a> {
         keys: &[&str],
         now: u64,
     ) -> Result<KeyUsed, SasError> {
-        let resource = self.resource();
         let expected = format!("{id_scope}/registrations/{registration_id}");
-        if !resource.eq_ignore_ascii_case(&expected) {
-            return Err(SasError::WrongResource(quotable_resource(&resource)));
-        }
-        self.verify_signature(keys, now)
+        self.verify_for(
+            |resource| resource.eq_ignore_ascii_case(&expected),
+            keys,
+            now,
+        )
     }
 
     /// Checks a hub token (PROTOCOL E): resource `{hostName}/devices/{deviceId}` (the
@@ -120,19 +120,27 @@ impl<'a> SasToken<'a> {
         keys: &[&str],
         now: u64,
     ) -> Result<KeyUsed, SasError> {
-        let resource = self.resource();
-        let ours = resource
-            .split_once("/devices/")
-            .is_some_and(|(host, device)| {
-                host.eq_ignore_ascii_case(host_name) && device == device_id
-            });
-        if !ours {
-            return Err(SasError::WrongResource(quotable_resource(&resource)));
-        }
-        self.verify_signature(keys, now)
+        let ours = |resource: &str| {
+            resource
+                .split_once("/devices/")
+                .is_some_and(|(host, device)| {
+                    host.eq_ignore_ascii_case(host_name) && device == device_id
+                })
+        };
+        self.verify_for(ours, keys, now)
     }
 
-    fn verify_signature(&self, keys: &[&str], now: u64) -> Result<KeyUsed, SasError> {
+    /// Checks that the URL-decoded resource is `ours`, then expiry and signature.
+    fn verify_for(
+        &self,
+        ours: impl FnOnce(&str) -> bool,
+        keys: &[&str],
+        now: u64,
+    ) -> Result<KeyUsed, SasError> {
+        let resource = self.resource();
+        if !ours(&resource) {
+            return Err(SasError::WrongResource(quotable_resource(&resource)));
+        }
         if self.expiry.saturating_add(EXPIRY_SKEW_SECONDS) < now {
             return Err(SasError::Expired {
                 expiry: self.expiry,
@@ -208,8 +216,7 @@ pub fn sign(
     expiry: u64,
 ) -> Result<String, SasError> {
     let resource = format!("{id_scope}/registrations/{registration_id}");
-    let sr = utf8_percent_encode(&resource, ENCODE).to_string();
-    sign_resource(key, &sr, expiry)
+    sign_resource(key, &encoded(&resource), expiry)
 }
 
 /// Device side: a hub token for `{hostName}/devices/{deviceId}` (PROTOCOL E), the
@@ -220,21 +227,31 @@ pub fn sign_hub(
     device_id: &str,
     expiry: u64,
 ) -> Result<String, SasError> {
-    let resource = format!("{host_name}/devices/{device_id}");
-    let sr = utf8_percent_encode(&resource, ENCODE).to_string();
-    let token = sign_resource(key, &sr, expiry)?;
-    Ok(token.trim_end_matches("&skn=registration").to_owned())
+    token(
+        key,
+        &encoded(&format!("{host_name}/devices/{device_id}")),
+        expiry,
+    )
 }
 
-/// Signs a resource spelled exactly as given (`sr` is not re-encoded).
+/// Signs a resource spelled exactly as given (`sr` is not re-encoded), with the key
+/// name DPS tokens carry.
 pub fn sign_resource(key: &str, sr: &str, expiry: u64) -> Result<String, SasError> {
+    Ok(format!("{}&skn=registration", token(key, sr, expiry)?))
+}
+
+/// `SharedAccessSignature sr=..&sig=..&se=..` over `sr` as given.
+fn token(key: &str, sr: &str, expiry: u64) -> Result<String, SasError> {
     let raw_key = BASE64.decode(key).map_err(|_| SasError::BadKey)?;
     let hmac_key = hmac::Key::new(hmac::HMAC_SHA256, &raw_key);
     let signature = hmac::sign(&hmac_key, format!("{sr}\n{expiry}").as_bytes());
     let sig = utf8_percent_encode(&BASE64.encode(signature), ENCODE).to_string();
-    Ok(format!(
-        "{PREFIX}sr={sr}&sig={sig}&se={expiry}&skn=registration"
-    ))
+    Ok(format!("{PREFIX}sr={sr}&sig={sig}&se={expiry}"))
+}
+
+/// A resource URL-encoded as the Python SDK encodes it.
+fn encoded(resource: &str) -> String {
+    utf8_percent_encode(resource, ENCODE).to_string()
 }
 
 #[cfg(test)]

@@ -59,7 +59,11 @@ impl Responder {
             let room = page - out.len();
             let finished = match (kind, &selection) {
                 (RecordKind::Enrollment, Selection::One(id)) => {
-                    if let Some(e) = self.enrollment_record(id)? {
+                    if let Some(e) = spelled_exactly(
+                        id,
+                        |rid| self.store.enrollment(rid),
+                        |e| e.registration_id.as_str(),
+                    )? {
                         out.push(enrollment(e));
                     }
                     true
@@ -71,7 +75,11 @@ impl Responder {
                     })?
                 }
                 (RecordKind::Registration, Selection::One(id)) => {
-                    if let Some(r) = self.registration_record(id)? {
+                    if let Some(r) = spelled_exactly(
+                        id,
+                        |rid| self.store.registration(rid),
+                        |r| r.registration_id.as_str(),
+                    )? {
                         out.push(record(kind, r.registration_id.as_str(), &r));
                     }
                     true
@@ -125,34 +133,19 @@ impl Responder {
         }
         Ok(out)
     }
+}
 
-    /// The enrollment whose topic is `dps/enrollments/{id}`, spelled exactly so.
-    fn enrollment_record(
-        &self,
-        id: &str,
-    ) -> Result<Option<edgedps_topics::admin::Enrollment>, Error> {
-        let Ok(rid) = RegistrationId::parse(id) else {
-            return Ok(None);
-        };
-        Ok(self
-            .store
-            .enrollment(&rid)?
-            .filter(|e| e.registration_id.as_str() == id))
-    }
-
-    /// The registration whose topic is `dps/registrations/{id}`, spelled exactly so.
-    fn registration_record(
-        &self,
-        id: &str,
-    ) -> Result<Option<edgedps_topics::registration::RegistrationState>, Error> {
-        let Ok(rid) = RegistrationId::parse(id) else {
-            return Ok(None);
-        };
-        Ok(self
-            .store
-            .registration(&rid)?
-            .filter(|r| r.registration_id.as_str() == id))
-    }
+/// The record `read` finds for `id` when its registration id is spelled exactly `id`:
+/// topics are case-sensitive, the store's keys are not.
+fn spelled_exactly<T>(
+    id: &str,
+    read: impl FnOnce(&RegistrationId) -> Result<Option<T>, crate::StoreError>,
+    id_of: impl Fn(&T) -> &str,
+) -> Result<Option<T>, Error> {
+    let Ok(rid) = RegistrationId::parse(id) else {
+        return Ok(None);
+    };
+    Ok(read(&rid)?.filter(|record| id_of(record) == id))
 }
 
 /// Up to `room` records of `scan` into `out`, `after` set to the key of the last;

@@ -367,30 +367,26 @@ fn get<T: DeserializeOwned>(
 }
 
 fn scan<'a, T: DeserializeOwned + 'a>(tree: &'a sled::Tree, name: &'static str) -> Scan<'a, T> {
-    Box::new(tree.iter().map(move |item| {
-        let (key, bytes) = item?;
-        decode(name, &key, &bytes)
-    }))
+    scan_after(tree, name, None)
 }
 
-/// [`scan`] from the first key after `after`.
+/// The records of `tree` in key order, from the first key after `after`.
 fn scan_after<'a, T: DeserializeOwned + 'a>(
     tree: &'a sled::Tree,
     name: &'static str,
     after: Option<&str>,
 ) -> Scan<'a, T> {
     use std::ops::Bound;
-    let Some(after) = after else {
-        return scan(tree, name);
+    let items = match after {
+        None => tree.iter(),
+        Some(after) => {
+            tree.range::<&[u8], _>((Bound::Excluded(after.as_bytes()), Bound::Unbounded))
+        }
     };
-    let from = Bound::Excluded(sled::IVec::from(after.as_bytes()));
-    Box::new(
-        tree.range::<sled::IVec, _>((from, Bound::Unbounded))
-            .map(move |item| {
-                let (key, bytes) = item?;
-                decode(name, &key, &bytes)
-            }),
-    )
+    Box::new(items.map(move |item| {
+        let (key, bytes) = item?;
+        decode(name, &key, &bytes)
+    }))
 }
 
 #[cfg(test)]

@@ -408,7 +408,7 @@ async fn a_subscriber_receives_every_retained_record_once() {
 /// subscriber reads), and a deleted record's last message is empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_reading_records_while_they_change_ends_with_their_current_state() {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    use rumqttc::{Event, MqttOptions, Packet, QoS};
     use std::collections::BTreeMap;
     let server = Server::start().await;
     let admin = ([127, 0, 0, 1], server.local_port).into();
@@ -444,11 +444,7 @@ async fn a_subscriber_reading_records_while_they_change_ends_with_their_current_
     }
 
     let options = MqttOptions::new("churn-watcher", "127.0.0.1", server.local_port);
-    let (watcher, mut watching) = AsyncClient::new(options, 64);
-    watcher
-        .subscribe("dps/enrollments/#", QoS::AtMostOnce)
-        .await
-        .unwrap();
+    let (watcher, mut watching) = subscribed(options, "dps/enrollments/#", QoS::AtMostOnce).await;
     let watched = tokio::spawn(async move {
         let last = last_per_topic(&mut watching, std::time::Duration::from_secs(2)).await;
         (watcher, last)
@@ -472,11 +468,7 @@ async fn a_subscriber_reading_records_while_they_change_ends_with_their_current_
     let (_watcher, seen) = watched.await.unwrap();
 
     let options = MqttOptions::new("churn-reader", "127.0.0.1", server.local_port);
-    let (reader, mut reading) = AsyncClient::new(options, 64);
-    reader
-        .subscribe("dps/enrollments/#", QoS::AtMostOnce)
-        .await
-        .unwrap();
+    let (_reader, mut reading) = subscribed(options, "dps/enrollments/#", QoS::AtMostOnce).await;
     let current = last_per_topic(&mut reading, std::time::Duration::from_millis(700)).await;
     assert_eq!(current.len(), 550, "600 - 100 deleted + 50 new");
     assert_eq!(seen.len(), current.len());

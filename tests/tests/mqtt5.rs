@@ -40,6 +40,12 @@ async fn until(eventloop: &mut EventLoop, what: &str, done: impl Fn(&Packet) -> 
     }
 }
 
+/// Subscribes `client` to `filter` at QoS 1 and waits for the SUBACK.
+async fn subscribe1(client: &AsyncClient, eventloop: &mut EventLoop, filter: &str) {
+    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    until(eventloop, "SUBACK", |p| matches!(p, Packet::SubAck(..))).await;
+}
+
 /// Disconnects `client` and lets its event loop run out.
 async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop) {
     client.disconnect().await.unwrap();
@@ -223,14 +229,7 @@ async fn records_follow_the_rules_of_retained_messages() {
 async fn a_will_waits_for_its_delay_and_a_quick_return_cancels_it() {
     let server = Server::start().await;
     let (watcher, mut watch_loop) = client5(&server, "v5-will-watch", |_| {}).await;
-    watcher
-        .subscribe("app/will5/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    until(&mut watch_loop, "SUBACK", |p| {
-        matches!(p, Packet::SubAck(..))
-    })
-    .await;
+    subscribe1(&watcher, &mut watch_loop, "app/will5/#").await;
     let with_will = |topic: &'static str| {
         move |options: &mut MqttOptions| {
             let properties = LastWillProperties {
@@ -306,8 +305,7 @@ async fn a_client_may_publish_by_topic_alias_within_the_maximum_the_connack_give
     use rumqttc::v5::mqttbytes::v5::Connect;
     let server = Server::start().await;
     let (sub, mut sub_loop) = client5(&server, "v5-alias-sub", |_| {}).await;
-    sub.subscribe("app/alias", QoS::AtLeastOnce).await.unwrap();
-    until(&mut sub_loop, "SUBACK", |p| matches!(p, Packet::SubAck(..))).await;
+    subscribe1(&sub, &mut sub_loop, "app/alias").await;
 
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", server.local_port))
         .await
@@ -380,14 +378,7 @@ async fn a_session_ends_when_its_expiry_interval_runs_out() {
     };
     for (id, expiry, away, kept) in [("v5-exp-1", 1, 2000, false), ("v5-exp-30", 30, 1200, true)] {
         let (client, mut eventloop) = client5(&server, id, connect(expiry)).await;
-        client
-            .subscribe("app/expiry", QoS::AtLeastOnce)
-            .await
-            .unwrap();
-        until(&mut eventloop, "SUBACK", |p| {
-            matches!(p, Packet::SubAck(..))
-        })
-        .await;
+        subscribe1(&client, &mut eventloop, "app/expiry").await;
         disconnect(&client, &mut eventloop).await;
         tokio::time::sleep(Duration::from_millis(away)).await;
         let mut options = MqttOptions::new(id, "127.0.0.1", server.local_port);
@@ -498,13 +489,7 @@ async fn an_offline_session_s_queue_keeps_the_properties_and_the_expiry_of_its_m
         options.set_session_expiry_interval(Some(60));
     };
     let (away, mut away_loop) = client5(&server, "v5-queue", keep).await;
-    away.subscribe("app/v5queue", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    until(&mut away_loop, "SUBACK", |p| {
-        matches!(p, Packet::SubAck(..))
-    })
-    .await;
+    subscribe1(&away, &mut away_loop, "app/v5queue").await;
     disconnect(&away, &mut away_loop).await;
     let offline = server.running.offline.clone();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

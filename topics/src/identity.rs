@@ -149,10 +149,7 @@ pub fn parse_username(username: &str) -> Result<Username<'_>, UsernameError> {
         return Err(UsernameError::Shape);
     }
     let query = query.strip_prefix('?').unwrap_or(query);
-    let api_version = query
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("api-version="))
-        .ok_or(UsernameError::MissingApiVersion)?;
+    let api_version = api_version(query).ok_or(UsernameError::MissingApiVersion)?;
     if !API_VERSIONS.contains(&api_version) {
         return Err(UsernameError::UnknownApiVersion(api_version.to_owned()));
     }
@@ -161,6 +158,13 @@ pub fn parse_username(username: &str) -> Result<Username<'_>, UsernameError> {
         registration_id,
         api_version,
     })
+}
+
+/// The `api-version` of a username's query (`k=v&...`).
+fn api_version(query: &str) -> Option<&str> {
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("api-version="))
 }
 
 /// A parsed IoT Hub CONNECT username (PROTOCOL E):
@@ -196,9 +200,7 @@ pub fn parse_hub_username(username: &str) -> Result<HubUsername<'_>, HubUsername
     if host_name.is_empty() || device_id.is_empty() || device_id == "registrations" {
         return Err(HubUsernameError::Shape);
     }
-    let api_version = query
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("api-version="))
+    let api_version = api_version(query)
         .filter(|v| !v.is_empty())
         .ok_or(HubUsernameError::MissingApiVersion)?;
     Ok(HubUsername {

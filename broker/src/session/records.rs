@@ -87,10 +87,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(());
             }
         };
-        let properties = current.subscription_id.map(|id| PublishProperties {
-            subscription_identifiers: vec![id],
-            ..Default::default()
-        });
+        // MQTT 5 only: the subscription's identifier.
+        let properties =
+            self.codec
+                .properties(current.subscription_id.map(|id| PublishProperties {
+                    subscription_identifiers: vec![id],
+                    ..Default::default()
+                }));
         for record in records {
             let publish = codec::publish(
                 record.topic.as_bytes(),
@@ -100,10 +103,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 true,
                 false,
             );
-            self.send(Packet::Publish(
-                publish,
-                self.codec.properties(properties.clone()),
-            ))?;
+            self.send(Packet::Publish(publish, properties.clone()))?;
         }
         if !current.reading.is_done() {
             // Back to the front: the first subscription's records come first.
