@@ -15,9 +15,8 @@ use std::time::Duration;
 use rumqttd::protocol::v4;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
-use crate::tls;
+use crate::tls::{self, TlsStream};
 
 /// Larger packets end the connection, as the device listener's default limit does.
 const MAX_PACKET: usize = 256 * 1024;
@@ -32,7 +31,7 @@ pub async fn run(
     cert: &Path,
     key: &Path,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let acceptor = TlsAcceptor::from(tls::server_config(cert, key)?);
+    let config = tls::server_config(cert, key)?;
     let listener = TcpListener::bind(bind).await?;
     println!("baseline listening on {}", listener.local_addr()?);
     loop {
@@ -44,10 +43,12 @@ pub async fn run(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        let Ok(mut stream) = TlsStream::new(tcp, config.clone()) else {
+            continue;
+        };
         tokio::spawn(async move {
-            if let Ok(Ok(stream)) =
-                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+            if let Ok(Ok(())) =
+                tokio::time::timeout(Duration::from_secs(10), stream.handshake()).await
             {
                 let _ = answer(stream).await;
             }

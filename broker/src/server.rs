@@ -12,16 +12,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_rustls::rustls::server::Acceptor;
-use tokio_rustls::LazyConfigAcceptor;
 
 use edgedps_responder::{Responder, Settings, SledStore};
 
 use crate::config::Config;
+use crate::devcert;
 use crate::router::Router;
 use crate::session::{self, ListenerKind, Shared};
+use crate::tls::{self, TlsStream};
 use crate::Error;
-use crate::{devcert, tls};
 
 /// A running edgedps; dropping it stops accepting connections.
 pub struct Running {
@@ -113,9 +112,15 @@ pub async fn start(config: Config) -> Result<Running, Error> {
                 // holds a connection until the deadline, never a slot, so the slots
                 // bound only the handshakes that cost CPU.
                 let deadline = Instant::now() + handshake;
-                let start = LazyConfigAcceptor::new(Acceptor::default(), tcp);
-                let hello = match tokio::time::timeout_at(deadline, start).await {
-                    Ok(Ok(hello)) => hello,
+                let mut stream = match TlsStream::new(tcp, tls_config) {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::error!(%peer, error = %e, "cannot start a TLS connection");
+                        return;
+                    }
+                };
+                match tokio::time::timeout_at(deadline, stream.read_client_hello()).await {
+                    Ok(Ok(())) => {}
                     Ok(Err(e)) => {
                         tracing::info!(%peer, error = %e, "TLS handshake failed before the ClientHello");
                         return;
@@ -124,7 +129,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
                         tracing::info!(%peer, "no TLS ClientHello within the handshake deadline; connection closed");
                         return;
                     }
-                };
+                }
                 // A storm queues here instead of starving the sessions already running.
                 let Ok(Ok(permit)) =
                     tokio::time::timeout_at(deadline, handshakes.acquire_owned()).await
@@ -132,17 +137,15 @@ pub async fn start(config: Config) -> Result<Running, Error> {
                     tracing::warn!(%peer, "no handshake slot within the deadline; connection closed");
                     return;
                 };
-                let accepted =
-                    tokio::time::timeout_at(deadline, hello.into_stream(tls_config)).await;
+                let accepted = tokio::time::timeout_at(deadline, stream.handshake()).await;
                 drop(permit);
                 match accepted {
-                    Ok(Ok(stream)) => {
+                    Ok(Ok(())) => {
                         let chain = stream
-                            .get_ref()
-                            .1
                             .peer_certificates()
-                            .map(|certs| certs.iter().map(|c| c.as_ref().to_vec()).collect())
-                            .unwrap_or_default();
+                            .iter()
+                            .map(|c| c.as_ref().to_vec())
+                            .collect();
                         // A task of its own: the handshake task's state is not carried
                         // for the life of the session (see BENCHMARKS.md, idle memory).
                         tokio::spawn(session::serve(

@@ -6,6 +6,10 @@
 //! private key, and accepts the chain as presented; whether the chain is trusted is
 //! decided at CONNECT against the enrollments, which operators change at run time.
 
+mod stream;
+
+pub use stream::TlsStream;
+
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
