@@ -160,14 +160,87 @@ pub fn claim(
     Ok(registration_id)
 }
 
+/// Who a hub CONNECT (PROTOCOL E) says it is: the client id is the device id, the
+/// username names the same device and a hub this gateway serves (`is_local`). Returns
+/// the device id and the hub's host name as the username spells it.
+pub fn claim_hub<'u>(
+    client_id: &str,
+    username: &'u str,
+    is_local: impl Fn(&str) -> bool,
+) -> Result<(RegistrationId, &'u str), AttestationError> {
+    let device_id = RegistrationId::parse(client_id)
+        .map_err(|_| AttestationError::BadClientId(client_id.to_owned()))?;
+    let parsed = identity::parse_hub_username(username)
+        .map_err(|e| AttestationError::Malformed(e.to_string()))?;
+    if parsed.device_id != client_id {
+        return Err(AttestationError::NotAuthorized(format!(
+            "username names device `{}` but the client id is `{client_id}`",
+            parsed.device_id
+        )));
+    }
+    if !is_local(parsed.host_name) {
+        return Err(AttestationError::NotAuthorized(format!(
+            "hub `{}` is not served by this gateway",
+            parsed.host_name
+        )));
+    }
+    Ok((device_id, parsed.host_name))
+}
+
 /// Decides whether `credential` proves `registration_id` (see [`claim`]).
 pub fn attest(
     registration_id: RegistrationId,
     credential: Credential<'_>,
     enrollments: &Enrollments<'_>,
 ) -> Result<Attested, AttestationError> {
+    attest_for(registration_id, credential, enrollments, Audience::Dps)
+}
+
+/// Decides whether `credential` proves the device of a hub CONNECT (see [`claim_hub`]):
+/// the same enrollments and keys as provisioning, but a SAS token must name
+/// `{host_name}/devices/{device_id}`. A token made for provisioning is refused here,
+/// and a hub token at provisioning.
+pub fn attest_hub(
+    device_id: RegistrationId,
+    host_name: &str,
+    credential: Credential<'_>,
+    enrollments: &Enrollments<'_>,
+) -> Result<Attested, AttestationError> {
+    attest_for(device_id, credential, enrollments, Audience::Hub(host_name))
+}
+
+/// What a SAS token must name.
+#[derive(Debug, Clone, Copy)]
+enum Audience<'a> {
+    /// `{idScope}/registrations/{registrationId}`.
+    Dps,
+    /// `{hostName}/devices/{deviceId}`.
+    Hub(&'a str),
+}
+
+impl Audience<'_> {
+    fn verify(
+        self,
+        token: &SasToken<'_>,
+        enrollments: &Enrollments<'_>,
+        id: &str,
+        keys: &[&str],
+    ) -> Result<crate::sas::KeyUsed, crate::sas::SasError> {
+        match self {
+            Audience::Dps => token.verify(enrollments.id_scope, id, keys, enrollments.now),
+            Audience::Hub(host_name) => token.verify_hub(host_name, id, keys, enrollments.now),
+        }
+    }
+}
+
+fn attest_for(
+    registration_id: RegistrationId,
+    credential: Credential<'_>,
+    enrollments: &Enrollments<'_>,
+    audience: Audience<'_>,
+) -> Result<Attested, AttestationError> {
     match credential {
-        Credential::Sas(password) => attest_sas(registration_id, password, enrollments),
+        Credential::Sas(password) => attest_sas(registration_id, password, enrollments, audience),
         Credential::X509(chain) => attest_x509(registration_id, chain, enrollments),
     }
 }
@@ -176,6 +249,7 @@ fn attest_sas(
     registration_id: RegistrationId,
     password: &str,
     enrollments: &Enrollments<'_>,
+    audience: Audience<'_>,
 ) -> Result<Attested, AttestationError> {
     let token =
         SasToken::parse(password).map_err(|e| AttestationError::Malformed(e.to_string()))?;
@@ -186,14 +260,16 @@ fn attest_sas(
                 None => Err(AttestationError::NotAuthorized(format!(
                     "individual enrollment `{id}` is not a symmetric-key enrollment"
                 ))),
-                Some(keys) => token
-                    .verify(enrollments.id_scope, id, &keys, enrollments.now)
+                Some(keys) => audience
+                    .verify(&token, enrollments, id, &keys)
                     .map(|_| EnrollmentSource::Individual)
                     .map_err(|e| AttestationError::NotAuthorized(e.to_string())),
             };
-            or_group_if_blocked(enrollment, verdict, || sas_group(id, &token, enrollments))?
+            or_group_if_blocked(enrollment, verdict, || {
+                sas_group(id, &token, enrollments, audience)
+            })?
         }
-        None => sas_group(id, &token, enrollments)?,
+        None => sas_group(id, &token, enrollments, audience)?,
     };
     Ok(Attested {
         registration_id,
@@ -224,6 +300,7 @@ fn sas_group(
     registration_id: &str,
     token: &SasToken<'_>,
     enrollments: &Enrollments<'_>,
+    audience: Audience<'_>,
 ) -> Result<EnrollmentSource, AttestationError> {
     let mut last_error = None;
     for entry in enrollments.groups.values() {
@@ -238,12 +315,7 @@ fn sas_group(
             );
         }
         let derived: Vec<&str> = derived.iter().map(String::as_str).collect();
-        match token.verify(
-            enrollments.id_scope,
-            registration_id,
-            &derived,
-            enrollments.now,
-        ) {
+        match audience.verify(token, enrollments, registration_id, &derived) {
             Ok(_) => {
                 return Ok(EnrollmentSource::Group(
                     entry.group.enrollment_group_id.clone(),
@@ -572,6 +644,158 @@ mod tests {
         let chain = vec![test_pki::leaf("dev-y", &root, |_| {})];
         let groups = BTreeMap::from([x509_group("g", &root.der)]);
         let refused = attest_with("dev-z", Credential::X509(&chain), None, &groups);
+        assert!(
+            matches!(&refused, Err(AttestationError::NotAuthorized(m)) if m.contains("CN")),
+            "{refused:?}"
+        );
+    }
+
+    const HUB: &str = "gateway.local";
+
+    fn hub_username(device_id: &str) -> String {
+        format!("{HUB}/{device_id}/?api-version=2021-04-12&DeviceClientType=py")
+    }
+
+    /// A hub CONNECT through `claim_hub` and `attest_hub`, the local hub being `HUB`.
+    fn attest_hub_with(
+        id: &str,
+        credential: Credential<'_>,
+        individual: Option<&Enrollment>,
+        groups: &BTreeMap<String, GroupCredentials>,
+    ) -> Result<Attested, AttestationError> {
+        let lists = BTreeMap::new();
+        let enrollments = Enrollments {
+            id_scope: SCOPE,
+            individual,
+            groups,
+            revocation_lists: &lists,
+            now: NOW,
+        };
+        let username = hub_username(id);
+        let (device_id, host) = claim_hub(id, &username, |h| h.eq_ignore_ascii_case(HUB))?;
+        attest_hub(device_id, host, credential, &enrollments)
+    }
+
+    #[test]
+    fn a_hub_token_signed_with_the_device_key_or_the_derived_group_key_is_accepted() {
+        let group_key = key(1);
+        let device_key = crate::sas::derive_device_key(&group_key, "dev-1").unwrap();
+        let hub_token = crate::sas::sign_hub(&device_key, HUB, "dev-1", NOW + 60).unwrap();
+        let groups = BTreeMap::from([sas_group("g", &group_key)]);
+        let by_group =
+            attest_hub_with("dev-1", Credential::Sas(&hub_token), None, &groups).unwrap();
+        assert_eq!(by_group.source, EnrollmentSource::Group("g".into()));
+        let individual = sas_enrollment("dev-1", &device_key, "enabled");
+        let by_device = attest_hub_with(
+            "dev-1",
+            Credential::Sas(&hub_token),
+            Some(&individual),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(by_device.source, EnrollmentSource::Individual);
+        assert_eq!(by_device.kind, AttestationType::SymmetricKey);
+    }
+
+    #[test]
+    fn hub_and_provisioning_tokens_are_not_interchangeable() {
+        let device_key = key(4);
+        let individual = sas_enrollment("dev-1", &device_key, "enabled");
+        let none = BTreeMap::new();
+        // A provisioning token at the hub.
+        let dps_token = token(&device_key, "dev-1");
+        let refused = attest_hub_with(
+            "dev-1",
+            Credential::Sas(&dps_token),
+            Some(&individual),
+            &none,
+        );
+        assert!(
+            matches!(refused, Err(AttestationError::NotAuthorized(_))),
+            "{refused:?}"
+        );
+        // A hub token at provisioning.
+        let hub_token = crate::sas::sign_hub(&device_key, HUB, "dev-1", NOW + 60).unwrap();
+        let refused = attest_with(
+            "dev-1",
+            Credential::Sas(&hub_token),
+            Some(&individual),
+            &none,
+        );
+        assert!(
+            matches!(refused, Err(AttestationError::NotAuthorized(_))),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn a_hub_token_for_another_device_another_hub_or_out_of_date_is_refused() {
+        let group_key = key(1);
+        let groups = BTreeMap::from([sas_group("g", &group_key)]);
+        let key_of = |id: &str| crate::sas::derive_device_key(&group_key, id).unwrap();
+        // dev-2's own valid token, presented as dev-1.
+        let other_device = crate::sas::sign_hub(&key_of("dev-2"), HUB, "dev-2", NOW + 60).unwrap();
+        // dev-1's key, but a token naming another hub.
+        let other_hub =
+            crate::sas::sign_hub(&key_of("dev-1"), "cloud-hub.example.net", "dev-1", NOW + 60)
+                .unwrap();
+        // dev-1's key, expired.
+        let expired = crate::sas::sign_hub(
+            &key_of("dev-1"),
+            HUB,
+            "dev-1",
+            NOW - crate::sas::EXPIRY_SKEW_SECONDS - 1,
+        )
+        .unwrap();
+        for (case, password) in [
+            ("another device's token", &other_device),
+            ("a token for another hub", &other_hub),
+            ("an expired token", &expired),
+        ] {
+            let refused = attest_hub_with("dev-1", Credential::Sas(password), None, &groups);
+            assert!(
+                matches!(refused, Err(AttestationError::NotAuthorized(_))),
+                "{case}: {refused:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_hub_connect_claims_a_local_hub_and_its_own_device() {
+        let local = |h: &str| h.eq_ignore_ascii_case(HUB);
+        let username_of_dev_1 = hub_username("dev-1");
+        let (device_id, host) = claim_hub("dev-1", &username_of_dev_1, local).unwrap();
+        assert_eq!((device_id.as_str(), host), ("dev-1", HUB));
+        // Host names are case-insensitive.
+        let upper = hub_username("dev-1").replacen(HUB, "GATEWAY.local", 1);
+        assert!(claim_hub("dev-1", &upper, local).is_ok());
+        let refusals = [
+            (
+                "dev-1",
+                "cloud-hub.example.net/dev-1/?api-version=2021-04-12".to_owned(),
+            ),
+            ("dev-1", hub_username("dev-2")),
+            ("dev-1", username("dev-1")),
+            (
+                "dev-1",
+                format!("{HUB}/dev-1/module-a/?api-version=2021-04-12"),
+            ),
+            ("a/b", hub_username("a/b")),
+        ];
+        for (client_id, username) in refusals {
+            let refused = claim_hub(client_id, &username, local);
+            assert!(refused.is_err(), "{client_id} {username}: {refused:?}");
+        }
+    }
+
+    #[test]
+    fn a_hub_connect_with_a_certificate_is_attested_as_provisioning_is() {
+        let root = test_pki::ca("hub-root", None);
+        let chain = vec![test_pki::leaf("dev-h", &root, |_| {})];
+        let groups = BTreeMap::from([x509_group("g", &root.der)]);
+        let attested = attest_hub_with("dev-h", Credential::X509(&chain), None, &groups).unwrap();
+        assert_eq!(attested.source, EnrollmentSource::Group("g".into()));
+        let refused = attest_hub_with("dev-other", Credential::X509(&chain), None, &groups);
         assert!(
             matches!(&refused, Err(AttestationError::NotAuthorized(m)) if m.contains("CN")),
             "{refused:?}"
