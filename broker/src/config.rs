@@ -21,6 +21,8 @@ pub struct Config {
     pub retry_after_seconds: u32,
     pub listeners: Listeners,
     pub hubs: Vec<HubConfig>,
+    /// The hub that is this gateway (PROTOCOL E), when there is one.
+    pub local_hub: Option<LocalHubConfig>,
     pub limits: Limits,
     pub log: LogConfig,
 }
@@ -68,6 +70,19 @@ pub struct HubConfig {
     pub apply_allocation_policy: bool,
     #[serde(default)]
     pub location: Option<String>,
+}
+
+/// `[local_hub]`: devices assigned to `host_name` connect to this gateway's device
+/// listener as IoT Hub devices. The name must be one the device listener's certificate
+/// carries: devices check it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalHubConfig {
+    pub host_name: String,
+    #[serde(default = "LinkedHub::default_allocation_weight")]
+    pub allocation_weight: u32,
+    #[serde(default = "LinkedHub::default_apply_allocation_policy")]
+    pub apply_allocation_policy: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -127,6 +142,7 @@ impl Default for Config {
             retry_after_seconds: 1,
             listeners: Listeners::default(),
             hubs: Vec::new(),
+            local_hub: None,
             limits: Limits::default(),
             log: LogConfig::default(),
         }
@@ -274,6 +290,25 @@ impl Config {
                 });
             }
         }
+        if let Some(local) = &self.local_hub {
+            let name = &local.host_name;
+            if name.is_empty() || name.contains(['/', ' ', '?', '#', '+']) {
+                return Err(Error::InvalidConfig {
+                    key: "local_hub.host_name",
+                    message: format!("`{name}` is not a host name"),
+                });
+            }
+            if self
+                .hubs
+                .iter()
+                .any(|h| h.host_name.eq_ignore_ascii_case(name))
+            {
+                return Err(Error::InvalidConfig {
+                    key: "local_hub.host_name",
+                    message: format!("`{name}` is also a `[[hubs]]` entry: a hub is local or not"),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -285,8 +320,17 @@ impl Config {
                 allocation_weight: h.allocation_weight,
                 apply_allocation_policy: h.apply_allocation_policy,
                 location: h.location.clone(),
+                local: false,
                 etag: None,
             })
+            .chain(self.local_hub.iter().map(|h| LinkedHub {
+                host_name: h.host_name.clone(),
+                allocation_weight: h.allocation_weight,
+                apply_allocation_policy: h.apply_allocation_policy,
+                location: None,
+                local: true,
+                etag: None,
+            }))
             .collect()
     }
 
@@ -399,6 +443,39 @@ apply_allocation_policy = true
             .unwrap_err()
             .to_string();
         assert!(err.contains("listeners.local.bind"), "{err}");
+    }
+
+    #[test]
+    fn a_local_hub_is_linked_as_local_and_must_be_a_host_name_of_its_own() {
+        let f =
+            file("[local_hub]\nhost_name = \"gateway.local\"\n[[hubs]]\nhost_name = \"hub-a\"\n");
+        let config = Config::load_with_env(Some(f.path()), []).unwrap();
+        let hubs = config.linked_hubs();
+        let local: Vec<_> = hubs
+            .iter()
+            .filter(|h| h.local)
+            .map(|h| &h.host_name)
+            .collect();
+        assert_eq!(local, ["gateway.local"]);
+        assert_eq!(hubs.len(), 2);
+        for bad in ["", "a/b", "two words"] {
+            let f = file(&format!("[local_hub]\nhost_name = \"{bad}\"\n"));
+            let err = Config::load_with_env(Some(f.path()), [])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("local_hub.host_name"), "{bad}: {err}");
+        }
+        let f = file("[local_hub]\nhost_name = \"HUB-A\"\n[[hubs]]\nhost_name = \"hub-a\"\n");
+        let err = Config::load_with_env(Some(f.path()), [])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("local_hub.host_name"), "{err}");
+        let env = [(
+            "EDGEDPS__LOCAL_HUB__HOST_NAME".to_string(),
+            "from-env.local".to_string(),
+        )];
+        let config = Config::load_with_env(None, env).unwrap();
+        assert_eq!(config.local_hub.unwrap().host_name, "from-env.local");
     }
 
     #[test]

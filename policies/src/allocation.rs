@@ -111,6 +111,7 @@ mod tests {
 
     fn linked(host_name: &str, weight: u32, apply: bool) -> LinkedHub {
         LinkedHub {
+            local: false,
             host_name: host_name.into(),
             allocation_weight: weight,
             apply_allocation_policy: apply,

@@ -4,11 +4,11 @@
 //! `dps/events/attestation/{registrationId}`.
 
 use edgedps_policies::access::Access;
-use edgedps_policies::attestation::{self, Attested, Credential, Enrollments};
+use edgedps_policies::attestation::{self, AttestationError, Attested, Credential, Enrollments};
 use edgedps_topics::events::{AttestationEvent, AttestationOutcome};
 
 use crate::sessions::Entered;
-use crate::standing::Standing;
+use crate::standing::{EnrollmentRead, Standing};
 use crate::{read, timestamp_now, Error, Publication, Responder};
 
 /// An accepted device session.
@@ -43,6 +43,46 @@ impl Responder {
         now: u64,
     ) -> Admission {
         let attested = self.attest(client_id, username, credential, now);
+        self.admission(client_id, attested, None)
+    }
+
+    /// Decides a hub CONNECT (PROTOCOL E) on the device listener: attested as at
+    /// provisioning (the token naming `{host}/devices/{deviceId}`), then accepted only
+    /// for a device assigned to this local hub and in service. The device id is the
+    /// registration id (an enrollment's own `deviceId` is not looked up).
+    pub fn admit_hub(
+        &self,
+        client_id: &str,
+        username: &str,
+        credential: Credential<'_>,
+        now: u64,
+    ) -> Admission {
+        let claimed = attestation::claim_hub(client_id, username, |host| self.is_local_hub(host));
+        let (attested, host) = match claimed {
+            Ok((device_id, host)) => (
+                self.attest_device(device_id, credential, now, Some(host)),
+                Some(host),
+            ),
+            Err(e) => (Err(e.into()), None),
+        };
+        self.admission(client_id, attested, host)
+    }
+
+    /// Whether `host_name` is a hub this gateway serves itself.
+    pub fn is_local_hub(&self, host_name: &str) -> bool {
+        self.linked_hubs()
+            .iter()
+            .any(|h| h.local && h.host_name.eq_ignore_ascii_case(host_name))
+    }
+
+    /// The admission of an attested (or refused) device; a hub CONNECT (`hub`) must also
+    /// be assigned to that hub and in service.
+    fn admission(
+        &self,
+        client_id: &str,
+        attested: Result<(Attested, EnrollmentRead), Error>,
+        hub: Option<&str>,
+    ) -> Admission {
         let mut event = AttestationEvent {
             registration_id: client_id.to_owned(),
             outcome: AttestationOutcome::Refused,
@@ -51,34 +91,36 @@ impl Responder {
             reason: None,
             timestamp_utc: timestamp_now(),
         };
-        let outcome = match attested {
-            Ok((device, enrollment)) => {
-                event.outcome = AttestationOutcome::Accepted;
-                event.attestation = Some(device.kind);
-                event.enrollment_group_id = device.source.group().map(str::to_owned);
-                let live = self.sessions.enter(device.clone());
-                let attested_on = self.standing_from(&device, enrollment, None);
-                let standing = self.standing(&device, Some(attested_on));
-                let (access, standing) = match standing {
-                    Ok(standing) => (standing.access(&device), Some(standing)),
-                    Err(e) => {
-                        tracing::warn!(registration_id = %device.registration_id, error = %e, "could not read the device's standing; no hub rights");
-                        (Access::Unassigned, None)
-                    }
-                };
-                Ok(Admitted {
-                    device,
-                    live,
-                    access,
-                    standing,
-                })
+        let outcome = attested.and_then(|(device, enrollment)| {
+            let live = self.sessions.enter(device.clone());
+            let attested_on = self.standing_from(&device, enrollment, None);
+            let standing = self.standing(&device, Some(attested_on));
+            let (access, standing) = match standing {
+                Ok(standing) => (standing.access(&device), Some(standing)),
+                // A hub session needs its standing: without it, refused (the device retries).
+                Err(e) if hub.is_some() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(registration_id = %device.registration_id, error = %e, "could not read the device's standing; no hub rights");
+                    (Access::Unassigned, None)
+                }
+            };
+            if let Some(host) = hub {
+                assigned_here(host, &access, standing.as_ref())?;
             }
-            Err(error) => {
-                // Reasons name ids, certificates' names and times, never keys or tokens.
-                event.reason = Some(error.to_string());
-                Err(error)
-            }
-        };
+            event.attestation = Some(device.kind);
+            event.enrollment_group_id = device.source.group().map(str::to_owned);
+            Ok(Admitted {
+                device,
+                live,
+                access,
+                standing,
+            })
+        });
+        match &outcome {
+            Ok(_) => event.outcome = AttestationOutcome::Accepted,
+            // Reasons name ids, hosts, certificates' names and times, never keys or tokens.
+            Err(error) => event.reason = Some(error.to_string()),
+        }
         Admission {
             outcome,
             event: Publication::event(event.topic(), &event),
@@ -91,8 +133,19 @@ impl Responder {
         username: &str,
         credential: Credential<'_>,
         now: u64,
-    ) -> Result<(Attested, crate::standing::EnrollmentRead), Error> {
+    ) -> Result<(Attested, EnrollmentRead), Error> {
         let registration_id = attestation::claim(client_id, username, &self.settings.id_scope)?;
+        self.attest_device(registration_id, credential, now, None)
+    }
+
+    /// Attests the claimed device: for provisioning, or for the local hub `hub`.
+    fn attest_device(
+        &self,
+        registration_id: edgedps_topics::identity::RegistrationId,
+        credential: Credential<'_>,
+        now: u64,
+        hub: Option<&str>,
+    ) -> Result<(Attested, EnrollmentRead), Error> {
         let enrollment = self.read_enrollment(&registration_id)?;
         let groups = read(&self.groups);
         let lists = read(&self.crls);
@@ -103,7 +156,33 @@ impl Responder {
             revocation_lists: &lists,
             now,
         };
-        let device = attestation::attest(registration_id, credential, &enrollments)?;
+        let device = match hub {
+            None => attestation::attest(registration_id, credential, &enrollments)?,
+            Some(host) => attestation::attest_hub(registration_id, host, credential, &enrollments)?,
+        };
         Ok((device, enrollment))
+    }
+}
+
+/// A hub session is for a device assigned to that hub and in service (the access rule:
+/// PROTOCOL B, retirement); anything else is refused with its reason.
+fn assigned_here(host: &str, access: &Access, standing: Option<&Standing>) -> Result<(), Error> {
+    let refuse = |reason: String| Err(AttestationError::NotAuthorized(reason).into());
+    match access {
+        Access::Hub { .. } => {}
+        Access::Unassigned => return refuse(format!("the device is not assigned to hub `{host}`")),
+        Access::OutOfService(reason) => {
+            return refuse(format!("the device is out of service: {}", reason.reason()))
+        }
+    }
+    let assigned = standing
+        .and_then(|s| s.registration.as_ref())
+        .and_then(|r| r.assigned_hub.as_deref());
+    match assigned {
+        Some(assigned) if assigned.eq_ignore_ascii_case(host) => Ok(()),
+        Some(other) => refuse(format!(
+            "the device is assigned to hub `{other}`, not `{host}`"
+        )),
+        None => refuse(format!("the device is not assigned to hub `{host}`")),
     }
 }

@@ -480,6 +480,7 @@ mod tests {
         let store = SledStore::open(dir).unwrap();
         let mut settings = Settings::new("scope");
         settings.hubs = vec![edgedps_topics::admin::LinkedHub {
+            local: false,
             host_name: "hub-a.example.net".into(),
             allocation_weight: 1,
             apply_allocation_policy: true,

@@ -482,6 +482,10 @@ pub struct LinkedHub {
     pub apply_allocation_policy: bool,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub location: Option<String>,
+    /// The hub is this gateway (PROTOCOL E): devices assigned to it connect to edgedps's
+    /// own device listener as IoT Hub devices.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub local: bool,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub etag: Option<String>,
 }

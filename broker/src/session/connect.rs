@@ -132,13 +132,22 @@ where
             } else {
                 Credential::Sas(&password)
             };
-            let admission = shared
-                .responder
-                .admit(&client_id, &username, credential, unix_now());
+            // An IoT Hub username (`{host}/{deviceId}/?api-version=...`) is a device of
+            // the local hub (PROTOCOL E); anything else provisions (PROTOCOL A2).
+            let hub = edgedps_topics::identity::parse_hub_username(&username).is_ok();
+            let admission = if hub {
+                shared
+                    .responder
+                    .admit_hub(&client_id, &username, credential, unix_now())
+            } else {
+                shared
+                    .responder
+                    .admit(&client_id, &username, credential, unix_now())
+            };
             shared.publisher.publish(vec![admission.event]).await;
             match admission.outcome {
                 Ok(admitted) => {
-                    tracing::info!(target: "edgedps::audit", %peer, %client_id, source = ?admitted.device.source, kind = ?admitted.device.kind, access = %Verdict(&admitted.access), "connect accepted");
+                    tracing::info!(target: "edgedps::audit", %peer, %client_id, hub, source = ?admitted.device.source, kind = ?admitted.device.kind, access = %Verdict(&admitted.access), "connect accepted");
                     let device_id = match admitted.access {
                         Access::Hub { device_id } => Some(device_id),
                         Access::Unassigned | Access::OutOfService(_) => None,
@@ -151,7 +160,7 @@ where
                     )
                 }
                 Err(error) => {
-                    tracing::warn!(target: "edgedps::audit", %peer, %client_id, reason = %error, "connect refused");
+                    tracing::warn!(target: "edgedps::audit", %peer, %client_id, hub, reason = %error, "connect refused");
                     refuse(&mut stream, &codec, refusal(&error)).await?;
                     return Ok(None);
                 }

@@ -1,0 +1,198 @@
+//! The gateway as the device's hub (PROTOCOL E): the hub CONNECT on the device listener.
+//!
+//! A device provisioned to the local hub connects to it with an IoT Hub username and a
+//! SAS token naming `{host}/devices/{deviceId}`; every other CONNECT that claims the hub
+//! is refused with CONNACK 5 (not authorized).
+
+use edgedps_tests::live::{LiveDevice, Protocol};
+use edgedps_tests::*;
+use rumqttc::ConnectReturnCode;
+use serde_json::Value;
+
+const LOCAL: &str = "localhost";
+
+fn hub_username(host: &str, device_id: &str) -> String {
+    format!("{host}/{device_id}/?api-version=2021-04-12&DeviceClientType=tests")
+}
+
+fn hub_token(key: &str, host: &str, device_id: &str) -> String {
+    edgedps_policies::sas::sign_hub(key, host, device_id, edgedps_responder::unix_now() + 600)
+        .expect("token")
+}
+
+/// A server whose hubs are the local one and, if `cloud`, `hub-a.example.net`.
+async fn server(cloud: bool) -> Server {
+    Server::start_with(|config| {
+        if !cloud {
+            config.hubs.clear();
+        }
+        config.local_hub = Some(edgedps::config::LocalHubConfig {
+            host_name: LOCAL.into(),
+            allocation_weight: 1,
+            apply_allocation_policy: true,
+        });
+    })
+    .await
+}
+
+/// Provisions `id` (symmetric key) and returns its assigned hub.
+async fn provision(server: &Server, id: &str, key: &str) -> String {
+    let mut device = LiveDevice::connect(server, id, &sas(key), Protocol::V311)
+        .await
+        .expect("DPS connect");
+    let (status, body) = device.register().await;
+    assert_eq!(status, 200, "{body}");
+    body["registrationState"]["assignedHub"]
+        .as_str()
+        .expect("assigned hub")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_device_provisioned_to_the_local_hub_connects_to_it() {
+    let server = server(false).await;
+    let mut operator = server.operator().await;
+    let key = operator.enroll("hub-dev-1").await;
+    assert_eq!(provision(&server, "hub-dev-1", &key).await, LOCAL);
+    let accepted = connack_refusal(
+        server.devices_port,
+        "hub-dev-1",
+        &hub_username(LOCAL, "hub-dev-1"),
+        &hub_token(&key, LOCAL, "hub-dev-1"),
+    )
+    .await;
+    assert_eq!(accepted, None, "the hub CONNECT is accepted");
+    // Host names are case-insensitive, as DNS names are.
+    let upper = connack_refusal(
+        server.devices_port,
+        "hub-dev-1",
+        &hub_username("LOCALHOST", "hub-dev-1"),
+        &hub_token(&key, "LOCALHOST", "hub-dev-1"),
+    )
+    .await;
+    assert_eq!(upper, None);
+}
+
+#[tokio::test]
+async fn hub_connects_that_are_not_this_devices_own_are_refused() {
+    let server = server(false).await;
+    let mut operator = server.operator().await;
+    let key = operator.enroll("hub-dev-2").await;
+    let other_key = operator.enroll("hub-dev-3").await;
+    assert_eq!(provision(&server, "hub-dev-2", &key).await, LOCAL);
+    assert_eq!(provision(&server, "hub-dev-3", &other_key).await, LOCAL);
+    let dps_token = edgedps_policies::sas::sign(
+        &key,
+        ID_SCOPE,
+        "hub-dev-2",
+        edgedps_responder::unix_now() + 600,
+    )
+    .expect("token");
+    let cases = [
+        (
+            "another device's own token",
+            hub_username(LOCAL, "hub-dev-2"),
+            hub_token(&other_key, LOCAL, "hub-dev-3"),
+        ),
+        (
+            "a token signed with another device's key",
+            hub_username(LOCAL, "hub-dev-2"),
+            hub_token(&other_key, LOCAL, "hub-dev-2"),
+        ),
+        (
+            "a hub this gateway does not serve",
+            hub_username("hub-x.example.net", "hub-dev-2"),
+            hub_token(&key, "hub-x.example.net", "hub-dev-2"),
+        ),
+        (
+            "the provisioning token",
+            hub_username(LOCAL, "hub-dev-2"),
+            dps_token,
+        ),
+        (
+            "a username naming another device",
+            hub_username(LOCAL, "hub-dev-3"),
+            hub_token(&key, LOCAL, "hub-dev-2"),
+        ),
+    ];
+    for (case, username, password) in cases {
+        let refused = connack_refusal(server.devices_port, "hub-dev-2", &username, &password).await;
+        assert_eq!(refused, Some(ConnectReturnCode::NotAuthorized), "{case}");
+    }
+}
+
+#[tokio::test]
+async fn only_a_device_assigned_here_and_in_service_connects_to_the_local_hub() {
+    let server = server(true).await;
+    let mut operator = server.operator().await;
+
+    // Enrolled, not registered yet.
+    let key = operator.enroll("hub-new").await;
+    let refused = connack_refusal(
+        server.devices_port,
+        "hub-new",
+        &hub_username(LOCAL, "hub-new"),
+        &hub_token(&key, LOCAL, "hub-new"),
+    )
+    .await;
+    assert_eq!(
+        refused,
+        Some(ConnectReturnCode::NotAuthorized),
+        "not registered"
+    );
+
+    // Assigned to the cloud hub: hashed allocation over both hubs, so some ids go there.
+    let mut cloud_device = None;
+    let mut local_device = None;
+    for i in 0..40 {
+        let id = format!("hub-spread-{i}");
+        let key = operator.enroll(&id).await;
+        let hub = provision(&server, &id, &key).await;
+        if hub == LOCAL {
+            local_device.get_or_insert((id, key));
+        } else {
+            cloud_device.get_or_insert((id, key));
+        }
+        if cloud_device.is_some() && local_device.is_some() {
+            break;
+        }
+    }
+    let (cloud_id, cloud_key) = cloud_device.expect("a device hashed to the cloud hub");
+    let refused = connack_refusal(
+        server.devices_port,
+        &cloud_id,
+        &hub_username(LOCAL, &cloud_id),
+        &hub_token(&cloud_key, LOCAL, &cloud_id),
+    )
+    .await;
+    assert_eq!(
+        refused,
+        Some(ConnectReturnCode::NotAuthorized),
+        "assigned to another hub"
+    );
+
+    // Assigned here, then disabled: out of service, refused; enabled again: accepted.
+    let (id, key) = local_device.expect("a device hashed to the local hub");
+    let connect = || async {
+        connack_refusal(
+            server.devices_port,
+            &id,
+            &hub_username(LOCAL, &id),
+            &hub_token(&key, LOCAL, &id),
+        )
+        .await
+    };
+    assert_eq!(connect().await, None);
+    let topic = edgedps_topics::admin::RecordKind::Enrollment.record_topic(&id);
+    let mut enrollment: Value = symmetric_enrollment(&id, &key);
+    enrollment["provisioningStatus"] = "disabled".into();
+    operator.put(&topic, enrollment.clone()).await;
+    assert_eq!(
+        connect().await,
+        Some(ConnectReturnCode::NotAuthorized),
+        "disabled"
+    );
+    enrollment["provisioningStatus"] = "enabled".into();
+    operator.put(&topic, enrollment).await;
+    assert_eq!(connect().await, None, "enabled again");
+}
