@@ -4,9 +4,12 @@
 //! SAS token naming `{host}/devices/{deviceId}`; every other CONNECT that claims the hub
 //! is refused with CONNACK 5 (not authorized).
 
+use std::time::Duration;
+
+use edgedps_device::provision::register;
 use edgedps_tests::live::{LiveDevice, Protocol};
 use edgedps_tests::*;
-use rumqttc::ConnectReturnCode;
+use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet};
 use serde_json::Value;
 
 const LOCAL: &str = "localhost";
@@ -195,4 +198,63 @@ async fn only_a_device_assigned_here_and_in_service_connects_to_the_local_hub() 
     enrollment["provisioningStatus"] = "enabled".into();
     operator.put(&topic, enrollment).await;
     assert_eq!(connect().await, None, "enabled again");
+}
+
+/// A hub CONNECT with the client certificate of `auth` and an empty password: the
+/// refusal, or `None` when accepted.
+async fn hub_connect_with_certificate(
+    server: &Server,
+    device_id: &str,
+    auth: DeviceAuth,
+) -> Option<ConnectReturnCode> {
+    let config = server.device(device_id, auth);
+    let tls = edgedps_device::provision::tls_config(&config).expect("client TLS");
+    let mut options = MqttOptions::new(device_id, "localhost", server.devices_port);
+    options.set_credentials(hub_username(LOCAL, device_id), "");
+    options.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(tls),
+    ));
+    let (_client, mut eventloop) = AsyncClient::new(options, 4);
+    match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+        Ok(Err(rumqttc::ConnectionError::ConnectionRefused(code))) => Some(code),
+        Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => None,
+        other => panic!("{device_id}: neither accepted nor refused: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_x509_device_connects_to_the_local_hub_with_its_provisioning_certificate() {
+    let server = server(false).await;
+    let mut operator = server.operator().await;
+    let pki = pki();
+    operator
+        .put(
+            "dps/enrollment-groups/hub-roots",
+            x509_group("hub-roots", &pki.device_root.pem),
+        )
+        .await;
+    let device = pki.device_intermediate.device("hub-x509-1");
+    let auth = x509(&device, &[&pki.device_intermediate]);
+    let outcome = register(&server.device("hub-x509-1", auth.clone()), None)
+        .await
+        .expect("provisions");
+    assert_eq!(outcome.assigned_hub(), Some(LOCAL), "{}", outcome.body);
+    assert_eq!(
+        hub_connect_with_certificate(&server, "hub-x509-1", auth.clone()).await,
+        None,
+        "its certificate opens the hub"
+    );
+
+    // The same certificate claiming another device, and a rogue CA's leaf with its name.
+    assert_eq!(
+        hub_connect_with_certificate(&server, "hub-x509-2", auth).await,
+        Some(ConnectReturnCode::NotAuthorized),
+        "CN is not the client id"
+    );
+    let rogue = pki.rogue_root.device("hub-x509-1");
+    assert_eq!(
+        hub_connect_with_certificate(&server, "hub-x509-1", x509(&rogue, &[])).await,
+        Some(ConnectReturnCode::NotAuthorized),
+        "a rogue CA's certificate"
+    );
 }
