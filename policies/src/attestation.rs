@@ -541,6 +541,17 @@ mod tests {
         individual: Option<&Enrollment>,
         groups: &BTreeMap<String, GroupCredentials>,
     ) -> Result<Attested, AttestationError> {
+        attest_as(None, id, credential, individual, groups)
+    }
+
+    /// A provisioning CONNECT, or with `hub` a hub CONNECT (the local hub being `HUB`).
+    fn attest_as(
+        hub: Option<&str>,
+        id: &str,
+        credential: Credential<'_>,
+        individual: Option<&Enrollment>,
+        groups: &BTreeMap<String, GroupCredentials>,
+    ) -> Result<Attested, AttestationError> {
         let lists = BTreeMap::new();
         let enrollments = Enrollments {
             id_scope: SCOPE,
@@ -549,8 +560,13 @@ mod tests {
             revocation_lists: &lists,
             now: NOW,
         };
-        let claimed = claim(id, &username(id), SCOPE)?;
-        attest(claimed, credential, &enrollments)
+        match hub {
+            None => attest(claim(id, &username(id), SCOPE)?, credential, &enrollments),
+            Some(username) => {
+                let (device_id, host) = claim_hub(id, username, |h| h.eq_ignore_ascii_case(HUB))?;
+                attest_hub(device_id, host, credential, &enrollments)
+            }
+        }
     }
 
     #[test]
@@ -652,6 +668,13 @@ mod tests {
 
     const HUB: &str = "gateway.local";
 
+    fn assert_not_authorized(outcome: &Result<Attested, AttestationError>, case: &str) {
+        assert!(
+            matches!(outcome, Err(AttestationError::NotAuthorized(_))),
+            "{case}: {outcome:?}"
+        );
+    }
+
     fn hub_username(device_id: &str) -> String {
         format!("{HUB}/{device_id}/?api-version=2021-04-12&DeviceClientType=py")
     }
@@ -663,17 +686,7 @@ mod tests {
         individual: Option<&Enrollment>,
         groups: &BTreeMap<String, GroupCredentials>,
     ) -> Result<Attested, AttestationError> {
-        let lists = BTreeMap::new();
-        let enrollments = Enrollments {
-            id_scope: SCOPE,
-            individual,
-            groups,
-            revocation_lists: &lists,
-            now: NOW,
-        };
-        let username = hub_username(id);
-        let (device_id, host) = claim_hub(id, &username, |h| h.eq_ignore_ascii_case(HUB))?;
-        attest_hub(device_id, host, credential, &enrollments)
+        attest_as(Some(&hub_username(id)), id, credential, individual, groups)
     }
 
     #[test]
@@ -710,10 +723,7 @@ mod tests {
             Some(&individual),
             &none,
         );
-        assert!(
-            matches!(refused, Err(AttestationError::NotAuthorized(_))),
-            "{refused:?}"
-        );
+        assert_not_authorized(&refused, "a provisioning token at the hub");
         // A hub token at provisioning.
         let hub_token = crate::sas::sign_hub(&device_key, HUB, "dev-1", NOW + 60).unwrap();
         let refused = attest_with(
@@ -722,10 +732,7 @@ mod tests {
             Some(&individual),
             &none,
         );
-        assert!(
-            matches!(refused, Err(AttestationError::NotAuthorized(_))),
-            "{refused:?}"
-        );
+        assert_not_authorized(&refused, "a hub token at provisioning");
     }
 
     #[test]
@@ -753,10 +760,7 @@ mod tests {
             ("an expired token", &expired),
         ] {
             let refused = attest_hub_with("dev-1", Credential::Sas(password), None, &groups);
-            assert!(
-                matches!(refused, Err(AttestationError::NotAuthorized(_))),
-                "{case}: {refused:?}"
-            );
+            assert_not_authorized(&refused, case);
         }
     }
 

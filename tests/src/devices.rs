@@ -45,10 +45,21 @@ pub async fn connack_refusal(
     username: &str,
     password: &str,
 ) -> Option<rumqttc::ConnectReturnCode> {
-    let mut options = MqttOptions::new(client_id, "localhost", port);
-    options.set_credentials(username, password);
     let tls = edgedps_device::tls::client_config(pki().server_ca.pem.as_bytes(), None)
         .expect("client TLS");
+    connack_with(port, client_id, username, password, tls).await
+}
+
+/// As [`connack_refusal`], over the given client TLS (with a client certificate, say).
+pub async fn connack_with(
+    port: u16,
+    client_id: &str,
+    username: &str,
+    password: &str,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+) -> Option<rumqttc::ConnectReturnCode> {
+    let mut options = MqttOptions::new(client_id, "localhost", port);
+    options.set_credentials(username, password);
     options.set_transport(rumqttc::Transport::tls_with_config(
         rumqttc::TlsConfiguration::Rustls(tls),
     ));

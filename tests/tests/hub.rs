@@ -4,12 +4,10 @@
 //! SAS token naming `{host}/devices/{deviceId}`; every other CONNECT that claims the hub
 //! is refused with CONNACK 5 (not authorized).
 
-use std::time::Duration;
-
 use edgedps_device::provision::register;
 use edgedps_tests::live::{LiveDevice, Protocol};
 use edgedps_tests::*;
-use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet};
+use rumqttc::ConnectReturnCode;
 use serde_json::Value;
 
 const LOCAL: &str = "localhost";
@@ -209,17 +207,8 @@ async fn hub_connect_with_certificate(
 ) -> Option<ConnectReturnCode> {
     let config = server.device(device_id, auth);
     let tls = edgedps_device::provision::tls_config(&config).expect("client TLS");
-    let mut options = MqttOptions::new(device_id, "localhost", server.devices_port);
-    options.set_credentials(hub_username(LOCAL, device_id), "");
-    options.set_transport(rumqttc::Transport::tls_with_config(
-        rumqttc::TlsConfiguration::Rustls(tls),
-    ));
-    let (_client, mut eventloop) = AsyncClient::new(options, 4);
-    match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
-        Ok(Err(rumqttc::ConnectionError::ConnectionRefused(code))) => Some(code),
-        Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => None,
-        other => panic!("{device_id}: neither accepted nor refused: {other:?}"),
-    }
+    let username = hub_username(LOCAL, device_id);
+    connack_with(server.devices_port, device_id, &username, "", tls).await
 }
 
 #[tokio::test]
