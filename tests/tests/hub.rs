@@ -4,6 +4,8 @@
 //! SAS token naming `{host}/devices/{deviceId}`; every other CONNECT that claims the hub
 //! is refused with CONNACK 5 (not authorized).
 
+use std::time::{Duration, Instant};
+
 use edgedps_device::provision::register;
 use edgedps_tests::live::{LiveDevice, Protocol};
 use edgedps_tests::*;
@@ -245,5 +247,80 @@ async fn an_x509_device_connects_to_the_local_hub_with_its_provisioning_certific
         hub_connect_with_certificate(&server, "hub-x509-1", x509(&rogue, &[])).await,
         Some(ConnectReturnCode::NotAuthorized),
         "a rogue CA's certificate"
+    );
+}
+
+#[tokio::test]
+async fn a_hub_session_is_closed_when_its_device_is_retired() {
+    let server = server(false).await;
+    let mut operator = server.operator().await;
+    let key = operator.enroll("hub-retired").await;
+    assert_eq!(provision(&server, "hub-retired", &key).await, LOCAL);
+
+    let mut options = rumqttc::MqttOptions::new("hub-retired", "localhost", server.devices_port);
+    options.set_credentials(
+        hub_username(LOCAL, "hub-retired"),
+        hub_token(&key, LOCAL, "hub-retired"),
+    );
+    options.set_keep_alive(Duration::from_secs(30));
+    let tls = edgedps_device::tls::client_config(pki().server_ca.pem.as_bytes(), None)
+        .expect("client TLS");
+    options.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(tls),
+    ));
+    let (_client, mut eventloop) = rumqttc::AsyncClient::new(options, 4);
+    match eventloop.poll().await {
+        Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => {
+            assert_eq!(ack.code, ConnectReturnCode::Success)
+        }
+        other => panic!("no CONNACK: {other:?}"),
+    }
+    // Live until the retirement.
+    let quiet = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+    assert!(quiet.is_err(), "the session stays open: {quiet:?}");
+
+    let result = operator.retire("hub-retired", b"{}").await;
+    assert_eq!(result["ok"], true, "{result}");
+    let retired_at = Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await {
+            Ok(Err(_)) => break,
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("the hub session is still open 1 s after the retirement"),
+        }
+    }
+    assert!(retired_at.elapsed() < Duration::from_secs(1));
+    let refused = connack_refusal(
+        server.devices_port,
+        "hub-retired",
+        &hub_username(LOCAL, "hub-retired"),
+        &hub_token(&key, LOCAL, "hub-retired"),
+    )
+    .await;
+    assert_eq!(refused, Some(ConnectReturnCode::NotAuthorized), "retired");
+}
+
+#[tokio::test]
+async fn a_hub_linked_over_mqtt_as_local_serves_its_devices_until_unlinked() {
+    let server = Server::start_with(|config| config.hubs.clear()).await;
+    let mut operator = server.operator().await;
+    let linked = operator
+        .put("dps/hubs/localhost", serde_json::json!({"local": true}))
+        .await;
+    assert_eq!(linked["ok"], true, "{linked}");
+    let key = operator.enroll("hub-linked").await;
+    assert_eq!(provision(&server, "hub-linked", &key).await, LOCAL);
+    let (username, token) = (
+        hub_username(LOCAL, "hub-linked"),
+        hub_token(&key, LOCAL, "hub-linked"),
+    );
+    let connect = || connack_refusal(server.devices_port, "hub-linked", &username, &token);
+    assert_eq!(connect().await, None, "served while linked as local");
+    let unlinked = operator.write("dps/hubs/localhost", b"").await;
+    assert_eq!(unlinked["ok"], true, "{unlinked}");
+    assert_eq!(
+        connect().await,
+        Some(ConnectReturnCode::NotAuthorized),
+        "no longer a hub of this gateway"
     );
 }
