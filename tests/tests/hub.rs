@@ -257,24 +257,7 @@ async fn a_hub_session_is_closed_when_its_device_is_retired() {
     let key = operator.enroll("hub-retired").await;
     assert_eq!(provision(&server, "hub-retired", &key).await, LOCAL);
 
-    let mut options = rumqttc::MqttOptions::new("hub-retired", "localhost", server.devices_port);
-    options.set_credentials(
-        hub_username(LOCAL, "hub-retired"),
-        hub_token(&key, LOCAL, "hub-retired"),
-    );
-    options.set_keep_alive(Duration::from_secs(30));
-    let tls = edgedps_device::tls::client_config(pki().server_ca.pem.as_bytes(), None)
-        .expect("client TLS");
-    options.set_transport(rumqttc::Transport::tls_with_config(
-        rumqttc::TlsConfiguration::Rustls(tls),
-    ));
-    let (_client, mut eventloop) = rumqttc::AsyncClient::new(options, 4);
-    match eventloop.poll().await {
-        Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => {
-            assert_eq!(ack.code, ConnectReturnCode::Success)
-        }
-        other => panic!("no CONNACK: {other:?}"),
-    }
+    let (_client, mut eventloop) = hub_session(&server, "hub-retired", &key).await;
     // Live until the retirement.
     let quiet = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
     assert!(quiet.is_err(), "the session stays open: {quiet:?}");
@@ -323,4 +306,90 @@ async fn a_hub_linked_over_mqtt_as_local_serves_its_devices_until_unlinked() {
         Some(ConnectReturnCode::NotAuthorized),
         "no longer a hub of this gateway"
     );
+}
+
+/// An open hub session of `device_id` (symmetric key), its CONNACK received.
+async fn hub_session(
+    server: &Server,
+    device_id: &str,
+    key: &str,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let mut options = rumqttc::MqttOptions::new(device_id, "localhost", server.devices_port);
+    options.set_credentials(
+        hub_username(LOCAL, device_id),
+        hub_token(key, LOCAL, device_id),
+    );
+    options.set_keep_alive(Duration::from_secs(30));
+    let tls = edgedps_device::tls::client_config(pki().server_ca.pem.as_bytes(), None)
+        .expect("client TLS");
+    options.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(tls),
+    ));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 4);
+    match eventloop.poll().await {
+        Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => {
+            assert_eq!(ack.code, ConnectReturnCode::Success)
+        }
+        other => panic!("no CONNACK: {other:?}"),
+    }
+    (client, eventloop)
+}
+
+#[tokio::test]
+async fn telemetry_from_a_hub_session_reaches_operators_and_only_on_its_own_topics() {
+    let server = server(false).await;
+    let mut operator = server.operator().await;
+    let key = operator.enroll("hub-telemetry").await;
+    assert_eq!(provision(&server, "hub-telemetry", &key).await, LOCAL);
+    let mut watcher = server.operator().await;
+    watcher.subscribe("devices/+/messages/events/#").await;
+
+    let (client, mut eventloop) = hub_session(&server, "hub-telemetry", &key).await;
+    // A property bag as the SDKs send it: URL-encoded, `$.ct` and `$.ce` included.
+    let topic =
+        "devices/hub-telemetry/messages/events/temp=21&%24.ct=application%2Fjson&%24.ce=utf-8";
+    client
+        .publish(
+            topic,
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            br#"{"t":21}"#.to_vec(),
+        )
+        .await
+        .expect("publish");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), eventloop.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("no PUBACK for the telemetry: {other:?}"),
+        }
+    }
+    let (received, body) = watcher
+        .next_publish("devices/hub-telemetry/messages/events/")
+        .await
+        .expect("the telemetry reaches the operator");
+    assert_eq!(received, topic);
+    assert_eq!(body, br#"{"t":21}"#);
+
+    // Another device's telemetry topic: the session is closed, nothing is routed.
+    client
+        .publish(
+            "devices/hub-other/messages/events/",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            b"forged".to_vec(),
+        )
+        .await
+        .expect("publish");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), eventloop.poll()).await {
+            Ok(Err(_)) => break,
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => {
+                panic!("a publish on another device's topic was acknowledged")
+            }
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("the session stayed open after publishing as another device"),
+        }
+    }
+    assert_eq!(watcher.next_publish("devices/hub-other/").await, None);
 }
