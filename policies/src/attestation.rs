@@ -161,17 +161,16 @@ pub fn claim(
 }
 
 /// Who a hub CONNECT (PROTOCOL E) says it is: the client id is the device id, the
-/// username names the same device and a hub this gateway serves (`is_local`). Returns
-/// the device id and the hub's host name as the username spells it.
+/// username (parsed by the caller, which chose the hub path by it) names the same device
+/// and a hub this gateway serves (`is_local`). Returns the device id and the hub's host
+/// name as the username spells it.
 pub fn claim_hub<'u>(
     client_id: &str,
-    username: &'u str,
+    parsed: &identity::HubUsername<'u>,
     is_local: impl Fn(&str) -> bool,
 ) -> Result<(RegistrationId, &'u str), AttestationError> {
     let device_id = RegistrationId::parse(client_id)
         .map_err(|_| AttestationError::BadClientId(client_id.to_owned()))?;
-    let parsed = identity::parse_hub_username(username)
-        .map_err(|e| AttestationError::Malformed(e.to_string()))?;
     if parsed.device_id != client_id {
         return Err(AttestationError::NotAuthorized(format!(
             "username names device `{}` but the client id is `{client_id}`",
@@ -563,7 +562,7 @@ mod tests {
         match hub {
             None => attest(claim(id, &username(id), SCOPE)?, credential, &enrollments),
             Some(username) => {
-                let (device_id, host) = claim_hub(id, username, |h| h.eq_ignore_ascii_case(HUB))?;
+                let (device_id, host) = claim_hub_spelled(id, username, local)?;
                 attest_hub(device_id, host, credential, &enrollments)
             }
         }
@@ -679,6 +678,21 @@ mod tests {
         format!("{HUB}/{device_id}/?api-version=2021-04-12&DeviceClientType=py")
     }
 
+    fn local(host: &str) -> bool {
+        host.eq_ignore_ascii_case(HUB)
+    }
+
+    /// A hub username as the broker takes it: parsed, then claimed.
+    fn claim_hub_spelled<'u>(
+        client_id: &str,
+        username: &'u str,
+        is_local: impl Fn(&str) -> bool,
+    ) -> Result<(RegistrationId, &'u str), AttestationError> {
+        let parsed = identity::parse_hub_username(username)
+            .map_err(|e| AttestationError::Malformed(e.to_string()))?;
+        claim_hub(client_id, &parsed, is_local)
+    }
+
     /// A hub CONNECT through `claim_hub` and `attest_hub`, the local hub being `HUB`.
     fn attest_hub_with(
         id: &str,
@@ -766,13 +780,12 @@ mod tests {
 
     #[test]
     fn a_hub_connect_claims_a_local_hub_and_its_own_device() {
-        let local = |h: &str| h.eq_ignore_ascii_case(HUB);
         let username_of_dev_1 = hub_username("dev-1");
-        let (device_id, host) = claim_hub("dev-1", &username_of_dev_1, local).unwrap();
+        let (device_id, host) = claim_hub_spelled("dev-1", &username_of_dev_1, local).unwrap();
         assert_eq!((device_id.as_str(), host), ("dev-1", HUB));
         // Host names are case-insensitive.
         let upper = hub_username("dev-1").replacen(HUB, "GATEWAY.local", 1);
-        assert!(claim_hub("dev-1", &upper, local).is_ok());
+        assert!(claim_hub_spelled("dev-1", &upper, local).is_ok());
         let refusals = [
             (
                 "dev-1",
@@ -787,7 +800,7 @@ mod tests {
             ("a/b", hub_username("a/b")),
         ];
         for (client_id, username) in refusals {
-            let refused = claim_hub(client_id, &username, local);
+            let refused = claim_hub_spelled(client_id, &username, local);
             assert!(refused.is_err(), "{client_id} {username}: {refused:?}");
         }
     }

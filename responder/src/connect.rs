@@ -5,7 +5,9 @@
 
 use edgedps_policies::access::Access;
 use edgedps_policies::attestation::{self, AttestationError, Attested, Credential, Enrollments};
+use edgedps_topics::admin::LinkedHub;
 use edgedps_topics::events::{AttestationEvent, AttestationOutcome};
+use edgedps_topics::identity::HubUsername;
 
 use crate::sessions::Entered;
 use crate::standing::{EnrollmentRead, Standing};
@@ -53,7 +55,7 @@ impl Responder {
     pub fn admit_hub(
         &self,
         client_id: &str,
-        username: &str,
+        username: &HubUsername<'_>,
         credential: Credential<'_>,
         now: u64,
     ) -> Admission {
@@ -68,11 +70,18 @@ impl Responder {
         self.admission(client_id, attested, host)
     }
 
-    /// Whether `host_name` is a hub this gateway serves itself.
+    /// Whether `host_name` is a hub this gateway serves itself: among the linked hubs
+    /// (the configuration's, unless one linked over MQTT has the same name), without
+    /// copying them, as each hub CONNECT asks.
     pub fn is_local_hub(&self, host_name: &str) -> bool {
-        self.linked_hubs()
-            .iter()
-            .any(|h| h.local && h.host_name.eq_ignore_ascii_case(host_name))
+        let admin = read(&self.hubs);
+        let local = |h: &LinkedHub| h.local && h.host_name.eq_ignore_ascii_case(host_name);
+        admin.values().any(local)
+            || self
+                .settings
+                .hubs
+                .iter()
+                .any(|h| local(h) && !admin.contains_key(&h.host_name))
     }
 
     /// The admission of an attested (or refused) device; a hub CONNECT (`hub`) must also
@@ -184,5 +193,60 @@ fn assigned_here(host: &str, access: &Access, standing: Option<&Standing>) -> Re
             "the device is assigned to hub `{other}`, not `{host}`"
         )),
         None => refuse(format!("the device is not assigned to hub `{host}`")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use edgedps_topics::admin::LinkedHub;
+
+    use crate::store::{SledStore, Store};
+    use crate::{Responder, Settings};
+
+    fn hub(host_name: &str, local: bool) -> LinkedHub {
+        serde_json::from_value(serde_json::json!({"hostName": host_name, "local": local})).unwrap()
+    }
+
+    /// A responder with `configured` hubs and `linked` ones (as if linked over MQTT).
+    fn responder(
+        configured: Vec<LinkedHub>,
+        linked: &[LinkedHub],
+    ) -> (Responder, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        for h in linked {
+            store.put_hub(h).unwrap();
+        }
+        let mut settings = Settings::new("scope");
+        settings.hubs = configured;
+        (Responder::open(settings, Arc::new(store)).unwrap(), dir)
+    }
+
+    #[test]
+    fn a_hub_is_local_as_linked_a_link_over_mqtt_overriding_the_configuration() {
+        let configured = vec![hub("gw.local", true), hub("cloud.example.net", false)];
+        let (plain, _dir) = responder(configured.clone(), &[]);
+        assert!(plain.is_local_hub("gw.local"));
+        assert!(
+            plain.is_local_hub("GW.Local"),
+            "host names compare without case"
+        );
+        assert!(!plain.is_local_hub("cloud.example.net"));
+        assert!(!plain.is_local_hub("unknown.example.net"));
+
+        let (overridden, _dir) = responder(
+            configured,
+            &[hub("gw.local", false), hub("edge-2.local", true)],
+        );
+        assert!(
+            !overridden.is_local_hub("gw.local"),
+            "relinked as not local"
+        );
+        assert!(
+            overridden.is_local_hub("Edge-2.local"),
+            "linked over MQTT as local"
+        );
     }
 }

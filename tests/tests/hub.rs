@@ -23,6 +23,23 @@ fn hub_token(key: &str, host: &str, device_id: &str) -> String {
         .expect("token")
 }
 
+/// A hub CONNECT of `device_id` to `host` with a token signed by `key`: the refusal, or
+/// `None` when accepted.
+async fn hub_connack(
+    server: &Server,
+    host: &str,
+    device_id: &str,
+    key: &str,
+) -> Option<ConnectReturnCode> {
+    connack_refusal(
+        server.devices_port,
+        device_id,
+        &hub_username(host, device_id),
+        &hub_token(key, host, device_id),
+    )
+    .await
+}
+
 /// A server whose hubs are the local one and, if `cloud`, `hub-a.example.net`.
 async fn server(cloud: bool) -> Server {
     Server::start_with(|config| {
@@ -57,22 +74,10 @@ async fn a_device_provisioned_to_the_local_hub_connects_to_it() {
     let mut operator = server.operator().await;
     let key = operator.enroll("hub-dev-1").await;
     assert_eq!(provision(&server, "hub-dev-1", &key).await, LOCAL);
-    let accepted = connack_refusal(
-        server.devices_port,
-        "hub-dev-1",
-        &hub_username(LOCAL, "hub-dev-1"),
-        &hub_token(&key, LOCAL, "hub-dev-1"),
-    )
-    .await;
+    let accepted = hub_connack(&server, LOCAL, "hub-dev-1", &key).await;
     assert_eq!(accepted, None, "the hub CONNECT is accepted");
     // Host names are case-insensitive, as DNS names are.
-    let upper = connack_refusal(
-        server.devices_port,
-        "hub-dev-1",
-        &hub_username("LOCALHOST", "hub-dev-1"),
-        &hub_token(&key, "LOCALHOST", "hub-dev-1"),
-    )
-    .await;
+    let upper = hub_connack(&server, "LOCALHOST", "hub-dev-1", &key).await;
     assert_eq!(upper, None);
 }
 
@@ -131,13 +136,7 @@ async fn only_a_device_assigned_here_and_in_service_connects_to_the_local_hub() 
 
     // Enrolled, not registered yet.
     let key = operator.enroll("hub-new").await;
-    let refused = connack_refusal(
-        server.devices_port,
-        "hub-new",
-        &hub_username(LOCAL, "hub-new"),
-        &hub_token(&key, LOCAL, "hub-new"),
-    )
-    .await;
+    let refused = hub_connack(&server, LOCAL, "hub-new", &key).await;
     assert_eq!(
         refused,
         Some(ConnectReturnCode::NotAuthorized),
@@ -161,13 +160,7 @@ async fn only_a_device_assigned_here_and_in_service_connects_to_the_local_hub() 
         }
     }
     let (cloud_id, cloud_key) = cloud_device.expect("a device hashed to the cloud hub");
-    let refused = connack_refusal(
-        server.devices_port,
-        &cloud_id,
-        &hub_username(LOCAL, &cloud_id),
-        &hub_token(&cloud_key, LOCAL, &cloud_id),
-    )
-    .await;
+    let refused = hub_connack(&server, LOCAL, &cloud_id, &cloud_key).await;
     assert_eq!(
         refused,
         Some(ConnectReturnCode::NotAuthorized),
@@ -176,15 +169,7 @@ async fn only_a_device_assigned_here_and_in_service_connects_to_the_local_hub() 
 
     // Assigned here, then disabled: out of service, refused; enabled again: accepted.
     let (id, key) = local_device.expect("a device hashed to the local hub");
-    let connect = || async {
-        connack_refusal(
-            server.devices_port,
-            &id,
-            &hub_username(LOCAL, &id),
-            &hub_token(&key, LOCAL, &id),
-        )
-        .await
-    };
+    let connect = || hub_connack(&server, LOCAL, &id, &key);
     assert_eq!(connect().await, None);
     let topic = edgedps_topics::admin::RecordKind::Enrollment.record_topic(&id);
     let mut enrollment: Value = symmetric_enrollment(&id, &key);
@@ -273,13 +258,7 @@ async fn a_hub_session_is_closed_when_its_device_is_retired() {
         }
     }
     assert!(retired_at.elapsed() < Duration::from_secs(1));
-    let refused = connack_refusal(
-        server.devices_port,
-        "hub-retired",
-        &hub_username(LOCAL, "hub-retired"),
-        &hub_token(&key, LOCAL, "hub-retired"),
-    )
-    .await;
+    let refused = hub_connack(&server, LOCAL, "hub-retired", &key).await;
     assert_eq!(refused, Some(ConnectReturnCode::NotAuthorized), "retired");
 }
 
@@ -293,11 +272,7 @@ async fn a_hub_linked_over_mqtt_as_local_serves_its_devices_until_unlinked() {
     assert_eq!(linked["ok"], true, "{linked}");
     let key = operator.enroll("hub-linked").await;
     assert_eq!(provision(&server, "hub-linked", &key).await, LOCAL);
-    let (username, token) = (
-        hub_username(LOCAL, "hub-linked"),
-        hub_token(&key, LOCAL, "hub-linked"),
-    );
-    let connect = || connack_refusal(server.devices_port, "hub-linked", &username, &token);
+    let connect = || hub_connack(&server, LOCAL, "hub-linked", &key);
     assert_eq!(connect().await, None, "served while linked as local");
     let unlinked = operator.write("dps/hubs/localhost", b"").await;
     assert_eq!(unlinked["ok"], true, "{unlinked}");

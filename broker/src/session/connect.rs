@@ -134,15 +134,17 @@ where
             };
             // An IoT Hub username (`{host}/{deviceId}/?api-version=...`) is a device of
             // the local hub (PROTOCOL E); anything else provisions (PROTOCOL A2).
-            let hub = edgedps_topics::identity::parse_hub_username(&username).is_ok();
-            let admission = if hub {
-                shared
+            let hub_username = edgedps_topics::identity::parse_hub_username(&username).ok();
+            let hub = hub_username.is_some();
+            let admission = match &hub_username {
+                Some(hub_username) => {
+                    shared
+                        .responder
+                        .admit_hub(&client_id, hub_username, credential, unix_now())
+                }
+                None => shared
                     .responder
-                    .admit_hub(&client_id, &username, credential, unix_now())
-            } else {
-                shared
-                    .responder
-                    .admit(&client_id, &username, credential, unix_now())
+                    .admit(&client_id, &username, credential, unix_now()),
             };
             shared.publisher.publish(vec![admission.event]).await;
             match admission.outcome {
