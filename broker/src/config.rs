@@ -72,6 +72,14 @@ pub struct HubConfig {
     pub location: Option<String>,
 }
 
+/// What the embedded default (no file) adds to the built-in defaults: the gateway is
+/// its own hub, under the name the development certificate carries, so that `edgedps
+/// serve` alone provisions devices to itself.
+pub const EMBEDDED_DEFAULT: &str = r#"
+[local_hub]
+host_name = "localhost"
+"#;
+
 /// `[local_hub]`: devices assigned to `host_name` connect to this gateway's device
 /// listener as IoT Hub devices. The name must be one the device listener's certificate
 /// carries: devices check it.
@@ -83,6 +91,33 @@ pub struct LocalHubConfig {
     pub allocation_weight: u32,
     #[serde(default = "LinkedHub::default_apply_allocation_policy")]
     pub apply_allocation_policy: bool,
+    /// Cloud-to-device messages kept per device at most; more are refused.
+    #[serde(default = "default_max_queued_messages")]
+    pub max_queued_messages: usize,
+    /// How long a cloud-to-device message waits for its device, in seconds.
+    #[serde(default = "default_message_ttl_seconds")]
+    pub message_ttl_seconds: u64,
+}
+
+impl LocalHubConfig {
+    /// A local hub named `host_name`, everything else as by default.
+    pub fn named(host_name: &str) -> LocalHubConfig {
+        LocalHubConfig {
+            host_name: host_name.to_owned(),
+            allocation_weight: LinkedHub::default_allocation_weight(),
+            apply_allocation_policy: LinkedHub::default_apply_allocation_policy(),
+            max_queued_messages: default_max_queued_messages(),
+            message_ttl_seconds: default_message_ttl_seconds(),
+        }
+    }
+}
+
+fn default_max_queued_messages() -> usize {
+    edgedps_responder::hub::HubSettings::default().max_queued_messages
+}
+
+fn default_message_ttl_seconds() -> u64 {
+    edgedps_responder::hub::HubSettings::default().message_ttl_seconds
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -206,9 +241,15 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, Error> {
         let mut builder = config::Config::builder();
-        if let Some(path) = file {
-            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
-        }
+        builder = match file {
+            Some(path) => {
+                builder.add_source(config::File::from(path).format(config::FileFormat::Toml))
+            }
+            None => builder.add_source(config::File::from_str(
+                EMBEDDED_DEFAULT,
+                config::FileFormat::Toml,
+            )),
+        };
         let env: config::Map<String, String> = env
             .into_iter()
             .filter(|(k, _)| k.starts_with("EDGEDPS__"))
@@ -298,6 +339,18 @@ impl Config {
                     message: format!("`{name}` is not a host name"),
                 });
             }
+            if local.max_queued_messages == 0 || local.max_queued_messages > 10_000 {
+                return Err(Error::InvalidConfig {
+                    key: "local_hub.max_queued_messages",
+                    message: "must be 1 to 10000".into(),
+                });
+            }
+            if local.message_ttl_seconds == 0 {
+                return Err(Error::InvalidConfig {
+                    key: "local_hub.message_ttl_seconds",
+                    message: "must be at least 1".into(),
+                });
+            }
             if self
                 .hubs
                 .iter()
@@ -332,6 +385,16 @@ impl Config {
                 etag: None,
             }))
             .collect()
+    }
+
+    /// The local hub's queue bounds.
+    pub fn hub_settings(&self) -> edgedps_responder::hub::HubSettings {
+        let mut settings = edgedps_responder::hub::HubSettings::default();
+        if let Some(local) = &self.local_hub {
+            settings.max_queued_messages = local.max_queued_messages;
+            settings.message_ttl_seconds = local.message_ttl_seconds;
+        }
+        settings
     }
 
     pub fn rate_limits(&self) -> edgedps_responder::RateLimits {
@@ -481,8 +544,30 @@ apply_allocation_policy = true
     #[test]
     fn no_file_gives_the_embedded_default() {
         let config = Config::load_with_env(None, []).unwrap();
-        assert_eq!(config.listeners.devices.unwrap().bind.port(), 8883);
-        assert_eq!(config.listeners.local.unwrap().bind.port(), 1883);
+        let listeners = config.listeners.clone();
+        assert_eq!(listeners.devices.unwrap().bind.port(), 8883);
+        assert_eq!(listeners.local.unwrap().bind.port(), 1883);
         assert_eq!(config.data_dir, PathBuf::from("./edgedps-data"));
+        // The gateway is its own hub, under the development certificate's name.
+        let local: Vec<_> = config
+            .linked_hubs()
+            .into_iter()
+            .filter(|h| h.local)
+            .map(|h| h.host_name)
+            .collect();
+        assert_eq!(local, [crate::devcert::ALWAYS_NAMED]);
+        // A file says what it wants: no local hub unless it has one.
+        let f = file("id_scope = \"0ne00000001\"\n");
+        assert!(Config::load_with_env(Some(f.path()), [])
+            .unwrap()
+            .local_hub
+            .is_none());
+        // The environment renames it.
+        let env = [(
+            "EDGEDPS__LOCAL_HUB__HOST_NAME".to_string(),
+            "gw.lan".to_string(),
+        )];
+        let config = Config::load_with_env(None, env).unwrap();
+        assert_eq!(config.local_hub.unwrap().host_name, "gw.lan");
     }
 }

@@ -12,6 +12,10 @@ use rcgen::{
     SanType,
 };
 
+/// The name the development certificate always carries (the embedded default's local
+/// hub is named so).
+pub const ALWAYS_NAMED: &str = "localhost";
+
 pub struct DevCertificate {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -44,10 +48,10 @@ pub fn ensure(data_dir: &Path) -> Result<DevCertificate, Error> {
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca_params, ca_key);
 
-    let mut names = vec!["localhost".to_string()];
+    let mut names = vec![ALWAYS_NAMED.to_string()];
     if let Ok(host) = fs::read_to_string("/etc/hostname") {
         let host = host.trim();
-        if !host.is_empty() && host != "localhost" {
+        if !host.is_empty() && host != ALWAYS_NAMED {
             names.push(host.to_string());
         }
     }

@@ -45,7 +45,11 @@ impl Publisher {
     /// the router would drop it (`interest.rs`). The operator plane's records are not
     /// kept retained: subscriptions read them from the store (`session/records.rs`).
     pub async fn publish(&self, publications: Vec<Publication>) {
-        let heard = |p: &Publication| kept(p) || self.interest.matches(&p.topic);
+        // Interest is counted for `dps/` only: the rest (the local hub's `hub/...`
+        // answers) always goes to the router.
+        let heard = |p: &Publication| {
+            kept(p) || !p.topic.starts_with("dps/") || self.interest.matches(&p.topic)
+        };
         for publication in publications.into_iter().filter(heard) {
             if self.tx.send(Outgoing::Record(publication)).await.is_err() {
                 tracing::warn!("the router's publisher stopped; record not published");

@@ -55,6 +55,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     settings.hubs = config.linked_hubs();
     settings.rate_limits = config.rate_limits();
     settings.max_admin_body = config.limits.max_enrollment_body_size;
+    settings.hub = config.hub_settings();
     let responder = Arc::new(Responder::open(settings, Arc::new(store))?);
 
     // Every session may hold a link, and every offline session; plus the responder's
@@ -63,6 +64,9 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         Router::start(config.limits.max_connections + config.limits.max_offline_sessions + 2);
     let interest = Arc::new(crate::interest::Interest::default());
     let publisher = router.spawn_publisher(interest.clone()).await?;
+    // The local hub's twin records are retained in the router (`hub/twins/{id}`): put
+    // back after a restart. One per device of the local hub.
+    publisher.publish(responder.twin_records()?).await;
 
     let shared = Arc::new(Shared {
         responder: responder.clone(),

@@ -13,6 +13,7 @@ mod admin;
 mod connect;
 mod crl;
 mod error;
+pub mod hub;
 mod latency;
 mod records;
 mod registration;
@@ -71,6 +72,8 @@ pub struct Settings {
     pub rate_limits: RateLimits,
     /// Largest body of an operator write, in bytes.
     pub max_admin_body: usize,
+    /// The local hub's queues.
+    pub hub: hub::HubSettings,
 }
 
 impl Settings {
@@ -84,6 +87,7 @@ impl Settings {
             operation_ttl: std::time::Duration::from_secs(300),
             rate_limits: RateLimits::default(),
             max_admin_body: 64 * 1024,
+            hub: hub::HubSettings::default(),
         }
     }
 }
@@ -157,6 +161,14 @@ pub struct Responder {
     /// Operator writes applied so far: what a session read about its device before can
     /// be used again while this has not moved (see `standing.rs`).
     writes: AtomicU64,
+    /// The live hub sessions, by device (`hub/`).
+    hub_links: Arc<hub::HubLinks>,
+    /// Twin changes, one at a time (`hub/twins.rs`).
+    twin_writes: tokio::sync::Mutex<()>,
+    /// Cloud-to-device queue writes, one at a time (`hub/messages.rs`).
+    queue_writes: tokio::sync::Mutex<()>,
+    /// Method calls waiting for the device's answer, by request id (`hub/methods.rs`).
+    method_calls: Mutex<HashMap<String, hub::PendingCallEntry>>,
 }
 
 impl Responder {
@@ -202,6 +214,10 @@ impl Responder {
             in_flight: Mutex::new(HashSet::new()),
             random: SystemRandom::new(),
             writes: AtomicU64::new(0),
+            hub_links: Arc::default(),
+            twin_writes: tokio::sync::Mutex::new(()),
+            queue_writes: tokio::sync::Mutex::new(()),
+            method_calls: Mutex::new(HashMap::new()),
         })
     }
 

@@ -328,11 +328,16 @@ impl Responder {
             Assignment::Changed(mut state) => {
                 state.etag = Some(self.new_etag());
                 self.store.put_registration(&state)?;
+                // The local hub's twin, made or reset with the record, in its flush.
+                let reset = state.substatus
+                    == Some(edgedps_topics::registration::Substatus::DeviceDataReset);
+                let twin = self.twin_registered(&state, reset)?;
                 self.store.durable().await?;
                 publish.push(Publication::record(
                     RecordKind::Registration.record_topic(device.registration_id.as_str()),
                     &state,
                 ));
+                publish.extend(twin);
                 state
             }
         };

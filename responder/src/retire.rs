@@ -144,7 +144,9 @@ impl Responder {
         if let Some(r) = &deregistered {
             self.store.put_registration(r)?;
         }
-        if blocking.is_some() || deregistered.is_some() {
+        // The local hub's twin and queued messages go with it.
+        let twin_cleared = self.hub_purged(&device_id)?;
+        if blocking.is_some() || deregistered.is_some() || twin_cleared.is_some() {
             self.store.durable().await?;
             self.written();
         }
@@ -157,6 +159,7 @@ impl Responder {
             let topic = RecordKind::Registration.record_topic(r.registration_id.as_str());
             publish.push(Publication::record(topic, r));
         }
+        publish.extend(twin_cleared);
         // 3. Cut its sessions, DPS and hub alike.
         let closed = self
             .cut_off(&[Scope::Registration(&registration_id)], Some(Cut::Retired))

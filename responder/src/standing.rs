@@ -194,6 +194,9 @@ mod tests {
         fn scan_crls(&self) -> Scan<'_, CrlRecord> {
             self.inner.scan_crls()
         }
+        fn hub(&self) -> &dyn crate::store::HubStore {
+            self.inner.hub()
+        }
         fn durable(
             &self,
         ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + '_>>

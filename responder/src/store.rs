@@ -14,8 +14,10 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use edgedps_topics::admin::{Enrollment, EnrollmentGroup, LinkedHub};
+use edgedps_topics::hub::QueuedMessage;
 use edgedps_topics::identity::RegistrationId;
 use edgedps_topics::registration::RegistrationState;
+use edgedps_topics::twin::Twin;
 
 /// Records of one kind, read one at a time (a scan of a large store stays small).
 pub type Scan<'a, T> = Box<dyn Iterator<Item = Result<T, StoreError>> + Send + 'a>;
@@ -48,6 +50,9 @@ pub trait Store: Send + Sync + 'static {
     fn remove_crl(&self, name: &str) -> Result<bool, StoreError>;
     fn scan_crls(&self) -> Scan<'_, CrlRecord>;
 
+    /// The local hub's records: twins and cloud-to-device queues (PROTOCOL E).
+    fn hub(&self) -> &dyn HubStore;
+
     /// Waits until everything written before this call is on disk.
     fn durable(
         &self,
@@ -75,6 +80,37 @@ pub trait Store: Send + Sync + 'static {
     fn crls(&self) -> Result<Vec<CrlRecord>, StoreError> {
         self.scan_crls().collect()
     }
+}
+
+/// The local hub's records, in the same store and under the same flush rule as the
+/// rest: twins by device id, and each device's queue of cloud-to-device messages in
+/// the order they came.
+pub trait HubStore: Send + Sync {
+    fn twin(&self, device_id: &RegistrationId) -> Result<Option<Twin>, StoreError>;
+    fn put_twin(&self, twin: &Twin) -> Result<(), StoreError>;
+    fn remove_twin(&self, device_id: &RegistrationId) -> Result<bool, StoreError>;
+    fn scan_twins(&self) -> Scan<'_, Twin>;
+
+    /// Appends a message to the device's queue; its sequence number, which grows with
+    /// every message ever queued.
+    fn push_message(
+        &self,
+        device_id: &RegistrationId,
+        message: &QueuedMessage,
+    ) -> Result<u64, StoreError>;
+    /// The device's queue, oldest first, at most `limit` messages after `after`.
+    fn messages(
+        &self,
+        device_id: &RegistrationId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, QueuedMessage)>, StoreError>;
+    /// How many messages wait for the device.
+    fn queued(&self, device_id: &RegistrationId) -> Result<usize, StoreError>;
+    fn remove_message(&self, device_id: &RegistrationId, sequence: u64)
+        -> Result<bool, StoreError>;
+    /// Empties the device's queue; how many messages it held.
+    fn clear_messages(&self, device_id: &RegistrationId) -> Result<usize, StoreError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +165,8 @@ struct Inner {
     hubs: sled::Tree,
     registrations: sled::Tree,
     crls: sled::Tree,
+    twins: sled::Tree,
+    messages: sled::Tree,
     commit: Arc<GroupCommit>,
 }
 
@@ -160,6 +198,8 @@ impl SledStore {
             hubs: db.open_tree("hubs")?,
             registrations: db.open_tree("registrations")?,
             crls: db.open_tree("crls")?,
+            twins: db.open_tree("twins")?,
+            messages: db.open_tree("messages")?,
             db,
             commit: Arc::new(GroupCommit {
                 requested: AtomicU64::new(0),
@@ -272,6 +312,10 @@ impl Store for SledStore {
         scan(&self.inner.crls, "crls")
     }
 
+    fn hub(&self) -> &dyn HubStore {
+        self
+    }
+
     fn durable(
         &self,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + '_>>
@@ -281,6 +325,118 @@ impl Store for SledStore {
 
     fn flush_count(&self) -> u64 {
         self.inner.commit.state.borrow().flushes
+    }
+}
+
+/// A queue's key prefix: the device's key and a NUL, which no device id holds.
+fn queue_prefix(device_id: &RegistrationId) -> Vec<u8> {
+    let mut key = device_id.key().as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
+fn message_key(device_id: &RegistrationId, sequence: u64) -> Vec<u8> {
+    let mut key = queue_prefix(device_id);
+    key.extend_from_slice(&sequence.to_be_bytes());
+    key
+}
+
+impl HubStore for SledStore {
+    fn twin(&self, device_id: &RegistrationId) -> Result<Option<Twin>, StoreError> {
+        get(&self.inner.twins, "twins", &device_id.key())
+    }
+
+    fn put_twin(&self, twin: &Twin) -> Result<(), StoreError> {
+        let key = RegistrationId::from(twin.device_id.as_str());
+        put(&self.inner.twins, &key.key(), twin)
+    }
+
+    fn remove_twin(&self, device_id: &RegistrationId) -> Result<bool, StoreError> {
+        Ok(self
+            .inner
+            .twins
+            .remove(device_id.key().as_bytes())?
+            .is_some())
+    }
+
+    fn scan_twins(&self) -> Scan<'_, Twin> {
+        scan(&self.inner.twins, "twins")
+    }
+
+    fn push_message(
+        &self,
+        device_id: &RegistrationId,
+        message: &QueuedMessage,
+    ) -> Result<u64, StoreError> {
+        let sequence = self.inner.db.generate_id()?;
+        self.inner
+            .messages
+            .insert(message_key(device_id, sequence), encode(message)?)?;
+        Ok(sequence)
+    }
+
+    fn messages(
+        &self,
+        device_id: &RegistrationId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, QueuedMessage)>, StoreError> {
+        let prefix = queue_prefix(device_id);
+        let start = match after {
+            Some(after) => match after.checked_add(1) {
+                Some(next) => message_key(device_id, next),
+                None => return Ok(Vec::new()),
+            },
+            None => prefix.clone(),
+        };
+        let mut out = Vec::new();
+        for entry in self.inner.messages.range(start..) {
+            let (key, value) = entry?;
+            let Some(sequence) = key
+                .strip_prefix(prefix.as_slice())
+                .and_then(|rest| <[u8; 8]>::try_from(rest).ok())
+                .map(u64::from_be_bytes)
+            else {
+                break;
+            };
+            out.push((sequence, decode("messages", &key, &value)?));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn queued(&self, device_id: &RegistrationId) -> Result<usize, StoreError> {
+        let mut count = 0;
+        for entry in self.inner.messages.scan_prefix(queue_prefix(device_id)) {
+            entry?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    fn remove_message(
+        &self,
+        device_id: &RegistrationId,
+        sequence: u64,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .inner
+            .messages
+            .remove(message_key(device_id, sequence))?
+            .is_some())
+    }
+
+    fn clear_messages(&self, device_id: &RegistrationId) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for entry in self.inner.messages.scan_prefix(queue_prefix(device_id)) {
+            let (key, _) = entry?;
+            if self.inner.messages.remove(key)?.is_some() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 }
 

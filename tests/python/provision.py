@@ -12,7 +12,8 @@ import traceback
 from azure.iot.device import ProvisioningDeviceClient, X509
 
 
-def run(case, server_ca):
+def provisioning_client(case, server_ca):
+    """The SDK's provisioning client for a case: symmetric key or X.509 files."""
     common = dict(
         provisioning_host="localhost",
         registration_id=case["registrationId"],
@@ -20,13 +21,16 @@ def run(case, server_ca):
         server_verification_cert=server_ca,
     )
     if case["kind"] == "symmetricKey":
-        client = ProvisioningDeviceClient.create_from_symmetric_key(
+        return ProvisioningDeviceClient.create_from_symmetric_key(
             symmetric_key=case["key"], **common
         )
-    else:
-        client = ProvisioningDeviceClient.create_from_x509_certificate(
-            x509=X509(cert_file=case["certFile"], key_file=case["keyFile"]), **common
-        )
+    return ProvisioningDeviceClient.create_from_x509_certificate(
+        x509=X509(cert_file=case["certFile"], key_file=case["keyFile"]), **common
+    )
+
+
+def run(case, server_ca):
+    client = provisioning_client(case, server_ca)
     if "payload" in case:
         client.provisioning_payload = case["payload"]
     result = client.register()
@@ -47,17 +51,19 @@ def run(case, server_ca):
     }
 
 
-def main():
+def run_cases(run_one):
+    """Reads the request on stdin and prints what `run_one` makes of each case, one JSON
+    object per line; a case that raises is reported and the next one runs."""
     request = json.load(sys.stdin)
     with open(request["serverCaFile"]) as f:
         server_ca = f.read()
     for case in request["cases"]:
         try:
-            out = run(case, server_ca)
+            out = run_one(case, server_ca)
         except Exception as e:  # report, keep going: the Rust test asserts per case
             out = {"name": case["name"], "error": repr(e), "trace": traceback.format_exc()}
         print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    run_cases(run)

@@ -4,6 +4,7 @@
 //! listener (`devices`, `live`).
 
 pub mod devices;
+pub mod hub;
 pub mod live;
 pub mod operator;
 pub mod pki;

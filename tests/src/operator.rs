@@ -121,6 +121,19 @@ impl Operator {
         result
     }
 
+    /// Publishes at QoS 1, not retained, and waits for its PUBACK.
+    pub async fn send(&mut self, topic: &str, payload: &[u8]) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+            .await
+            .expect("publish");
+        edgedps_device::provision::wait_for(&mut self.eventloop, "PUBACK", |p| {
+            matches!(p, Packet::PubAck(_))
+        })
+        .await
+        .expect("PUBACK");
+    }
+
     pub async fn next_publish(&mut self, topic_prefix: &str) -> Option<(String, Vec<u8>)> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {

@@ -483,9 +483,22 @@ async fn a_subscriber_reading_records_while_they_change_ends_with_their_current_
 async fn a_changed_record_reaches_subscribers_live() {
     use rumqttc::{Event, MqttOptions, Packet, QoS};
     let server = Server::start().await;
+    let mut operator = server.operator().await;
+    // A record there before the subscription: once it has arrived (retained), the
+    // subscription's reading of the store is over, and what follows is live.
+    operator.enroll("live-0").await;
     let options = MqttOptions::new("live-lister", "127.0.0.1", server.local_port);
     let (_client, mut eventloop) = subscribed(options, "dps/enrollments/#", QoS::AtMostOnce).await;
-    let mut operator = server.operator().await;
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(5), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                assert!(p.retain && p.topic == "dps/enrollments/live-0", "{p:?}");
+                break;
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("the stored record was not read: {other:?}"),
+        }
+    }
     operator.enroll("live-1").await;
     operator.write("dps/enrollments/live-1", b"").await;
     let mut seen = Vec::new();

@@ -7,21 +7,10 @@
 use std::time::{Duration, Instant};
 
 use edgedps_device::provision::register;
-use edgedps_tests::live::{LiveDevice, Protocol};
+use edgedps_tests::hub::*;
 use edgedps_tests::*;
 use rumqttc::ConnectReturnCode;
 use serde_json::Value;
-
-const LOCAL: &str = "localhost";
-
-fn hub_username(host: &str, device_id: &str) -> String {
-    format!("{host}/{device_id}/?api-version=2021-04-12&DeviceClientType=tests")
-}
-
-fn hub_token(key: &str, host: &str, device_id: &str) -> String {
-    edgedps_policies::sas::sign_hub(key, host, device_id, edgedps_responder::unix_now() + 600)
-        .expect("token")
-}
 
 /// A hub CONNECT of `device_id` to `host` with a token signed by `key`: the refusal, or
 /// `None` when accepted.
@@ -40,37 +29,9 @@ async fn hub_connack(
     .await
 }
 
-/// A server whose hubs are the local one and, if `cloud`, `hub-a.example.net`.
-async fn server(cloud: bool) -> Server {
-    Server::start_with(|config| {
-        if !cloud {
-            config.hubs.clear();
-        }
-        config.local_hub = Some(edgedps::config::LocalHubConfig {
-            host_name: LOCAL.into(),
-            allocation_weight: 1,
-            apply_allocation_policy: true,
-        });
-    })
-    .await
-}
-
-/// Provisions `id` (symmetric key) and returns its assigned hub.
-async fn provision(server: &Server, id: &str, key: &str) -> String {
-    let mut device = LiveDevice::connect(server, id, &sas(key), Protocol::V311)
-        .await
-        .expect("DPS connect");
-    let (status, body) = device.register().await;
-    assert_eq!(status, 200, "{body}");
-    body["registrationState"]["assignedHub"]
-        .as_str()
-        .expect("assigned hub")
-        .to_owned()
-}
-
 #[tokio::test]
 async fn a_device_provisioned_to_the_local_hub_connects_to_it() {
-    let server = server(false).await;
+    let server = local_hub_server(false, |_| {}).await;
     let mut operator = server.operator().await;
     let key = operator.enroll("hub-dev-1").await;
     assert_eq!(provision(&server, "hub-dev-1", &key).await, LOCAL);
@@ -83,7 +44,7 @@ async fn a_device_provisioned_to_the_local_hub_connects_to_it() {
 
 #[tokio::test]
 async fn hub_connects_that_are_not_this_devices_own_are_refused() {
-    let server = server(false).await;
+    let server = local_hub_server(false, |_| {}).await;
     let mut operator = server.operator().await;
     let key = operator.enroll("hub-dev-2").await;
     let other_key = operator.enroll("hub-dev-3").await;
@@ -131,7 +92,7 @@ async fn hub_connects_that_are_not_this_devices_own_are_refused() {
 
 #[tokio::test]
 async fn only_a_device_assigned_here_and_in_service_connects_to_the_local_hub() {
-    let server = server(true).await;
+    let server = local_hub_server(true, |_| {}).await;
     let mut operator = server.operator().await;
 
     // Enrolled, not registered yet.
@@ -200,7 +161,7 @@ async fn hub_connect_with_certificate(
 
 #[tokio::test]
 async fn an_x509_device_connects_to_the_local_hub_with_its_provisioning_certificate() {
-    let server = server(false).await;
+    let server = local_hub_server(false, |_| {}).await;
     let mut operator = server.operator().await;
     let pki = pki();
     operator
@@ -237,12 +198,12 @@ async fn an_x509_device_connects_to_the_local_hub_with_its_provisioning_certific
 
 #[tokio::test]
 async fn a_hub_session_is_closed_when_its_device_is_retired() {
-    let server = server(false).await;
+    let server = local_hub_server(false, |_| {}).await;
     let mut operator = server.operator().await;
     let key = operator.enroll("hub-retired").await;
     assert_eq!(provision(&server, "hub-retired", &key).await, LOCAL);
 
-    let (_client, mut eventloop) = hub_session(&server, "hub-retired", &key).await;
+    let HubDevice { mut eventloop, .. } = HubDevice::connect(&server, "hub-retired", &key).await;
     // Live until the retirement.
     let quiet = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
     assert!(quiet.is_err(), "the session stays open: {quiet:?}");
@@ -283,43 +244,20 @@ async fn a_hub_linked_over_mqtt_as_local_serves_its_devices_until_unlinked() {
     );
 }
 
-/// An open hub session of `device_id` (symmetric key), its CONNACK received.
-async fn hub_session(
-    server: &Server,
-    device_id: &str,
-    key: &str,
-) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
-    let mut options = rumqttc::MqttOptions::new(device_id, "localhost", server.devices_port);
-    options.set_credentials(
-        hub_username(LOCAL, device_id),
-        hub_token(key, LOCAL, device_id),
-    );
-    options.set_keep_alive(Duration::from_secs(30));
-    let tls = edgedps_device::tls::client_config(pki().server_ca.pem.as_bytes(), None)
-        .expect("client TLS");
-    options.set_transport(rumqttc::Transport::tls_with_config(
-        rumqttc::TlsConfiguration::Rustls(tls),
-    ));
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 4);
-    match eventloop.poll().await {
-        Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => {
-            assert_eq!(ack.code, ConnectReturnCode::Success)
-        }
-        other => panic!("no CONNACK: {other:?}"),
-    }
-    (client, eventloop)
-}
-
 #[tokio::test]
 async fn telemetry_from_a_hub_session_reaches_operators_and_only_on_its_own_topics() {
-    let server = server(false).await;
+    let server = local_hub_server(false, |_| {}).await;
     let mut operator = server.operator().await;
     let key = operator.enroll("hub-telemetry").await;
     assert_eq!(provision(&server, "hub-telemetry", &key).await, LOCAL);
     let mut watcher = server.operator().await;
     watcher.subscribe("devices/+/messages/events/#").await;
 
-    let (client, mut eventloop) = hub_session(&server, "hub-telemetry", &key).await;
+    let HubDevice {
+        client,
+        mut eventloop,
+        ..
+    } = HubDevice::connect(&server, "hub-telemetry", &key).await;
     // A property bag as the SDKs send it: URL-encoded, `$.ct` and `$.ce` included.
     let topic =
         "devices/hub-telemetry/messages/events/temp=21&%24.ct=application%2Fjson&%24.ce=utf-8";

@@ -1,7 +1,8 @@
 //! The edgedps wire contract, without IO: the device topics of Azure DPS over MQTT
 //! (`dps`), the CONNECT username and registration ids (`identity`), the request and
 //! response bodies (`registration`), the operator plane (`admin`), the events
-//! edgedps publishes about both (`events`), and a device's twin (`twin`).
+//! edgedps publishes about both (`events`), a device's twin (`twin`) and the hub side's
+//! topics (`hub`).
 //!
 //! Nothing here touches a socket or a clock: every function takes values and returns
 //! values, so the contract is tested with plain `#[test]`s.
@@ -10,6 +11,7 @@ pub mod admin;
 pub mod dps;
 pub mod encoding;
 pub mod events;
+pub mod hub;
 pub mod identity;
 pub mod registration;
 pub mod twin;

@@ -57,6 +57,7 @@ where
     let mut keep_session = false;
     let mut session_expiry = 0;
     let mut owner = 0;
+    let mut hub_session = None;
     let mut saved: Option<super::SavedSession> = None;
     let (identity, role, live, standing) = match kind {
         ListenerKind::Local => {
@@ -154,6 +155,13 @@ where
                         Access::Hub { device_id } => Some(device_id),
                         Access::Unassigned | Access::OutOfService(_) => None,
                     };
+                    if let (true, Some(device_id)) = (hub, &device_id) {
+                        let link = shared.responder.attach_hub(device_id);
+                        hub_session = Some(Box::new(super::hub::HubSession::new(
+                            device_id.clone(),
+                            link,
+                        )));
+                    }
                     (
                         Identity::Device(admitted.device),
                         Role::Device { device_id },
@@ -221,6 +229,7 @@ where
         keep: keep_session,
         expiry: session_expiry,
         topic_aliases: std::collections::HashMap::new(),
+        hub: hub_session,
     });
     // DPS: SessionPresent is always 0; provisioning sessions are never persisted.
     // A full MQTT 5 session is told what it may use; DPS sessions get no properties.

@@ -2,6 +2,8 @@
 //! file:
 //! - `connect.rs`: the CONNECT under its deadline, attestation, the CONNACK;
 //! - `dps.rs`: `$dps/` requests, answered by the responder in process;
+//! - `hub.rs`: a device of the local hub (`$iothub/`, twins, methods, cloud-to-device
+//!   messages), and the operator writes that reach it;
 //! - `admin.rs`: operator writes under `dps/`;
 //! - `subscriptions.rs`: SUBSCRIBE and UNSUBSCRIBE, with the topic ACL;
 //! - `records.rs`: the operator plane's records, read from the store for a new
@@ -30,6 +32,7 @@
 mod admin;
 mod connect;
 mod dps;
+mod hub;
 mod link;
 pub mod offline;
 mod records;
@@ -207,6 +210,8 @@ struct Session<S> {
     expiry: u32,
     /// MQTT 5 topic aliases the client set.
     topic_aliases: std::collections::HashMap<u16, bytes::Bytes>,
+    /// A device of the local hub (PROTOCOL E): its hub protocol state.
+    hub: Option<Box<hub::HubSession>>,
 }
 
 /// What a persistent session keeps between its connections besides what the router
@@ -274,6 +279,8 @@ enum Event {
     Cut(Cut),
     /// Records are waiting to be read for a new subscription.
     Records,
+    /// The local hub sent a hub session something.
+    Hub(edgedps_responder::hub::HubEvent),
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -318,6 +325,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let notification = link::next_event(&mut self.link_rx);
                 let cut = next_cut(&self.live);
                 let reading = !self.readings.is_empty();
+                let hub = hub::next_event(&mut self.hub);
                 tokio::select! {
                     cut = cut => Event::Cut(cut),
                     () = std::future::ready(()), if reading => Event::Records,
@@ -331,6 +339,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         None => Event::KeepAliveExpired,
                     },
                     n = notification => Event::Router(n),
+                    h = hub => Event::Hub(h),
                 }
             };
             match event {
@@ -344,6 +353,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Event::Router(event) => Box::pin(self.on_router(event)).await?,
                 Event::Cut(cut) => return self.out_of_service(cut).await,
                 Event::Records => self.send_records().await?,
+                Event::Hub(event) => self.on_hub_event(event)?,
             }
             self.flush().await?;
         }
@@ -511,6 +521,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     .map_err(|_| Close::Violation("topic is not UTF-8".into()))?
                     .to_owned();
                 let content_type = properties.as_ref().and_then(|p| p.content_type.as_deref());
+                if topic.starts_with(edgedps_topics::hub::IOTHUB_PREFIX) && !self.passthrough {
+                    return self.hub_request(&topic, &publish.payload, meta).await;
+                }
+                if let Identity::Operator = self.identity {
+                    if let Some(write) = edgedps_topics::hub::parse_operator_topic(&topic) {
+                        return self
+                            .hub_operator_write(&topic, write, &publish.payload, meta)
+                            .await;
+                    }
+                    if let Some((device_id, bag)) = edgedps_topics::hub::parse_devicebound(&topic) {
+                        let (device_id, bag) = (device_id.to_owned(), bag.to_owned());
+                        if self
+                            .queue_message(&device_id, &bag, &publish.payload, meta)
+                            .await?
+                        {
+                            return Ok(());
+                        }
+                    }
+                }
                 if dps_topics::is_dps_topic(&topic) {
                     return self
                         .dps_request(&topic, &publish.payload, content_type, meta)
@@ -596,8 +625,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             // The release of a QoS 2 publish the router holds.
             release @ Packet::PubRel(..) if self.passthrough => self.router_send(release).await,
-            // DPS sessions: deliveries are QoS 0, nothing to settle.
-            Packet::PubAck(..) => Ok(()),
+            // Device sessions: router deliveries are QoS 0, nothing to settle; a hub
+            // session's cloud-to-device messages leave their queue.
+            Packet::PubAck(PubAck { pkid, .. }, _) => self.hub_acknowledged(pkid),
             Packet::Connect(..) => Err(Close::Violation("second CONNECT".into())),
             other => Err(Close::Violation(format!("unexpected packet {other:?}"))),
         }

@@ -59,6 +59,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let granted = requested.min(1);
                 self.dps_qos = Some(granted);
                 codes.push(self.codec.subscribe_granted(granted));
+            } else if let Some(granted) = self.hub_subscribe(&filter.path, requested) {
+                codes.push(self.codec.subscribe_granted(granted));
             } else if !self.admissible(&filter.path, &mut refused) {
                 codes.push(self.codec.subscribe_refused());
             } else {
@@ -102,11 +104,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             },
             None,
         ))?;
-        // Retained messages the router sent with its acknowledgement follow the SUBACK.
+        // Retained messages the router sent with its acknowledgement follow the SUBACK,
+        // and a hub session's queued cloud-to-device messages.
         for notification in early {
             self.on_router(notification.into()).await?;
         }
-        Ok(())
+        self.deliver_messages()
     }
 
     /// Holds `filter` with `options` (counted in `Shared::interest` while held).
@@ -294,7 +297,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let forward: Vec<String> = unsubscribe
             .filters
             .into_iter()
-            .filter(|f| !dps::is_dps_topic(f))
+            .filter(|f| !dps::is_dps_topic(f) && !self.hub_unsubscribe(f))
             .collect();
         for filter in &forward {
             self.drop_filter(filter);

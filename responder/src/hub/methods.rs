@@ -1,0 +1,159 @@
+//! Direct methods (PROTOCOL E): an operator publishes a call to
+//! `hub/methods/{deviceId}/{correlationId}`; a live hub session of the device that
+//! subscribed to `$iothub/methods/POST/#` gets it under a request id of ours; the
+//! device's answer on `$iothub/methods/res/{status}/?$rid=` goes to
+//! `hub/methods/responses/{correlationId}`. No such session: 404 at once. No answer
+//! within the call's timeout: 504. An answer nobody is waiting for is dropped and logged.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use edgedps_topics::hub::{self as hub_topics, codes, MethodCall, MethodResult};
+use edgedps_topics::identity::RegistrationId;
+
+use super::HubEvent;
+use crate::{lock, Publication, Responder};
+
+/// Calls waiting for their answers, at most (beyond: 429).
+const MAX_PENDING_CALLS: usize = 1024;
+
+/// A call waiting for its answer.
+pub(crate) struct PendingCall {
+    device_key: String,
+    correlation_id: String,
+}
+
+/// What an operator's call led to.
+#[derive(Debug, Default)]
+pub struct Invoked {
+    /// The answer already known (a refusal, or the device is not there).
+    pub publish: Vec<Publication>,
+    /// The call went to the device: its request id, and when to give up waiting.
+    pub waiting: Option<(String, Duration)>,
+}
+
+impl Responder {
+    /// An operator's method call.
+    pub fn invoke_method(&self, device_id: &str, correlation_id: &str, body: &[u8]) -> Invoked {
+        let answer = |status: u16, code: u32, message: String| Invoked {
+            publish: vec![method_answer(
+                correlation_id,
+                status,
+                json!({"errorCode": code, "message": message}),
+            )],
+            waiting: None,
+        };
+        let call: MethodCall = match serde_json::from_slice(body) {
+            Ok(call) => call,
+            Err(e) => {
+                let reason = edgedps_topics::encoding::without_values(&e.to_string());
+                return answer(
+                    400,
+                    codes::BAD_FORMAT,
+                    format!("the call is not valid: {reason}"),
+                );
+            }
+        };
+        if let Err(reason) = call.check() {
+            return answer(400, codes::BAD_FORMAT, reason);
+        }
+        let id = RegistrationId::from(device_id);
+        let link = self
+            .hub_links
+            .links(&id)
+            .into_iter()
+            .find(|l| l.methods.load(Ordering::SeqCst));
+        let Some(link) = link else {
+            return answer(
+                404,
+                codes::DEVICE_NOT_ONLINE,
+                format!("`{device_id}` is not connected and subscribed to methods"),
+            );
+        };
+        let rid = self.random_token(9);
+        {
+            let mut pending = lock(&self.method_calls);
+            if pending.len() >= MAX_PENDING_CALLS {
+                return answer(
+                    429,
+                    codes::THROTTLED,
+                    format!("{MAX_PENDING_CALLS} method calls are waiting already"),
+                );
+            }
+            pending.insert(
+                rid.clone(),
+                PendingCall {
+                    device_key: id.key().into_owned(),
+                    correlation_id: correlation_id.to_owned(),
+                },
+            );
+        }
+        let event = HubEvent::Method {
+            method: call.method_name.clone(),
+            rid: rid.clone(),
+            payload: serde_json::to_vec(&call.payload).unwrap_or_else(|_| b"null".to_vec()),
+        };
+        if link.tx.try_send(event).is_err() {
+            lock(&self.method_calls).remove(&rid);
+            return answer(
+                404,
+                codes::DEVICE_NOT_ONLINE,
+                format!("`{device_id}`'s session is not taking calls"),
+            );
+        }
+        tracing::info!(%device_id, %correlation_id, method = %call.method_name, "method call sent to the device");
+        Invoked {
+            publish: Vec::new(),
+            waiting: Some((rid, Duration::from_secs(call.timeout_seconds()))),
+        }
+    }
+
+    /// The device's answer to call `rid`: for the operator, unless nobody waits for it
+    /// (unknown, timed out, or another device's call).
+    pub fn method_answered(
+        &self,
+        device_id: &str,
+        rid: &str,
+        status: u16,
+        body: &[u8],
+    ) -> Option<Publication> {
+        let key = RegistrationId::from(device_id).key().into_owned();
+        let call = {
+            let mut pending = lock(&self.method_calls);
+            match pending.get(rid) {
+                Some(call) if call.device_key == key => pending.remove(rid),
+                _ => None,
+            }
+        };
+        let Some(call) = call else {
+            tracing::warn!(%device_id, %rid, status, "method answer for no waiting call (unknown $rid, timed out, or not this device's); dropped");
+            return None;
+        };
+        let payload = match serde_json::from_slice::<Value>(body) {
+            Ok(value) => value,
+            Err(_) if body.is_empty() => Value::Null,
+            Err(_) => Value::String(String::from_utf8_lossy(body).into_owned()),
+        };
+        Some(method_answer(&call.correlation_id, status, payload))
+    }
+
+    /// Call `rid` had no answer in time: 504, unless it was answered meanwhile.
+    pub fn method_timed_out(&self, rid: &str) -> Option<Publication> {
+        let call = lock(&self.method_calls).remove(rid)?;
+        tracing::info!(correlation_id = %call.correlation_id, "method call timed out");
+        Some(method_answer(
+            &call.correlation_id,
+            504,
+            json!({"errorCode": codes::TIMEOUT, "message": "the device did not answer in time"}),
+        ))
+    }
+}
+
+fn method_answer(correlation_id: &str, status: u16, payload: Value) -> Publication {
+    Publication::event(
+        hub_topics::method_response_topic(correlation_id),
+        &MethodResult { status, payload },
+    )
+}
