@@ -195,17 +195,23 @@ pub fn attest(
     attest_for(registration_id, credential, enrollments, Audience::Dps)
 }
 
-/// Decides whether `credential` proves the device of a hub CONNECT (see [`claim_hub`]):
-/// the same enrollments and keys as provisioning, but a SAS token must name
-/// `{host_name}/devices/{device_id}`. A token made for provisioning is refused here,
-/// and a hub token at provisioning.
+/// Decides whether `credential` proves the device of a hub CONNECT (see [`claim_hub`]),
+/// registered as `registration_id` (its device id is the registration id, or an
+/// individual enrollment's own `deviceId`): the same enrollments and keys as
+/// provisioning, but a SAS token must name `{host_name}/devices/{device_id}`. A token
+/// made for provisioning is refused here, and a hub token at provisioning.
 pub fn attest_hub(
-    device_id: RegistrationId,
+    registration_id: RegistrationId,
+    device_id: &str,
     host_name: &str,
     credential: Credential<'_>,
     enrollments: &Enrollments<'_>,
 ) -> Result<Attested, AttestationError> {
-    attest_for(device_id, credential, enrollments, Audience::Hub(host_name))
+    let audience = Audience::Hub {
+        host_name,
+        device_id,
+    };
+    attest_for(registration_id, credential, enrollments, audience)
 }
 
 /// What a SAS token must name.
@@ -214,7 +220,10 @@ enum Audience<'a> {
     /// `{idScope}/registrations/{registrationId}`.
     Dps,
     /// `{hostName}/devices/{deviceId}`.
-    Hub(&'a str),
+    Hub {
+        host_name: &'a str,
+        device_id: &'a str,
+    },
 }
 
 impl Audience<'_> {
@@ -227,7 +236,10 @@ impl Audience<'_> {
     ) -> Result<crate::sas::KeyUsed, crate::sas::SasError> {
         match self {
             Audience::Dps => token.verify(enrollments.id_scope, id, keys, enrollments.now),
-            Audience::Hub(host_name) => token.verify_hub(host_name, id, keys, enrollments.now),
+            Audience::Hub {
+                host_name,
+                device_id,
+            } => token.verify_hub(host_name, device_id, keys, enrollments.now),
         }
     }
 }
@@ -563,7 +575,13 @@ mod tests {
             None => attest(claim(id, &username(id), SCOPE)?, credential, &enrollments),
             Some(username) => {
                 let (device_id, host) = claim_hub_spelled(id, username, local)?;
-                attest_hub(device_id, host, credential, &enrollments)
+                attest_hub(
+                    device_id.clone(),
+                    device_id.as_str(),
+                    host,
+                    credential,
+                    &enrollments,
+                )
             }
         }
     }

@@ -7,7 +7,7 @@ use edgedps_policies::access::Access;
 use edgedps_policies::attestation::{self, AttestationError, Attested, Credential, Enrollments};
 use edgedps_topics::admin::LinkedHub;
 use edgedps_topics::events::{AttestationEvent, AttestationOutcome};
-use edgedps_topics::identity::HubUsername;
+use edgedps_topics::identity::{HubUsername, RegistrationId};
 
 use crate::sessions::Entered;
 use crate::standing::{EnrollmentRead, Standing};
@@ -61,13 +61,25 @@ impl Responder {
     ) -> Admission {
         let claimed = attestation::claim_hub(client_id, username, |host| self.is_local_hub(host));
         let (attested, host) = match claimed {
-            Ok((device_id, host)) => (
-                self.attest_device(device_id, credential, now, Some(host)),
-                Some(host),
-            ),
+            Ok((device_id, host)) => {
+                let attested = self.registered_as(&device_id).and_then(|registration_id| {
+                    let hub = Some((host, device_id.as_str()));
+                    self.attest_device(registration_id, credential, now, hub)
+                });
+                (attested, Some(host))
+            }
             Err(e) => (Err(e.into()), None),
         };
         self.admission(client_id, attested, host)
+    }
+
+    /// The registration id device `device_id` was assigned under: its own, unless an
+    /// individual enrollment gave it another device id.
+    fn registered_as(&self, device_id: &RegistrationId) -> Result<RegistrationId, Error> {
+        Ok(self
+            .registration_of_device(device_id.as_str())?
+            .map(|record| record.registration_id)
+            .unwrap_or_else(|| device_id.clone()))
     }
 
     /// Whether `host_name` is a hub this gateway serves itself: among the linked hubs
@@ -114,7 +126,7 @@ impl Responder {
                 }
             };
             if let Some(host) = hub {
-                assigned_here(host, &access, standing.as_ref())?;
+                assigned_here(host, client_id, &access, standing.as_ref())?;
             }
             event.attestation = Some(device.kind);
             event.enrollment_group_id = device.source.group().map(str::to_owned);
@@ -147,13 +159,14 @@ impl Responder {
         self.attest_device(registration_id, credential, now, None)
     }
 
-    /// Attests the claimed device: for provisioning, or for the local hub `hub`.
+    /// Attests the claimed device: for provisioning, or for the local hub `hub` (its host
+    /// name and the device id the CONNECT named).
     fn attest_device(
         &self,
-        registration_id: edgedps_topics::identity::RegistrationId,
+        registration_id: RegistrationId,
         credential: Credential<'_>,
         now: u64,
-        hub: Option<&str>,
+        hub: Option<(&str, &str)>,
     ) -> Result<(Attested, EnrollmentRead), Error> {
         let enrollment = self.read_enrollment(&registration_id)?;
         let groups = read(&self.groups);
@@ -167,17 +180,30 @@ impl Responder {
         };
         let device = match hub {
             None => attestation::attest(registration_id, credential, &enrollments)?,
-            Some(host) => attestation::attest_hub(registration_id, host, credential, &enrollments)?,
+            Some((host, device_id)) => {
+                attestation::attest_hub(registration_id, device_id, host, credential, &enrollments)?
+            }
         };
         Ok((device, enrollment))
     }
 }
 
-/// A hub session is for a device assigned to that hub and in service (the access rule:
-/// PROTOCOL B, retirement); anything else is refused with its reason.
-fn assigned_here(host: &str, access: &Access, standing: Option<&Standing>) -> Result<(), Error> {
+/// A hub session is for a device assigned to that hub under the device id it claims,
+/// and in service (the access rule: PROTOCOL B, retirement); anything else is refused
+/// with its reason.
+fn assigned_here(
+    host: &str,
+    claimed: &str,
+    access: &Access,
+    standing: Option<&Standing>,
+) -> Result<(), Error> {
     let refuse = |reason: String| Err(AttestationError::NotAuthorized(reason).into());
     match access {
+        Access::Hub { device_id } if !device_id.eq_ignore_ascii_case(claimed) => {
+            return refuse(format!(
+                "the device was assigned as device `{device_id}`, not `{claimed}`"
+            ))
+        }
         Access::Hub { .. } => {}
         Access::Unassigned => return refuse(format!("the device is not assigned to hub `{host}`")),
         Access::OutOfService(reason) => {

@@ -332,6 +332,13 @@ impl Responder {
                 let reset = state.substatus
                     == Some(edgedps_topics::registration::Substatus::DeviceDataReset);
                 let twin = self.twin_registered(&state, reset)?;
+                if let Some(device_id) = state.device_id.as_deref() {
+                    if !device.registration_id.is(device_id) {
+                        self.store
+                            .hub()
+                            .put_device_registration(device_id, &device.registration_id)?;
+                    }
+                }
                 self.store.durable().await?;
                 publish.push(Publication::record(
                     RecordKind::Registration.record_topic(device.registration_id.as_str()),

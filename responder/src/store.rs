@@ -2,7 +2,9 @@
 //! [`SledStore`], its embedded implementation: sled trees with CBOR values.
 //!
 //! Trees: `enrollments` and `registrations` keyed by the canonical registration id,
-//! `groups` by group id, `hubs` by host name, `crls` by the name an operator gave. A
+//! `groups` by group id, `hubs` by host name, `crls` by the name an operator gave; for
+//! the local hub, `twins` by device id, `messages` by device id and sequence, and
+//! `device_ids` (device id to registration id, for devices whose ids differ). A
 //! write is acknowledged only after [`Store::durable`] covers it; writes that arrive
 //! together share one flush (group commit).
 
@@ -91,6 +93,15 @@ pub trait HubStore: Send + Sync {
     fn remove_twin(&self, device_id: &RegistrationId) -> Result<bool, StoreError>;
     fn scan_twins(&self) -> Scan<'_, Twin>;
 
+    /// The registration of a device whose device id is not its registration id (an
+    /// individual enrollment's own `deviceId`), as the last assignment recorded it.
+    fn device_registration(&self, device_id: &str) -> Result<Option<RegistrationId>, StoreError>;
+    fn put_device_registration(
+        &self,
+        device_id: &str,
+        registration_id: &RegistrationId,
+    ) -> Result<(), StoreError>;
+
     /// Appends a message to the device's queue; its sequence number, which grows with
     /// every message ever queued.
     fn push_message(
@@ -167,6 +178,7 @@ struct Inner {
     crls: sled::Tree,
     twins: sled::Tree,
     messages: sled::Tree,
+    device_ids: sled::Tree,
     commit: Arc<GroupCommit>,
 }
 
@@ -200,6 +212,7 @@ impl SledStore {
             crls: db.open_tree("crls")?,
             twins: db.open_tree("twins")?,
             messages: db.open_tree("messages")?,
+            device_ids: db.open_tree("device_ids")?,
             db,
             commit: Arc::new(GroupCommit {
                 requested: AtomicU64::new(0),
@@ -361,6 +374,20 @@ impl HubStore for SledStore {
 
     fn scan_twins(&self) -> Scan<'_, Twin> {
         scan(&self.inner.twins, "twins")
+    }
+
+    fn device_registration(&self, device_id: &str) -> Result<Option<RegistrationId>, StoreError> {
+        let key = RegistrationId::from(device_id);
+        get(&self.inner.device_ids, "device_ids", &key.key())
+    }
+
+    fn put_device_registration(
+        &self,
+        device_id: &str,
+        registration_id: &RegistrationId,
+    ) -> Result<(), StoreError> {
+        let key = RegistrationId::from(device_id);
+        put(&self.inner.device_ids, &key.key(), registration_id)
     }
 
     fn push_message(
@@ -549,6 +576,82 @@ fn scan_after<'a, T: DeserializeOwned + 'a>(
 mod tests {
     use super::*;
     use edgedps_topics::registration::RegistrationStatus;
+
+    fn message(n: u8) -> QueuedMessage {
+        QueuedMessage {
+            property_bag: format!("n={n}"),
+            payload: vec![n],
+            enqueued: 1,
+            expires: 2,
+        }
+    }
+
+    #[test]
+    fn each_device_s_queue_keeps_its_order_and_no_other_device_s_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let hub = store.hub();
+        let (a, ab) = (
+            RegistrationId::from("dev-a"),
+            RegistrationId::from("dev-ab"),
+        );
+        let mut sequences = Vec::new();
+        for n in 0..5 {
+            sequences.push(hub.push_message(&a, &message(n)).unwrap());
+            hub.push_message(&ab, &message(100 + n)).unwrap();
+        }
+        // A device id that is a prefix of another's does not read the other's queue.
+        let all = hub.messages(&a, None, 100).unwrap();
+        let payloads: Vec<u8> = all.iter().map(|(_, m)| m.payload[0]).collect();
+        assert_eq!(payloads, [0, 1, 2, 3, 4]);
+        assert_eq!(hub.queued(&a).unwrap(), 5);
+        // Pages: after a sequence, at most `limit`.
+        let page = hub.messages(&a, Some(sequences[1]), 2).unwrap();
+        assert_eq!(
+            page.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            sequences[2..4]
+        );
+        assert!(hub.messages(&a, Some(u64::MAX), 2).unwrap().is_empty());
+        // Case does not make another queue.
+        assert!(hub
+            .remove_message(&RegistrationId::from("DEV-A"), sequences[0])
+            .unwrap());
+        assert_eq!(hub.queued(&a).unwrap(), 4);
+        assert_eq!(hub.clear_messages(&a).unwrap(), 4);
+        assert_eq!(hub.queued(&a).unwrap(), 0);
+        assert_eq!(hub.queued(&ab).unwrap(), 5);
+    }
+
+    #[tokio::test]
+    async fn twins_and_queues_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = RegistrationId::from("dev-1");
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            let twin = Twin::initial("dev-1", None);
+            store.hub().put_twin(&twin).unwrap();
+            store.hub().push_message(&id, &message(7)).unwrap();
+            store
+                .hub()
+                .put_device_registration("custom", &RegistrationId::from("reg-1"))
+                .unwrap();
+            store.durable().await.unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        let hub = store.hub();
+        assert_eq!(
+            hub.twin(&id).unwrap().map(|t| t.device_id),
+            Some("dev-1".into())
+        );
+        assert_eq!(hub.scan_twins().count(), 1);
+        assert_eq!(hub.messages(&id, None, 10).unwrap()[0].1, message(7));
+        assert_eq!(
+            hub.device_registration("CUSTOM").unwrap(),
+            Some(RegistrationId::from("reg-1"))
+        );
+        assert!(hub.remove_twin(&id).unwrap());
+        assert!(hub.twin(&id).unwrap().is_none());
+    }
 
     #[tokio::test]
     async fn concurrent_writes_share_flushes_and_survive_reopen() {

@@ -21,6 +21,10 @@ pub struct RateLimits {
     pub register_window: Duration,
     /// Registrations per second over all devices (a token bucket of one second).
     pub registrations_per_second: u32,
+    /// At most this many twin requests (GET and reported patches) per device of the
+    /// local hub in `twin_window`: each patch costs a share of a disk flush.
+    pub twin_requests_per_device: usize,
+    pub twin_window: Duration,
 }
 
 impl Default for RateLimits {
@@ -31,6 +35,8 @@ impl Default for RateLimits {
             registrations_per_device: 10,
             register_window: Duration::from_secs(60),
             registrations_per_second: 10_000,
+            twin_requests_per_device: 100,
+            twin_window: Duration::from_secs(10),
         }
     }
 }
@@ -105,6 +111,7 @@ pub struct Throttle {
     polls: Mutex<Windows>,
     registrations: Mutex<Windows>,
     global: Mutex<Bucket>,
+    twin_requests: Mutex<Windows>,
 }
 
 impl Throttle {
@@ -121,6 +128,10 @@ impl Throttle {
                 rate,
                 updated: Instant::now(),
             }),
+            twin_requests: Mutex::new(Windows::new(
+                limits.twin_requests_per_device,
+                limits.twin_window,
+            )),
         }
     }
 
@@ -128,6 +139,13 @@ impl Throttle {
     pub fn admit_poll(&self, registration_id: &RegistrationId, now: Instant) -> Result<(), u32> {
         lock(&self.polls)
             .admit(registration_id, now)
+            .map_err(whole_seconds)
+    }
+
+    /// A twin request of a device of the local hub.
+    pub fn admit_twin_request(&self, device_id: &RegistrationId, now: Instant) -> Result<(), u32> {
+        lock(&self.twin_requests)
+            .admit(device_id, now)
             .map_err(whole_seconds)
     }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use edgedps_device::provision::register;
 use edgedps_tests::hub::*;
+use edgedps_tests::live::{LiveDevice, Protocol};
 use edgedps_tests::*;
 use rumqttc::ConnectReturnCode;
 use serde_json::Value;
@@ -305,4 +306,36 @@ async fn telemetry_from_a_hub_session_reaches_operators_and_only_on_its_own_topi
         }
     }
     assert_eq!(watcher.next_publish("devices/hub-other/").await, None);
+}
+
+#[tokio::test]
+async fn a_device_given_its_own_device_id_connects_to_the_hub_under_it() {
+    let server = local_hub_server(false, |_| {}).await;
+    let mut operator = server.operator().await;
+    let key = new_key();
+    let mut enrollment = symmetric_enrollment("reg-custom", &key);
+    enrollment["deviceId"] = serde_json::json!("custom-device");
+    enrollment["initialTwin"] = serde_json::json!({"properties": {"desired": {"n": 1}}});
+    operator.put("dps/enrollments/reg-custom", enrollment).await;
+    let mut device = LiveDevice::connect(&server, "reg-custom", &sas(&key), Protocol::V311)
+        .await
+        .expect("DPS connect");
+    let (status, body) = device.register().await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["registrationState"]["deviceId"], "custom-device");
+
+    assert_eq!(
+        hub_connack(&server, LOCAL, "custom-device", &key).await,
+        None
+    );
+    assert_eq!(
+        hub_connack(&server, LOCAL, "reg-custom", &key).await,
+        Some(ConnectReturnCode::NotAuthorized),
+        "the registration id is not the device id"
+    );
+    let mut hub = HubDevice::connect(&server, "custom-device", &key).await;
+    hub.subscribe("$iothub/twin/res/#").await;
+    let (status, _, twin) = hub.twin("GET", b"").await;
+    assert_eq!(status, 200);
+    assert_eq!(twin["desired"], serde_json::json!({"n": 1, "$version": 1}));
 }

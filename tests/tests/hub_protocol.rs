@@ -583,3 +583,39 @@ async fn twins_and_queued_messages_survive_a_sigkill() {
     let record: Value = serde_json::from_slice(&record).unwrap();
     assert_eq!(record["properties"]["reported"]["fw"], "2.0");
 }
+
+#[tokio::test]
+async fn twin_requests_beyond_the_device_s_rate_are_answered_429_with_a_retry_hint() {
+    let server = local_hub_server(false, |_| {}).await;
+    let mut operator = server.operator().await;
+    let key = enrolled_here(&server, &mut operator, "busy-twin", interval(1), json!({})).await;
+    let mut device = HubDevice::connect(&server, "busy-twin", &key).await;
+    device.subscribe("$iothub/twin/res/#").await;
+    // 100 requests in 10 s (RateLimits::twin_requests_per_device) are served.
+    for n in 0..100 {
+        let (status, _, _) = device.twin("GET", b"").await;
+        assert_eq!(status, 200, "request {n}");
+    }
+    device
+        .send(
+            "$iothub/twin/PATCH/properties/reported/?$rid=over",
+            br#"{"a": 1}"#,
+        )
+        .await;
+    let answer = device
+        .next_publish("$iothub/twin/res/")
+        .await
+        .expect("an answer");
+    let retry_after: u32 = answer
+        .topic
+        .strip_prefix("$iothub/twin/res/429/?$rid=over&retry-after=")
+        .unwrap_or_else(|| panic!("not a 429 with a retry hint: {}", answer.topic))
+        .parse()
+        .expect("seconds");
+    assert!((1..=10).contains(&retry_after), "{retry_after}");
+    let body: Value = serde_json::from_slice(&answer.payload).expect("JSON");
+    assert_eq!(body["errorCode"], 429001, "{body}");
+    // The refused patch changed nothing.
+    let record = twin_record(&server, "busy-twin").await.expect("record");
+    assert_eq!(record["properties"]["reported"], json!({"$version": 1}));
+}

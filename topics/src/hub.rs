@@ -95,12 +95,21 @@ pub fn parse_request(topic: &str) -> Result<HubRequest, HubTopicError> {
     }
 }
 
-/// `$iothub/twin/res/{status}/?$rid={rid}[&$version={v}]`.
-pub fn twin_response_topic(status: u16, rid: &str, version: Option<u64>) -> String {
-    match version {
-        Some(version) => format!("$iothub/twin/res/{status}/?$rid={rid}&$version={version}"),
-        None => format!("$iothub/twin/res/{status}/?$rid={rid}"),
+/// `$iothub/twin/res/{status}/?$rid={rid}[&$version={v}][&retry-after={s}]`.
+pub fn twin_response_topic(
+    status: u16,
+    rid: &str,
+    version: Option<u64>,
+    retry_after: Option<u32>,
+) -> String {
+    let mut topic = format!("$iothub/twin/res/{status}/?$rid={rid}");
+    if let Some(version) = version {
+        topic.push_str(&format!("&$version={version}"));
     }
+    if let Some(seconds) = retry_after {
+        topic.push_str(&format!("&retry-after={seconds}"));
+    }
+    topic
 }
 
 /// `$iothub/twin/PATCH/properties/desired/?$version={v}`.
@@ -343,12 +352,16 @@ mod tests {
     #[test]
     fn answers_are_where_the_sdks_look() {
         assert_eq!(
-            twin_response_topic(204, "5", Some(3)),
+            twin_response_topic(204, "5", Some(3), None),
             "$iothub/twin/res/204/?$rid=5&$version=3"
         );
         assert_eq!(
-            twin_response_topic(400, "5", None),
+            twin_response_topic(400, "5", None, None),
             "$iothub/twin/res/400/?$rid=5"
+        );
+        assert_eq!(
+            twin_response_topic(429, "5", None, Some(2)),
+            "$iothub/twin/res/429/?$rid=5&retry-after=2"
         );
         assert_eq!(
             desired_topic(2),

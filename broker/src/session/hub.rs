@@ -121,7 +121,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             tracing::warn!(client_id = %self.client_id, "twin request before subscribing to $iothub/twin/res/#; no answer sent");
             return Ok(());
         };
-        let topic = hub_topics::twin_response_topic(answer.status, request.rid(), answer.version);
+        let topic = hub_topics::twin_response_topic(
+            answer.status,
+            request.rid(),
+            answer.version,
+            answer.retry_after,
+        );
         self.send_to_device(&topic, answer.body.into(), qos)
     }
 

@@ -157,3 +157,94 @@ fn method_answer(correlation_id: &str, status: u16, payload: Value) -> Publicati
         &MethodResult { status, payload },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::{json, Value};
+
+    use crate::hub::HubEvent;
+    use crate::store::SledStore;
+    use crate::{Publication, Responder, Settings};
+
+    fn responder() -> (Responder, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let responder = Responder::open(Settings::new("scope"), Arc::new(store)).unwrap();
+        (responder, dir)
+    }
+
+    fn answer(publication: &Publication) -> (String, Value) {
+        let body = serde_json::from_slice(&publication.payload).unwrap();
+        (publication.topic.clone(), body)
+    }
+
+    #[tokio::test]
+    async fn a_call_reaches_a_subscribed_session_and_its_answer_only_its_caller() {
+        let (responder, _dir) = responder();
+        let call = br#"{"methodName": "blink", "payload": {"n": 2}}"#;
+
+        // Nobody connected, or connected without the methods subscription: 404.
+        let offline = responder.invoke_method("dev-1", "c-0", call);
+        assert_eq!(answer(&offline.publish[0]).1["status"], 404);
+        let mut link = responder.attach_hub("dev-1");
+        let unsubscribed = responder.invoke_method("dev-1", "c-0", call);
+        assert_eq!(answer(&unsubscribed.publish[0]).1["status"], 404);
+
+        link.take_methods(true);
+        let invoked = responder.invoke_method("DEV-1", "c-1", call);
+        assert!(invoked.publish.is_empty());
+        let (rid, timeout) = invoked.waiting.expect("waiting");
+        assert_eq!(timeout.as_secs(), 30);
+        let Some(HubEvent::Method {
+            method,
+            rid: sent,
+            payload,
+        }) = link.next().await
+        else {
+            panic!("no call");
+        };
+        assert_eq!((method.as_str(), sent.as_str()), ("blink", rid.as_str()));
+        assert_eq!(
+            serde_json::from_slice::<Value>(&payload).unwrap(),
+            json!({"n": 2})
+        );
+
+        // Another device cannot answer it; the device can, once.
+        assert!(responder
+            .method_answered("dev-2", &rid, 200, b"{}")
+            .is_none());
+        let answered = responder
+            .method_answered("dev-1", &rid, 200, br#"{"ok": true}"#)
+            .expect("answered");
+        assert_eq!(
+            answer(&answered),
+            (
+                "hub/methods/responses/c-1".to_owned(),
+                json!({"status": 200, "payload": {"ok": true}})
+            )
+        );
+        assert!(responder
+            .method_answered("dev-1", &rid, 200, b"{}")
+            .is_none());
+        assert!(
+            responder.method_timed_out(&rid).is_none(),
+            "answered: no 504"
+        );
+
+        // Unanswered: 504, and a late answer goes nowhere.
+        let late = responder.invoke_method("dev-1", "c-2", call);
+        let (rid, _) = late.waiting.expect("waiting");
+        let timed_out = responder.method_timed_out(&rid).expect("504");
+        assert_eq!(answer(&timed_out).1["status"], 504);
+        assert!(responder
+            .method_answered("dev-1", &rid, 200, b"{}")
+            .is_none());
+
+        // Gone: its link leaves with it.
+        drop(link);
+        let gone = responder.invoke_method("dev-1", "c-3", call);
+        assert_eq!(answer(&gone.publish[0]).1["status"], 404);
+    }
+}

@@ -156,22 +156,39 @@ impl Responder {
         }
     }
 
+    /// The registration record of device `device_id`: the record of the registration id
+    /// of that spelling, or the one the device id was last assigned under (an
+    /// individual enrollment's own `deviceId`), if it still names this device.
+    pub(crate) fn registration_of_device(
+        &self,
+        device_id: &str,
+    ) -> Result<Option<RegistrationState>, Error> {
+        let names_it = |r: &RegistrationState| {
+            r.device_id
+                .as_deref()
+                .is_some_and(|d| d.eq_ignore_ascii_case(device_id))
+        };
+        let own = RegistrationId::from(device_id);
+        if let Some(record) = self.store.registration(&own)?.filter(names_it) {
+            return Ok(Some(record));
+        }
+        let Some(registration_id) = self.store.hub().device_registration(device_id)? else {
+            return Ok(None);
+        };
+        Ok(self.store.registration(&registration_id)?.filter(names_it))
+    }
+
     /// The registration of a device the local hub serves: assigned to a local hub,
     /// under this device id. `None` for any other device.
     fn local_registration(&self, device_id: &str) -> Result<Option<RegistrationState>, Error> {
-        let id = RegistrationId::from(device_id);
-        let Some(record) = self.store.registration(&id)? else {
+        let Some(record) = self.registration_of_device(device_id)? else {
             return Ok(None);
         };
         let local = record.status == RegistrationStatus::Assigned
             && record
                 .assigned_hub
                 .as_deref()
-                .is_some_and(|hub| self.is_local_hub(hub))
-            && record
-                .device_id
-                .as_deref()
-                .is_some_and(|d| d.eq_ignore_ascii_case(device_id));
+                .is_some_and(|hub| self.is_local_hub(hub));
         Ok(local.then_some(record))
     }
 }

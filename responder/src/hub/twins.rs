@@ -24,6 +24,8 @@ pub struct HubAnswer {
     pub body: Vec<u8>,
     /// The reported properties' new `$version` (a 204).
     pub version: Option<u64>,
+    /// Seconds to wait before asking again (a 429).
+    pub retry_after: Option<u32>,
     /// What goes to the router: the twin record after a change.
     pub publish: Vec<Publication>,
 }
@@ -42,13 +44,34 @@ impl Responder {
         }))
     }
 
+    /// A device's twin request within its rate, or the 429 that answers it.
+    fn twin_throttled(&self, device_id: &str) -> Option<HubAnswer> {
+        let id = RegistrationId::from(device_id);
+        let wait = self
+            .throttle
+            .admit_twin_request(&id, std::time::Instant::now())
+            .err()?;
+        tracing::info!(%device_id, retry_after = wait, "twin request throttled");
+        let mut answer = self.hub_error(
+            429,
+            codes::THROTTLED,
+            &format!("too many twin requests; retry in {wait} s"),
+        );
+        answer.retry_after = Some(wait);
+        Some(answer)
+    }
+
     /// `$iothub/twin/GET`: the device's desired and reported properties.
     pub fn twin_get(&self, device_id: &str) -> HubAnswer {
+        if let Some(throttled) = self.twin_throttled(device_id) {
+            return throttled;
+        }
         match self.load_twin(device_id) {
             Ok(Some(twin)) => HubAnswer {
                 status: 200,
                 body: to_json(&twin.device_body()),
                 version: None,
+                retry_after: None,
                 publish: Vec::new(),
             },
             Ok(None) => self.hub_error(404, codes::DEVICE_NOT_FOUND, "the device has no twin here"),
@@ -59,6 +82,9 @@ impl Responder {
     /// `$iothub/twin/PATCH/properties/reported`: a 204 with the new `$version` once the
     /// patch is on disk, or a 400 with the reason and nothing changed.
     pub async fn twin_reported(&self, device_id: &str, body: &[u8]) -> HubAnswer {
+        if let Some(throttled) = self.twin_throttled(device_id) {
+            return throttled;
+        }
         let patch = match twin::parse(body) {
             Ok(patch) => patch,
             Err(e) => return self.hub_error(400, codes::BAD_FORMAT, &e.to_string()),
@@ -71,6 +97,7 @@ impl Responder {
                 status: 204,
                 body: Vec::new(),
                 version: Some(version),
+                retry_after: None,
                 publish: vec![twin_record(&twin)],
             },
             Ok(None) => self.hub_error(404, codes::DEVICE_NOT_FOUND, "the device has no twin here"),
@@ -226,6 +253,7 @@ impl Responder {
                 timestamp_utc: timestamp_now(),
             }),
             version: None,
+            retry_after: None,
             publish: Vec::new(),
         }
     }
