@@ -59,6 +59,8 @@ pub struct Attested {
     pub kind: AttestationType,
     /// X.509: the chain the device presented.
     pub certificate: Option<Arc<PresentedCertificate>>,
+    /// SAS: when the token it connected with expires (Unix seconds).
+    pub token_expires: Option<u64>,
 }
 
 /// The certificate chain of an X.509 device, kept for the life of its session so that a
@@ -287,6 +289,7 @@ fn attest_sas(
         source,
         kind: AttestationType::SymmetricKey,
         certificate: None,
+        token_expires: Some(token.expiry()),
     })
 }
 
@@ -393,6 +396,7 @@ fn attest_x509(
             thumbprint: x509::thumbprint(leaf),
             issuers,
         })),
+        token_expires: None,
     })
 }
 

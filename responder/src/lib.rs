@@ -168,7 +168,7 @@ pub struct Responder {
     /// Cloud-to-device queue writes, one at a time (`hub/messages.rs`).
     queue_writes: tokio::sync::Mutex<()>,
     /// Method calls waiting for the device's answer, by request id (`hub/methods.rs`).
-    method_calls: Mutex<HashMap<String, hub::PendingCallEntry>>,
+    method_calls: Mutex<edgedps_policies::methods::PendingCalls>,
 }
 
 impl Responder {
@@ -217,7 +217,9 @@ impl Responder {
             hub_links: Arc::default(),
             twin_writes: tokio::sync::Mutex::new(()),
             queue_writes: tokio::sync::Mutex::new(()),
-            method_calls: Mutex::new(HashMap::new()),
+            method_calls: Mutex::new(edgedps_policies::methods::PendingCalls::new(
+                hub::MAX_PENDING_CALLS,
+            )),
         })
     }
 

@@ -508,6 +508,7 @@ mod tests {
             source: EnrollmentSource::Individual,
             kind: AttestationType::SymmetricKey,
             certificate: None,
+            token_expires: None,
         }
     }
 

@@ -296,6 +296,7 @@ mod tests {
             },
             kind: AttestationType::SymmetricKey,
             certificate: None,
+            token_expires: None,
         }
     }
 

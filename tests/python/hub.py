@@ -59,7 +59,11 @@ def run(case, server_ca):
 
     def on_message(message):
         out["messages"].append(
-            {"data": message.data.decode("utf-8"), "properties": message.custom_properties}
+            {
+                "data": message.data.decode("utf-8"),
+                "properties": message.custom_properties,
+                "messageId": message.message_id,
+            }
         )
         if len(out["messages"]) >= case["expectedMessages"]:
             messages_seen.set()

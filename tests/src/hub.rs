@@ -100,11 +100,19 @@ impl HubDevice {
         key: &str,
         manual_acks: bool,
     ) -> HubDevice {
+        let token = hub_token(key, LOCAL, device_id);
+        Self::connect_token(port, device_id, &token, manual_acks).await
+    }
+
+    /// An open hub session of `device_id` with the SAS token `token`.
+    pub async fn connect_token(
+        port: u16,
+        device_id: &str,
+        token: &str,
+        manual_acks: bool,
+    ) -> HubDevice {
         let mut options = rumqttc::MqttOptions::new(device_id, LOCAL, port);
-        options.set_credentials(
-            hub_username(LOCAL, device_id),
-            hub_token(key, LOCAL, device_id),
-        );
+        options.set_credentials(hub_username(LOCAL, device_id), token);
         options.set_keep_alive(Duration::from_secs(30));
         options.set_manual_acks(manual_acks);
         options.set_max_packet_size(1 << 20, 1 << 20);

@@ -339,3 +339,27 @@ async fn a_device_given_its_own_device_id_connects_to_the_hub_under_it() {
     assert_eq!(status, 200);
     assert_eq!(twin["desired"], serde_json::json!({"n": 1, "$version": 1}));
 }
+
+#[tokio::test]
+async fn a_hub_session_ends_when_its_sas_token_expires() {
+    let server = local_hub_server(false, |_| {}).await;
+    let mut operator = server.operator().await;
+    let key = operator.enroll("hub-expiring").await;
+    assert_eq!(provision(&server, "hub-expiring", &key).await, LOCAL);
+    let expires = edgedps_responder::unix_now() + 2;
+    let token = edgedps_policies::sas::sign_hub(&key, LOCAL, "hub-expiring", expires).unwrap();
+    let connected = Instant::now();
+    let mut device =
+        HubDevice::connect_token(server.devices_port, "hub-expiring", &token, false).await;
+    assert!(device.closed().await, "closed once the token expired");
+    let lived = connected.elapsed();
+    assert!(
+        lived >= Duration::from_secs(1) && lived < Duration::from_secs(4),
+        "closed after {lived:?}"
+    );
+    // A new token: connected again.
+    assert_eq!(
+        hub_connack(&server, LOCAL, "hub-expiring", &key).await,
+        None
+    );
+}

@@ -196,6 +196,14 @@ async fn the_stock_python_sdk_uses_the_gateway_as_its_hub() {
             .map(|(d, p)| (d.to_string(), p.to_string()))
             .collect();
         assert_eq!(received, expected, "{name}");
+        // Each message has an id of its own (`message_id` in the SDK).
+        let ids: std::collections::BTreeSet<&str> = result["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .filter_map(|m| m["messageId"].as_str())
+            .collect();
+        assert_eq!(ids.len(), expected.len(), "{name}: {result}");
         assert_eq!(
             result["method"],
             json!({"name": "blink", "payload": {"times": 3}}),

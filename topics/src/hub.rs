@@ -132,6 +132,41 @@ pub fn devicebound_topic(device_id: &str, property_bag: &str) -> String {
     format!("devices/{device_id}/messages/devicebound/{property_bag}")
 }
 
+/// The property bag a cloud-to-device message reaches its device with: IoT Hub's
+/// system properties first (`$.mid`, the message id, unless the operator gave one, and
+/// `$.to`), then the operator's bag as written. The message id stays with the message:
+/// a device that gets it twice (at least once) can tell.
+pub fn devicebound_bag(operator_bag: &str, device_id: &str, message_id: &str) -> String {
+    let has = |wanted: &str| {
+        operator_bag.split('&').any(|pair| {
+            let key = pair.split('=').next().unwrap_or_default();
+            percent_encoding::percent_decode_str(key).decode_utf8_lossy() == wanted
+        })
+    };
+    let mut bag = String::new();
+    if !has("$.mid") {
+        let id = percent_encoding::utf8_percent_encode(message_id, BAG_VALUE);
+        bag.push_str(&format!("%24.mid={id}&"));
+    }
+    if !has("$.to") {
+        bag.push_str(&format!(
+            "%24.to=%2Fdevices%2F{device_id}%2Fmessages%2FdeviceBound&"
+        ));
+    }
+    bag.push_str(operator_bag);
+    if bag.ends_with('&') {
+        bag.pop();
+    }
+    bag
+}
+
+/// What a value in a property bag may not hold as it is.
+const BAG_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
 /// A cloud-to-device message topic: the device id and the property bag (everything
 /// after `devicebound/`, possibly empty). `None` for any other topic.
 pub fn parse_devicebound(topic: &str) -> Option<(&str, &str)> {
@@ -396,6 +431,23 @@ mod tests {
         assert_eq!(
             devicebound_topic("dev-1", "k=v"),
             "devices/dev-1/messages/devicebound/k=v"
+        );
+    }
+
+    #[test]
+    fn a_devicebound_bag_gets_a_message_id_and_its_address_unless_it_has_them() {
+        assert_eq!(
+            devicebound_bag("n=1&%24.ct=text%2Fplain", "dev-1", "m1"),
+            "%24.mid=m1&%24.to=%2Fdevices%2Fdev-1%2Fmessages%2FdeviceBound&n=1&%24.ct=text%2Fplain"
+        );
+        assert_eq!(
+            devicebound_bag("", "dev-1", "m/2"),
+            "%24.mid=m%2F2&%24.to=%2Fdevices%2Fdev-1%2Fmessages%2FdeviceBound"
+        );
+        // The operator's own id and address are kept, spelled either way.
+        assert_eq!(
+            devicebound_bag("$.mid=mine&%24.to=x", "dev-1", "m1"),
+            "$.mid=mine&%24.to=x"
         );
     }
 

@@ -160,6 +160,7 @@ where
                         hub_session = Some(Box::new(super::hub::HubSession::new(
                             device_id.clone(),
                             link,
+                            admitted.device.token_expires,
                         )));
                     }
                     (

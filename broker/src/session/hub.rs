@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use rumqttd::protocol::{Packet, PubAck, PubAckReason};
+use rumqttd::protocol::{DisconnectReasonCode, Packet, PubAck, PubAckReason};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use edgedps_responder::hub::{HubEvent, HubLink, QueueRefusal};
@@ -40,11 +40,20 @@ pub(super) struct HubSession {
     in_flight: HashMap<u16, u64>,
     /// The last queued message sent on this connection.
     last_sent: Option<u64>,
+    /// When the SAS token the device connected with expires: the session ends then, as
+    /// at IoT Hub (the SDKs connect again with a new token before).
+    token_expires: Option<tokio::time::Instant>,
 }
 
 impl HubSession {
-    pub(super) fn new(device_id: String, link: HubLink) -> HubSession {
+    /// `token_expires`: Unix seconds.
+    pub(super) fn new(device_id: String, link: HubLink, token_expires: Option<u64>) -> HubSession {
+        let token_expires = token_expires.map(|at| {
+            let left = at.saturating_sub(edgedps_responder::unix_now());
+            tokio::time::Instant::now() + std::time::Duration::from_secs(left)
+        });
         HubSession {
+            token_expires,
             device_id,
             link,
             twin_qos: None,
@@ -72,14 +81,29 @@ impl HubSession {
     }
 }
 
-/// The next event of a hub session; never, for other sessions.
-pub(super) async fn next_event(hub: &mut Option<Box<HubSession>>) -> HubEvent {
-    match hub {
-        Some(hub) => match hub.link.next().await {
-            Some(event) => event,
+/// What wakes a hub session besides its socket and its router link.
+pub(super) enum HubWake {
+    Event(HubEvent),
+    TokenExpired,
+}
+
+/// The next wake-up of a hub session; never, for other sessions.
+pub(super) async fn next_wake(hub: &mut Option<Box<HubSession>>) -> HubWake {
+    let Some(hub) = hub else {
+        return std::future::pending().await;
+    };
+    let expiry = async {
+        match hub.token_expires {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = expiry => HubWake::TokenExpired,
+        event = hub.link.next() => match event {
+            Some(event) => HubWake::Event(event),
             None => std::future::pending().await,
         },
-        None => std::future::pending().await,
     }
 }
 
@@ -153,8 +177,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         true
     }
 
+    /// A hub session woke: an event of the hub state, or its token ran out.
+    pub(super) async fn on_hub_wake(&mut self, wake: HubWake) -> Result<(), Close> {
+        match wake {
+            HubWake::Event(event) => self.on_hub_event(event),
+            HubWake::TokenExpired => {
+                let why = "the SAS token the device connected with has expired";
+                self.say_disconnect(DisconnectReasonCode::NotAuthorized, why.to_owned())
+                    .await;
+                Err(Close::Denied(why.to_owned()))
+            }
+        }
+    }
+
     /// What the hub state sent this session.
-    pub(super) fn on_hub_event(&mut self, event: HubEvent) -> Result<(), Close> {
+    fn on_hub_event(&mut self, event: HubEvent) -> Result<(), Close> {
         let Some(hub) = self.hub.as_ref() else {
             return Ok(());
         };

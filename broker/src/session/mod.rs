@@ -279,8 +279,8 @@ enum Event {
     Cut(Cut),
     /// Records are waiting to be read for a new subscription.
     Records,
-    /// The local hub sent a hub session something.
-    Hub(edgedps_responder::hub::HubEvent),
+    /// The local hub sent a hub session something, or its token ran out.
+    Hub(hub::HubWake),
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -325,7 +325,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let notification = link::next_event(&mut self.link_rx);
                 let cut = next_cut(&self.live);
                 let reading = !self.readings.is_empty();
-                let hub = hub::next_event(&mut self.hub);
+                let hub = hub::next_wake(&mut self.hub);
                 tokio::select! {
                     cut = cut => Event::Cut(cut),
                     () = std::future::ready(()), if reading => Event::Records,
@@ -353,7 +353,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Event::Router(event) => Box::pin(self.on_router(event)).await?,
                 Event::Cut(cut) => return self.out_of_service(cut).await,
                 Event::Records => self.send_records().await?,
-                Event::Hub(event) => self.on_hub_event(event)?,
+                Event::Hub(wake) => Box::pin(self.on_hub_wake(wake)).await?,
             }
             self.flush().await?;
         }

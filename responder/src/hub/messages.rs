@@ -6,7 +6,7 @@
 //! at most `max_queued_messages`; beyond that new messages are refused, and a message
 //! older than `message_ttl_seconds` is dropped undelivered.
 
-use edgedps_topics::hub::QueuedMessage;
+use edgedps_topics::hub::{self as hub_topics, QueuedMessage};
 use edgedps_topics::identity::RegistrationId;
 
 use super::HubEvent;
@@ -64,8 +64,9 @@ impl Responder {
             if waiting >= limit {
                 return Err(QueueRefusal::Full(limit));
             }
+            let message_id = self.random_token(12);
             let message = QueuedMessage {
-                property_bag: property_bag.to_owned(),
+                property_bag: hub_topics::devicebound_bag(property_bag, device_id, &message_id),
                 payload: payload.to_vec(),
                 enqueued: now,
                 expires: now.saturating_add(self.settings.hub.message_ttl_seconds),

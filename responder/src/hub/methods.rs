@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use edgedps_policies::methods::TooMany;
 use edgedps_topics::hub::{self as hub_topics, codes, MethodCall, MethodResult};
 use edgedps_topics::identity::RegistrationId;
 
@@ -17,13 +18,7 @@ use super::HubEvent;
 use crate::{lock, Publication, Responder};
 
 /// Calls waiting for their answers, at most (beyond: 429).
-const MAX_PENDING_CALLS: usize = 1024;
-
-/// A call waiting for its answer.
-pub(crate) struct PendingCall {
-    device_key: String,
-    correlation_id: String,
-}
+pub(crate) const MAX_PENDING_CALLS: usize = 1024;
 
 /// What an operator's call led to.
 #[derive(Debug, Default)]
@@ -73,21 +68,12 @@ impl Responder {
             );
         };
         let rid = self.random_token(9);
-        {
-            let mut pending = lock(&self.method_calls);
-            if pending.len() >= MAX_PENDING_CALLS {
-                return answer(
-                    429,
-                    codes::THROTTLED,
-                    format!("{MAX_PENDING_CALLS} method calls are waiting already"),
-                );
-            }
-            pending.insert(
-                rid.clone(),
-                PendingCall {
-                    device_key: id.key().into_owned(),
-                    correlation_id: correlation_id.to_owned(),
-                },
+        let filed = lock(&self.method_calls).start(&rid, &id.key(), correlation_id);
+        if let Err(TooMany(limit)) = filed {
+            return answer(
+                429,
+                codes::THROTTLED,
+                format!("{limit} method calls are waiting already"),
             );
         }
         let event = HubEvent::Method {
@@ -96,7 +82,7 @@ impl Responder {
             payload: serde_json::to_vec(&call.payload).unwrap_or_else(|_| b"null".to_vec()),
         };
         if link.tx.try_send(event).is_err() {
-            lock(&self.method_calls).remove(&rid);
+            lock(&self.method_calls).give_up(&rid);
             return answer(
                 404,
                 codes::DEVICE_NOT_ONLINE,
@@ -119,15 +105,8 @@ impl Responder {
         status: u16,
         body: &[u8],
     ) -> Option<Publication> {
-        let key = RegistrationId::from(device_id).key().into_owned();
-        let call = {
-            let mut pending = lock(&self.method_calls);
-            match pending.get(rid) {
-                Some(call) if call.device_key == key => pending.remove(rid),
-                _ => None,
-            }
-        };
-        let Some(call) = call else {
+        let answered = lock(&self.method_calls).answer(rid, device_id);
+        let Some(correlation_id) = answered else {
             tracing::warn!(%device_id, %rid, status, "method answer for no waiting call (unknown $rid, timed out, or not this device's); dropped");
             return None;
         };
@@ -136,15 +115,15 @@ impl Responder {
             Err(_) if body.is_empty() => Value::Null,
             Err(_) => Value::String(String::from_utf8_lossy(body).into_owned()),
         };
-        Some(method_answer(&call.correlation_id, status, payload))
+        Some(method_answer(&correlation_id, status, payload))
     }
 
     /// Call `rid` had no answer in time: 504, unless it was answered meanwhile.
     pub fn method_timed_out(&self, rid: &str) -> Option<Publication> {
-        let call = lock(&self.method_calls).remove(rid)?;
-        tracing::info!(correlation_id = %call.correlation_id, "method call timed out");
+        let correlation_id = lock(&self.method_calls).give_up(rid)?;
+        tracing::info!(%correlation_id, "method call timed out");
         Some(method_answer(
-            &call.correlation_id,
+            &correlation_id,
             504,
             json!({"errorCode": codes::TIMEOUT, "message": "the device did not answer in time"}),
         ))

@@ -25,7 +25,7 @@ use edgedps_topics::registration::{RegistrationState, RegistrationStatus};
 
 pub use messages::{Enqueued, QueueRefusal};
 pub use methods::Invoked;
-pub(crate) use methods::PendingCall as PendingCallEntry;
+pub(crate) use methods::MAX_PENDING_CALLS;
 pub use twins::HubAnswer;
 
 use crate::{lock, Error, Responder};
