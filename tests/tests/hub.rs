@@ -363,3 +363,50 @@ async fn a_hub_session_ends_when_its_sas_token_expires() {
         None
     );
 }
+
+#[tokio::test]
+async fn live_hub_sessions_are_cut_by_every_way_out_of_service() {
+    let server = local_hub_server(false, |_| {}).await;
+    let mut operator = server.operator().await;
+    let disabled_key = operator.enroll("hub-cut-disabled").await;
+    let deregistered_key = operator.enroll("hub-cut-deregistered").await;
+    let deleted_key = operator.enroll("hub-cut-deleted").await;
+    for (id, key) in [
+        ("hub-cut-disabled", &disabled_key),
+        ("hub-cut-deregistered", &deregistered_key),
+        ("hub-cut-deleted", &deleted_key),
+    ] {
+        assert_eq!(provision(&server, id, key).await, LOCAL);
+    }
+    let mut disabled = HubDevice::connect(&server, "hub-cut-disabled", &disabled_key).await;
+    let mut deregistered =
+        HubDevice::connect(&server, "hub-cut-deregistered", &deregistered_key).await;
+    let mut deleted = HubDevice::connect(&server, "hub-cut-deleted", &deleted_key).await;
+
+    let mut off = symmetric_enrollment("hub-cut-disabled", &disabled_key);
+    off["provisioningStatus"] = serde_json::json!("disabled");
+    operator.put("dps/enrollments/hub-cut-disabled", off).await;
+    assert!(disabled.closed().await, "enrollment disabled");
+
+    let cleared = operator
+        .write("dps/registrations/hub-cut-deregistered", b"")
+        .await;
+    assert_eq!(cleared["ok"], true, "{cleared}");
+    assert!(deregistered.closed().await, "registration cleared");
+
+    let gone = operator.write("dps/enrollments/hub-cut-deleted", b"").await;
+    assert_eq!(gone["ok"], true, "{gone}");
+    assert!(deleted.closed().await, "enrollment deleted");
+
+    for (id, key) in [
+        ("hub-cut-disabled", &disabled_key),
+        ("hub-cut-deregistered", &deregistered_key),
+        ("hub-cut-deleted", &deleted_key),
+    ] {
+        assert_eq!(
+            hub_connack(&server, LOCAL, id, key).await,
+            Some(ConnectReturnCode::NotAuthorized),
+            "{id} reconnecting"
+        );
+    }
+}
