@@ -23,6 +23,8 @@ pub struct Config {
     pub hubs: Vec<HubConfig>,
     /// The hub that is this gateway (PROTOCOL E), when there is one.
     pub local_hub: Option<LocalHubConfig>,
+    /// Certificate authorities that issue device certificates (PROTOCOL F).
+    pub certificate_authorities: Vec<CertificateAuthorityConfig>,
     pub limits: Limits,
     pub log: LogConfig,
 }
@@ -74,11 +76,36 @@ pub struct HubConfig {
 
 /// What the embedded default (no file) adds to the built-in defaults: the gateway is
 /// its own hub, under the name the development certificate carries, so that `edgedps
-/// serve` alone provisions devices to itself.
+/// serve` alone provisions devices to itself; and it can issue device certificates, from
+/// an authority called `gateway` generated in the data directory on first start.
 pub const EMBEDDED_DEFAULT: &str = r#"
 [local_hub]
 host_name = "localhost"
+
+[[certificate_authorities]]
+name = "gateway"
 "#;
+
+/// `[[certificate_authorities]]`: a CA that signs the certificates devices ask for at
+/// registration. Without `cert` and `key` it is generated in `{data_dir}/ca/{name}/`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateAuthorityConfig {
+    pub name: String,
+    /// PEM: the CA certificate, then the certificates above it (at most one).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM, PKCS#8: the CA's key.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// How long issued certificates are valid.
+    #[serde(default = "default_validity_days")]
+    pub validity_days: u32,
+}
+
+fn default_validity_days() -> u32 {
+    30
+}
 
 /// `[local_hub]`: devices assigned to `host_name` connect to this gateway's device
 /// listener as IoT Hub devices. The name must be one the device listener's certificate
@@ -178,6 +205,7 @@ impl Default for Config {
             listeners: Listeners::default(),
             hubs: Vec::new(),
             local_hub: None,
+            certificate_authorities: Vec::new(),
             limits: Limits::default(),
             log: LogConfig::default(),
         }
@@ -328,6 +356,43 @@ impl Config {
                 return Err(Error::InvalidConfig {
                     key: "hubs.host_name",
                     message: "must not be empty".into(),
+                });
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for ca in &self.certificate_authorities {
+            let key = "certificate_authorities";
+            let valid_name = !ca.name.is_empty()
+                && ca.name.len() <= 64
+                && ca
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !valid_name {
+                return Err(Error::InvalidConfig {
+                    key,
+                    message: format!("name `{}`: 1 to 64 letters, digits, `-` or `_`", ca.name),
+                });
+            }
+            if !names.insert(ca.name.as_str()) {
+                return Err(Error::InvalidConfig {
+                    key,
+                    message: format!("`{}` is configured twice", ca.name),
+                });
+            }
+            if ca.cert.is_some() != ca.key.is_some() {
+                return Err(Error::InvalidConfig {
+                    key,
+                    message: format!(
+                        "`{}`: cert and key go together (neither: generated in the data directory)",
+                        ca.name
+                    ),
+                });
+            }
+            if !(1..=3650).contains(&ca.validity_days) {
+                return Err(Error::InvalidConfig {
+                    key,
+                    message: format!("`{}`: validity_days must be 1 to 3650", ca.name),
                 });
             }
         }

@@ -3,6 +3,7 @@
 //! rumqttd's codec, and the embedded rumqttd router. The decisions live in
 //! `edgedps-policies`, the state in `edgedps-responder`.
 
+pub mod authorities;
 pub mod baseline;
 pub mod codec;
 pub mod config;

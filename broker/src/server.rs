@@ -56,6 +56,8 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     settings.rate_limits = config.rate_limits();
     settings.max_admin_body = config.limits.max_enrollment_body_size;
     settings.hub = config.hub_settings();
+    settings.certificate_authorities =
+        crate::authorities::load(&config.certificate_authorities, &config.data_dir)?;
     let responder = Arc::new(Responder::open(settings, Arc::new(store))?);
 
     // Every session may hold a link, and every offline session; plus the responder's

@@ -3,6 +3,7 @@
 //! `dps/` topics; certificates for manufacturing; and the load generator.
 
 pub mod admin;
+pub mod credentials;
 mod error;
 pub mod loadgen;
 pub mod manufacture;

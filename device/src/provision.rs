@@ -39,6 +39,9 @@ pub struct DeviceConfig {
     /// TCP_NODELAY: off by default, as in rumqttc; a device that registers again on
     /// the same connection wants it on, or its request waits behind its last PUBACK.
     pub tcp_nodelay: bool,
+    /// A certificate signing request to send with the register (PROTOCOL F): base64 of
+    /// the DER request (`credentials::CertificateRequest`).
+    pub csr: Option<String>,
 }
 
 impl DeviceConfig {
@@ -60,6 +63,7 @@ impl DeviceConfig {
             api_version: "2019-03-31".into(),
             request_qos: QoS::AtLeastOnce,
             tcp_nodelay: false,
+            csr: None,
         }
     }
 
@@ -196,6 +200,9 @@ pub async fn register_on(
     let mut body = serde_json::json!({ "registrationId": config.registration_id });
     if let Some(payload) = payload {
         body["payload"] = payload;
+    }
+    if let Some(csr) = &config.csr {
+        body["csr"] = Value::from(csr.as_str());
     }
     let body = serde_json::to_vec(&body).unwrap_or_default();
     let (mut polls, mut throttled, mut rid) = (0, 0, 1u32);

@@ -4,13 +4,15 @@
 //! record (`reprovision`), may this device use its hub now (`access`), may this session
 //! use this topic (`acl`), is this certificate revoked (`revocation`), may this operator
 //! write be stored (`validation`), what a twin patch makes of a twin (`twin`), which
-//! call a device's method answer belongs to (`methods`). Values in, verdict out; no IO,
+//! call a device's method answer belongs to (`methods`), may this certificate signing
+//! request be signed and what is issued for it (`issuance`). Values in, verdict out; no IO,
 //! no clock (callers pass the time).
 
 pub mod access;
 pub mod acl;
 pub mod allocation;
 pub mod attestation;
+pub mod issuance;
 pub mod methods;
 pub mod reprovision;
 pub mod revocation;

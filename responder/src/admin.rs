@@ -147,6 +147,7 @@ impl Responder {
                 let registration_id = RegistrationId::from(id);
                 let stored = self.store.enrollment(&registration_id)?;
                 let mut e = validation::enrollment(id, sent, stored.as_ref())?;
+                self.check_issuance_policy(&e.settings)?;
                 let before = stored.as_ref().map(|s| s.settings.provisioning_status);
                 let etag = self.stamp(&mut e.settings, stored.as_ref().map(|s| &s.settings));
                 self.store.put_enrollment(&e)?;
@@ -166,6 +167,7 @@ impl Responder {
                 let sent: EnrollmentGroup = validation::parse_body(body, encoding)?;
                 let stored = read(&self.groups).get(id).map(|entry| entry.group.clone());
                 let mut g = validation::group(id, sent, stored.as_ref())?;
+                self.check_issuance_policy(&g.settings)?;
                 let before = stored.as_ref().map(|s| s.settings.provisioning_status);
                 let etag = self.stamp(&mut g.settings, stored.as_ref().map(|s| &s.settings));
                 let entry = GroupCredentials::new(g.clone()).map_err(|e| bad(e.to_string()))?;
@@ -371,11 +373,43 @@ impl Responder {
 }
 
 /// `record` as `deregistered`, updated `now`, with `etag`.
+/// The record of a device deregistered: its status, and every certificate issued to it
+/// revoked (PROTOCOL F: an issued certificate is a credential only while the device is
+/// in service).
 fn deregistered(mut record: RegistrationState, now: &str, etag: String) -> RegistrationState {
     record.status = RegistrationStatus::Deregistered;
+    for issued in &mut record.issued_certificates {
+        issued.revoked = true;
+    }
     record.last_updated_date_time_utc = Some(now.to_owned());
     record.etag = Some(etag);
     record
+}
+
+impl Responder {
+    /// An issuance policy must name a certificate authority of the configuration.
+    fn check_issuance_policy(
+        &self,
+        settings: &edgedps_topics::admin::EnrollmentSettings,
+    ) -> Result<(), Error> {
+        let Some(policy) = &settings.client_certificate_issuance_policy else {
+            return Ok(());
+        };
+        let name = &policy.certificate_authority_name;
+        if self.settings.certificate_authorities.contains_key(name) {
+            return Ok(());
+        }
+        let known: Vec<&str> = self
+            .settings
+            .certificate_authorities
+            .keys()
+            .map(String::as_str)
+            .collect();
+        Err(bad(format!(
+            "clientCertificateIssuancePolicy.certificateAuthorityName `{name}` is not a certificate authority of this gateway (configured: {})",
+            if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+        )))
+    }
 }
 
 pub(crate) fn bad(message: String) -> Error {

@@ -169,6 +169,12 @@ impl Responder {
         hub: Option<(&str, &str)>,
     ) -> Result<(Attested, EnrollmentRead), Error> {
         let enrollment = self.read_enrollment(&registration_id)?;
+        // A certificate the gateway issued to the device (PROTOCOL F).
+        if let Credential::X509(chain) = credential {
+            if let Some(device) = self.attest_issued(&registration_id, chain, now)? {
+                return Ok((device, enrollment));
+            }
+        }
         let groups = read(&self.groups);
         let lists = read(&self.crls);
         let enrollments = Enrollments {

@@ -57,6 +57,9 @@ pub enum Error {
 
     #[error("internal error: {0}")]
     Store(#[from] StoreError),
+    /// A certificate could not be issued (the authority's key or certificate).
+    #[error("certificate issuance failed: {0}")]
+    Issuance(String),
     #[error("enrollment group `{group}` in the store is unusable: {reason}")]
     BadGroup { group: String, reason: String },
     #[error("revocation list `{name}` in the store is unusable: {reason}")]
@@ -79,7 +82,10 @@ impl Error {
             }
             Error::InProgress | Error::Conflict(_) => codes::CONFLICT,
             Error::Throttled { .. } => codes::THROTTLED,
-            Error::Store(_) | Error::BadGroup { .. } | Error::BadCrl { .. } => codes::INTERNAL,
+            Error::Store(_)
+            | Error::Issuance(_)
+            | Error::BadGroup { .. }
+            | Error::BadCrl { .. } => codes::INTERNAL,
         }
     }
 
@@ -97,9 +103,10 @@ impl Error {
             Error::Forbidden(_) => admin_codes::FORBIDDEN,
             Error::NotFound(_) | Error::NoEnrollment(_) => admin_codes::NOT_FOUND,
             Error::Conflict(_) | Error::InProgress => admin_codes::CONFLICT,
-            Error::Store(_) | Error::BadGroup { .. } | Error::BadCrl { .. } => {
-                admin_codes::INTERNAL
-            }
+            Error::Store(_)
+            | Error::Issuance(_)
+            | Error::BadGroup { .. }
+            | Error::BadCrl { .. } => admin_codes::INTERNAL,
         }
     }
 

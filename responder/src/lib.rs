@@ -14,6 +14,7 @@ mod connect;
 mod crl;
 mod error;
 pub mod hub;
+mod issuance;
 mod latency;
 mod records;
 mod registration;
@@ -74,6 +75,9 @@ pub struct Settings {
     pub max_admin_body: usize,
     /// The local hub's queues.
     pub hub: hub::HubSettings,
+    /// Certificate authorities that issue device certificates (PROTOCOL F), by name.
+    pub certificate_authorities:
+        BTreeMap<String, Arc<edgedps_policies::issuance::CertificateAuthority>>,
 }
 
 impl Settings {
@@ -88,6 +92,7 @@ impl Settings {
             rate_limits: RateLimits::default(),
             max_admin_body: 64 * 1024,
             hub: hub::HubSettings::default(),
+            certificate_authorities: BTreeMap::new(),
         }
     }
 }
@@ -228,6 +233,16 @@ impl Responder {
         self.register_latency.summary()
     }
 
+    /// The registration record of `registration_id`, as stored.
+    pub fn registration_record(
+        &self,
+        registration_id: &str,
+    ) -> Result<Option<edgedps_topics::registration::RegistrationState>, Error> {
+        Ok(self
+            .store
+            .registration(&RegistrationId::from(registration_id))?)
+    }
+
     /// The live device sessions.
     pub fn sessions(&self) -> &Arc<LiveSessions> {
         &self.sessions
@@ -361,7 +376,17 @@ pub fn unix_now() -> u64 {
 
 /// DPS timestamps: `2026-01-01T00:00:00.0000000Z`.
 pub fn timestamp_now() -> String {
-    let now = time::OffsetDateTime::now_utc();
+    format_timestamp(time::OffsetDateTime::now_utc())
+}
+
+/// The DPS timestamp of `unix` seconds.
+pub fn timestamp_at(unix: i64) -> String {
+    format_timestamp(
+        time::OffsetDateTime::from_unix_timestamp(unix).unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+    )
+}
+
+fn format_timestamp(now: time::OffsetDateTime) -> String {
     let format = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:7]Z"
     );

@@ -124,7 +124,11 @@ impl Responder {
             key: key.clone(),
         };
         let operation_id = self.operation_id();
-        let decision = match self.decide(device, carried, &operation_id, publish).await {
+        let csr = request.csr.as_deref();
+        let decision = match self
+            .decide(device, carried, csr, &operation_id, publish)
+            .await
+        {
             Ok(decision) => decision,
             Err(Error::Allocation(e)) => {
                 // DPS: an assignment that cannot be made completes the operation as
@@ -267,6 +271,7 @@ impl Responder {
         &self,
         device: &Attested,
         carried: Option<Standing>,
+        csr: Option<&str>,
         operation_id: &str,
         publish: &mut Vec<Publication>,
     ) -> Result<Decision, Error> {
@@ -303,6 +308,11 @@ impl Responder {
             };
         }
         let resolved = self.resolve(device, &standing)?;
+        // A certificate request is checked before anything is written: a refused one
+        // leaves the record as it was.
+        let issuance = csr
+            .map(|csr| self.issuance_for(device, &resolved.settings, csr))
+            .transpose()?;
         let now = timestamp_now();
         let registering = Registering {
             registration_id: &device.registration_id,
@@ -323,9 +333,28 @@ impl Responder {
             reprovision::reprovision(standing.registration.as_ref(), registering, || {
                 self.allocate(&device.registration_id, &resolved.settings)
             })?;
-        let state = match assignment {
-            Assignment::Unchanged(state) => state,
+        let (mut state, mut changed) = match assignment {
+            Assignment::Unchanged(state) => (state, false),
             Assignment::Changed(mut state) => {
+                // Certificates issued before stay on the record.
+                if let Some(old) = &standing.registration {
+                    state.issued_certificates = old.issued_certificates.clone();
+                }
+                (state, true)
+            }
+        };
+        let mut issued_now = None;
+        if let Some((checked, ca)) = issuance {
+            let (record, chain) = self.issue(&checked, &ca, &resolved.device_id)?;
+            state.issued_certificates.push(record.clone());
+            state.last_updated_date_time_utc = Some(now.clone());
+            issued_now = Some((record, chain));
+            changed = true;
+        }
+        let state = match changed {
+            false => state,
+            true => {
+                let mut state = state;
                 state.etag = Some(self.new_etag());
                 self.store.put_registration(&state)?;
                 // The local hub's twin, made or reset with the record, in its flush.
@@ -348,6 +377,7 @@ impl Responder {
                 state
             }
         };
+        let (issued_certificate, chain) = issued_now.unzip();
         // The rights the answer grants are the access rule's, with the new record.
         let mut facts = standing.facts(device);
         facts.assigned_device_id = Some(&resolved.device_id);
@@ -355,18 +385,23 @@ impl Responder {
             Access::Hub { device_id } => Some(device_id),
             _ => None,
         };
-        publish.push(registration_event(
+        let mut event = event_of(
             device,
             RegistrationOutcome::Assigned,
             state.assigned_hub.clone(),
             None,
             None,
-        ));
+        );
+        event.issued_certificate = issued_certificate;
+        publish.push(Publication::event(event.topic(), &event));
+        // The chain goes in the answer only, never in the stored record.
+        let mut answered = state;
+        answered.issued_certificate_chain = chain;
         Ok(Decision {
             answer: OperationStatus {
                 operation_id: operation_id.to_owned(),
                 status: RegistrationStatus::Assigned,
-                registration_state: Some(state),
+                registration_state: Some(answered),
             },
             device_id,
         })
@@ -452,7 +487,18 @@ fn registration_event(
     error_code: Option<u32>,
     message: Option<String>,
 ) -> Publication {
-    let event = RegistrationEvent {
+    let event = event_of(device, outcome, assigned_hub, error_code, message);
+    Publication::event(event.topic(), &event)
+}
+
+fn event_of(
+    device: &Attested,
+    outcome: RegistrationOutcome,
+    assigned_hub: Option<String>,
+    error_code: Option<u32>,
+    message: Option<String>,
+) -> RegistrationEvent {
+    RegistrationEvent {
         registration_id: device.registration_id.to_string(),
         outcome,
         request: None,
@@ -460,9 +506,9 @@ fn registration_event(
         assigned_hub,
         error_code,
         message: message.filter(|m| !m.is_empty()),
+        issued_certificate: None,
         timestamp_utc: timestamp_now(),
-    };
-    Publication::event(event.topic(), &event)
+    }
 }
 
 /// The event of a refused register or poll: what was asked, the code, the reason.
@@ -475,6 +521,7 @@ fn refusal_event(device: &Attested, request: DeviceRequestKind, error: &Error) -
         assigned_hub: None,
         error_code: Some(error.dps_code()),
         message: Some(error.to_string()),
+        issued_certificate: None,
         timestamp_utc: timestamp_now(),
     };
     Publication::event(event.topic(), &event)

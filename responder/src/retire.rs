@@ -137,6 +137,9 @@ impl Responder {
             .and_then(|r| r.device_id.clone())
             .or_else(|| individual.as_ref().and_then(|e| e.device_id.clone()))
             .unwrap_or_else(|| id.to_owned());
+        let revoked = record.as_ref().map_or(0, |r| {
+            r.issued_certificates.iter().filter(|c| !c.revoked).count()
+        });
         let deregistered = record.map(|r| self.deregister(r));
         if let Some(e) = &blocking {
             self.store.put_enrollment(e)?;
@@ -175,7 +178,7 @@ impl Responder {
                 sessions_closed: Some(closed),
                 registrations_deregistered: Some(u32::from(deregistered.is_some())),
                 retained_messages_purged: Some(count(purged)),
-                revoked_certificates: None,
+                revoked_certificates: (revoked > 0).then(|| count(revoked)),
             },
         })
     }

@@ -67,6 +67,19 @@ pub async fn ask_json(
     serde_json::from_slice(&answer).expect("the answer is JSON")
 }
 
+/// A hub CONNECT of `device_id` with a client certificate: the refusal, or `None` when
+/// accepted.
+pub async fn hub_connect_with_certificate(
+    server: &Server,
+    device_id: &str,
+    auth: crate::DeviceAuth,
+) -> Option<ConnectReturnCode> {
+    let config = server.device(device_id, auth);
+    let tls = edgedps_device::provision::tls_config(&config).expect("client TLS");
+    let username = hub_username(LOCAL, device_id);
+    crate::connack_with(server.devices_port, device_id, &username, "", tls).await
+}
+
 /// Provisions `id` (symmetric key) and returns its assigned hub.
 pub async fn provision(server: &Server, id: &str, key: &str) -> String {
     let mut device = LiveDevice::connect(server, id, &sas(key), Protocol::V311)

@@ -149,16 +149,6 @@ async fn only_a_device_assigned_here_and_in_service_connects_to_the_local_hub() 
 
 /// A hub CONNECT with the client certificate of `auth` and an empty password: the
 /// refusal, or `None` when accepted.
-async fn hub_connect_with_certificate(
-    server: &Server,
-    device_id: &str,
-    auth: DeviceAuth,
-) -> Option<ConnectReturnCode> {
-    let config = server.device(device_id, auth);
-    let tls = edgedps_device::provision::tls_config(&config).expect("client TLS");
-    let username = hub_username(LOCAL, device_id);
-    connack_with(server.devices_port, device_id, &username, "", tls).await
-}
 
 #[tokio::test]
 async fn an_x509_device_connects_to_the_local_hub_with_its_provisioning_certificate() {

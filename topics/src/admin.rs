@@ -256,7 +256,8 @@ pub struct Effects {
     /// Retained `devices/{deviceId}/#` messages cleared (retirements).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub retained_messages_purged: Option<u32>,
-    /// Certificates a revocation list revokes.
+    /// Certificates a revocation list revokes, or, for a retirement, the certificates
+    /// the gateway had issued to the device.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub revoked_certificates: Option<u32>,
 }
@@ -440,12 +441,23 @@ pub struct EnrollmentSettings {
     pub provisioning_status: ProvisioningStatus,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reprovision_policy: Option<ReprovisionPolicy>,
+    /// Devices may ask for a certificate at registration (PROTOCOL F).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub client_certificate_issuance_policy: Option<IssuancePolicy>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub etag: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub created_date_time_utc: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub last_updated_date_time_utc: Option<String>,
+}
+
+/// `clientCertificateIssuancePolicy`: which certificate authority of the configuration
+/// signs the certificates this enrollment's devices ask for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IssuancePolicy {
+    pub certificate_authority_name: String,
 }
 
 /// `dps/enrollments/{registrationId}`.

@@ -103,6 +103,9 @@ pub struct RegistrationEvent {
     pub error_code: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub message: Option<String>,
+    /// The certificate issued with the assignment (PROTOCOL F).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub issued_certificate: Option<crate::registration::IssuedCertificate>,
     pub timestamp_utc: String,
 }
 
@@ -146,6 +149,7 @@ mod tests {
             assigned_hub: None,
             error_code: Some(404201),
             message: Some("unknown".into()),
+            issued_certificate: None,
             timestamp_utc: "t".into(),
         };
         assert_eq!(

@@ -31,6 +31,9 @@ pub struct RegisterRequest {
     pub registration_id: Option<String>,
     #[serde(default)]
     pub payload: Option<Value>,
+    /// A certificate signing request (PROTOCOL F): base64 of the DER PKCS#10 request.
+    #[serde(default)]
+    pub csr: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -186,6 +189,29 @@ pub struct RegistrationState {
     pub error_code: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error_message: Option<String>,
+    /// Certificates edgedps issued to the device (PROTOCOL F), oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub issued_certificates: Vec<IssuedCertificate>,
+    /// In an answer only, never stored: the chain just issued for the register's
+    /// `csr`, base64 DER, leaf first.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub issued_certificate_chain: Option<Vec<String>>,
+}
+
+/// A certificate edgedps issued to a device, as its registration record keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedCertificate {
+    /// Upper-case hex.
+    pub serial_number: String,
+    /// SHA-256 of the DER, upper-case hex.
+    pub sha256_thumbprint: String,
+    pub not_after_utc: String,
+    /// The issuing certificate authority's name.
+    pub certificate_authority: String,
+    /// Revoked (the device was retired, or the certificate replaced).
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub revoked: bool,
 }
 
 impl RegistrationState {
@@ -206,6 +232,8 @@ impl RegistrationState {
             payload: None,
             error_code: None,
             error_message: None,
+            issued_certificates: Vec::new(),
+            issued_certificate_chain: None,
         }
     }
 

@@ -1,0 +1,322 @@
+//! Certificates issued at registration (PROTOCOL F): a device sends a certificate
+//! signing request with its register; an enrollment with a
+//! `clientCertificateIssuancePolicy` gets it signed by the gateway's CA, in both
+//! response modes; every bad request is a 400 (400004) with the reason and changes
+//! nothing; the chain verifies with `openssl verify`.
+
+use base64::Engine;
+use edgedps_device::credentials::{chain_pem, issued_chain, CertificateRequest};
+use edgedps_device::provision::register;
+use edgedps_tests::*;
+use serde_json::{json, Value};
+
+/// A server whose `gateway` authority is generated in its data directory.
+async fn issuing_server(accept_then_poll: bool) -> Server {
+    Server::start_with(|config| {
+        config.always_accept_then_poll = accept_then_poll;
+        config.certificate_authorities = vec![edgedps::config::CertificateAuthorityConfig {
+            name: "gateway".into(),
+            cert: None,
+            key: None,
+            validity_days: 30,
+        }];
+    })
+    .await
+}
+
+/// Enrolls `id` (symmetric key) with an issuance policy naming `authority`, if any.
+async fn enroll(operator: &mut Operator, id: &str, authority: Option<&str>) -> String {
+    let key = new_key();
+    let mut enrollment = symmetric_enrollment(id, &key);
+    if let Some(name) = authority {
+        enrollment["clientCertificateIssuancePolicy"] = json!({"certificateAuthorityName": name});
+    }
+    operator
+        .put(&format!("dps/enrollments/{id}"), enrollment)
+        .await;
+    key
+}
+
+/// Registers `id` with `csr`: the status and the answer.
+async fn register_with(server: &Server, id: &str, key: &str, csr: &str) -> (u16, Value) {
+    let mut config = server.device(id, sas(key));
+    config.csr = Some(csr.to_owned());
+    let outcome = register(&config, None).await.expect("an answer");
+    (outcome.status, outcome.body)
+}
+
+#[tokio::test]
+async fn a_device_gets_a_certificate_chained_to_the_gateway_ca_in_both_modes() {
+    for accept_then_poll in [false, true] {
+        let server = issuing_server(accept_then_poll).await;
+        let mut operator = server.operator().await;
+        let mut events = server.operator().await;
+        events.subscribe("dps/events/registrations/#").await;
+        let key = enroll(&mut operator, "issued-1", Some("gateway")).await;
+        let request = CertificateRequest::new("issued-1").unwrap();
+        let (status, answer) = register_with(&server, "issued-1", &key, &request.csr).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["status"], "assigned");
+        let chain = issued_chain(&answer).expect("issuedCertificateChain");
+        assert_eq!(chain.len(), 2, "leaf and the gateway CA");
+        // Plain base64 strings, no escapes.
+        let raw =
+            serde_json::to_string(&answer["registrationState"]["issuedCertificateChain"]).unwrap();
+        assert!(!raw.contains("\\/"), "{raw}");
+
+        let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+        let cn = leaf.subject().iter_common_name().next().unwrap();
+        assert_eq!(cn.as_str().unwrap(), "issued-1");
+        let ca_file = server.dir.path().join("data/ca/gateway/ca.pem");
+        assert_eq!(
+            chain[1],
+            edgedps_policies::x509::pem_der(&std::fs::read_to_string(&ca_file).unwrap()).unwrap()
+        );
+        // The stock tool agrees: a client certificate of the gateway CA.
+        let leaf_file = server.dir.path().join("leaf.pem");
+        std::fs::write(&leaf_file, chain_pem(&chain[..1])).unwrap();
+        let verified = std::process::Command::new("openssl")
+            .args(["verify", "-purpose", "sslclient", "-CAfile"])
+            .arg(&ca_file)
+            .arg(&leaf_file)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            verified.status.success(),
+            "{}",
+            String::from_utf8_lossy(&verified.stdout) + String::from_utf8_lossy(&verified.stderr)
+        );
+
+        // Recorded: on the registration record (without the chain) and in the event.
+        let thumbprint = edgedps_policies::x509::thumbprint(&chain[0]);
+        let record = server
+            .running
+            .responder
+            .registration_record("issued-1")
+            .expect("store")
+            .expect("record");
+        assert_eq!(record.issued_certificates.len(), 1);
+        assert_eq!(record.issued_certificates[0].sha256_thumbprint, thumbprint);
+        assert_eq!(
+            record.issued_certificates[0].certificate_authority,
+            "gateway"
+        );
+        assert!(record.issued_certificate_chain.is_none());
+        let (_, event) = events
+            .next_publish("dps/events/registrations/issued-1")
+            .await
+            .expect("event");
+        let event: Value = serde_json::from_slice(&event).unwrap();
+        assert_eq!(
+            event["issuedCertificate"]["sha256Thumbprint"], thumbprint,
+            "{event}"
+        );
+
+        // Registering again with a new request: a second certificate, both recorded.
+        let again = CertificateRequest::new("issued-1").unwrap();
+        let (status, answer) = register_with(&server, "issued-1", &key, &again.csr).await;
+        assert_eq!(status, 200, "{answer}");
+        let second = issued_chain(&answer).expect("chain");
+        assert_ne!(second[0], chain[0]);
+        let record = server
+            .running
+            .responder
+            .registration_record("issued-1")
+            .unwrap()
+            .unwrap();
+        assert_eq!(record.issued_certificates.len(), 2);
+    }
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_with_400004_and_nothing_is_recorded() {
+    let server = issuing_server(false).await;
+    let mut operator = server.operator().await;
+    let key = enroll(&mut operator, "refused-1", Some("gateway")).await;
+    let b64 = |der: &[u8]| base64::engine::general_purpose::STANDARD.encode(der);
+    let good = CertificateRequest::new("refused-1").unwrap();
+    let mut tampered = base64::engine::general_purpose::STANDARD
+        .decode(&good.csr)
+        .unwrap();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    let ed25519 = {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "refused-1");
+        b64(params.serialize_request(&key).unwrap().der())
+    };
+    let certificate = b64(&edgedps_policies::x509::pem_der(&pki().server_ca.pem).unwrap());
+    let cases = [
+        ("not base64", "%%%".to_owned(), "not base64"),
+        ("not DER", b64(b"hello"), "not a DER"),
+        ("a certificate, not a request", certificate, "not a DER"),
+        (
+            "a signature that does not verify",
+            b64(&tampered),
+            "signature",
+        ),
+        ("a weak key", ed25519, "P-256"),
+        (
+            "another device's name",
+            CertificateRequest::new("someone-else").unwrap().csr,
+            "registration id",
+        ),
+    ];
+    for (case, csr, says) in cases {
+        let (status, answer) = register_with(&server, "refused-1", &key, &csr).await;
+        assert_eq!(status, 400, "{case}: {answer}");
+        assert_eq!(answer["errorCode"], 400004, "{case}: {answer}");
+        let message = answer["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{case}: {message}");
+    }
+    assert!(
+        server
+            .running
+            .responder
+            .registration_record("refused-1")
+            .unwrap()
+            .is_none(),
+        "no registration was recorded"
+    );
+
+    // An enrollment without an issuance policy: the request is refused, not ignored.
+    let plain_key = enroll(&mut operator, "no-policy", None).await;
+    let request = CertificateRequest::new("no-policy").unwrap();
+    let (status, answer) = register_with(&server, "no-policy", &plain_key, &request.csr).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("clientCertificateIssuancePolicy"));
+
+    // A policy naming an authority the gateway does not have is refused at the write.
+    let mut enrollment = symmetric_enrollment("unknown-ca", &new_key());
+    enrollment["clientCertificateIssuancePolicy"] = json!({"certificateAuthorityName": "other"});
+    let result = operator
+        .write(
+            "dps/enrollments/unknown-ca",
+            &serde_json::to_vec(&enrollment).unwrap(),
+        )
+        .await;
+    assert_eq!(result["ok"], false, "{result}");
+    assert_eq!(result["errorCode"], 400);
+    assert!(result["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("`other`"));
+}
+
+/// A server with the `gateway` authority and the local hub (`localhost`) only.
+async fn issuing_hub_server() -> Server {
+    Server::start_with(|config| {
+        config.hubs.clear();
+        config.local_hub = Some(edgedps::config::LocalHubConfig::named("localhost"));
+        config.certificate_authorities = vec![edgedps::config::CertificateAuthorityConfig {
+            name: "gateway".into(),
+            cert: None,
+            key: None,
+            validity_days: 30,
+        }];
+    })
+    .await
+}
+
+/// The device credential of an issued chain and its key.
+fn issued_auth(chain: &[Vec<u8>], request: &CertificateRequest) -> DeviceAuth {
+    DeviceAuth::X509 {
+        chain_pem: chain_pem(chain).into_bytes(),
+        key_pem: request.key_pem.clone().into_bytes(),
+    }
+}
+
+#[tokio::test]
+async fn an_issued_certificate_is_a_credential_on_both_connects_until_retired() {
+    use edgedps_tests::hub::{hub_connect_with_certificate, LOCAL};
+    let server = issuing_hub_server().await;
+    let mut operator = server.operator().await;
+    let key = enroll(&mut operator, "cred-1", Some("gateway")).await;
+    let other_key = enroll(&mut operator, "cred-2", Some("gateway")).await;
+    let request = CertificateRequest::new("cred-1").unwrap();
+    let (status, answer) = register_with(&server, "cred-1", &key, &request.csr).await;
+    assert_eq!(status, 200, "{answer}");
+    let chain = issued_chain(&answer).unwrap();
+    let other_request = CertificateRequest::new("cred-2").unwrap();
+    let (_, other_answer) = register_with(&server, "cred-2", &other_key, &other_request.csr).await;
+    let other_chain = issued_chain(&other_answer).unwrap();
+
+    // The DPS CONNECT: the device registers again with its issued certificate.
+    let outcome = register(
+        &server.device("cred-1", issued_auth(&chain, &request)),
+        None,
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(outcome.status, 200, "{}", outcome.body);
+    assert_eq!(outcome.body["registrationState"]["assignedHub"], LOCAL);
+    // The hub CONNECT.
+    assert_eq!(
+        hub_connect_with_certificate(&server, "cred-1", issued_auth(&chain, &request)).await,
+        None
+    );
+    // Another device's issued certificate is not this device's credential.
+    assert_eq!(
+        hub_connect_with_certificate(&server, "cred-1", issued_auth(&other_chain, &other_request))
+            .await,
+        Some(rumqttc::ConnectReturnCode::NotAuthorized)
+    );
+
+    // Retired: its certificates are revoked.
+    let result = operator.retire("cred-1", b"{}").await;
+    assert_eq!(result["ok"], true, "{result}");
+    assert_eq!(result["revokedCertificates"], 1, "{result}");
+    assert_eq!(
+        hub_connect_with_certificate(&server, "cred-1", issued_auth(&chain, &request)).await,
+        Some(rumqttc::ConnectReturnCode::NotAuthorized)
+    );
+    let refused = register(
+        &server.device("cred-1", issued_auth(&chain, &request)),
+        None,
+    )
+    .await;
+    assert!(
+        refused.as_ref().map_or(true, |o| o.status != 200),
+        "{refused:?}"
+    );
+    // The other device's certificate still works.
+    assert_eq!(
+        hub_connect_with_certificate(&server, "cred-2", issued_auth(&other_chain, &other_request))
+            .await,
+        None
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issued_certificate_works_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (devices_port, local_port) = free_ports();
+    let config = "[[certificate_authorities]]\nname = \"gateway\"\n";
+    let mut process = Process::start(dir.path(), devices_port, local_port, config).await;
+    let mut operator = Operator::connect(local_port).await;
+    let key = enroll(&mut operator, "restarted-1", Some("gateway")).await;
+    let request = CertificateRequest::new("restarted-1").unwrap();
+    let mut device = device_config(devices_port, "restarted-1", sas(&key));
+    device.csr = Some(request.csr.clone());
+    let outcome = register(&device, None).await.expect("an answer");
+    assert_eq!(outcome.status, 200, "{}", outcome.body);
+    let chain = issued_chain(&outcome.body).unwrap();
+    drop(operator);
+
+    process.kill();
+    let _process = Process::start(dir.path(), devices_port, local_port, config).await;
+    let again = register(
+        &device_config(devices_port, "restarted-1", issued_auth(&chain, &request)),
+        None,
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(again.status, 200, "{}", again.body);
+}
