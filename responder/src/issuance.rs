@@ -72,6 +72,8 @@ impl Responder {
             not_after_utc: crate::timestamp_at(issued.not_after),
             certificate_authority: ca.name().to_owned(),
             revoked: false,
+            request_id: None,
+            replaces: None,
         };
         let chain = issued
             .chain
@@ -118,6 +120,9 @@ impl Responder {
                 "certificate {thumbprint} issued to `{registration_id}` is revoked"
             ));
         }
+        if let Some(replaced) = issued.replaces.clone() {
+            self.replaced_by_use(record, &thumbprint, &replaced)?;
+        }
         let source = match record.enrollment_group_id() {
             Some(group) => EnrollmentSource::Group(group.to_owned()),
             None => EnrollmentSource::Individual,
@@ -138,5 +143,37 @@ impl Responder {
             })),
             token_expires: None,
         }))
+    }
+}
+
+impl Responder {
+    /// The first use of a renewed certificate whose renewal named `replaced` (a request
+    /// id): the certificate that request got is revoked. Written at once and flushed in
+    /// the background (the CONNECT does not wait for the disk).
+    fn replaced_by_use(
+        &self,
+        record: &edgedps_topics::registration::RegistrationState,
+        thumbprint: &str,
+        replaced: &str,
+    ) -> Result<(), Error> {
+        let mut record = record.clone();
+        for certificate in &mut record.issued_certificates {
+            if certificate.sha256_thumbprint == thumbprint {
+                certificate.replaces = None;
+            } else if certificate.request_id.as_deref() == Some(replaced) {
+                certificate.revoked = true;
+                tracing::info!(target: "edgedps::audit", registration_id = %record.registration_id, serial = %certificate.serial_number, "certificate revoked: replaced by its renewal, now in use");
+            }
+        }
+        self.store.put_registration(&record)?;
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let store = self.store.clone();
+            runtime.spawn(async move {
+                if let Err(error) = store.durable().await {
+                    tracing::error!(%error, "the revocation of a replaced certificate is not on disk");
+                }
+            });
+        }
+        Ok(())
     }
 }

@@ -168,8 +168,8 @@ pub struct Responder {
     writes: AtomicU64,
     /// The live hub sessions, by device (`hub/`).
     hub_links: Arc<hub::HubLinks>,
-    /// Twin changes, one at a time (`hub/twins.rs`).
-    twin_writes: tokio::sync::Mutex<()>,
+    /// Twin changes and certificate renewals, one at a time (`hub/`).
+    hub_writes: tokio::sync::Mutex<()>,
     /// Cloud-to-device queue writes, one at a time (`hub/messages.rs`).
     queue_writes: tokio::sync::Mutex<()>,
     /// Method calls waiting for the device's answer, by request id (`hub/methods.rs`).
@@ -220,7 +220,7 @@ impl Responder {
             random: SystemRandom::new(),
             writes: AtomicU64::new(0),
             hub_links: Arc::default(),
-            twin_writes: tokio::sync::Mutex::new(()),
+            hub_writes: tokio::sync::Mutex::new(()),
             queue_writes: tokio::sync::Mutex::new(()),
             method_calls: Mutex::new(edgedps_policies::methods::PendingCalls::new(
                 hub::MAX_PENDING_CALLS,

@@ -320,3 +320,159 @@ async fn an_issued_certificate_works_after_a_restart() {
     .expect("an answer");
     assert_eq!(again.status, 200, "{}", again.body);
 }
+
+/// A renewal on `device`'s hub session: each answer's status and JSON body.
+async fn renew(
+    device: &mut edgedps_tests::hub::HubDevice,
+    rid: &str,
+    body: Value,
+) -> Vec<(u16, Value)> {
+    device
+        .send(
+            &format!("$iothub/credentials/POST/issueCertificate/?$rid={rid}"),
+            &serde_json::to_vec(&body).unwrap(),
+        )
+        .await;
+    let mut answers = Vec::new();
+    while let Some(answer) = device.next_publish("$iothub/credentials/res/").await {
+        let rest = answer
+            .topic
+            .strip_prefix("$iothub/credentials/res/")
+            .unwrap();
+        let (status, query) = rest.split_once("/?").unwrap();
+        assert_eq!(query, format!("$rid={rid}"), "{}", answer.topic);
+        let status: u16 = status.parse().unwrap();
+        answers.push((status, serde_json::from_slice(&answer.payload).unwrap()));
+        if status != 202 {
+            break;
+        }
+    }
+    answers
+}
+
+/// The chain of a renewal's `200`, DER.
+fn renewed_chain(answers: &[(u16, Value)]) -> Vec<Vec<u8>> {
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert_eq!(answers[0].0, 202);
+    assert!(
+        answers[0].1["correlationId"].is_string() && answers[0].1["operationExpires"].is_string()
+    );
+    assert_eq!(answers[1].0, 200);
+    answers[1]
+        .1
+        .as_array()
+        .expect("a bare array")
+        .iter()
+        .map(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.as_str().unwrap())
+                .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_device_renews_its_certificate_over_its_hub_connection_and_replace_is_honoured() {
+    use edgedps_tests::hub::{hub_connect_with_certificate, HubDevice};
+    let server = issuing_hub_server().await;
+    let mut operator = server.operator().await;
+    let key = enroll(&mut operator, "renew-1", Some("gateway")).await;
+    let first = CertificateRequest::new("renew-1").unwrap();
+    let (status, answer) = register_with(&server, "renew-1", &key, &first.csr).await;
+    assert_eq!(status, 200, "{answer}");
+    let first_chain = issued_chain(&answer).unwrap();
+    let works = |chain: Vec<Vec<u8>>, request: &CertificateRequest| {
+        let auth = issued_auth(&chain, request);
+        let server = &server;
+        async move {
+            hub_connect_with_certificate(server, "renew-1", auth)
+                .await
+                .is_none()
+        }
+    };
+
+    let mut device = HubDevice::connect(&server, "renew-1", &key).await;
+    device.subscribe("$iothub/credentials/res/#").await;
+    // r1: a new certificate; the first one still works.
+    let second = CertificateRequest::new("renew-1").unwrap();
+    let answers = renew(
+        &mut device,
+        "r1",
+        json!({"id": "renew-1", "csr": second.csr}),
+    )
+    .await;
+    let second_chain = renewed_chain(&answers);
+    assert_eq!(second_chain.len(), 2);
+    assert!(
+        works(second_chain.clone(), &second).await,
+        "the renewed certificate"
+    );
+    assert!(
+        works(first_chain.clone(), &first).await,
+        "no replace: the first stays"
+    );
+
+    // r2 replaces r1's certificate: once the new one is used.
+    let third = CertificateRequest::new("renew-1").unwrap();
+    let answers = renew(
+        &mut device,
+        "r2",
+        json!({"id": "renew-1", "csr": third.csr, "replace": "r1"}),
+    )
+    .await;
+    let third_chain = renewed_chain(&answers);
+    assert!(
+        works(second_chain.clone(), &second).await,
+        "not replaced before use"
+    );
+    assert!(
+        works(third_chain.clone(), &third).await,
+        "the new one, used"
+    );
+    assert!(
+        !works(second_chain.clone(), &second).await,
+        "replaced once the new one was used"
+    );
+
+    // r3 replaces every earlier certificate at once.
+    let fourth = CertificateRequest::new("renew-1").unwrap();
+    let answers = renew(
+        &mut device,
+        "r3",
+        json!({"id": "renew-1", "csr": fourth.csr, "replace": "*"}),
+    )
+    .await;
+    let fourth_chain = renewed_chain(&answers);
+    assert!(!works(first_chain, &first).await, "`*`: at once");
+    assert!(!works(third_chain, &third).await, "`*`: at once");
+    assert!(works(fourth_chain, &fourth).await);
+
+    // Refusals: another device's id (403), a bad request (400).
+    let other = CertificateRequest::new("someone").unwrap();
+    let answers = renew(
+        &mut device,
+        "r4",
+        json!({"id": "someone", "csr": other.csr}),
+    )
+    .await;
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_eq!(answers[0].0, 403, "{answers:?}");
+    assert_eq!(answers[0].1["info"]["credentialError"], "DeviceIdMismatch");
+    assert_eq!(answers[0].1["info"]["requestId"], "r4");
+    let answers = renew(&mut device, "r5", json!({"id": "renew-1", "csr": "AAAA"})).await;
+    assert_eq!(answers[0].0, 400, "{answers:?}");
+    assert_eq!(answers[0].1["errorCode"], 400004);
+    let answers = renew(&mut device, "r6", json!({"csr": "AAAA"})).await;
+    assert_eq!(answers[0].0, 400, "{answers:?}");
+    let record = server
+        .running
+        .responder
+        .registration_record("renew-1")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        record.issued_certificates.len(),
+        4,
+        "refusals issue nothing"
+    );
+}

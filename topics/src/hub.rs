@@ -18,10 +18,13 @@ pub const TWIN_RESPONSE_FILTER: &str = "$iothub/twin/res/#";
 pub const DESIRED_FILTER: &str = "$iothub/twin/PATCH/properties/desired/#";
 /// Where a device reads direct method calls.
 pub const METHODS_FILTER: &str = "$iothub/methods/POST/#";
+/// Where a device reads the answers to its certificate renewals (PROTOCOL F).
+pub const CREDENTIALS_FILTER: &str = "$iothub/credentials/res/#";
 
 const TWIN_GET_PATH: &str = "$iothub/twin/GET/";
 const TWIN_REPORTED_PATH: &str = "$iothub/twin/PATCH/properties/reported/";
 const METHOD_RESPONSE_PREFIX: &str = "$iothub/methods/res/";
+const ISSUE_CERTIFICATE_PATH: &str = "$iothub/credentials/POST/issueCertificate/";
 
 /// The operator plane's twin records and writes: `hub/twins/{deviceId}[/desired|/tags]`.
 pub const TWINS_PREFIX: &str = "hub/twins/";
@@ -43,6 +46,8 @@ pub enum HubRequest {
     TwinReported { rid: String },
     /// The answer to direct method call `rid` (the body is the method's result).
     MethodResponse { status: u16, rid: String },
+    /// A certificate renewal (PROTOCOL F; the body is an [`IssueCertificateRequest`]).
+    IssueCertificate { rid: String },
 }
 
 impl HubRequest {
@@ -50,7 +55,8 @@ impl HubRequest {
         match self {
             HubRequest::TwinGet { rid }
             | HubRequest::TwinReported { rid }
-            | HubRequest::MethodResponse { rid, .. } => rid,
+            | HubRequest::MethodResponse { rid, .. }
+            | HubRequest::IssueCertificate { rid } => rid,
         }
     }
 }
@@ -82,6 +88,7 @@ pub fn parse_request(topic: &str) -> Result<HubRequest, HubTopicError> {
     match path {
         TWIN_GET_PATH => Ok(HubRequest::TwinGet { rid }),
         TWIN_REPORTED_PATH => Ok(HubRequest::TwinReported { rid }),
+        ISSUE_CERTIFICATE_PATH => Ok(HubRequest::IssueCertificate { rid }),
         _ => {
             let status = path
                 .strip_prefix(METHOD_RESPONSE_PREFIX)
@@ -110,6 +117,11 @@ pub fn twin_response_topic(
         topic.push_str(&format!("&retry-after={seconds}"));
     }
     topic
+}
+
+/// `$iothub/credentials/res/{status}/?$rid={rid}`.
+pub fn credentials_response_topic(status: u16, rid: &str) -> String {
+    format!("$iothub/credentials/res/{status}/?$rid={rid}")
 }
 
 /// `$iothub/twin/PATCH/properties/desired/?$version={v}`.
@@ -331,6 +343,55 @@ pub struct QueuedMessage {
     pub expires: u64,
 }
 
+/// A certificate renewal's body (PROTOCOL F).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssueCertificateRequest {
+    /// The device id: the session's own.
+    pub id: String,
+    /// Base64 of the DER PKCS#10 request.
+    pub csr: String,
+    /// `*`: every certificate issued before stops working now; a request id: the one
+    /// that request got stops working once the new one is used.
+    #[serde(default)]
+    pub replace: Option<String>,
+}
+
+/// The `202` of a renewal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RenewalAccepted {
+    pub correlation_id: String,
+    pub operation_expires: String,
+}
+
+/// The error body of a renewal (`$iothub/credentials/res/{4xx|5xx}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialError {
+    pub error_code: u32,
+    pub message: String,
+    pub tracking_id: String,
+    pub timestamp_utc: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub retry_after: Option<u32>,
+    pub info: CredentialErrorInfo,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialErrorInfo {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub correlation_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub credential_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub credential_message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub request_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub operation_expires: Option<String>,
+}
+
 /// The outcome of an operator's twin patch, on `dps/admin/results/twins/{deviceId}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -378,8 +439,12 @@ mod tests {
             parse_request("$iothub/methods/res/ok/?$rid=1"),
             Err(HubTopicError::BadStatus("ok".into()))
         );
+        assert_eq!(
+            parse_request("$iothub/credentials/POST/issueCertificate/?$rid=9"),
+            Ok(HubRequest::IssueCertificate { rid: "9".into() })
+        );
         assert!(matches!(
-            parse_request("$iothub/credentials/POST/issueCertificate/?$rid=1"),
+            parse_request("$iothub/credentials/POST/other/?$rid=1"),
             Err(HubTopicError::UnknownTopic(_))
         ));
     }

@@ -212,6 +212,13 @@ pub struct IssuedCertificate {
     /// Revoked (the device was retired, or the certificate replaced).
     #[serde(skip_serializing_if = "std::ops::Not::not", default)]
     pub revoked: bool,
+    /// The renewal request (`$rid`) that got it; none for one issued at registration.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub request_id: Option<String>,
+    /// A renewal's `replace` of one request id: the certificate that request got is
+    /// revoked when this one is first used.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub replaces: Option<String>,
 }
 
 impl RegistrationState {

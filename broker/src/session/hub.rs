@@ -36,6 +36,7 @@ pub(super) struct HubSession {
     desired_qos: Option<u8>,
     methods_qos: Option<u8>,
     messages_qos: Option<u8>,
+    credentials_qos: Option<u8>,
     /// Cloud-to-device messages sent at QoS 1: packet id -> queue sequence.
     in_flight: HashMap<u16, u64>,
     /// The last queued message sent on this connection.
@@ -60,6 +61,7 @@ impl HubSession {
             desired_qos: None,
             methods_qos: None,
             messages_qos: None,
+            credentials_qos: None,
             in_flight: HashMap::new(),
             last_sent: None,
         }
@@ -73,6 +75,7 @@ impl HubSession {
             hub_topics::TWIN_RESPONSE_FILTER => Some(&mut self.twin_qos),
             hub_topics::DESIRED_FILTER => Some(&mut self.desired_qos),
             hub_topics::METHODS_FILTER => Some(&mut self.methods_qos),
+            hub_topics::CREDENTIALS_FILTER => Some(&mut self.credentials_qos),
             _ if filter.eq_ignore_ascii_case(&hub_topics::devicebound_filter(&self.device_id)) => {
                 Some(&mut self.messages_qos)
             }
@@ -130,6 +133,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             HubRequest::TwinGet { .. } => self.shared.responder.twin_get(&device_id),
             HubRequest::TwinReported { .. } => {
                 self.shared.responder.twin_reported(&device_id, body).await
+            }
+            HubRequest::IssueCertificate { rid } => {
+                let answers = self
+                    .shared
+                    .responder
+                    .renew_certificate(&device_id, rid, body)
+                    .await;
+                let Some(qos) = self.hub.as_ref().and_then(|h| h.credentials_qos) else {
+                    tracing::warn!(client_id = %self.client_id, "certificate renewal before subscribing to $iothub/credentials/res/#; no answer sent");
+                    return Ok(());
+                };
+                for answer in answers {
+                    let topic = hub_topics::credentials_response_topic(answer.status, rid);
+                    self.send_to_device(&topic, answer.body.into(), qos)?;
+                }
+                return Ok(());
             }
             HubRequest::MethodResponse { status, rid } => {
                 let answered = self

@@ -4,12 +4,14 @@
 //!   patched by devices (reported) and operators (desired, tags);
 //! - `messages.rs`: each device's durable queue of cloud-to-device messages;
 //! - `methods.rs`: direct method calls from operators, matched with the device's
-//!   answers or timed out.
+//!   answers or timed out;
+//! - `credentials.rs`: certificate renewals (PROTOCOL F).
 //!
 //! The decisions are `edgedps_policies::twin`'s and the topics `edgedps_topics::hub`'s;
 //! this layer reads and writes the store and tells the device's live hub sessions
 //! (their [`HubLink`]s) what came for them. The bytes on the wire are the broker's.
 
+mod credentials;
 mod messages;
 mod methods;
 mod twins;
@@ -23,6 +25,7 @@ use tokio::sync::mpsc;
 use edgedps_topics::identity::RegistrationId;
 use edgedps_topics::registration::{RegistrationState, RegistrationStatus};
 
+pub use credentials::CredentialAnswer;
 pub use messages::{Enqueued, QueueRefusal};
 pub use methods::Invoked;
 pub(crate) use methods::MAX_PENDING_CALLS;

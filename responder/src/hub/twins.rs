@@ -177,7 +177,7 @@ impl Responder {
         change: impl FnOnce(&mut Twin) -> Result<T, PatchError>,
     ) -> Result<Option<(Twin, T)>, TwinWriteError> {
         let (twin, out) = {
-            let _one_at_a_time = self.twin_writes.lock().await;
+            let _one_at_a_time = self.hub_writes.lock().await;
             let Some(mut twin) = self.load_twin(device_id)? else {
                 return Ok(None);
             };
