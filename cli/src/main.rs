@@ -1,5 +1,5 @@
 //! The `edgedps` command: the composition root. `serve` runs the broker; `loadgen`
-//! drives the device side against it. The broker crate never links the device crate;
+//! drives the device side against it; `manufacture` makes device identities. The broker crate never links the device crate;
 //! only this binary holds both.
 
 use std::path::PathBuf;
@@ -37,6 +37,8 @@ enum Command {
     },
     /// Provision many simulated devices against a fresh edgedps and report.
     Loadgen(edgedps_device::loadgen::LoadgenArgs),
+    /// Manufacturing: a device CA, and batches of device bundles with their manifest.
+    Manufacture(edgedps_device::manufacture::ManufactureArgs),
     /// Publish and subscribe through a fresh edgedps and a mosquitto, side by side.
     LoadgenBroker(edgedps_device::loadgen::broker::BrokerLoadArgs),
     /// Fill a store with enrollments and their registrations, for start-up benchmarks.
@@ -64,6 +66,18 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(config),
         Command::Loadgen(args) => loadgen(args),
+        Command::Manufacture(args) => {
+            match runtime().and_then(|rt| {
+                rt.block_on(edgedps_device::manufacture::main(args))
+                    .map_err(|e| e.to_string())
+            }) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("edgedps manufacture: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::LoadgenBroker(args) => {
             let exe = match std::env::current_exe() {
                 Ok(exe) => exe,

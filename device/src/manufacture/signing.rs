@@ -1,6 +1,5 @@
-//! Manufacturing helpers: a signing CA and device certificates made with rcgen.
-//! The load generator uses them for X.509 devices; the manufacturing tools of a later
-//! issue build on them.
+//! An in-memory signing CA and device certificates made with rcgen, for the load
+//! generator's X.509 devices and the tests.
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
