@@ -47,6 +47,10 @@ pub struct LoadgenArgs {
     /// an assigned registration record) and report how long the server takes to start.
     #[arg(long, default_value_t = 0)]
     pub preload: usize,
+    /// Every device sends a certificate signing request (made before the round) and
+    /// gets a certificate from the server's `gateway` authority (PROTOCOL F).
+    #[arg(long)]
+    pub csr: bool,
     /// Print the final report as JSON.
     #[arg(long)]
     pub json: bool,

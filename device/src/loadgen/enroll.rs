@@ -19,6 +19,7 @@ pub async fn prepare(
     port: u16,
     admin: Option<SocketAddr>,
     server_ca: &[u8],
+    csr: bool,
 ) -> Result<Vec<SimulatedDevice>, String> {
     let scope = "0ne00000001";
     let mut enrollments: Vec<(String, serde_json::Value)> = Vec::new();
@@ -95,6 +96,20 @@ pub async fn prepare(
                     registrations: 1,
                 });
             }
+        }
+    }
+    if csr {
+        // Every device asks for a certificate (made here, before the round) and every
+        // enrollment allows it.
+        for (_, enrollment) in &mut enrollments {
+            enrollment["clientCertificateIssuancePolicy"] =
+                json!({"certificateAuthorityName": "gateway"});
+        }
+        for device in &mut devices {
+            let request =
+                crate::credentials::CertificateRequest::new(&device.config.registration_id)
+                    .map_err(|e| e.to_string())?;
+            device.config.csr = Some(request.csr);
         }
     }
     if let Some(admin) = admin {

@@ -106,6 +106,7 @@ pub async fn main(args: LoadgenArgs, exe: &Path) -> Result<Vec<Report>, String> 
             devices_port,
             Some(admin),
             &server_ca,
+            args.csr,
         )
         .await?;
         let devices = tune(devices, &args);
@@ -148,6 +149,7 @@ pub async fn main(args: LoadgenArgs, exe: &Path) -> Result<Vec<Report>, String> 
                 *port,
                 None,
                 &server_ca,
+                args.csr,
             )
             .await?;
             let devices = tune(devices, &args);
@@ -195,7 +197,16 @@ async fn cut_off(
         }
     };
     // Round numbers name the groups: the held devices are round 0's, `load-r0`.
-    let bystanders = prepare(bystander_kind, 200, 9999, port, Some(admin), server_ca).await?;
+    let bystanders = prepare(
+        bystander_kind,
+        200,
+        9999,
+        port,
+        Some(admin),
+        server_ca,
+        false,
+    )
+    .await?;
     let report = cutoff::measure(
         held.to_vec(),
         bystanders,
