@@ -3,8 +3,16 @@
 use edgedps_device::loadgen::{prepare, run_devices, Attestation};
 use edgedps_tests::*;
 
-async fn smoke(attestation: Attestation, devices: usize) {
-    let server = Server::start().await;
+async fn smoke(attestation: Attestation, devices: usize, csr: bool) {
+    let server = Server::start_with(|config| {
+        config.certificate_authorities = vec![edgedps::config::CertificateAuthorityConfig {
+            name: "gateway".into(),
+            cert: None,
+            key: None,
+            validity_days: 30,
+        }];
+    })
+    .await;
     let admin = ([127, 0, 0, 1], server.local_port).into();
     let ca = pki().server_ca.pem.as_bytes();
     let fleet = prepare(
@@ -14,6 +22,7 @@ async fn smoke(attestation: Attestation, devices: usize) {
         server.devices_port,
         Some(admin),
         ca,
+        csr,
     )
     .await
     .expect("enrollments accepted");
@@ -25,14 +34,31 @@ async fn smoke(attestation: Attestation, devices: usize) {
     );
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert!(report.total_us.p50 > 0);
+    let record = server
+        .running
+        .responder
+        .registration_record("load-r0-0")
+        .expect("store")
+        .expect("registered");
+    assert_eq!(
+        record.issued_certificates.len(),
+        usize::from(csr),
+        "{attestation:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_devices_are_all_assigned() {
-    smoke(Attestation::Sas, 200).await;
-    smoke(Attestation::SasGroup, 100).await;
-    smoke(Attestation::X509, 100).await;
-    smoke(Attestation::X509Group, 100).await;
+    smoke(Attestation::Sas, 200, false).await;
+    smoke(Attestation::SasGroup, 100, false).await;
+    smoke(Attestation::X509, 100, false).await;
+    smoke(Attestation::X509Group, 100, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_that_ask_for_certificates_are_all_assigned() {
+    smoke(Attestation::SasGroup, 100, true).await;
+    smoke(Attestation::X509, 50, true).await;
 }
 
 /// Runs `edgedps loadgen {args} --json`; its JSON lines, and its whole output.
