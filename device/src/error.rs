@@ -24,4 +24,8 @@ pub enum DeviceError {
     WriteRefused { topic: String, message: String },
     #[error("no result for {0} writes within 60 s")]
     NoResult(usize),
+    #[error("bundle: {0}")]
+    Bundle(String),
+    #[error("certificate renewal refused: {0}")]
+    Renewal(String),
 }

@@ -476,3 +476,90 @@ async fn a_device_renews_its_certificate_over_its_hub_connection_and_replace_is_
         "refusals issue nothing"
     );
 }
+
+#[tokio::test]
+async fn our_device_client_provisions_from_its_bundle_keeps_its_certificate_and_renews_it() {
+    use edgedps_device::bundle::{provision_with_certificate, Bundle};
+    use edgedps_device::manufacture::batch::{run, BatchArgs, BatchAttestation};
+    use edgedps_tests::hub::{hub_connect_with_certificate, LOCAL};
+    let server = issuing_hub_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let trust = dir.path().join("trust.pem");
+    std::fs::write(&trust, &pki().server_ca.pem).unwrap();
+    let group_key_file = dir.path().join("group.key");
+    std::fs::write(&group_key_file, new_key()).unwrap();
+    // A batch of two, enrolled with an issuance policy (the manufacturing tool, as a
+    // library).
+    let args = BatchArgs {
+        count: 2,
+        id_prefix: "agent-".into(),
+        out: dir.path().join("batch"),
+        attestation: BatchAttestation::SymmetricKey,
+        ca: None,
+        group_key_file: Some(group_key_file),
+        id_scope: ID_SCOPE.into(),
+        host: LOCAL.into(),
+        port: server.devices_port,
+        trust,
+        years: 10,
+        resume: false,
+        enroll: true,
+        group_id: None,
+        issuance_policy: Some("gateway".into()),
+        operator: ([127, 0, 0, 1], server.local_port).into(),
+    };
+    let manifest = run(&args).await.expect("batch made and enrolled");
+    assert_eq!(manifest.len(), 2);
+
+    let bundle = Bundle::open(&dir.path().join("batch/agent-00001")).unwrap();
+    assert!(bundle.operational_auth().unwrap().is_none());
+    let outcome = provision_with_certificate(&bundle)
+        .await
+        .expect("provisioned");
+    assert_eq!(outcome.status, 200, "{}", outcome.body);
+    let issued = bundle.operational_auth().unwrap().expect("kept");
+    use std::os::unix::fs::PermissionsExt;
+    let key_mode = std::fs::metadata(dir.path().join("batch/agent-00001/operational.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600);
+
+    // It connects to its hub with the certificate, and renews over that connection.
+    let trust_pem = bundle.trust().unwrap();
+    let mut hub = edgedps_device::hub::connect(
+        LOCAL,
+        server.devices_port,
+        "agent-00001",
+        &issued,
+        &trust_pem,
+    )
+    .await
+    .expect("hub CONNECT with the issued certificate");
+    let leaf = match &issued {
+        DeviceAuth::X509 { chain_pem, .. } => {
+            edgedps_policies::x509::pem_to_der(std::str::from_utf8(chain_pem).unwrap()).unwrap()
+        }
+        DeviceAuth::SymmetricKey { .. } => unreachable!("an issued certificate"),
+    };
+    assert!(!edgedps_device::hub::due_for_renewal(&leaf, 0.3), "fresh");
+    assert!(
+        edgedps_device::hub::due_for_renewal(&leaf, 1.1),
+        "more than its lifetime"
+    );
+    let renewed = hub.renew(Some("*")).await.expect("renewed");
+    bundle
+        .store_operational(&renewed.chain, &renewed.key_pem)
+        .unwrap();
+    let now_issued = bundle.operational_auth().unwrap().unwrap();
+    assert_eq!(
+        hub_connect_with_certificate(&server, "agent-00001", now_issued).await,
+        None,
+        "the renewed certificate"
+    );
+    assert_eq!(
+        hub_connect_with_certificate(&server, "agent-00001", issued).await,
+        Some(rumqttc::ConnectReturnCode::NotAuthorized),
+        "replaced with `*`"
+    );
+}

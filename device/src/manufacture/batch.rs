@@ -74,6 +74,10 @@ pub struct BatchArgs {
     /// The enrollment group's id (default: the id prefix without a trailing `-`).
     #[arg(long)]
     pub group_id: Option<String>,
+    /// With --enroll: the group's devices may ask for certificates from this authority
+    /// of the service (`clientCertificateIssuancePolicy`).
+    #[arg(long)]
+    pub issuance_policy: Option<String>,
     /// The operator listener for --enroll.
     #[arg(long, default_value = "127.0.0.1:1883")]
     pub operator: SocketAddr,
@@ -354,7 +358,10 @@ async fn enroll(args: &BatchArgs, group_key: Option<&str>) -> Result<(), Manufac
                 "x509": {"signingCertificates": {"primary": {"certificate": root}}}})
         }
     };
-    let body = json!({"enrollmentGroupId": group_id, "attestation": attestation});
+    let mut body = json!({"enrollmentGroupId": group_id, "attestation": attestation});
+    if let Some(authority) = &args.issuance_policy {
+        body["clientCertificateIssuancePolicy"] = json!({"certificateAuthorityName": authority});
+    }
     let topic = edgedps_topics::admin::RecordKind::EnrollmentGroup.record_topic(&group_id);
     crate::admin::write_all(args.operator, &[(topic, body)]).await?;
     eprintln!("enrolled group `{group_id}` at {}", args.operator);
