@@ -37,6 +37,8 @@ enum Command {
     },
     /// Provision many simulated devices against a fresh edgedps and report.
     Loadgen(edgedps_device::loadgen::LoadgenArgs),
+    /// Operate edgedps over its operator plane: enrollments, groups, hubs, records.
+    Admin(edgedps_device::admin_cli::AdminArgs),
     /// Manufacturing: a device CA, and batches of device bundles with their manifest.
     Manufacture(edgedps_device::manufacture::ManufactureArgs),
     /// Publish and subscribe through a fresh edgedps and a mosquitto, side by side.
@@ -66,6 +68,21 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(config),
         Command::Loadgen(args) => loadgen(args),
+        Command::Admin(args) => {
+            let outcome = runtime()
+                .map_err(edgedps_device::admin_cli::AdminError::Refused)
+                .and_then(|rt| rt.block_on(edgedps_device::admin_cli::main(args)));
+            match outcome {
+                Ok(out) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("edgedps admin: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
         Command::Manufacture(args) => {
             match runtime().and_then(|rt| {
                 rt.block_on(edgedps_device::manufacture::main(args))

@@ -5,6 +5,7 @@
 //! and the load generator.
 
 pub mod admin;
+pub mod admin_cli;
 pub mod bundle;
 pub mod credentials;
 mod error;

@@ -1,0 +1,637 @@
+//! `edgedps admin`: the operator plane (PROTOCOL B) from the command line. Every command
+//! is an MQTT exchange any operator could make with `mosquitto_pub`: a retained record
+//! written and its result awaited on `dps/admin/results/...`, or records read from their
+//! retained topics. Tables for people, `--json` for scripts. The exit code is 0 on
+//! success, 1 when edgedps refused (its reason printed), 2 for input that was never sent.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
+use serde_json::{json, Value};
+
+use edgedps_topics::admin::{self as topics, RecordKind};
+
+/// Command-line arguments of `edgedps admin`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdminArgs {
+    /// The operator listener's host.
+    #[arg(
+        long,
+        env = "EDGEDPS_ADMIN_HOST",
+        default_value = "127.0.0.1",
+        global = true
+    )]
+    pub host: String,
+    /// The operator listener's port.
+    #[arg(
+        long,
+        env = "EDGEDPS_ADMIN_PORT",
+        default_value_t = 1883,
+        global = true
+    )]
+    pub port: u16,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum AdminCommand {
+    /// Enroll one device (an individual enrollment).
+    ///
+    /// Examples: `edgedps admin enroll dev-1 --symmetric-key auto` (prints the key once);
+    /// `edgedps admin enroll dev-2 --certificate dev-2.pem`; `edgedps admin enroll dev-3
+    /// --file dev-3.json`.
+    Enroll {
+        registration_id: String,
+        /// A base64 key, or `auto` to generate one (printed once).
+        #[arg(long, conflicts_with_all = ["certificate", "file"])]
+        symmetric_key: Option<String>,
+        /// The device's certificate (PEM).
+        #[arg(long, conflicts_with = "file")]
+        certificate: Option<PathBuf>,
+        /// The whole enrollment as JSON.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Hubs the device may be assigned to (repeat).
+        #[arg(long)]
+        iot_hub: Vec<String>,
+    },
+    /// Enrollment groups.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// List records: enrollments, groups, hubs or registrations.
+    ///
+    /// Example: `edgedps admin list registrations --json`
+    List { kind: Kind },
+    /// Show one record.
+    ///
+    /// Example: `edgedps admin show registration dev-1`
+    Show { kind: Kind, id: String },
+    /// Disable an enrollment (or, with --group, a group): its devices are out of service.
+    ///
+    /// Example: `edgedps admin disable dev-1`
+    Disable {
+        id: String,
+        #[arg(long)]
+        group: bool,
+    },
+    /// Enable an enrollment (or, with --group, a group) again.
+    Enable {
+        id: String,
+        #[arg(long)]
+        group: bool,
+    },
+    /// Delete a record.
+    ///
+    /// Example: `edgedps admin delete enrollment dev-1`
+    Delete { kind: Kind, id: String },
+    /// Retire a device in one step: blocked, deregistered, sessions closed, certificates
+    /// revoked.
+    ///
+    /// Example: `edgedps admin retire dev-1 --reason lost`
+    Retire {
+        registration_id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Linked hubs.
+    #[command(subcommand)]
+    Hubs(HubsCommand),
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum GroupCommand {
+    /// Create (or replace) an enrollment group.
+    ///
+    /// Examples: `edgedps admin group create fleet --symmetric-key auto`;
+    /// `edgedps admin group create fleet --ca root.pem`
+    Create {
+        group_id: String,
+        /// A base64 key, or `auto` to generate one (printed once).
+        #[arg(long, conflicts_with = "ca")]
+        symmetric_key: Option<String>,
+        /// The CA certificate (PEM) that signed the group's device certificates.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Devices of the group may ask for certificates from this authority.
+        #[arg(long)]
+        issuance_policy: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum HubsCommand {
+    /// Link a hub.
+    ///
+    /// Example: `edgedps admin hubs link hub-a.example.net --weight 2`
+    Link {
+        host_name: String,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        /// The hub is this gateway.
+        #[arg(long)]
+        local: bool,
+    },
+    /// Unlink a hub.
+    Unlink { host_name: String },
+    /// List the linked hubs.
+    List,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    #[value(alias = "enrollments")]
+    Enrollment,
+    #[value(alias = "groups")]
+    Group,
+    #[value(alias = "hubs")]
+    Hub,
+    #[value(alias = "registrations")]
+    Registration,
+}
+
+impl Kind {
+    fn record_kind(self) -> RecordKind {
+        match self {
+            Kind::Enrollment => RecordKind::Enrollment,
+            Kind::Group => RecordKind::EnrollmentGroup,
+            Kind::Hub => RecordKind::Hub,
+            Kind::Registration => RecordKind::Registration,
+        }
+    }
+}
+
+/// How a command ended.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Input that was never sent (exit code 2).
+    #[error("{0}")]
+    Input(String),
+    /// edgedps refused, or could not be reached (exit code 1).
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl AdminError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AdminError::Input(_) => 2,
+            AdminError::Refused(_) => 1,
+        }
+    }
+}
+
+/// Runs `edgedps admin`; what it prints goes to stdout.
+pub async fn main(args: AdminArgs) -> Result<String, AdminError> {
+    let plane = Plane {
+        host: args.host.clone(),
+        port: args.port,
+    };
+    let json_out = args.json;
+    match args.command {
+        AdminCommand::Enroll {
+            registration_id,
+            symmetric_key,
+            certificate,
+            file,
+            iot_hub,
+        } => {
+            let (mut body, generated) = match (symmetric_key, certificate, file) {
+                (Some(key), None, None) => {
+                    let (key, generated) = key_or_new(&key)?;
+                    let body = json!({"registrationId": registration_id,
+                        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key}}});
+                    (body, generated.then_some(key))
+                }
+                (None, Some(path), None) => {
+                    let pem = read_certificate(&path)?;
+                    let body = json!({"registrationId": registration_id,
+                        "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": pem}}}}});
+                    (body, None)
+                }
+                (None, None, Some(path)) => (read_json(&path)?, None),
+                _ => {
+                    return Err(AdminError::Input(
+                        "give one of --symmetric-key, --certificate or --file".into(),
+                    ))
+                }
+            };
+            if !iot_hub.is_empty() {
+                body["iotHubs"] = json!(iot_hub);
+            }
+            let topic = RecordKind::Enrollment.record_topic(&registration_id);
+            let result = plane.write(&topic, &body).await?;
+            Ok(written(&result, generated, json_out))
+        }
+        AdminCommand::Group(GroupCommand::Create {
+            group_id,
+            symmetric_key,
+            ca,
+            issuance_policy,
+        }) => {
+            let (mut body, generated) = match (symmetric_key, ca) {
+                (Some(key), None) => {
+                    let (key, generated) = key_or_new(&key)?;
+                    let body = json!({"enrollmentGroupId": group_id,
+                        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key}}});
+                    (body, generated.then_some(key))
+                }
+                (None, Some(path)) => {
+                    let pem = read_certificate(&path)?;
+                    let der = edgedps_policies::x509::pem_to_der(&pem)
+                        .map_err(|e| AdminError::Input(format!("--ca {}: {e}", path.display())))?;
+                    let info = edgedps_policies::x509::CertificateInfo::read(&der)
+                        .map_err(|e| AdminError::Input(format!("--ca {}: {e}", path.display())))?;
+                    if !info.is_ca {
+                        return Err(AdminError::Input(format!(
+                            "--ca {}: not a CA certificate (basic constraints CA:TRUE)",
+                            path.display()
+                        )));
+                    }
+                    let body = json!({"enrollmentGroupId": group_id,
+                        "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": pem}}}}});
+                    (body, None)
+                }
+                _ => {
+                    return Err(AdminError::Input(
+                        "give one of --symmetric-key or --ca".into(),
+                    ))
+                }
+            };
+            if let Some(name) = issuance_policy {
+                body["clientCertificateIssuancePolicy"] = json!({"certificateAuthorityName": name});
+            }
+            let topic = RecordKind::EnrollmentGroup.record_topic(&group_id);
+            let result = plane.write(&topic, &body).await?;
+            Ok(written(&result, generated, json_out))
+        }
+        AdminCommand::List { kind } => {
+            let records = plane
+                .read(&format!("{}+", kind.record_kind().record_topic("")))
+                .await?;
+            Ok(listing(kind, &records, json_out))
+        }
+        AdminCommand::Show { kind, id } => {
+            let record = plane.one(kind.record_kind(), &id).await?;
+            Ok(pretty(&record))
+        }
+        AdminCommand::Disable { id, group } => {
+            plane.set_status(&id, group, "disabled", json_out).await
+        }
+        AdminCommand::Enable { id, group } => {
+            plane.set_status(&id, group, "enabled", json_out).await
+        }
+        AdminCommand::Delete { kind, id } => {
+            let topic = kind.record_kind().record_topic(&id);
+            let result = plane.write_bytes(&topic, b"", true).await?;
+            Ok(written(&result, None, json_out))
+        }
+        AdminCommand::Retire {
+            registration_id,
+            reason,
+        } => {
+            let body = match reason {
+                Some(reason) => json!({"reason": reason}),
+                None => json!({}),
+            };
+            let bytes = serde_json::to_vec(&body).unwrap_or_default();
+            let result = plane
+                .exchange(
+                    &topics::retire_topic(&registration_id),
+                    &bytes,
+                    false,
+                    &topics::retire_result_topic(&registration_id),
+                )
+                .await?;
+            Ok(written(&result, None, json_out))
+        }
+        AdminCommand::Hubs(HubsCommand::Link {
+            host_name,
+            weight,
+            local,
+        }) => {
+            let mut body = json!({"allocationWeight": weight});
+            if local {
+                body["local"] = json!(true);
+            }
+            let result = plane
+                .write(&RecordKind::Hub.record_topic(&host_name), &body)
+                .await?;
+            Ok(written(&result, None, json_out))
+        }
+        AdminCommand::Hubs(HubsCommand::Unlink { host_name }) => {
+            let topic = RecordKind::Hub.record_topic(&host_name);
+            let result = plane.write_bytes(&topic, b"", true).await?;
+            Ok(written(&result, None, json_out))
+        }
+        AdminCommand::Hubs(HubsCommand::List) => {
+            let records = plane
+                .read(&format!("{}+", RecordKind::Hub.record_topic("")))
+                .await?;
+            Ok(listing(Kind::Hub, &records, json_out))
+        }
+    }
+}
+
+/// The operator listener.
+struct Plane {
+    host: String,
+    port: u16,
+}
+
+/// How long the records of a listing may pause before it is taken as complete.
+const QUIET: Duration = Duration::from_millis(400);
+
+impl Plane {
+    async fn connect(&self) -> Result<(AsyncClient, EventLoop), AdminError> {
+        let mut options = rumqttc::MqttOptions::new(
+            format!("edgedps-admin-{}", std::process::id()),
+            &self.host,
+            self.port,
+        );
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => Ok((client, eventloop)),
+            Ok(Ok(other)) => Err(AdminError::Refused(format!("no CONNACK: {other:?}"))),
+            Ok(Err(e)) => Err(AdminError::Refused(format!(
+                "cannot reach the operator listener at {}:{}: {e}",
+                self.host, self.port
+            ))),
+            Err(_) => Err(AdminError::Refused(format!(
+                "no answer from {}:{} within 10 s",
+                self.host, self.port
+            ))),
+        }
+    }
+
+    async fn write(&self, topic: &str, body: &Value) -> Result<Value, AdminError> {
+        let bytes = serde_json::to_vec(body).unwrap_or_default();
+        self.write_bytes(topic, &bytes, true).await
+    }
+
+    async fn write_bytes(
+        &self,
+        topic: &str,
+        body: &[u8],
+        retain: bool,
+    ) -> Result<Value, AdminError> {
+        let result_topic = topics::result_topic_of(topic)
+            .ok_or_else(|| AdminError::Input(format!("`{topic}` is not an operator record")))?;
+        self.exchange(topic, body, retain, &result_topic).await
+    }
+
+    /// Publishes and returns the result published on `result_topic`; a result that is
+    /// not `ok` is the error.
+    async fn exchange(
+        &self,
+        topic: &str,
+        body: &[u8],
+        retain: bool,
+        result_topic: &str,
+    ) -> Result<Value, AdminError> {
+        let (client, mut eventloop) = self.connect().await?;
+        let lost = |e: String| AdminError::Refused(format!("connection lost: {e}"));
+        client
+            .subscribe(result_topic, QoS::AtLeastOnce)
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        let mut published = false;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let event = tokio::time::timeout_at(deadline, eventloop.poll())
+                .await
+                .map_err(|_| {
+                    AdminError::Refused(format!("no result on {result_topic} within 30 s"))
+                })?
+                .map_err(|e| lost(e.to_string()))?;
+            match event {
+                Event::Incoming(Packet::SubAck(_)) if !published => {
+                    client
+                        .publish(topic, QoS::AtLeastOnce, retain, body.to_vec())
+                        .await
+                        .map_err(|e| lost(e.to_string()))?;
+                    published = true;
+                }
+                Event::Incoming(Packet::Publish(p)) if p.topic == result_topic => {
+                    let _ = client.try_disconnect();
+                    let result: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                    if result["ok"] == true {
+                        return Ok(result);
+                    }
+                    return Err(AdminError::Refused(format!(
+                        "refused ({}): {}",
+                        result["errorCode"],
+                        result["message"].as_str().unwrap_or("no reason given")
+                    )));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The retained records `filter` matches, once they stop arriving.
+    async fn read(&self, filter: &str) -> Result<Vec<Value>, AdminError> {
+        let (client, mut eventloop) = self.connect().await?;
+        client
+            .subscribe(filter, QoS::AtMostOnce)
+            .await
+            .map_err(|e| AdminError::Refused(e.to_string()))?;
+        let mut records = Vec::new();
+        loop {
+            match tokio::time::timeout(QUIET, eventloop.poll()).await {
+                Err(_) => break,
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) if !p.payload.is_empty() => {
+                    if let Ok(record) = serde_json::from_slice::<Value>(&p.payload) {
+                        records.push(record);
+                    }
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(AdminError::Refused(format!("connection lost: {e}"))),
+            }
+        }
+        let _ = client.try_disconnect();
+        Ok(records)
+    }
+
+    async fn one(&self, kind: RecordKind, id: &str) -> Result<Value, AdminError> {
+        let mut records = self.read(&kind.record_topic(id)).await?;
+        records.pop().ok_or_else(|| {
+            AdminError::Refused(format!("no such record: {}", kind.record_topic(id)))
+        })
+    }
+
+    async fn set_status(
+        &self,
+        id: &str,
+        group: bool,
+        status: &str,
+        json_out: bool,
+    ) -> Result<String, AdminError> {
+        let kind = if group {
+            RecordKind::EnrollmentGroup
+        } else {
+            RecordKind::Enrollment
+        };
+        // The record as published has no keys; written back, edgedps keeps the stored ones.
+        let mut record = self.one(kind, id).await?;
+        record["provisioningStatus"] = json!(status);
+        if let Some(fields) = record.as_object_mut() {
+            for derived in ["etag", "createdDateTimeUtc", "lastUpdatedDateTimeUtc"] {
+                fields.remove(derived);
+            }
+        }
+        let result = self.write(&kind.record_topic(id), &record).await?;
+        Ok(written(&result, None, json_out))
+    }
+}
+
+fn key_or_new(key: &str) -> Result<(String, bool), AdminError> {
+    use base64::Engine;
+    if key == "auto" {
+        let mut bytes = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+            .map_err(|_| AdminError::Input("no randomness for a new key".into()))?;
+        return Ok((
+            base64::engine::general_purpose::STANDARD.encode(bytes),
+            true,
+        ));
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .map_err(|_| AdminError::Input("--symmetric-key: not base64".into()))?;
+    if !(16..=64).contains(&decoded.len()) {
+        return Err(AdminError::Input(format!(
+            "--symmetric-key: {} bytes; keys are 16 to 64 bytes",
+            decoded.len()
+        )));
+    }
+    Ok((key.to_owned(), false))
+}
+
+fn read_certificate(path: &PathBuf) -> Result<String, AdminError> {
+    let pem = std::fs::read_to_string(path)
+        .map_err(|e| AdminError::Input(format!("{}: {e}", path.display())))?;
+    edgedps_policies::x509::pem_to_der(&pem)
+        .map_err(|e| AdminError::Input(format!("{}: {e}", path.display())))?;
+    Ok(pem)
+}
+
+fn read_json(path: &PathBuf) -> Result<Value, AdminError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| AdminError::Input(format!("{}: {e}", path.display())))?;
+    let value: Value = serde_json::from_str(&text)
+        .map_err(|e| AdminError::Input(format!("{}: not JSON: {e}", path.display())))?;
+    if !value.is_object() {
+        return Err(AdminError::Input(format!(
+            "{}: not a JSON object",
+            path.display()
+        )));
+    }
+    Ok(value)
+}
+
+/// The output of a write: the result, and a generated key (shown once).
+fn written(result: &Value, generated_key: Option<String>, json_out: bool) -> String {
+    if json_out {
+        let mut out = result.clone();
+        if let Some(key) = generated_key {
+            out["symmetricKey"] = json!(key);
+        }
+        return format!("{out}\n");
+    }
+    let mut out = String::from("ok");
+    if let Some(etag) = result["etag"].as_str() {
+        out.push_str(&format!("  etag {etag}"));
+    }
+    for (field, value) in result.as_object().into_iter().flatten() {
+        if !matches!(field.as_str(), "ok" | "etag") {
+            out.push_str(&format!("  {field} {value}"));
+        }
+    }
+    out.push('\n');
+    if let Some(key) = generated_key {
+        out.push_str(&format!("symmetric key (shown once, keep it): {key}\n"));
+    }
+    out
+}
+
+fn pretty(record: &Value) -> String {
+    format!(
+        "{}\n",
+        serde_json::to_string_pretty(record).unwrap_or_default()
+    )
+}
+
+/// A table of records, or a JSON array.
+fn listing(kind: Kind, records: &[Value], json_out: bool) -> String {
+    if json_out {
+        return format!("{}\n", Value::from(records.to_vec()));
+    }
+    let columns: &[(&str, &str)] = match kind {
+        Kind::Enrollment => &[
+            ("REGISTRATION ID", "/registrationId"),
+            ("ATTESTATION", "/attestation/type"),
+            ("STATUS", "/provisioningStatus"),
+        ],
+        Kind::Group => &[
+            ("GROUP ID", "/enrollmentGroupId"),
+            ("ATTESTATION", "/attestation/type"),
+            ("STATUS", "/provisioningStatus"),
+        ],
+        Kind::Hub => &[
+            ("HOST NAME", "/hostName"),
+            ("WEIGHT", "/allocationWeight"),
+            ("LOCAL", "/local"),
+        ],
+        Kind::Registration => &[
+            ("REGISTRATION ID", "/registrationId"),
+            ("STATUS", "/status"),
+            ("HUB", "/assignedHub"),
+            ("DEVICE ID", "/deviceId"),
+        ],
+    };
+    let cell = |record: &Value, pointer: &str| match record.pointer(pointer) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(other) => other.to_string(),
+    };
+    let mut rows: Vec<Vec<String>> = records
+        .iter()
+        .map(|r| columns.iter().map(|(_, p)| cell(r, p)).collect())
+        .collect();
+    rows.sort();
+    let header: Vec<String> = columns.iter().map(|(h, _)| (*h).to_owned()).collect();
+    let widths: Vec<usize> = (0..columns.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[String]| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        format!("{}\n", padded.join("  ").trim_end())
+    };
+    let mut out = line(&header);
+    for row in &rows {
+        out.push_str(&line(row));
+    }
+    out.push_str(&format!(
+        "({} {})\n",
+        rows.len(),
+        if rows.len() == 1 { "record" } else { "records" }
+    ));
+    out
+}

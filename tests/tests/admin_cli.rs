@@ -1,0 +1,205 @@
+//! `edgedps admin` end to end: the real binary against a server's operator listener,
+//! each command once as it succeeds and once as it is refused; exit codes 0, 1
+//! (edgedps refused) and 2 (input never sent).
+
+use std::process::Output;
+
+use edgedps_tests::*;
+use serde_json::Value;
+
+fn admin(server: &Server, args: &[&str]) -> Output {
+    std::process::Command::new(edgedps_binary())
+        .arg("admin")
+        .args(["--port", &server.local_port.to_string()])
+        .args(args)
+        .output()
+        .expect("edgedps admin runs")
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "exit {:?}: {}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn refused(output: &Output, code: i32, says: &str) {
+    assert_eq!(output.status.code(), Some(code), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(says), "{stderr}");
+}
+
+fn json(output: &Output) -> Value {
+    serde_json::from_str(&stdout(output)).expect("JSON output")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollments_and_groups_are_managed_from_the_command_line() {
+    let server = Server::start().await;
+
+    // enroll: a generated key, shown once; the record has none.
+    let made = json(&admin(
+        &server,
+        &["enroll", "cli-1", "--symmetric-key", "auto", "--json"],
+    ));
+    assert_eq!(made["ok"], true, "{made}");
+    let key = made["symmetricKey"]
+        .as_str()
+        .expect("the key, once")
+        .to_owned();
+    let shown = json(&admin(&server, &["show", "enrollment", "cli-1"]));
+    assert_eq!(shown["registrationId"], "cli-1");
+    assert!(!shown.to_string().contains(&key), "no key in the record");
+    // The key works: the device provisions.
+    let outcome = edgedps_device::register(&server.device("cli-1", sas(&key)), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome.status, 200, "{}", outcome.body);
+
+    // list: a table, and JSON.
+    let table = stdout(&admin(&server, &["list", "enrollments"]));
+    assert!(table.starts_with("REGISTRATION ID"), "{table}");
+    assert!(
+        table.contains("cli-1") && table.contains("symmetricKey") && table.contains("enabled"),
+        "{table}"
+    );
+    let registrations = json(&admin(&server, &["list", "registrations", "--json"]));
+    assert_eq!(registrations[0]["registrationId"], "cli-1");
+
+    // disable, enable: the stored key is kept.
+    stdout(&admin(&server, &["disable", "cli-1"]));
+    let shown = json(&admin(&server, &["show", "enrollment", "cli-1"]));
+    assert_eq!(shown["provisioningStatus"], "disabled");
+    stdout(&admin(&server, &["enable", "cli-1"]));
+    let outcome = edgedps_device::register(&server.device("cli-1", sas(&key)), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome.status, 200,
+        "enabled again, same key: {}",
+        outcome.body
+    );
+
+    // Input that is never sent: exit 2, nothing written.
+    let dir = tempfile::tempdir().unwrap();
+    let not_json = dir.path().join("bad.json");
+    std::fs::write(&not_json, "{ nope").unwrap();
+    refused(
+        &admin(
+            &server,
+            &["enroll", "cli-2", "--file", not_json.to_str().unwrap()],
+        ),
+        2,
+        "not JSON",
+    );
+    refused(
+        &admin(&server, &["enroll", "cli-2", "--symmetric-key", "c2hvcnQ="]),
+        2,
+        "16 to 64 bytes",
+    );
+    let leaf = dir.path().join("leaf.pem");
+    std::fs::write(&leaf, &pki().device_root.device("x").cert_pem).unwrap();
+    refused(
+        &admin(
+            &server,
+            &["group", "create", "g", "--ca", leaf.to_str().unwrap()],
+        ),
+        2,
+        "not a CA",
+    );
+    refused(
+        &admin(&server, &["show", "enrollment", "cli-2"]),
+        1,
+        "no such record",
+    );
+
+    // group create: a key, and a CA.
+    let group = json(&admin(
+        &server,
+        &[
+            "group",
+            "create",
+            "fleet",
+            "--symmetric-key",
+            "auto",
+            "--json",
+        ],
+    ));
+    assert!(group["symmetricKey"].is_string());
+    let root = dir.path().join("root.pem");
+    std::fs::write(&root, &pki().device_root.pem).unwrap();
+    stdout(&admin(
+        &server,
+        &[
+            "group",
+            "create",
+            "x509-fleet",
+            "--ca",
+            root.to_str().unwrap(),
+        ],
+    ));
+    let groups = stdout(&admin(&server, &["list", "groups"]));
+    assert!(
+        groups.contains("fleet") && groups.contains("x509-fleet") && groups.contains("(2 records)"),
+        "{groups}"
+    );
+    // Refused by edgedps: exit 1 with its reason.
+    refused(
+        &admin(
+            &server,
+            &[
+                "group",
+                "create",
+                "issuing",
+                "--symmetric-key",
+                "auto",
+                "--issuance-policy",
+                "nope",
+            ],
+        ),
+        1,
+        "`nope`",
+    );
+
+    // hubs.
+    stdout(&admin(
+        &server,
+        &["hubs", "link", "hub-b.example.net", "--weight", "3"],
+    ));
+    let hubs = stdout(&admin(&server, &["hubs", "list"]));
+    assert!(
+        hubs.contains("hub-b.example.net") && hubs.contains('3'),
+        "{hubs}"
+    );
+    stdout(&admin(&server, &["hubs", "unlink", "hub-b.example.net"]));
+    refused(
+        &admin(&server, &["hubs", "unlink", "hub-a.example.net"]),
+        1,
+        "configuration file",
+    );
+
+    // retire, delete.
+    let retired = json(&admin(
+        &server,
+        &["retire", "cli-1", "--reason", "lost", "--json"],
+    ));
+    assert_eq!(retired["registrationsDeregistered"], 1, "{retired}");
+    let registration = json(&admin(&server, &["show", "registration", "cli-1"]));
+    assert_eq!(registration["status"], "deregistered");
+    stdout(&admin(&server, &["delete", "group", "fleet"]));
+    refused(
+        &admin(&server, &["show", "group", "fleet"]),
+        1,
+        "no such record",
+    );
+
+    // Nobody listening: exit 1, said so.
+    let nobody = std::process::Command::new(edgedps_binary())
+        .args(["admin", "--port", "1", "list", "hubs"])
+        .output()
+        .unwrap();
+    refused(&nobody, 1, "cannot reach");
+}
