@@ -101,6 +101,44 @@ pub enum AdminCommand {
     /// Linked hubs.
     #[command(subcommand)]
     Hubs(HubsCommand),
+    /// Twins of the devices of the local hub.
+    #[command(subcommand)]
+    Twin(TwinCommand),
+    /// Certificate revocation lists.
+    #[command(subcommand)]
+    Crl(CrlCommand),
+    /// Follow events live, one line each.
+    ///
+    /// Examples: `edgedps admin watch`; `edgedps admin watch --filter
+    /// 'dps/events/registrations/#' --json`
+    Watch {
+        /// Which events (an MQTT filter).
+        #[arg(long, default_value = "dps/events/#")]
+        filter: String,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum TwinCommand {
+    /// Show a device's twin.
+    ///
+    /// Example: `edgedps admin twin show dev-1`
+    Show { device_id: String },
+    /// Patch a device's desired properties (JSON; `null` removes a key).
+    ///
+    /// Example: `edgedps admin twin set-desired dev-1 '{"interval": 60}'`
+    SetDesired { device_id: String, patch: String },
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum CrlCommand {
+    /// Add (or replace) a revocation list from a PEM or DER file.
+    ///
+    /// Example: `edgedps admin crl add factory-ca ca.crl.pem`
+    Add { name: String, file: PathBuf },
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -328,6 +366,43 @@ pub async fn main(args: AdminArgs) -> Result<String, AdminError> {
             let result = plane.write_bytes(&topic, b"", true).await?;
             Ok(written(&result, None, json_out))
         }
+        AdminCommand::Twin(TwinCommand::Show { device_id }) => {
+            let topic = edgedps_topics::hub::twin_record_topic(&device_id);
+            let mut twins = plane.read(&topic).await?;
+            let twin = twins
+                .pop()
+                .ok_or_else(|| AdminError::Refused(format!("no twin for `{device_id}`")))?;
+            Ok(pretty(&twin))
+        }
+        AdminCommand::Twin(TwinCommand::SetDesired { device_id, patch }) => {
+            let patch: Value = serde_json::from_str(&patch)
+                .map_err(|e| AdminError::Input(format!("the patch is not JSON: {e}")))?;
+            if !patch.is_object() {
+                return Err(AdminError::Input("the patch must be a JSON object".into()));
+            }
+            let bytes = serde_json::to_vec(&patch).unwrap_or_default();
+            let result = plane
+                .exchange(
+                    &format!(
+                        "{}/desired",
+                        edgedps_topics::hub::twin_record_topic(&device_id)
+                    ),
+                    &bytes,
+                    false,
+                    &edgedps_topics::hub::twin_result_topic(&device_id),
+                )
+                .await?;
+            Ok(written(&result, None, json_out))
+        }
+        AdminCommand::Crl(CrlCommand::Add { name, file }) => {
+            let body = std::fs::read(&file)
+                .map_err(|e| AdminError::Input(format!("{}: {e}", file.display())))?;
+            let result = plane
+                .write_bytes(&RecordKind::Crl.record_topic(&name), &body, true)
+                .await?;
+            Ok(written(&result, None, json_out))
+        }
+        AdminCommand::Watch { filter, count } => plane.watch(&filter, count, json_out).await,
         AdminCommand::Hubs(HubsCommand::List) => {
             let records = plane
                 .read(&format!("{}+", RecordKind::Hub.record_topic("")))
@@ -457,6 +532,43 @@ impl Plane {
         }
         let _ = client.try_disconnect();
         Ok(records)
+    }
+
+    /// Prints each message on `filter` as it comes (to stdout at once), until `count`.
+    async fn watch(
+        &self,
+        filter: &str,
+        count: Option<usize>,
+        json_out: bool,
+    ) -> Result<String, AdminError> {
+        use std::io::Write;
+        let (client, mut eventloop) = self.connect().await?;
+        client
+            .subscribe(filter, QoS::AtMostOnce)
+            .await
+            .map_err(|e| AdminError::Refused(e.to_string()))?;
+        let mut seen = 0;
+        while count.is_none_or(|count| seen < count) {
+            let event = eventloop
+                .poll()
+                .await
+                .map_err(|e| AdminError::Refused(format!("connection lost: {e}")))?;
+            let Event::Incoming(Packet::Publish(p)) = event else {
+                continue;
+            };
+            let body: Value = serde_json::from_slice(&p.payload)
+                .unwrap_or_else(|_| Value::from(String::from_utf8_lossy(&p.payload).into_owned()));
+            let line = match json_out {
+                true => json!({"topic": p.topic, "message": body}).to_string(),
+                false => format!("{}  {}", p.topic, body),
+            };
+            let mut stdout = std::io::stdout().lock();
+            let _ = writeln!(stdout, "{line}");
+            let _ = stdout.flush();
+            seen += 1;
+        }
+        let _ = client.try_disconnect();
+        Ok(String::new())
     }
 
     async fn one(&self, kind: RecordKind, id: &str) -> Result<Value, AdminError> {

@@ -203,3 +203,91 @@ async fn enrollments_and_groups_are_managed_from_the_command_line() {
         .unwrap();
     refused(&nobody, 1, "cannot reach");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twins_revocation_lists_and_events_from_the_command_line() {
+    use edgedps_tests::hub::{local_hub_server, provision, LOCAL};
+    let server = local_hub_server(false, |_| {}).await;
+
+    // watch: the events of a registration, as they come.
+    let watcher = std::process::Command::new(edgedps_binary())
+        .args([
+            "admin",
+            "--port",
+            &server.local_port.to_string(),
+            "watch",
+            "--filter",
+        ])
+        .args(["dps/events/registrations/#", "--count", "1", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let made = json(&admin(
+        &server,
+        &["enroll", "cli-twin", "--symmetric-key", "auto", "--json"],
+    ));
+    let key = made["symmetricKey"].as_str().unwrap().to_owned();
+    assert_eq!(provision(&server, "cli-twin", &key).await, LOCAL);
+    let watched = watcher.wait_with_output().unwrap();
+    let line: Value = serde_json::from_str(stdout(&watched).trim()).expect("one JSON line");
+    assert_eq!(line["topic"], "dps/events/registrations/cli-twin");
+    assert_eq!(line["message"]["outcome"], "assigned");
+
+    // twin show, set-desired.
+    let patched = json(&admin(
+        &server,
+        &[
+            "twin",
+            "set-desired",
+            "cli-twin",
+            r#"{"interval": 9}"#,
+            "--json",
+        ],
+    ));
+    assert_eq!(patched["version"], 2, "{patched}");
+    let twin = json(&admin(&server, &["twin", "show", "cli-twin"]));
+    assert_eq!(twin["properties"]["desired"]["interval"], 9);
+    refused(
+        &admin(&server, &["twin", "set-desired", "cli-twin", "[1]"]),
+        2,
+        "JSON object",
+    );
+    refused(
+        &admin(&server, &["twin", "set-desired", "nobody", "{}"]),
+        1,
+        "not a device of the local hub",
+    );
+
+    // crl add: a list of the device CA, and one that is not a list.
+    let dir = tempfile::tempdir().unwrap();
+    let crl = dir.path().join("ca.crl.pem");
+    std::fs::write(&crl, pki().device_root.crl(&[])).unwrap();
+    let not_a_list = dir.path().join("nope.pem");
+    std::fs::write(&not_a_list, "hello").unwrap();
+    // The issuer must be known: a group signed by the CA.
+    let root = dir.path().join("root.pem");
+    std::fs::write(&root, &pki().device_root.pem).unwrap();
+    stdout(&admin(
+        &server,
+        &[
+            "group",
+            "create",
+            "crl-fleet",
+            "--ca",
+            root.to_str().unwrap(),
+        ],
+    ));
+    stdout(&admin(
+        &server,
+        &["crl", "add", "factory", crl.to_str().unwrap()],
+    ));
+    refused(
+        &admin(
+            &server,
+            &["crl", "add", "broken", not_a_list.to_str().unwrap()],
+        ),
+        1,
+        "refused",
+    );
+}
