@@ -59,6 +59,9 @@ pub enum AdminCommand {
         /// Hubs the device may be assigned to (repeat).
         #[arg(long)]
         iot_hub: Vec<String>,
+        /// The device's initial twin (JSON: `{"tags": .., "properties": {"desired": ..}}`).
+        #[arg(long)]
+        initial_twin: Option<String>,
     },
     /// Enrollment groups.
     #[command(subcommand)]
@@ -237,6 +240,7 @@ pub async fn main(args: AdminArgs) -> Result<String, AdminError> {
             certificate,
             file,
             iot_hub,
+            initial_twin,
         } => {
             let (mut body, generated) = match (symmetric_key, certificate, file) {
                 (Some(key), None, None) => {
@@ -260,6 +264,11 @@ pub async fn main(args: AdminArgs) -> Result<String, AdminError> {
             };
             if !iot_hub.is_empty() {
                 body["iotHubs"] = json!(iot_hub);
+            }
+            if let Some(twin) = initial_twin {
+                let twin: Value = serde_json::from_str(&twin)
+                    .map_err(|e| AdminError::Input(format!("--initial-twin is not JSON: {e}")))?;
+                body["initialTwin"] = twin;
             }
             let topic = RecordKind::Enrollment.record_topic(&registration_id);
             let result = plane.write(&topic, &body).await?;

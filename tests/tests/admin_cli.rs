@@ -225,7 +225,15 @@ async fn twins_revocation_lists_and_events_from_the_command_line() {
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let made = json(&admin(
         &server,
-        &["enroll", "cli-twin", "--symmetric-key", "auto", "--json"],
+        &[
+            "enroll",
+            "cli-twin",
+            "--symmetric-key",
+            "auto",
+            "--json",
+            "--initial-twin",
+            r#"{"properties": {"desired": {"interval": 3, "mode": "eco"}}}"#,
+        ],
     ));
     let key = made["symmetricKey"].as_str().unwrap().to_owned();
     assert_eq!(provision(&server, "cli-twin", &key).await, LOCAL);
@@ -248,6 +256,10 @@ async fn twins_revocation_lists_and_events_from_the_command_line() {
     assert_eq!(patched["version"], 2, "{patched}");
     let twin = json(&admin(&server, &["twin", "show", "cli-twin"]));
     assert_eq!(twin["properties"]["desired"]["interval"], 9);
+    assert_eq!(
+        twin["properties"]["desired"]["mode"], "eco",
+        "the initial twin given at enroll"
+    );
     refused(
         &admin(&server, &["twin", "set-desired", "cli-twin", "[1]"]),
         2,
