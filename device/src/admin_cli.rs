@@ -615,13 +615,8 @@ impl Plane {
 fn key_or_new(key: &str) -> Result<(String, bool), AdminError> {
     use base64::Engine;
     if key == "auto" {
-        let mut bytes = [0u8; 32];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-            .map_err(|_| AdminError::Input("no randomness for a new key".into()))?;
-        return Ok((
-            base64::engine::general_purpose::STANDARD.encode(bytes),
-            true,
-        ));
+        let key = crate::credentials::new_symmetric_key().map_err(AdminError::Input)?;
+        return Ok((key, true));
     }
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(key)

@@ -6,6 +6,16 @@ use base64::Engine;
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
 use serde_json::Value;
 
+/// A new symmetric key: 32 random bytes, base64, as enrollments take them.
+pub fn new_symmetric_key() -> Result<String, String> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| "no randomness for a new key".to_owned())?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
 /// A new key and the request for a certificate of it, subject CN = the registration id.
 pub struct CertificateRequest {
     /// PEM, PKCS#8: stays on the device.

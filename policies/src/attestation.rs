@@ -76,6 +76,29 @@ pub struct PresentedCertificate {
     pub issuers: Vec<Vec<u8>>,
 }
 
+impl PresentedCertificate {
+    /// A chain (DER, leaf first) whose leaf's issuer name (`leaf_issuer`, DER) was read
+    /// already: the issuers of the rest are read here.
+    pub fn of(chain: &[Vec<u8>], leaf_issuer: Vec<u8>) -> PresentedCertificate {
+        let mut issuers = vec![leaf_issuer];
+        issuers.extend(
+            chain
+                .iter()
+                .skip(1)
+                .filter_map(|der| CertificateInfo::read(der).ok())
+                .map(|info| info.issuer),
+        );
+        PresentedCertificate {
+            thumbprint: chain
+                .first()
+                .map(|leaf| x509::thumbprint(leaf))
+                .unwrap_or_default(),
+            chain: chain.to_vec(),
+            issuers,
+        }
+    }
+}
+
 /// Why a CONNECT is refused, with the reason for the log.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AttestationError {
@@ -380,22 +403,11 @@ fn attest_x509(
     if let Some(revoked) = revoked(enrollments.revocation_lists, chain) {
         return Err(AttestationError::NotAuthorized(revoked));
     }
-    let mut issuers = vec![leaf_info.issuer];
-    issuers.extend(
-        chain[1..]
-            .iter()
-            .filter_map(|der| CertificateInfo::read(der).ok())
-            .map(|info| info.issuer),
-    );
     Ok(Attested {
         registration_id,
         source,
         kind: AttestationType::X509,
-        certificate: Some(Arc::new(PresentedCertificate {
-            chain: chain.to_vec(),
-            thumbprint: x509::thumbprint(leaf),
-            issuers,
-        })),
+        certificate: Some(Arc::new(PresentedCertificate::of(chain, leaf_info.issuer))),
         token_expires: None,
     })
 }

@@ -120,6 +120,26 @@ pub enum CaError {
     BadValidity,
 }
 
+/// The key (PEM, PKCS#8) of CA certificate `ca` (DER), once both check out: a CA
+/// certificate, and the key its own.
+pub fn ca_key(ca: &[u8], key_pem: &str) -> Result<rcgen::KeyPair, CaError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(ca)
+        .map_err(|e| CaError::BadCertificate(e.to_string()))?;
+    let is_ca = cert
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .is_some_and(|bc| bc.value.ca);
+    if !is_ca {
+        return Err(CaError::NotCa);
+    }
+    let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| CaError::BadKey(e.to_string()))?;
+    if cert.public_key().raw != key.subject_public_key_info().as_slice() {
+        return Err(CaError::KeyMismatch);
+    }
+    Ok(key)
+}
+
 /// A certificate authority of the gateway that issues device certificates.
 pub struct CertificateAuthority {
     name: String,
@@ -174,17 +194,7 @@ impl CertificateAuthority {
         if chain.len() > MAX_CHAIN - 1 {
             return Err(CaError::ChainTooLong(chain.len()));
         }
-        let info = crate::x509::CertificateInfo::read(ca)
-            .map_err(|e| CaError::BadCertificate(e.to_string()))?;
-        if !info.is_ca {
-            return Err(CaError::NotCa);
-        }
-        let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| CaError::BadKey(e.to_string()))?;
-        let (_, cert) = x509_parser::parse_x509_certificate(ca)
-            .map_err(|e| CaError::BadCertificate(e.to_string()))?;
-        if cert.public_key().raw != key.subject_public_key_info().as_slice() {
-            return Err(CaError::KeyMismatch);
-        }
+        let key = ca_key(ca, key_pem)?;
         let ca_der = CertificateDer::from(ca.as_slice());
         let issuer = rcgen::Issuer::from_ca_cert_der(&ca_der, key)
             .map_err(|e| CaError::BadCertificate(e.to_string()))?;

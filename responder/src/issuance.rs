@@ -102,7 +102,11 @@ impl Responder {
             return Ok(None);
         };
         let refuse = |reason: String| Err(AttestationError::NotAuthorized(reason).into());
-        let thumbprint = x509::thumbprint(leaf);
+        let leaf_issuer = x509::CertificateInfo::read(leaf)
+            .map(|info| info.issuer)
+            .unwrap_or_default();
+        let presented = PresentedCertificate::of(chain, leaf_issuer);
+        let thumbprint = presented.thumbprint.as_str();
         let record = self.store.registration(registration_id)?;
         let issued = record.as_ref().and_then(|r| {
             r.issued_certificates
@@ -121,26 +125,17 @@ impl Responder {
             ));
         }
         if let Some(replaced) = issued.replaces.clone() {
-            self.replaced_by_use(record, &thumbprint, &replaced)?;
+            self.replaced_by_use(record, thumbprint, &replaced)?;
         }
         let source = match record.enrollment_group_id() {
             Some(group) => EnrollmentSource::Group(group.to_owned()),
             None => EnrollmentSource::Individual,
         };
-        let issuers = chain
-            .iter()
-            .filter_map(|der| x509::CertificateInfo::read(der).ok())
-            .map(|info| info.issuer)
-            .collect();
         Ok(Some(Attested {
             registration_id: registration_id.clone(),
             source,
             kind: AttestationType::X509,
-            certificate: Some(Arc::new(PresentedCertificate {
-                chain: chain.to_vec(),
-                thumbprint,
-                issuers,
-            })),
+            certificate: Some(Arc::new(presented)),
             token_expires: None,
         }))
     }

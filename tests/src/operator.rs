@@ -180,13 +180,7 @@ pub fn x509_group(group_id: &str, ca_pem: &str) -> Value {
 
 /// A fresh random base64 key of 32 bytes.
 pub fn new_key() -> String {
-    use base64::Engine;
-    use ring::rand::SecureRandom;
-    let mut bytes = [0u8; 32];
-    ring::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .expect("random bytes");
-    base64::engine::general_purpose::STANDARD.encode(bytes)
+    edgedps_device::credentials::new_symmetric_key().expect("randomness")
 }
 
 /// A client with `options` subscribed to `filter`, once its SUBACK is in.

@@ -43,7 +43,8 @@ pub(super) struct HubSession {
     last_sent: Option<u64>,
     /// When the SAS token the device connected with expires: the session ends then, as
     /// at IoT Hub (the SDKs connect again with a new token before).
-    token_expires: Option<tokio::time::Instant>,
+    /// One timer for the life of the session, not one per wake-up.
+    token_expires: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl HubSession {
@@ -51,7 +52,7 @@ impl HubSession {
     pub(super) fn new(device_id: String, link: HubLink, token_expires: Option<u64>) -> HubSession {
         let token_expires = token_expires.map(|at| {
             let left = at.saturating_sub(edgedps_responder::unix_now());
-            tokio::time::Instant::now() + std::time::Duration::from_secs(left)
+            Box::pin(tokio::time::sleep(std::time::Duration::from_secs(left)))
         });
         HubSession {
             token_expires,
@@ -96,8 +97,8 @@ pub(super) async fn next_wake(hub: &mut Option<Box<HubSession>>) -> HubWake {
         return std::future::pending().await;
     };
     let expiry = async {
-        match hub.token_expires {
-            Some(at) => tokio::time::sleep_until(at).await,
+        match hub.token_expires.as_mut() {
+            Some(timer) => timer.as_mut().await,
             None => std::future::pending().await,
         }
     };

@@ -28,7 +28,7 @@ pub async fn prepare(
     let shared_sas_tls = crate::tls::client_config(server_ca, None).map_err(|e| e.to_string())?;
     match attestation {
         Attestation::Sas | Attestation::SasGroup => {
-            let group_key = random_key();
+            let group_key = crate::credentials::new_symmetric_key()?;
             if attestation == Attestation::SasGroup {
                 enrollments.push((
                     RecordKind::EnrollmentGroup.record_topic(&format!("load-r{round}")),
@@ -41,7 +41,7 @@ pub async fn prepare(
                     edgedps_policies::sas::derive_device_key(&group_key, &id(i))
                         .map_err(|e| e.to_string())?
                 } else {
-                    let key = random_key();
+                    let key = crate::credentials::new_symmetric_key()?;
                     enrollments.push((
                         RecordKind::Enrollment.record_topic(&id(i)),
                         json!({"registrationId": id(i),
@@ -127,12 +127,4 @@ pub async fn prepare(
         .map_err(|e| e.to_string())?;
     }
     Ok(devices)
-}
-
-pub(super) fn random_key() -> String {
-    use base64::Engine;
-    use ring::rand::SecureRandom;
-    let mut bytes = [0u8; 32];
-    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
-    base64::engine::general_purpose::STANDARD.encode(bytes)
 }

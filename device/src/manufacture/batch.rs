@@ -181,9 +181,8 @@ fn signer(dir: &Path) -> Result<Signer, ManufactureError> {
     let files = CaFiles::of(dir);
     let intermediate_pem = read(&files.intermediate)?;
     let key_pem = read(&files.intermediate_key)?;
-    super::ca::check_signing_ca(&intermediate_pem, &key_pem)
+    let key = super::ca::check_signing_ca(&intermediate_pem, &key_pem)
         .map_err(|e| ManufactureError::file(&files.intermediate, e))?;
-    let key = KeyPair::from_pem(&key_pem)?;
     let issuer = Issuer::from_ca_cert_pem(&intermediate_pem, key)?;
     Ok(Signer {
         issuer,

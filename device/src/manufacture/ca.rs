@@ -5,10 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    PublicKeyData,
-};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 
 use super::{read, write_new, ManufactureError};
 
@@ -117,17 +114,8 @@ fn ca_params(name: &str, path_length: u8) -> Result<CertificateParams, rcgen::Er
     Ok(params)
 }
 
-/// A signing CA: a CA certificate and the key that belongs to it.
-pub fn check_signing_ca(cert_pem: &str, key_pem: &str) -> Result<(), String> {
+/// A signing CA: a CA certificate and the key that belongs to it; the key.
+pub fn check_signing_ca(cert_pem: &str, key_pem: &str) -> Result<KeyPair, String> {
     let der = edgedps_policies::x509::pem_to_der(cert_pem).map_err(|e| e.to_string())?;
-    let info = edgedps_policies::x509::CertificateInfo::read(&der).map_err(|e| e.to_string())?;
-    if !info.is_ca {
-        return Err("not a CA certificate (basic constraints CA:TRUE)".into());
-    }
-    let key = KeyPair::from_pem(key_pem).map_err(|e| format!("key: {e}"))?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| e.to_string())?;
-    if cert.public_key().raw != key.subject_public_key_info().as_slice() {
-        return Err("the key does not belong to the certificate".into());
-    }
-    Ok(())
+    edgedps_policies::issuance::ca_key(&der, key_pem).map_err(|e| e.to_string())
 }
