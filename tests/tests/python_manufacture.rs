@@ -119,10 +119,25 @@ async fn a_manufactured_batch_is_enrolled_and_its_devices_provision_with_the_sto
         "--operator",
         &operator,
     ]));
-    assert_eq!(
-        text(&dir.path().join("symmetric/fab-sym-00002/symmetric-key")).trim(),
-        edgedps_policies::sas::derive_device_key(&group_key, "fab-sym-00002").unwrap()
+    let derived = edgedps_policies::sas::derive_device_key(&group_key, "fab-sym-00002").unwrap();
+    let symmetric = dir.path().join("symmetric/fab-sym-00002");
+    assert_eq!(text(&symmetric.join("symmetric-key")).trim(), derived);
+    // The samples driven by environment variables read the key from device.env, which
+    // is then the owner's only.
+    let env = text(&symmetric.join("device.env"));
+    assert!(
+        env.contains(&format!("PROVISIONING_SYMMETRIC_KEY={derived}\n")),
+        "{env}"
     );
+    assert!(
+        env.contains("PROVISIONING_REGISTRATION_ID=fab-sym-00002\n"),
+        "{env}"
+    );
+    let mode = std::fs::metadata(symmetric.join("device.env"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
 
     let request = json!({"bundles": [
         path("batch/fab-00001"), path("batch/fab-00050"), path("symmetric/fab-sym-00002"),

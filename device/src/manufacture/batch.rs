@@ -5,7 +5,8 @@
 //! - symmetric key: `symmetric-key` (the key derived from the group key, owner only);
 //! - both: `trust.pem` (the CA the device must trust for the service),
 //!   `provisioning.json` (id scope, host, port, registration id, attestation) and
-//!   `device.env` (the same for the SDK samples driven by environment variables).
+//!   `device.env` (the same for the SDK samples driven by environment variables; with
+//!   the key for symmetric-key devices, and then owner-only).
 //!
 //! `manifest.csv` and `manifest.json` list every device: registration id, SHA-256
 //! thumbprint, serial, notAfter and bundle path. A non-empty `--out` is refused unless
@@ -228,7 +229,7 @@ fn x509_bundle(
         let chain = format!("{}{}", leaf.pem(), signer.intermediate_pem);
         write_new(&cert_path, chain.as_bytes(), false)?;
     }
-    common_files(args, trust, registration_id, bundle, "x509")?;
+    common_files(args, trust, registration_id, bundle, None)?;
     let der = edgedps_policies::x509::pem_to_der(&read(&cert_path)?)
         .map_err(|e| ManufactureError::file(&cert_path, e))?;
     let info = edgedps_policies::x509::describe(&der)
@@ -269,12 +270,15 @@ fn symmetric_bundle(
 ) -> Result<ManifestEntry, ManufactureError> {
     std::fs::create_dir_all(bundle).map_err(|e| ManufactureError::file(bundle, e))?;
     let key_path = bundle.join("symmetric-key");
-    if !key_path.exists() {
+    let key = if key_path.exists() {
+        read(&key_path)?.trim().to_owned()
+    } else {
         let key = edgedps_policies::sas::derive_device_key(group_key, registration_id)
             .map_err(|e| ManufactureError::Refused(e.to_string()))?;
         write_new(&key_path, format!("{key}\n").as_bytes(), true)?;
-    }
-    common_files(args, trust, registration_id, bundle, "symmetricKey")?;
+        key
+    };
+    common_files(args, trust, registration_id, bundle, Some(&key))?;
     Ok(ManifestEntry {
         registration_id: registration_id.to_owned(),
         sha256_thumbprint: String::new(),
@@ -284,14 +288,20 @@ fn symmetric_bundle(
     })
 }
 
-/// `trust.pem`, `provisioning.json` and `device.env`, unless there.
+/// `trust.pem`, `provisioning.json` and `device.env`, unless there. `symmetric_key`:
+/// the device's key, for a symmetric-key bundle (its `device.env` holds it and is the
+/// owner's only); none for X.509.
 fn common_files(
     args: &BatchArgs,
     trust: &str,
     registration_id: &str,
     bundle: &Path,
-    attestation: &str,
+    symmetric_key: Option<&str>,
 ) -> Result<(), ManufactureError> {
+    let attestation = match symmetric_key {
+        Some(_) => "symmetricKey",
+        None => "x509",
+    };
     let write_once = |name: &str, bytes: &[u8], private: bool| {
         let path = bundle.join(name);
         match path.exists() {
@@ -314,11 +324,11 @@ fn common_files(
         "PROVISIONING_HOST={}\nPROVISIONING_IDSCOPE={}\nPROVISIONING_REGISTRATION_ID={registration_id}\n",
         args.host, args.id_scope
     );
-    match attestation {
-        "x509" => env.push_str("X509_CERT_FILE=device.pem\nX509_KEY_FILE=device.key\n"),
-        _ => env.push_str("PROVISIONING_SYMMETRIC_KEY_FILE=symmetric-key\n"),
+    match symmetric_key {
+        None => env.push_str("X509_CERT_FILE=device.pem\nX509_KEY_FILE=device.key\n"),
+        Some(key) => env.push_str(&format!("PROVISIONING_SYMMETRIC_KEY={key}\n")),
     }
-    write_once("device.env", env.as_bytes(), false)
+    write_once("device.env", env.as_bytes(), symmetric_key.is_some())
 }
 
 fn write_manifest(out: &Path, manifest: &[ManifestEntry]) -> Result<(), ManufactureError> {
