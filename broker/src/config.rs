@@ -25,6 +25,10 @@ pub struct Config {
     pub local_hub: Option<LocalHubConfig>,
     /// Certificate authorities that issue device certificates (PROTOCOL F).
     pub certificate_authorities: Vec<CertificateAuthorityConfig>,
+    /// Who may operate edgedps, and how they prove it.
+    pub operators: Vec<OperatorConfig>,
+    /// Metrics, health and the status page, when set.
+    pub http: Option<HttpConfig>,
     pub limits: Limits,
     pub log: LogConfig,
 }
@@ -42,6 +46,8 @@ pub enum DefaultAllocation {
 pub struct Listeners {
     pub devices: Option<DeviceListener>,
     pub local: Option<LocalListener>,
+    /// Operators from elsewhere, over TLS.
+    pub operators: Option<OperatorListener>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -59,6 +65,64 @@ pub struct DeviceListener {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalListener {
+    #[serde(default = "default_local_bind")]
+    pub bind: SocketAddr,
+    /// A client that gives no username is an operator with the admin role. Anyone who
+    /// can open a connection to `bind` can then change every enrollment: only for a
+    /// listener that no one but the gateway's own processes can reach.
+    #[serde(default)]
+    pub anonymous: bool,
+}
+
+fn default_local_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 1883))
+}
+
+/// `[listeners.operators]`: operators from other machines, over TLS; every client
+/// authenticates as one of `[[operators]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorListener {
+    pub bind: SocketAddr,
+    /// PEM chain of the server certificate; with neither this nor `tls_key`, the
+    /// development certificate (as for the device listener).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// PEM: the CA that signs operators' client certificates. Without it, operators
+    /// authenticate with passwords only.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// `[[operators]]`: one operator, by password (an argon2 hash) or by the CN of a client
+/// certificate from `[listeners.operators] client_ca`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorConfig {
+    /// The MQTT username (and the HTTP basic-auth user).
+    pub name: String,
+    pub role: OperatorRole,
+    /// A PHC string as `edgedps admin hash-password` prints it.
+    #[serde(default)]
+    pub password_hash: Option<String>,
+    #[serde(default)]
+    pub certificate_cn: Option<String>,
+}
+
+/// `admin` writes the operator plane; `reader` reads and watches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OperatorRole {
+    Admin,
+    Reader,
+}
+
+/// `[http]`: `/metrics`, `/healthz`, `/readyz` and the status page.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
     pub bind: SocketAddr,
 }
 
@@ -76,9 +140,17 @@ pub struct HubConfig {
 
 /// What the embedded default (no file) adds to the built-in defaults: the gateway is
 /// its own hub, under the name the development certificate carries, so that `edgedps
-/// serve` alone provisions devices to itself; and it can issue device certificates, from
-/// an authority called `gateway` generated in the data directory on first start.
+/// serve` alone provisions devices to itself; it can issue device certificates, from
+/// an authority called `gateway` generated in the data directory on first start; the
+/// loopback listener takes anonymous operators; the status page is on loopback.
 pub const EMBEDDED_DEFAULT: &str = r#"
+[listeners.local]
+bind = "127.0.0.1:1883"
+anonymous = true
+
+[http]
+bind = "127.0.0.1:8080"
+
 [local_hub]
 host_name = "localhost"
 
@@ -206,6 +278,8 @@ impl Default for Config {
             hubs: Vec::new(),
             local_hub: None,
             certificate_authorities: Vec::new(),
+            operators: Vec::new(),
+            http: None,
             limits: Limits::default(),
             log: LogConfig::default(),
         }
@@ -221,8 +295,10 @@ impl Default for Listeners {
                 tls_key: None,
             }),
             local: Some(LocalListener {
-                bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
+                bind: default_local_bind(),
+                anonymous: false,
             }),
+            operators: None,
         }
     }
 }
@@ -309,6 +385,7 @@ impl Config {
                 });
             }
         }
+        self.validate_operators()?;
         if self.limits.max_packet_size < 1024 {
             return Err(Error::InvalidConfig {
                 key: "limits.max_packet_size",
@@ -426,6 +503,82 @@ impl Config {
                     message: format!("`{name}` is also a `[[hubs]]` entry: a hub is local or not"),
                 });
             }
+        }
+        Ok(())
+    }
+
+    fn validate_operators(&self) -> Result<(), Error> {
+        if let Some(listener) = &self.listeners.operators {
+            if listener.tls_cert.is_some() != listener.tls_key.is_some() {
+                return Err(Error::InvalidConfig {
+                    key: "listeners.operators.tls_cert",
+                    message: "tls_cert and tls_key go together".into(),
+                });
+            }
+        }
+        let key = "operators";
+        let mut names = std::collections::HashSet::new();
+        for operator in &self.operators {
+            let name = &operator.name;
+            if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
+                return Err(Error::InvalidConfig {
+                    key,
+                    message: format!("name `{name}`: 1 to 64 printable characters"),
+                });
+            }
+            if !names.insert(name.as_str()) {
+                return Err(Error::InvalidConfig {
+                    key,
+                    message: format!("`{name}` is configured twice"),
+                });
+            }
+            match (&operator.password_hash, &operator.certificate_cn) {
+                (Some(hash), None) => {
+                    if let Err(e) = edgedps_policies::password::check_hash(hash) {
+                        return Err(Error::InvalidConfig {
+                            key,
+                            message: format!(
+                                "`{name}`: password_hash is not an argon2 PHC string ({e}); `edgedps admin hash-password` prints one"
+                            ),
+                        });
+                    }
+                }
+                (None, Some(cn)) => {
+                    if cn.is_empty() {
+                        return Err(Error::InvalidConfig {
+                            key,
+                            message: format!("`{name}`: certificate_cn is empty"),
+                        });
+                    }
+                    let client_ca = self
+                        .listeners
+                        .operators
+                        .as_ref()
+                        .and_then(|l| l.client_ca.as_ref());
+                    if client_ca.is_none() {
+                        return Err(Error::InvalidConfig {
+                            key,
+                            message: format!(
+                                "`{name}`: certificate_cn needs [listeners.operators] client_ca, the CA that signs operator certificates"
+                            ),
+                        });
+                    }
+                }
+                _ => {
+                    return Err(Error::InvalidConfig {
+                        key,
+                        message: format!(
+                            "`{name}`: give exactly one of password_hash and certificate_cn"
+                        ),
+                    })
+                }
+            }
+        }
+        if self.listeners.operators.is_some() && self.operators.is_empty() {
+            return Err(Error::InvalidConfig {
+                key: "listeners.operators",
+                message: "no [[operators]] to accept: add one, or remove the listener".into(),
+            });
         }
         Ok(())
     }

@@ -11,6 +11,7 @@ pub mod devcert;
 pub mod dollar;
 mod error;
 pub mod interest;
+pub mod operators;
 pub mod qos;
 pub mod router;
 pub mod server;

@@ -26,6 +26,7 @@ use crate::Error;
 pub struct Running {
     pub devices_addr: Option<SocketAddr>,
     pub local_addr: Option<SocketAddr>,
+    pub operators_addr: Option<SocketAddr>,
     /// The CA of the generated development certificate, when there is one.
     pub dev_ca: Option<PathBuf>,
     pub responder: Arc<Responder>,
@@ -80,10 +81,13 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         offline: Arc::default(),
         connecting: tokio::sync::Mutex::new(()),
         interest,
+        operators: Arc::new(crate::operators::Operators::new(&config.operators)),
+        local_anonymous: config.listeners.local.as_ref().is_some_and(|l| l.anonymous),
     });
     let mut running = Running {
         devices_addr: None,
         local_addr: None,
+        operators_addr: None,
         dev_ca: None,
         responder,
         offline: shared.offline.clone(),
@@ -105,75 +109,48 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         let listener = bind("devices", devices.bind).await?;
         running.devices_addr = listener.local_addr().ok();
         tracing::info!(addr = ?running.devices_addr, "device listener (MQTT over TLS) ready");
-        let handshake = Duration::from_millis(config.limits.handshake_timeout_ms);
-        let handshakes = Arc::new(Semaphore::new(config.limits.max_handshakes));
-        let shared = shared.clone();
-        let accept = accept_loop(listener, connections.clone(), move |tcp, peer, slot| {
-            let tls_config = tls_config.clone();
-            let shared = shared.clone();
-            let handshakes = handshakes.clone();
-            async move {
-                // One deadline for the whole handshake. The ClientHello is read before a
-                // handshake slot is taken: a client that never sends one (slowloris)
-                // holds a connection until the deadline, never a slot, so the slots
-                // bound only the handshakes that cost CPU.
-                let deadline = Instant::now() + handshake;
-                let mut stream = match TlsStream::new(tcp, tls_config) {
-                    Ok(stream) => stream,
-                    Err(e) => {
-                        tracing::error!(%peer, error = %e, "cannot start a TLS connection");
-                        return;
-                    }
-                };
-                match tokio::time::timeout_at(deadline, stream.read_client_hello()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::info!(%peer, error = %e, "TLS handshake failed before the ClientHello");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::info!(%peer, "no TLS ClientHello within the handshake deadline; connection closed");
-                        return;
-                    }
-                }
-                // A storm queues here instead of starving the sessions already running.
-                let Ok(Ok(permit)) =
-                    tokio::time::timeout_at(deadline, handshakes.acquire_owned()).await
-                else {
-                    tracing::warn!(%peer, "no handshake slot within the deadline; connection closed");
-                    return;
-                };
-                let accepted = tokio::time::timeout_at(deadline, stream.handshake()).await;
-                drop(permit);
-                match accepted {
-                    Ok(Ok(())) => {
-                        let chain = stream
-                            .peer_certificates()
-                            .iter()
-                            .map(|c| c.as_ref().to_vec())
-                            .collect();
-                        // A task of its own: the handshake task's state is not carried
-                        // for the life of the session (see BENCHMARKS.md, idle memory).
-                        tokio::spawn(session::serve(
-                            stream,
-                            chain,
-                            ListenerKind::Devices,
-                            peer,
-                            shared,
-                            slot,
-                        ));
-                    }
-                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
-                }
+        let accept = tls_accept_loop(
+            listener,
+            connections.clone(),
+            tls_config,
+            ListenerKind::Devices,
+            &config,
+            shared.clone(),
+        );
+        running.tasks.push(tokio::spawn(accept));
+    }
+    if let Some(operators) = &config.listeners.operators {
+        let (cert, key) = match (&operators.tls_cert, &operators.tls_key) {
+            (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+            _ => {
+                let dev = devcert::ensure(&config.data_dir)?;
+                running.dev_ca = Some(dev.ca.clone());
+                (dev.cert, dev.key)
             }
-        });
+        };
+        let tls_config = tls::operator_server_config(&cert, &key, operators.client_ca.as_deref())?;
+        let listener = bind("operators", operators.bind).await?;
+        running.operators_addr = listener.local_addr().ok();
+        tracing::info!(addr = ?running.operators_addr, client_certificates = operators.client_ca.is_some(), "operator listener (MQTT over TLS, [[operators]] only) ready");
+        let accept = tls_accept_loop(
+            listener,
+            connections.clone(),
+            tls_config,
+            ListenerKind::Operators,
+            &config,
+            shared.clone(),
+        );
         running.tasks.push(tokio::spawn(accept));
     }
     if let Some(local) = &config.listeners.local {
         let listener = bind("local", local.bind).await?;
         running.local_addr = listener.local_addr().ok();
-        tracing::info!(addr = ?running.local_addr, "local listener (MQTT, operator role) ready");
+        if local.anonymous {
+            tracing::warn!(addr = ?running.local_addr, "local listener takes anonymous clients as admin operators ([listeners.local] anonymous = true): anyone who can reach it can change every enrollment");
+        } else if !shared.operators.any() {
+            tracing::warn!(addr = ?running.local_addr, "local listener takes no anonymous clients and no [[operators]] are configured: nobody can operate edgedps");
+        }
+        tracing::info!(addr = ?running.local_addr, anonymous = local.anonymous, "local listener (MQTT) ready");
         let shared = shared.clone();
         let accept = accept_loop(listener, connections.clone(), move |tcp, peer, slot| {
             session::serve(
@@ -188,6 +165,73 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         running.tasks.push(tokio::spawn(accept));
     }
     Ok(running)
+}
+
+/// Accepts TLS connections: each handshake in its own task under one deadline, then the
+/// session.
+fn tls_accept_loop(
+    listener: TcpListener,
+    connections: Arc<Semaphore>,
+    tls_config: Arc<rustls::ServerConfig>,
+    kind: ListenerKind,
+    config: &Config,
+    shared: Arc<Shared>,
+) -> impl std::future::Future<Output = ()> {
+    let handshake = Duration::from_millis(config.limits.handshake_timeout_ms);
+    let handshakes = Arc::new(Semaphore::new(config.limits.max_handshakes));
+    accept_loop(listener, connections, move |tcp, peer, slot| {
+        let tls_config = tls_config.clone();
+        let shared = shared.clone();
+        let handshakes = handshakes.clone();
+        async move {
+            // One deadline for the whole handshake. The ClientHello is read before a
+            // handshake slot is taken: a client that never sends one (slowloris)
+            // holds a connection until the deadline, never a slot, so the slots
+            // bound only the handshakes that cost CPU.
+            let deadline = Instant::now() + handshake;
+            let mut stream = match TlsStream::new(tcp, tls_config) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::error!(%peer, error = %e, "cannot start a TLS connection");
+                    return;
+                }
+            };
+            match tokio::time::timeout_at(deadline, stream.read_client_hello()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, error = %e, "TLS handshake failed before the ClientHello");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "no TLS ClientHello within the handshake deadline; connection closed");
+                    return;
+                }
+            }
+            // A storm queues here instead of starving the sessions already running.
+            let Ok(Ok(permit)) =
+                tokio::time::timeout_at(deadline, handshakes.acquire_owned()).await
+            else {
+                tracing::warn!(%peer, "no handshake slot within the deadline; connection closed");
+                return;
+            };
+            let accepted = tokio::time::timeout_at(deadline, stream.handshake()).await;
+            drop(permit);
+            match accepted {
+                Ok(Ok(())) => {
+                    let chain = stream
+                        .peer_certificates()
+                        .iter()
+                        .map(|c| c.as_ref().to_vec())
+                        .collect();
+                    // A task of its own: the handshake task's state is not carried
+                    // for the life of the session (see BENCHMARKS.md, idle memory).
+                    tokio::spawn(session::serve(stream, chain, kind, peer, shared, slot));
+                }
+                Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+            }
+        }
+    })
 }
 
 async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {

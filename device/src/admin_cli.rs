@@ -31,6 +31,28 @@ pub struct AdminArgs {
         global = true
     )]
     pub port: u16,
+    /// The operator's name (`[[operators]] name`); without it, an anonymous client,
+    /// which only a `[listeners.local] anonymous = true` listener takes.
+    #[arg(long, env = "EDGEDPS_ADMIN_USERNAME", global = true)]
+    pub username: Option<String>,
+    /// The operator's password (prefer the environment variable to the command line).
+    #[arg(
+        long,
+        env = "EDGEDPS_ADMIN_PASSWORD",
+        hide_env_values = true,
+        global = true
+    )]
+    pub password: Option<String>,
+    /// Connect over TLS, trusting this CA (PEM) for the server's certificate: the
+    /// `[listeners.operators]` listener.
+    #[arg(long, env = "EDGEDPS_ADMIN_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM chain) for TLS, signed by `client_ca`; with --key.
+    #[arg(long, env = "EDGEDPS_ADMIN_CERT", global = true, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, env = "EDGEDPS_ADMIN_KEY", global = true, requires = "cert")]
+    pub key: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -74,6 +96,14 @@ pub enum AdminCommand {
     ///
     /// Example: `edgedps admin show registration dev-1`
     Show { kind: Kind, id: String },
+    /// Registrations (the same as `list registrations` and `show registration`).
+    #[command(subcommand)]
+    Registrations(RegistrationsCommand),
+    /// Print an argon2 hash of a password read from standard input, for
+    /// `[[operators]] password_hash`. Nothing is sent anywhere.
+    ///
+    /// Example: `printf %s 'a long passphrase' | edgedps admin hash-password`
+    HashPassword,
     /// Disable an enrollment (or, with --group, a group): its devices are out of service.
     ///
     /// Example: `edgedps admin disable dev-1`
@@ -122,6 +152,18 @@ pub enum AdminCommand {
         #[arg(long)]
         count: Option<usize>,
     },
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum RegistrationsCommand {
+    /// List every registration.
+    ///
+    /// Example: `edgedps admin registrations list --json`
+    List,
+    /// Show one device's registration.
+    ///
+    /// Example: `edgedps admin registrations show dev-1`
+    Show { registration_id: String },
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -228,12 +270,33 @@ impl AdminError {
 
 /// Runs `edgedps admin`; what it prints goes to stdout.
 pub async fn main(args: AdminArgs) -> Result<String, AdminError> {
-    let plane = Plane {
-        host: args.host.clone(),
-        port: args.port,
-    };
+    let plane = Plane::new(&args)?;
     let json_out = args.json;
     match args.command {
+        AdminCommand::HashPassword => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .map_err(|e| AdminError::Input(format!("standard input: {e}")))?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            if password.len() < 12 {
+                return Err(AdminError::Input(
+                    "the password on standard input is shorter than 12 characters".into(),
+                ));
+            }
+            let hash =
+                edgedps_policies::password::hash(password.as_bytes()).map_err(AdminError::Input)?;
+            Ok(format!("{hash}\n"))
+        }
+        AdminCommand::Registrations(RegistrationsCommand::List) => {
+            plane.list(Kind::Registration, json_out).await
+        }
+        AdminCommand::Registrations(RegistrationsCommand::Show { registration_id }) => {
+            let record = plane
+                .one(RecordKind::Registration, &registration_id)
+                .await?;
+            Ok(pretty(&record))
+        }
         AdminCommand::Enroll {
             registration_id,
             symmetric_key,
@@ -316,12 +379,7 @@ pub async fn main(args: AdminArgs) -> Result<String, AdminError> {
             let result = plane.write(&topic, &body).await?;
             Ok(written(&result, generated, json_out))
         }
-        AdminCommand::List { kind } => {
-            let records = plane
-                .read(&format!("{}+", kind.record_kind().record_topic("")))
-                .await?;
-            Ok(listing(kind, &records, json_out))
-        }
+        AdminCommand::List { kind } => plane.list(kind, json_out).await,
         AdminCommand::Show { kind, id } => {
             let record = plane.one(kind.record_kind(), &id).await?;
             Ok(pretty(&record))
@@ -412,25 +470,62 @@ pub async fn main(args: AdminArgs) -> Result<String, AdminError> {
             Ok(written(&result, None, json_out))
         }
         AdminCommand::Watch { filter, count } => plane.watch(&filter, count, json_out).await,
-        AdminCommand::Hubs(HubsCommand::List) => {
-            let records = plane
-                .read(&format!("{}+", RecordKind::Hub.record_topic("")))
-                .await?;
-            Ok(listing(Kind::Hub, &records, json_out))
-        }
+        AdminCommand::Hubs(HubsCommand::List) => plane.list(Kind::Hub, json_out).await,
     }
 }
 
-/// The operator listener.
+/// The operator listener, and how to prove who we are to it.
 struct Plane {
     host: String,
     port: u16,
+    login: Option<(String, String)>,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// How long the records of a listing may pause before it is taken as complete.
 const QUIET: Duration = Duration::from_millis(400);
 
 impl Plane {
+    fn new(args: &AdminArgs) -> Result<Plane, AdminError> {
+        let read = |flag: &str, path: &PathBuf| {
+            std::fs::read(path)
+                .map_err(|e| AdminError::Input(format!("{flag} {}: {e}", path.display())))
+        };
+        let tls = match (&args.ca_file, &args.cert, &args.key) {
+            (None, None, None) => None,
+            (None, _, _) => {
+                return Err(AdminError::Input(
+                    "--cert needs --ca-file: client certificates are for the TLS operator listener"
+                        .into(),
+                ))
+            }
+            (Some(ca), cert, key) => {
+                let ca_pem = read("--ca-file", ca)?;
+                let identity = match (cert, key) {
+                    (Some(cert), Some(key)) => Some((read("--cert", cert)?, read("--key", key)?)),
+                    _ => None,
+                };
+                let config = crate::tls::client_config(
+                    &ca_pem,
+                    identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
+                )
+                .map_err(|e| AdminError::Input(format!("TLS options: {e}")))?;
+                Some(config)
+            }
+        };
+        let login = match (&args.username, &args.password) {
+            (Some(user), password) => Some((user.clone(), password.clone().unwrap_or_default())),
+            (None, Some(_)) => return Err(AdminError::Input("--password needs --username".into())),
+            (None, None) => None,
+        };
+        Ok(Plane {
+            host: args.host.clone(),
+            port: args.port,
+            login,
+            tls,
+        })
+    }
+
     async fn connect(&self) -> Result<(AsyncClient, EventLoop), AdminError> {
         let mut options = rumqttc::MqttOptions::new(
             format!("edgedps-admin-{}", std::process::id()),
@@ -439,9 +534,23 @@ impl Plane {
         );
         options.set_keep_alive(Duration::from_secs(30));
         options.set_max_packet_size(1 << 20, 1 << 20);
+        if let Some((username, password)) = &self.login {
+            options.set_credentials(username, password);
+        }
+        if let Some(tls) = &self.tls {
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
+        }
         let (client, mut eventloop) = AsyncClient::new(options, 64);
         match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
             Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => Ok((client, eventloop)),
+            Ok(Err(rumqttc::ConnectionError::ConnectionRefused(code))) => {
+                Err(AdminError::Refused(format!(
+                    "{}:{} refused the connection ({code:?}): check --username and --password (or the client certificate), and the operator's role",
+                    self.host, self.port
+                )))
+            }
             Ok(Ok(other)) => Err(AdminError::Refused(format!("no CONNACK: {other:?}"))),
             Ok(Err(e)) => Err(AdminError::Refused(format!(
                 "cannot reach the operator listener at {}:{}: {e}",
@@ -578,6 +687,13 @@ impl Plane {
         }
         let _ = client.try_disconnect();
         Ok(String::new())
+    }
+
+    /// Every record of a kind, as a table or JSON.
+    async fn list(&self, kind: Kind, json_out: bool) -> Result<String, AdminError> {
+        let filter = format!("{}+", kind.record_kind().record_topic(""));
+        let records = self.read(&filter).await?;
+        Ok(listing(kind, &records, json_out))
     }
 
     async fn one(&self, kind: RecordKind, id: &str) -> Result<Value, AdminError> {

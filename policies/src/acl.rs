@@ -4,15 +4,18 @@
 //! use `devices/{deviceId}/#` once it is provisioned, and nothing else. An operator (a
 //! full MQTT session) may use any topic, `$`-topics included, but `$dps/` (the device
 //! protocol's) and `$SYS` (the server's: edgedps publishes none); it may subscribe to
-//! shared subscriptions `$share/{group}/{filter}` of what it may subscribe to.
+//! shared subscriptions `$share/{group}/{filter}` of what it may subscribe to. A reader
+//! (an operator with the `reader` role) subscribes as an operator and publishes nothing.
 
 /// Who a session is, for the ACL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
     /// A device; `device_id` is set once it is assigned.
     Device { device_id: Option<String> },
-    /// A process with the operator role (the `local` listener by default).
+    /// A process with the operator role, `admin` (the `local` listener by default).
     Operator,
+    /// An operator with the `reader` role: reads and watches, writes nothing.
+    Reader,
 }
 
 fn device_prefix_ok(device_id: &str, path: &str) -> bool {
@@ -43,14 +46,14 @@ pub fn may_publish(role: &Role, topic: &str) -> bool {
         Role::Device {
             device_id: Some(id),
         } => wildcard_free(id) && device_prefix_ok(id, topic),
-        Role::Device { device_id: None } => false,
+        Role::Device { device_id: None } | Role::Reader => false,
     }
 }
 
 /// May this role subscribe to `filter` (outside `$dps/`)?
 pub fn may_subscribe(role: &Role, filter: &str) -> bool {
     match role {
-        Role::Operator => match filter.strip_prefix("$share/") {
+        Role::Operator | Role::Reader => match filter.strip_prefix("$share/") {
             Some(shared) => match shared.split_once('/') {
                 Some((group, inner)) => {
                     !group.is_empty()
@@ -109,6 +112,28 @@ mod tests {
             assert!(!may_subscribe(&role, filter), "{filter}");
             assert!(!may_publish(&role, filter), "{filter}");
         }
+    }
+
+    #[test]
+    fn a_reader_subscribes_like_an_operator_and_publishes_nothing() {
+        for filter in [
+            "dps/#",
+            "dps/events/#",
+            "hub/twins/+",
+            "devices/+/messages/events/#",
+            "#",
+        ] {
+            assert!(may_subscribe(&Role::Reader, filter), "{filter}");
+        }
+        for topic in [
+            "dps/enrollments/dev-1",
+            "hub/twins/dev-1/desired",
+            "devices/dev-1/messages/devicebound/",
+            "app/x",
+        ] {
+            assert!(!may_publish(&Role::Reader, topic), "{topic}");
+        }
+        assert!(!may_subscribe(&Role::Reader, "$SYS/#"));
     }
 
     #[test]

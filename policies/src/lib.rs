@@ -5,8 +5,8 @@
 //! use this topic (`acl`), is this certificate revoked (`revocation`), may this operator
 //! write be stored (`validation`), what a twin patch makes of a twin (`twin`), which
 //! call a device's method answer belongs to (`methods`), may this certificate signing
-//! request be signed and what is issued for it (`issuance`). Values in, verdict out; no IO,
-//! no clock (callers pass the time).
+//! request be signed and what is issued for it (`issuance`), does this password match its
+//! hash (`password`). Values in, verdict out; no IO, no clock (callers pass the time).
 
 pub mod access;
 pub mod acl;
@@ -14,6 +14,7 @@ pub mod allocation;
 pub mod attestation;
 pub mod issuance;
 pub mod methods;
+pub mod password;
 pub mod reprovision;
 pub mod revocation;
 pub mod sas;

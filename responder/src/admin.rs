@@ -121,6 +121,36 @@ impl Responder {
         AdminAnswer { result, publish }
     }
 
+    /// A write the operator's role does not allow: refused with 403, reported on the
+    /// result topic and audited like any other write.
+    pub fn refuse_admin(
+        &self,
+        operator: &str,
+        kind: RecordKind,
+        id: &str,
+        body: &[u8],
+        encoding: Encoding,
+        reason: &str,
+    ) -> AdminAnswer {
+        let mut publish = Vec::new();
+        let write = Write {
+            operator,
+            kind: kind.segment(),
+            id,
+            operation: if body.is_empty() {
+                AdminOperation::Delete
+            } else {
+                AdminOperation::Write
+            },
+            encoding,
+            result_topic: kind.result_topic(id),
+            event_topic: admin_event_topic(kind, id),
+        };
+        let outcome = Err(Error::Forbidden(reason.to_owned()));
+        let result = self.report(write, outcome, None, &mut publish);
+        AdminAnswer { result, publish }
+    }
+
     /// `limits.max_enrollment_body_size` bounds every operator body.
     pub(crate) fn within_body_limit(&self, body: &[u8]) -> Result<(), Error> {
         if body.len() > self.settings.max_admin_body {

@@ -16,17 +16,37 @@ pub struct Operator {
 
 impl Operator {
     pub async fn connect(port: u16) -> Operator {
+        Self::connect_with(port, |_| {})
+            .await
+            .expect("operator connects")
+    }
+
+    /// An operator of `[[operators]]`, by name and password.
+    pub async fn connect_as(port: u16, name: &str, password: &str) -> Result<Operator, String> {
+        Self::connect_with(port, |options| {
+            options.set_credentials(name, password);
+        })
+        .await
+    }
+
+    /// Connects with options adjusted, and subscribes to the results; the error says
+    /// why the connection was refused.
+    pub async fn connect_with(
+        port: u16,
+        adjust: impl FnOnce(&mut MqttOptions),
+    ) -> Result<Operator, String> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut options = MqttOptions::new(format!("operator-{n}"), "127.0.0.1", port);
         options.set_keep_alive(Duration::from_secs(30));
         options.set_max_packet_size(1 << 20, 1 << 20);
+        adjust(&mut options);
         let (client, mut eventloop) = AsyncClient::new(options, 64);
         edgedps_device::provision::wait_for(&mut eventloop, "CONNACK", |p| {
             matches!(p, Packet::ConnAck(_))
         })
         .await
-        .expect("operator connects");
+        .map_err(|e| e.to_string())?;
         client
             .subscribe(edgedps_topics::admin::RESULTS_FILTER, QoS::AtLeastOnce)
             .await
@@ -36,7 +56,7 @@ impl Operator {
         })
         .await
         .expect("suback");
-        Operator { client, eventloop }
+        Ok(Operator { client, eventloop })
     }
 
     /// Subscribes and waits for the SUBACK.

@@ -95,6 +95,7 @@ tls_cert = "{dir}/server-fullchain.pem"
 tls_key = "{dir}/server.key"
 [listeners.local]
 bind = "127.0.0.1:{local_port}"
+anonymous = true
 [[hubs]]
 host_name = "hub-a.example.net"
 "#,

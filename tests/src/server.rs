@@ -37,6 +37,7 @@ pub fn test_config(dir: &Path) -> edgedps::Config {
     }
     if let Some(local) = config.listeners.local.as_mut() {
         local.bind = "127.0.0.1:0".parse().expect("addr");
+        local.anonymous = true;
     }
     config.hubs = vec![edgedps::config::HubConfig {
         host_name: "hub-a.example.net".into(),

@@ -7,7 +7,7 @@ use edgedps_policies::acl::Role;
 use edgedps_topics::admin::AdminTopic;
 use edgedps_topics::encoding::Encoding;
 
-use super::{Close, Session};
+use super::{Close, Identity, Session};
 use crate::codec;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -23,12 +23,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Err(self.denied("publish", topic).await);
         }
         let responder = self.shared.responder.clone();
+        let operator = self.operator_name().to_owned();
         let answer = match admin {
             AdminTopic::Record { kind, id } => {
                 self.puback(meta)?;
                 self.flush().await?;
                 responder
-                    .apply_admin(&self.client_id, kind, &id, body, encoding)
+                    .apply_admin(&operator, kind, &id, body, encoding)
                     .await
             }
             AdminTopic::Retire { registration_id } => {
@@ -37,7 +38,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 responder
                     .retire(
                         &self.shared.router,
-                        &self.client_id,
+                        &operator,
                         &registration_id,
                         body,
                         encoding,
@@ -51,6 +52,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         };
         self.publish(answer.publish).await;
+        Ok(())
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// Who an operator is, for results and audit lines: the configured name, or the
+    /// client id of an anonymous one.
+    pub(super) fn operator_name(&self) -> &str {
+        match &self.identity {
+            Identity::Operator(Some(name)) => name,
+            _ => &self.client_id,
+        }
+    }
+
+    /// A reader's publish: refused (MQTT 5: reason 0x87) and audited. A write of an
+    /// operator record also gets its result (403), as any write does, so that the writer
+    /// learns why at once.
+    pub(super) async fn reader_publish(
+        &mut self,
+        topic: &str,
+        body: &[u8],
+        meta: codec::PublishMeta,
+    ) -> Result<(), Close> {
+        let reason = "the reader role may read and watch, not write";
+        self.refused("publish", topic, reason).await;
+        self.refuse_publish(meta)?;
+        if let Some(AdminTopic::Record { kind, id }) = edgedps_topics::admin::parse_topic(topic) {
+            let encoding = Encoding::detect(body, None);
+            let answer = self.shared.responder.refuse_admin(
+                self.operator_name(),
+                kind,
+                &id,
+                body,
+                encoding,
+                reason,
+            );
+            self.publish(answer.publish).await;
+        }
         Ok(())
     }
 }

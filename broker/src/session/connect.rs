@@ -19,6 +19,8 @@ use edgedps_topics::encoding::Encoding;
 
 use super::{lock, will, Close, Identity, ListenerKind, Session, Shared};
 use crate::codec::{self, Codec, ConnectRefusal, Version};
+use crate::config::OperatorRole;
+use crate::operators::{Authenticated, Refusal};
 
 /// Reads the CONNECT under its deadline and decides it. `Ok(None)`: refused (CONNACK sent).
 pub(super) async fn accept<S>(
@@ -60,7 +62,27 @@ where
     let mut hub_session = None;
     let mut saved: Option<super::SavedSession> = None;
     let (identity, role, live, standing) = match kind {
-        ListenerKind::Local => {
+        ListenerKind::Local | ListenerKind::Operators => {
+            let operator = match authenticate(&shared, kind, peer, &chain, login.as_ref()).await {
+                Ok(operator) => operator,
+                Err(refusal) => {
+                    let username = login.as_ref().map(|l| l.username.as_str()).unwrap_or("");
+                    tracing::warn!(target: "edgedps::audit", %peer, %client_id, %username, reason = %refusal, "operator connect refused");
+                    refuse(&mut stream, &codec, ConnectRefusal::NotAuthorized).await?;
+                    return Ok(None);
+                }
+            };
+            let (name, role) = match operator {
+                Some(operator) => {
+                    tracing::info!(target: "edgedps::audit", %peer, %client_id, operator = %operator.name, role = ?operator.role, "operator connected");
+                    let role = match operator.role {
+                        OperatorRole::Admin => Role::Operator,
+                        OperatorRole::Reader => Role::Reader,
+                    };
+                    (Some(operator.name.into_boxed_str()), role)
+                }
+                None => (None, Role::Operator),
+            };
             if client_id.is_empty() {
                 // MQTT 3.1.3.1: a server may assign an id to a client with a clean
                 // session; one that wants its session kept must name it.
@@ -124,7 +146,7 @@ where
             };
             session_expiry = expiry;
             will_message = will::Will::from_connect(will, will_properties, expiry);
-            (Identity::Operator, Role::Operator, None, None)
+            (Identity::Operator(name), role, None, None)
         }
         ListenerKind::Devices => {
             let (username, password) = login.map(|l| (l.username, l.password)).unwrap_or_default();
@@ -256,6 +278,34 @@ where
     session.act(first).await?;
     session.flush().await?;
     Ok(Some(session))
+}
+
+/// Who an operator's CONNECT says it is: a username and password, else (operator
+/// listener) a client certificate, else (local listener, when it takes them) nobody, an
+/// anonymous admin. `Ok(None)`: anonymous.
+async fn authenticate(
+    shared: &Shared,
+    kind: ListenerKind,
+    peer: SocketAddr,
+    chain: &[Vec<u8>],
+    login: Option<&rumqttd::protocol::Login>,
+) -> Result<Option<Authenticated>, Refusal> {
+    if let Some(login) = login.filter(|l| !l.username.is_empty()) {
+        return shared
+            .operators
+            .by_password(peer.ip(), &login.username, login.password.as_bytes())
+            .await
+            .map(Some);
+    }
+    if let Some(leaf) = chain.first().filter(|_| kind == ListenerKind::Operators) {
+        // The handshake checked the chain against `client_ca`.
+        let cn = crate::operators::common_name(leaf).unwrap_or_default();
+        return shared.operators.by_certificate(&cn).map(Some);
+    }
+    if kind == ListenerKind::Local && shared.local_anonymous {
+        return Ok(None);
+    }
+    Err(Refusal::Anonymous)
 }
 
 /// The CONNACK refusal for a CONNECT the responder refused: the one place its errors

@@ -65,11 +65,15 @@ use crate::router::{Publisher, Router};
 
 use link::RouterEvent;
 
-/// Which listener a connection came in on; it sets the role.
+/// Which listener a connection came in on; it sets how clients authenticate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListenerKind {
+    /// Devices, by attestation (TLS).
     Devices,
+    /// The gateway's own processes: operators, anonymous ones when configured.
     Local,
+    /// Operators from elsewhere (TLS): a password or a client certificate.
+    Operators,
 }
 
 /// What every session shares.
@@ -90,6 +94,10 @@ pub struct Shared {
     pub connecting: tokio::sync::Mutex<()>,
     /// The subscriptions that may take the server's own messages (`interest.rs`).
     pub interest: Arc<crate::interest::Interest>,
+    /// `[[operators]]`, and the bad passwords of each source address.
+    pub operators: Arc<crate::operators::Operators>,
+    /// `[listeners.local] anonymous`: a client without a username is an admin there.
+    pub local_anonymous: bool,
 }
 
 impl Shared {
@@ -158,7 +166,8 @@ enum Close {
 /// Who is on the other end, once the CONNECT is accepted.
 enum Identity {
     Device(Attested),
-    Operator,
+    /// An operator, by name; an anonymous one of the local listener has none.
+    Operator(Option<Box<str>>),
 }
 
 struct Session<S> {
@@ -524,7 +533,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if topic.starts_with(edgedps_topics::hub::IOTHUB_PREFIX) && !self.passthrough {
                     return self.hub_request(&topic, &publish.payload, meta).await;
                 }
-                if let Identity::Operator = self.identity {
+                if self.role == Role::Reader {
+                    return self.reader_publish(&topic, &publish.payload, meta).await;
+                }
+                if let Identity::Operator(_) = self.identity {
                     if let Some(write) = edgedps_topics::hub::parse_operator_topic(&topic) {
                         return self
                             .hub_operator_write(&topic, write, &publish.payload, meta)
@@ -558,7 +570,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if self.passthrough {
                         // A full MQTT session keeps its connection: the publish is
                         // refused (MQTT 5: reason 0x87) and dropped.
-                        self.refused("publish", &topic).await;
+                        self.refused("publish", &topic, "reserved to the server ($SYS, $dps)")
+                            .await;
                         return self.refuse_publish(meta);
                     }
                     return Err(self.denied("publish", &topic).await);
@@ -653,14 +666,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// A refused publish of a full MQTT session: an event for the operators.
-    async fn refused(&self, action: &str, topic: &str) {
-        tracing::warn!(client_id = %self.client_id, %topic, "{action} refused");
-        let event = self.shared.responder.topic_refused(
-            &self.client_id,
-            action,
-            topic,
-            "reserved to the server ($SYS, $dps)",
-        );
+    async fn refused(&self, action: &str, topic: &str, reason: &str) {
+        let operator = match &self.identity {
+            Identity::Operator(name) => name.as_deref().unwrap_or("(anonymous)"),
+            Identity::Device(_) => "(device)",
+        };
+        tracing::warn!(target: "edgedps::audit", client_id = %self.client_id, %operator, %topic, %reason, "{action} refused");
+        let event = self
+            .shared
+            .responder
+            .topic_refused(&self.client_id, action, topic, reason);
         self.publish(vec![event]).await;
     }
 
@@ -696,7 +711,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 "the device has no hub rights (not assigned, or out of service)"
             }
             (Identity::Device(_), _) => "outside the device's own topics",
-            (Identity::Operator, _) => "not allowed for operators",
+            (Identity::Operator(_), _) => "not allowed for operators",
         };
         let event = self
             .shared
@@ -732,7 +747,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 }
 
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -1,4 +1,4 @@
-//! TLS for the device listener (DESIGN, data flow step 1).
+//! TLS for the device listener (DESIGN, data flow step 1) and the operator listener.
 //!
 //! rustls with TLS 1.2 (the Python SDK offers nothing newer) and 1.3. The client
 //! certificate is optional: symmetric-key devices present none. When one is presented,
@@ -86,6 +86,39 @@ pub fn server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerConf
         .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)?;
+    Ok(Arc::new(config))
+}
+
+/// The operator listener's configuration: the server certificate, and with `client_ca`
+/// client certificates checked against it (chain, validity, client use). A client may
+/// still come without one and give a password instead.
+pub fn operator_server_config(
+    cert_path: &Path,
+    key_path: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<ServerConfig>, Error> {
+    let certs = read_certificates(cert_path)?;
+    let key = read_key(key_path)?;
+    let provider = Arc::new(ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])?;
+    let config = match client_ca {
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in read_certificates(path)? {
+                roots.add(ca).map_err(|e| file_error(path, e))?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .allow_unauthenticated()
+                    .build()
+                    .map_err(|e| file_error(path, e))?;
+            builder
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(certs, key)?
+        }
+        None => builder.with_no_client_auth().with_single_cert(certs, key)?,
+    };
     Ok(Arc::new(config))
 }
 

@@ -122,10 +122,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
             let established = match self.process(None) {
                 Ok(established) => established,
                 Err(e) => {
-                    // rustls queued an alert saying why: the client learns it if it can. The
-                    // rest of what it sent is not looked at again.
-                    self.used = 0;
-                    let _ = self.process(None);
+                    // rustls queued an alert saying why: the client learns it if it can.
+                    self.encode_alert();
                     let _ = poll_fn(|cx| self.poll_send(cx)).await;
                     return Err(e);
                 }
@@ -164,7 +162,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
                 .process_tls_records(&mut self.incoming[..self.used]);
             let discard = status.discard;
             let mut established = None;
-            match status.state.map_err(tls_error)? {
+            let state = match status.state {
+                Ok(state) => state,
+                Err(e) => {
+                    // rustls's contract: what it consumed is discarded before any
+                    // further call, even after an error.
+                    self.discard(discard);
+                    return Err(tls_error(e));
+                }
+            };
+            match state {
                 ConnectionState::ReadTraffic(mut traffic) => {
                     while let Some(record) = traffic.next_record() {
                         self.plain
@@ -172,12 +179,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
                     }
                 }
                 ConnectionState::EncodeTlsData(mut encode) => {
-                    grow_into(&mut self.outgoing, READ_SIZE, |room| {
-                        match encode.encode(room) {
-                            Err(EncodeError::InsufficientSize(size)) => Err(Ok(size.required_size)),
-                            other => other.map_err(|e| Err(e.to_string())),
-                        }
-                    })?
+                    encode_handshake(&mut self.outgoing, &mut encode)?
                 }
                 // Sent in order by `poll_send`, before anything encrypted after it.
                 ConnectionState::TransmitTlsData(transmit) => transmit.done(),
@@ -206,10 +208,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
                 // Early data is not enabled; a state rustls adds later is not handled.
                 _ => return Err(io::Error::other("unexpected TLS connection state")),
             }
-            if discard > 0 {
-                self.incoming.copy_within(discard..self.used, 0);
-                self.used -= discard;
-            }
+            self.discard(discard);
             if let Some(established) = established {
                 if app_data.is_some() {
                     return Err(io::ErrorKind::BrokenPipe.into());
@@ -217,6 +216,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
                 return Ok(established);
             }
         }
+    }
+
+    /// Drops the first `count` bytes of ciphertext, which rustls has consumed.
+    fn discard(&mut self, count: usize) {
+        if count > 0 {
+            self.incoming.copy_within(count..self.used, 0);
+            self.used -= count;
+        }
+    }
+
+    /// After a failed handshake: encodes the alert rustls queued, and nothing more. One
+    /// call: rustls hands out what it queued before it deframes anything, and what the
+    /// client sent after the failure must not be deframed (a second failure would be a
+    /// second fatal alert; and the buffer may hold the rest of a flight).
+    fn encode_alert(&mut self) {
+        let status = self
+            .conn
+            .process_tls_records(&mut self.incoming[..self.used]);
+        let discard = status.discard;
+        if let Ok(ConnectionState::EncodeTlsData(mut encode)) = status.state {
+            let _ = encode_handshake(&mut self.outgoing, &mut encode);
+        }
+        self.discard(discard);
     }
 
     /// Reads more ciphertext from the socket; Ready(0) at its end.
@@ -361,6 +383,17 @@ fn encrypt(
 
 /// Appends to `buf` what `write` writes into the room it is given: `Err(Ok(n))` asks for
 /// `n` bytes of room, `Err(Err(reason))` fails.
+/// Appends a handshake record (or alert) rustls has ready to `outgoing`.
+fn encode_handshake<Data>(
+    outgoing: &mut Vec<u8>,
+    encode: &mut rustls::unbuffered::EncodeTlsData<'_, Data>,
+) -> io::Result<()> {
+    grow_into(outgoing, READ_SIZE, |room| match encode.encode(room) {
+        Err(EncodeError::InsufficientSize(size)) => Err(Ok(size.required_size)),
+        other => other.map_err(|e| Err(e.to_string())),
+    })
+}
+
 fn grow_into(
     buf: &mut Vec<u8>,
     mut want: usize,
@@ -593,5 +626,82 @@ mod tests {
         let error = server.handshake().await.unwrap_err();
         assert!(error.to_string().contains("UnknownCA"), "{error}");
         assert!(client.await.unwrap().is_err());
+    }
+
+    /// A client CA (written into the directory), and a client certificate from another CA
+    /// of the same name, with its key.
+    fn untrusted_client() -> (
+        tempfile::TempDir,
+        CertificateDer<'static>,
+        rustls::pki_types::PrivatePkcs8KeyDer<'static>,
+    ) {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca = |name: &str| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let key = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            (cert, Issuer::new(params, key))
+        };
+        let (trusted, _) = ca("operators");
+        let (_, rogue) = ca("operators");
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "ops");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let leaf = params.signed_by(&key, &rogue).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("client-ca.pem"), trusted.pem()).unwrap();
+        (dir, leaf.der().clone(), key.serialize_der().into())
+    }
+
+    #[tokio::test]
+    async fn a_client_certificate_the_server_refuses_ends_the_handshake_without_a_panic() {
+        // The refusal comes while the client's Certificate, CertificateVerify and
+        // Finished wait in one buffer: the alert is sent and nothing more is deframed
+        // (it once was, over an emptied buffer, and rustls panicked).
+        let (dir, leaf, key) = untrusted_client();
+        let paths = crate::devcert::ensure(dir.path()).unwrap();
+        let server = crate::tls::operator_server_config(
+            &paths.cert,
+            &paths.key,
+            Some(&dir.path().join("client-ca.pem")),
+        )
+        .unwrap();
+        for (chunk, version) in [
+            (64 * 1024, &rustls::version::TLS13),
+            (7, &rustls::version::TLS13),
+            (64 * 1024, &rustls::version::TLS12),
+        ] {
+            let mut roots = RootCertStore::empty();
+            for ca in crate::tls::read_certificates(&paths.ca).unwrap() {
+                roots.add(ca).unwrap();
+            }
+            let config = ClientConfig::builder_with_protocol_versions(&[version])
+                .with_root_certificates(roots)
+                .with_client_auth_cert(vec![leaf.clone()], key.clone_key().into())
+                .unwrap();
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+            let (server_end, client_end) = tokio::io::duplex(chunk);
+            let name = ServerName::try_from("localhost").unwrap();
+            let client = tokio::spawn(async move {
+                let mut stream = connector.connect(name, client_end).await?;
+                // TLS 1.3: the client learns of the refusal on its first read.
+                let mut byte = [0u8; 1];
+                stream.read(&mut byte).await
+            });
+            let mut stream = TlsStream::new(server_end, server.clone()).unwrap();
+            stream.read_client_hello().await.unwrap();
+            let error = tokio::spawn(async move { stream.handshake().await })
+                .await
+                .expect("the handshake does not panic")
+                .unwrap_err();
+            assert!(
+                error.to_string().contains("invalid peer certificate"),
+                "{version:?}: {error}"
+            );
+            assert!(client.await.unwrap().is_err(), "{version:?}");
+        }
     }
 }

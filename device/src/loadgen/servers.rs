@@ -17,7 +17,7 @@ pub async fn spawn_server(
         free_port().map_err(|e| e.to_string())?,
     );
     let config = format!(
-        "id_scope = \"0ne00000001\"\ndata_dir = \"{}\"\n[listeners.devices]\nbind = \"127.0.0.1:{devices}\"\n[listeners.local]\nbind = \"127.0.0.1:{local}\"\n[log]\nlevel = \"info\"\n[[certificate_authorities]]\nname = \"gateway\"\n",
+        "id_scope = \"0ne00000001\"\ndata_dir = \"{}\"\n[listeners.devices]\nbind = \"127.0.0.1:{devices}\"\n[listeners.local]\nbind = \"127.0.0.1:{local}\"\nanonymous = true\n[log]\nlevel = \"info\"\n[[certificate_authorities]]\nname = \"gateway\"\n",
         dir.join("data").display()
     );
     let path = dir.join("edgedps.toml");
