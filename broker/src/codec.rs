@@ -229,6 +229,18 @@ pub enum ConnectRefusal {
     Unavailable,
 }
 
+impl ConnectRefusal {
+    /// The refusal's name in metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            ConnectRefusal::BadClientId => "bad_client_id",
+            ConnectRefusal::BadCredentials => "bad_credentials",
+            ConnectRefusal::NotAuthorized => "not_authorized",
+            ConnectRefusal::Unavailable => "unavailable",
+        }
+    }
+}
+
 /// A PUBLISH with the given QoS (0, 1 or 2), packet id, RETAIN and DUP (a redelivery,
 /// MQTT 3.3.1.1; QoS 1 and 2 only), built through rumqttd's internal format because its
 /// fields are private and its constructor only makes QoS 0 packets. The payload is

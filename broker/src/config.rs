@@ -788,4 +788,78 @@ apply_allocation_policy = true
         let config = Config::load_with_env(None, env).unwrap();
         assert_eq!(config.local_hub.unwrap().host_name, "gw.lan");
     }
+
+    #[test]
+    fn the_embedded_default_takes_anonymous_operators_and_a_file_does_not() {
+        let config = Config::load_with_env(None, []).unwrap();
+        assert!(config.listeners.local.unwrap().anonymous);
+        assert_eq!(
+            config.http.unwrap().bind,
+            "127.0.0.1:8080".parse::<SocketAddr>().unwrap()
+        );
+        for text in [
+            "id_scope = \"0ne00000001\"\n",
+            "[listeners.local]\nbind = \"127.0.0.1:1\"\n",
+        ] {
+            let f = file(text);
+            let config = Config::load_with_env(Some(f.path()), []).unwrap();
+            assert!(!config.listeners.local.unwrap().anonymous, "{text}");
+            assert!(config.http.is_none());
+        }
+    }
+
+    #[test]
+    fn operators_are_checked_at_start() {
+        let hash = edgedps_policies::password::hash(b"a long passphrase").unwrap();
+        let good = format!(
+            "[[operators]]\nname = \"alice\"\nrole = \"admin\"\npassword_hash = \"{hash}\"\n"
+        );
+        let config = Config::load_with_env(Some(file(&good).path()), []).unwrap();
+        assert_eq!(config.operators[0].role, OperatorRole::Admin);
+        let listener = "[listeners.operators]\nbind = \"127.0.0.1:0\"\nclient_ca = \"ca.pem\"\n";
+        for (text, says) in [
+            (
+                "[[operators]]\nname = \"a\"\nrole = \"admin\"\npassword_hash = \"secret\"\n".to_string(),
+                "not an argon2 PHC string",
+            ),
+            (
+                "[[operators]]\nname = \"a\"\nrole = \"admin\"\n".to_string(),
+                "exactly one of password_hash and certificate_cn",
+            ),
+            (
+                format!("[[operators]]\nname = \"a\"\nrole = \"reader\"\npassword_hash = \"{hash}\"\ncertificate_cn = \"a\"\n"),
+                "exactly one of",
+            ),
+            (
+                "[[operators]]\nname = \"a\"\nrole = \"reader\"\ncertificate_cn = \"a\"\n".to_string(),
+                "needs [listeners.operators] client_ca",
+            ),
+            (format!("{good}{good}"), "configured twice"),
+            (
+                "[listeners.operators]\nbind = \"127.0.0.1:0\"\n".to_string(),
+                "no [[operators]]",
+            ),
+            (
+                format!("{good}[listeners.operators]\nbind = \"127.0.0.1:0\"\ntls_cert = \"c.pem\"\n"),
+                "tls_cert and tls_key go together",
+            ),
+            (
+                "[[operators]]\nname = \"a\"\nrole = \"owner\"\ncertificate_cn = \"a\"\n".to_string(),
+                "owner",
+            ),
+        ] {
+            let err = Config::load_with_env(Some(file(&text).path()), [])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{text}: {err}");
+        }
+        let by_certificate = format!(
+            "{listener}[[operators]]\nname = \"robot\"\nrole = \"reader\"\ncertificate_cn = \"ops-robot\"\n"
+        );
+        let config = Config::load_with_env(Some(file(&by_certificate).path()), []).unwrap();
+        assert_eq!(
+            config.operators[0].certificate_cn.as_deref(),
+            Some("ops-robot")
+        );
+    }
 }

@@ -47,6 +47,18 @@ pub enum Refusal {
     UnknownCertificate(String),
 }
 
+impl Refusal {
+    /// The refusal's name in metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refusal::Anonymous => "anonymous",
+            Refusal::BadPassword => "bad_password",
+            Refusal::Throttled => "throttled",
+            Refusal::UnknownCertificate(_) => "unknown_certificate",
+        }
+    }
+}
+
 enum Proof {
     Password(String),
     Certificate,

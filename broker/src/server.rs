@@ -27,6 +27,7 @@ pub struct Running {
     pub devices_addr: Option<SocketAddr>,
     pub local_addr: Option<SocketAddr>,
     pub operators_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
     /// The CA of the generated development certificate, when there is one.
     pub dev_ca: Option<PathBuf>,
     pub responder: Arc<Responder>,
@@ -66,7 +67,11 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     let router =
         Router::start(config.limits.max_connections + config.limits.max_offline_sessions + 2);
     let interest = Arc::new(crate::interest::Interest::default());
-    let publisher = router.spawn_publisher(interest.clone()).await?;
+    let feed = Arc::new(crate::feed::EventFeed::default());
+    let publisher = router
+        .spawn_publisher(interest.clone(), feed.clone())
+        .await?;
+    let metrics = Arc::new(crate::metrics::Metrics::new(responder.clone()));
     // The local hub's twin records are retained in the router (`hub/twins/{id}`): put
     // back after a restart. One per device of the local hub.
     publisher.publish(responder.twin_records()?).await;
@@ -82,19 +87,43 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         connecting: tokio::sync::Mutex::new(()),
         interest,
         operators: Arc::new(crate::operators::Operators::new(&config.operators)),
+        metrics: metrics.clone(),
         local_anonymous: config.listeners.local.as_ref().is_some_and(|l| l.anonymous),
     });
     let mut running = Running {
         devices_addr: None,
         local_addr: None,
         operators_addr: None,
+        http_addr: None,
         dev_ca: None,
         responder,
         offline: shared.offline.clone(),
         tasks: Vec::new(),
     };
 
-    // One budget of connections for both listeners.
+    // Metrics, health and the status page: first, so that `/readyz` says "not yet"
+    // while the MQTT listeners are being bound.
+    let http = match &config.http {
+        Some(http) => {
+            let listener = bind("http", http.bind).await?;
+            running.http_addr = listener.local_addr().ok();
+            let state = Arc::new(crate::http::HttpState::new(
+                running.responder.clone(),
+                metrics.clone(),
+                feed.clone(),
+                shared.operators.clone(),
+                config.id_scope.clone(),
+            ));
+            running
+                .tasks
+                .push(tokio::spawn(crate::http::serve(listener, state.clone())));
+            tracing::info!(addr = ?running.http_addr, "HTTP listener (metrics, health, status page) ready");
+            Some(state)
+        }
+        None => None,
+    };
+
+    // One budget of connections for every listener.
     let connections = Arc::new(Semaphore::new(config.limits.max_connections));
     if let Some(devices) = &config.listeners.devices {
         let (cert, key) = match (&devices.tls_cert, &devices.tls_key) {
@@ -164,6 +193,9 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         });
         running.tasks.push(tokio::spawn(accept));
     }
+    if let Some(http) = http {
+        http.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     Ok(running)
 }
 
@@ -214,10 +246,12 @@ fn tls_accept_loop(
                 tracing::warn!(%peer, "no handshake slot within the deadline; connection closed");
                 return;
             };
+            let started = Instant::now();
             let accepted = tokio::time::timeout_at(deadline, stream.handshake()).await;
             drop(permit);
             match accepted {
                 Ok(Ok(())) => {
+                    shared.metrics.handshake(started.elapsed());
                     let chain = stream
                         .peer_certificates()
                         .iter()

@@ -85,6 +85,12 @@ pub enum AdminCommand {
         #[arg(long)]
         initial_twin: Option<String>,
     },
+    /// Enroll many devices: a file of individual enrollments, a JSON array or one JSON
+    /// object per line. Every entry is checked before anything is sent; a progress line
+    /// goes to standard error every 100; refusals are listed at the end (exit code 1).
+    ///
+    /// Example: `edgedps admin import line-7.jsonl --json`
+    Import { file: PathBuf },
     /// Enrollment groups.
     #[command(subcommand)]
     Group(GroupCommand),
@@ -113,6 +119,8 @@ pub enum AdminCommand {
         group: bool,
     },
     /// Enable an enrollment (or, with --group, a group) again.
+    ///
+    /// Example: `edgedps admin enable fleet --group`
     Enable {
         id: String,
         #[arg(long)]
@@ -220,8 +228,12 @@ pub enum HubsCommand {
         local: bool,
     },
     /// Unlink a hub.
+    ///
+    /// Example: `edgedps admin hubs unlink hub-a.example.net`
     Unlink { host_name: String },
     /// List the linked hubs.
+    ///
+    /// Example: `edgedps admin hubs list --json`
     List,
 }
 
@@ -287,6 +299,11 @@ pub async fn main(args: AdminArgs) -> Result<String, AdminError> {
             let hash =
                 edgedps_policies::password::hash(password.as_bytes()).map_err(AdminError::Input)?;
             Ok(format!("{hash}\n"))
+        }
+        AdminCommand::Import { file } => {
+            let entries = read_enrollments(&file)?;
+            let report = plane.import(&entries).await?;
+            import_report(&report, entries.len(), json_out)
         }
         AdminCommand::Registrations(RegistrationsCommand::List) => {
             plane.list(Kind::Registration, json_out).await
@@ -689,6 +706,77 @@ impl Plane {
         Ok(String::new())
     }
 
+    /// Writes `entries` (registration id, body) on one connection, up to
+    /// [`IMPORT_WINDOW`] awaiting their results at once; the refusals, by id.
+    async fn import(
+        &self,
+        entries: &[(String, Value)],
+    ) -> Result<Vec<(String, Value)>, AdminError> {
+        use std::collections::HashSet;
+        use std::io::Write;
+        let (client, mut eventloop) = self.connect().await?;
+        let lost = |e: String| AdminError::Refused(format!("connection lost: {e}"));
+        let results = RecordKind::Enrollment.result_topic("+");
+        client
+            .subscribe(&results, QoS::AtLeastOnce)
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        let (mut subscribed, mut next, mut done) = (false, 0, 0);
+        let mut waiting: HashSet<String> = HashSet::new();
+        let mut refused = Vec::new();
+        while done < entries.len() {
+            while subscribed && waiting.len() < IMPORT_WINDOW && next < entries.len() {
+                let (id, body) = &entries[next];
+                let topic = RecordKind::Enrollment.record_topic(id);
+                let bytes = serde_json::to_vec(body).unwrap_or_default();
+                if client
+                    .try_publish(topic, QoS::AtLeastOnce, true, bytes)
+                    .is_err()
+                {
+                    break;
+                }
+                waiting.insert(id.to_ascii_lowercase());
+                next += 1;
+            }
+            let event = tokio::time::timeout(Duration::from_secs(30), eventloop.poll())
+                .await
+                .map_err(|_| {
+                    AdminError::Refused(format!(
+                        "no result within 30 s ({done} of {} written)",
+                        entries.len()
+                    ))
+                })?
+                .map_err(|e| lost(e.to_string()))?;
+            match event {
+                Event::Incoming(Packet::SubAck(_)) => subscribed = true,
+                Event::Incoming(Packet::Publish(p)) => {
+                    let Some(id) = p.topic.strip_prefix(&results[..results.len() - 1]) else {
+                        continue;
+                    };
+                    if !waiting.remove(&id.to_ascii_lowercase()) {
+                        continue;
+                    }
+                    let result: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                    if result["ok"] != true {
+                        refused.push((id.to_owned(), result));
+                    }
+                    done += 1;
+                    if done % 100 == 0 || done == entries.len() {
+                        let _ = writeln!(
+                            std::io::stderr(),
+                            "import: {done}/{} written, {} refused",
+                            entries.len(),
+                            refused.len()
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        let _ = client.try_disconnect();
+        Ok(refused)
+    }
+
     /// Every record of a kind, as a table or JSON.
     async fn list(&self, kind: Kind, json_out: bool) -> Result<String, AdminError> {
         let filter = format!("{}+", kind.record_kind().record_topic(""));
@@ -752,6 +840,97 @@ fn read_certificate(path: &PathBuf) -> Result<String, AdminError> {
     edgedps_policies::x509::pem_to_der(&pem)
         .map_err(|e| AdminError::Input(format!("{}: {e}", path.display())))?;
     Ok(pem)
+}
+
+/// Results awaited at once by `import`.
+const IMPORT_WINDOW: usize = 64;
+
+/// The enrollments of an import file: a JSON array, or JSON lines. Each must be an object
+/// with a valid, unique `registrationId`; the first that is not is the error.
+fn read_enrollments(path: &PathBuf) -> Result<Vec<(String, Value)>, AdminError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| AdminError::Input(format!("{}: {e}", path.display())))?;
+    let at = |what: String| AdminError::Input(format!("{}: {what}", path.display()));
+    let values: Vec<(String, Value)> = if text.trim_start().starts_with('[') {
+        let values: Vec<Value> =
+            serde_json::from_str(&text).map_err(|e| at(format!("not a JSON array: {e}")))?;
+        values
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (format!("entry {}", i + 1), v))
+            .collect()
+    } else {
+        let mut values = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let value = serde_json::from_str(line)
+                .map_err(|e| at(format!("line {}: not JSON: {e}", i + 1)))?;
+            values.push((format!("line {}", i + 1), value));
+        }
+        values
+    };
+    if values.is_empty() {
+        return Err(at("no enrollment in the file".into()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut entries = Vec::with_capacity(values.len());
+    for (place, value) in values {
+        if !value.is_object() {
+            return Err(at(format!("{place}: not a JSON object")));
+        }
+        let Some(id) = value["registrationId"].as_str() else {
+            return Err(at(format!("{place}: no `registrationId`")));
+        };
+        if !edgedps_topics::identity::valid_registration_id(id) {
+            return Err(at(format!(
+                "{place}: `registrationId` is not a registration id (letters, digits, `-`, `.`, `_`, `:`; at most 128)"
+            )));
+        }
+        if !seen.insert(id.to_ascii_lowercase()) {
+            return Err(at(format!("{place}: `{id}` is in the file twice")));
+        }
+        entries.push((id.to_owned(), value));
+    }
+    Ok(entries)
+}
+
+/// What `import` prints: the refusals (exit code 1 when there are any).
+fn import_report(
+    refused: &[(String, Value)],
+    total: usize,
+    json_out: bool,
+) -> Result<String, AdminError> {
+    let out = if json_out {
+        let refused: Vec<Value> = refused
+            .iter()
+            .map(|(id, r)| json!({"registrationId": id, "errorCode": r["errorCode"], "message": r["message"]}))
+            .collect();
+        format!(
+            "{}\n",
+            json!({"written": total - refused.len(), "refused": refused})
+        )
+    } else {
+        let mut out = format!("{} of {total} enrolled\n", total - refused.len());
+        for (id, result) in refused {
+            out.push_str(&format!(
+                "refused  {id}  {}  {}\n",
+                result["errorCode"],
+                result["message"].as_str().unwrap_or("no reason given")
+            ));
+        }
+        out
+    };
+    if refused.is_empty() {
+        Ok(out)
+    } else {
+        print!("{out}");
+        Err(AdminError::Refused(format!(
+            "{} of {total} enrollments refused",
+            refused.len()
+        )))
+    }
 }
 
 fn read_json(path: &PathBuf) -> Result<Value, AdminError> {

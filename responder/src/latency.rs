@@ -10,6 +10,7 @@ const BUCKETS: usize = 1000; // up to 100 ms; slower ones land in the last bucke
 pub struct LatencyHistogram {
     buckets: Vec<AtomicU64>,
     max_us: AtomicU64,
+    sum_us: AtomicU64,
 }
 
 /// Percentiles in microseconds (bucket upper bounds, so at most 100 µs high).
@@ -27,6 +28,7 @@ impl Default for LatencyHistogram {
         LatencyHistogram {
             buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             max_us: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
         }
     }
 }
@@ -39,6 +41,37 @@ impl LatencyHistogram {
             .min(BUCKETS - 1);
         self.buckets[index].fetch_add(1, Ordering::Relaxed);
         self.max_us.fetch_max(us, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// For an exporter: the count, the sum in seconds, and how many fell at or under each
+    /// of `bounds` (seconds, ascending; a multiple of 100 µs is exact) and not under the
+    /// one before, the last entry being everything above (`f64::INFINITY`).
+    pub fn export(&self, bounds: &[f64]) -> (u64, f64, Vec<(f64, u64)>) {
+        let mut out: Vec<(f64, u64)> = bounds
+            .iter()
+            .chain(std::iter::once(&f64::INFINITY))
+            .map(|b| (*b, 0))
+            .collect();
+        let mut count = 0;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            let n = bucket.load(Ordering::Relaxed);
+            if n == 0 {
+                continue;
+            }
+            count += n;
+            // The bucket's upper edge; the last bucket holds everything slower.
+            let edge = if i + 1 == BUCKETS {
+                f64::INFINITY
+            } else {
+                ((i as u64 + 1) * BUCKET_US) as f64 / 1e6
+            };
+            if let Some(slot) = out.iter_mut().find(|(bound, _)| edge <= *bound + 1e-9) {
+                slot.1 += n;
+            }
+        }
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        (count, sum, out)
     }
 
     pub fn summary(&self) -> LatencySummary {
@@ -86,5 +119,17 @@ mod tests {
         assert_eq!(s.max_us, 9950);
         h.record(Duration::from_secs(3));
         assert_eq!(h.summary().max_us, 3_000_000);
+    }
+
+    #[test]
+    fn export_sums_the_buckets_under_each_bound() {
+        let h = LatencyHistogram::default();
+        for us in [50, 150, 950, 1000, 4000, 250_000] {
+            h.record(Duration::from_micros(us));
+        }
+        let (count, sum, buckets) = h.export(&[0.001, 0.005]);
+        assert_eq!(count, 6);
+        assert!((sum - 0.25615).abs() < 1e-9, "{sum}");
+        assert_eq!(buckets, vec![(0.001, 3), (0.005, 2), (f64::INFINITY, 1)]);
     }
 }

@@ -16,6 +16,7 @@ mod error;
 pub mod hub;
 mod issuance;
 mod latency;
+mod overview;
 mod records;
 mod registration;
 mod report;
@@ -43,13 +44,14 @@ pub use edgedps_policies::attestation::{
     Attested, Credential, EnrollmentSource, PresentedCertificate,
 };
 pub use error::Error;
-pub use latency::LatencySummary;
+pub use latency::{LatencyHistogram, LatencySummary};
+pub use overview::{HubOverview, Overview};
 pub use records::RecordReading;
 pub use registration::Reply;
 pub use retire::RetainedMessages;
 pub use sessions::{Cut, Entered, LiveSession, LiveSessions, Scope};
 pub use standing::Standing;
-pub use store::{SledStore, Store, StoreError};
+pub use store::{SledStore, Store, StoreError, StoreStats};
 pub use throttle::RateLimits;
 
 /// Cut sessions woken at once to close their connections (see `Responder::cut_off`).
@@ -174,6 +176,8 @@ pub struct Responder {
     queue_writes: tokio::sync::Mutex<()>,
     /// Method calls waiting for the device's answer, by request id (`hub/methods.rs`).
     method_calls: Mutex<edgedps_policies::methods::PendingCalls>,
+    /// Twin changes written, by devices and operators (for metrics).
+    twin_updates: AtomicU64,
 }
 
 impl Responder {
@@ -219,6 +223,7 @@ impl Responder {
             in_flight: Mutex::new(HashSet::new()),
             random: SystemRandom::new(),
             writes: AtomicU64::new(0),
+            twin_updates: AtomicU64::new(0),
             hub_links: Arc::default(),
             hub_writes: tokio::sync::Mutex::new(()),
             queue_writes: tokio::sync::Mutex::new(()),

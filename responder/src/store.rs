@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::latency::LatencyHistogram;
 use edgedps_topics::admin::{Enrollment, EnrollmentGroup, LinkedHub};
 use edgedps_topics::hub::QueuedMessage;
 use edgedps_topics::identity::RegistrationId;
@@ -62,6 +63,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many disk flushes have run: less than the writes when they share flushes.
     fn flush_count(&self) -> u64;
+
+    /// What the store holds and how it performs, for metrics and the status page.
+    fn stats(&self) -> StoreStats<'_> {
+        StoreStats::default()
+    }
+
+    /// Can the store take writes? The reason when it cannot (its last flush failed).
+    fn healthy(&self) -> Result<(), String> {
+        Ok(())
+    }
 
     fn enrollments(&self) -> Result<Vec<Enrollment>, StoreError> {
         self.scan_enrollments(None).collect()
@@ -148,6 +159,20 @@ pub struct CrlRecord {
     pub sent_certificates: Vec<Vec<u8>>,
 }
 
+/// What a store can tell of itself (each field when it knows).
+#[derive(Default)]
+pub struct StoreStats<'a> {
+    /// Records of each kind: enrollments, groups, hubs, registrations, crls, twins.
+    pub records: Vec<(&'static str, u64)>,
+    /// Cloud-to-device messages waiting, over all devices.
+    pub queued_messages: u64,
+    pub size_on_disk: Option<u64>,
+    /// How long each flush took.
+    pub flush_latency: Option<&'a LatencyHistogram>,
+    /// How long writers waited for their writes to be on disk (the group commit).
+    pub write_latency: Option<&'a LatencyHistogram>,
+}
+
 /// Flush progress shared between writers and the flusher thread.
 #[derive(Debug, Clone, Default)]
 struct FlushState {
@@ -165,6 +190,8 @@ struct GroupCommit {
     woken: std::sync::Condvar,
     closed: AtomicBool,
     state: watch::Sender<FlushState>,
+    flush_latency: LatencyHistogram,
+    write_latency: LatencyHistogram,
 }
 
 struct Inner {
@@ -218,6 +245,8 @@ impl SledStore {
                 woken: std::sync::Condvar::new(),
                 closed: AtomicBool::new(false),
                 state,
+                flush_latency: LatencyHistogram::default(),
+                write_latency: LatencyHistogram::default(),
             }),
         });
         let (store, commit) = (Arc::downgrade(&inner), inner.commit.clone());
@@ -229,6 +258,13 @@ impl SledStore {
     }
 
     async fn flushed(&self) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        let outcome = self.wait_flushed().await;
+        self.inner.commit.write_latency.record(started.elapsed());
+        outcome
+    }
+
+    async fn wait_flushed(&self) -> Result<(), StoreError> {
         let ticket = self.inner.commit.requested.fetch_add(1, Ordering::SeqCst) + 1;
         let mut rx = self.inner.commit.state.subscribe();
         self.inner.commit.wake();
@@ -336,6 +372,37 @@ impl Store for SledStore {
 
     fn flush_count(&self) -> u64 {
         self.inner.commit.state.borrow().flushes
+    }
+
+    fn healthy(&self) -> Result<(), String> {
+        let state = self.inner.commit.state.borrow();
+        if state.failed > state.flushed {
+            return Err(state
+                .error
+                .clone()
+                .unwrap_or_else(|| "the last flush failed".into()));
+        }
+        Ok(())
+    }
+
+    /// Counting records walks each tree: sled keeps no count.
+    fn stats(&self) -> StoreStats<'_> {
+        let inner = &self.inner;
+        let len = |tree: &sled::Tree| tree.len() as u64;
+        StoreStats {
+            records: vec![
+                ("enrollments", len(&inner.enrollments)),
+                ("enrollment_groups", len(&inner.groups)),
+                ("hubs", len(&inner.hubs)),
+                ("registrations", len(&inner.registrations)),
+                ("crls", len(&inner.crls)),
+                ("twins", len(&inner.twins)),
+            ],
+            queued_messages: len(&inner.messages),
+            size_on_disk: inner.db.size_on_disk().ok(),
+            flush_latency: Some(&inner.commit.flush_latency),
+            write_latency: Some(&inner.commit.write_latency),
+        }
     }
 }
 
@@ -488,7 +555,9 @@ fn flusher(store: Weak<Inner>, commit: Arc<GroupCommit>) {
         let Some(db) = store.upgrade().map(|inner| inner.db.clone()) else {
             return;
         };
+        let started = std::time::Instant::now();
         let outcome = db.flush().map_err(|e| e.to_string());
+        commit.flush_latency.record(started.elapsed());
         drop(db);
         commit.state.send_modify(|state| match outcome {
             Ok(_) => {

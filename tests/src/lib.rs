@@ -3,7 +3,9 @@
 //! an operator client on the local listener (`operator`), and device clients on the TLS
 //! listener (`devices`, `live`).
 
+pub mod browser;
 pub mod devices;
+pub mod http;
 pub mod hub;
 pub mod live;
 pub mod operator;
@@ -14,6 +16,7 @@ pub mod server;
 
 pub use devices::*;
 pub use edgedps_device::provision::{DeviceAuth, DeviceConfig, Outcome};
+pub use http::{http, sample, scrape, HttpAnswer};
 pub use operator::*;
 pub use pki::*;
 pub use process::*;

@@ -303,3 +303,77 @@ async fn twins_revocation_lists_and_events_from_the_command_line() {
         "refused",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_of_enrollments_is_imported_with_progress_and_its_refusals_listed() {
+    let server = Server::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    // 250 devices as JSON lines: progress at 100, 200 and the end.
+    let lines: Vec<String> = (0..250)
+        .map(|i| symmetric_enrollment(&format!("import-{i:03}"), &new_key()).to_string())
+        .collect();
+    let file = write("devices.jsonl", &lines.join("\n"));
+    let out = admin(&server, &["import", &file, "--json"]);
+    let report = json(&out);
+    assert_eq!(report["written"], 250, "{report}");
+    let progress = String::from_utf8_lossy(&out.stderr);
+    for line in [
+        "import: 100/250 written",
+        "import: 200/250 written",
+        "import: 250/250 written",
+    ] {
+        assert!(progress.contains(line), "{progress}");
+    }
+    let listed = json(&admin(&server, &["list", "enrollments", "--json"]));
+    assert_eq!(listed.as_array().map(Vec::len), Some(250));
+
+    // An array with one enrollment edgedps refuses: the others are written, the refusal
+    // listed with its reason, exit code 1.
+    let mut bad = symmetric_enrollment("import-bad", "not base64!");
+    bad["registrationId"] = "import-bad".into();
+    let array = serde_json::json!([
+        symmetric_enrollment("import-a", &new_key()),
+        bad,
+        symmetric_enrollment("import-b", &new_key()),
+    ]);
+    let file = write("mixed.json", &array.to_string());
+    let out = admin(&server, &["import", &file]);
+    refused(&out, 1, "1 of 3 enrollments refused");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("2 of 3 enrolled"), "{table}");
+    assert!(table.contains("refused  import-bad  400"), "{table}");
+    stdout(&admin(&server, &["show", "enrollment", "import-b"]));
+
+    // Input that is never sent: exit 2, naming the place, nothing written.
+    let no_id = write("no-id.jsonl", "{\"attestation\": {}}\n");
+    let twice = write(
+        "twice.json",
+        &serde_json::json!([
+            symmetric_enrollment("import-twice", &new_key()),
+            symmetric_enrollment("IMPORT-TWICE", &new_key()),
+        ])
+        .to_string(),
+    );
+    for (file, says) in [
+        (
+            write("broken.json", "[{\"registrationId\": "),
+            "not a JSON array",
+        ),
+        (write("broken.jsonl", "{}\nnot json\n"), "line 2: not JSON"),
+        (no_id, "line 1: no `registrationId`"),
+        (twice, "entry 2: `IMPORT-TWICE` is in the file twice"),
+        (write("empty.jsonl", "\n"), "no enrollment"),
+    ] {
+        refused(&admin(&server, &["import", &file]), 2, says);
+    }
+    refused(
+        &admin(&server, &["show", "enrollment", "import-twice"]),
+        1,
+        "no such record",
+    );
+}

@@ -122,7 +122,9 @@ async fn the_local_listener_takes_operators_by_password_and_readers_cannot_write
         .expect("bob reads the record");
     let record: Value = serde_json::from_slice(&record).expect("JSON");
     assert_eq!(record["registrationId"], "by-alice");
-    bob.subscribe("dps/events/#").await;
+    // The audit event, watched from another connection: the router orders deliveries
+    // within one subscription, not across a session's subscriptions.
+    alice.subscribe("dps/events/admin/enrollments/by-bob").await;
     // ...but its write is refused with 403, audited, and nothing is stored.
     let body = symmetric_enrollment("by-bob", &new_key()).to_string();
     let result = bob
@@ -137,7 +139,7 @@ async fn the_local_listener_takes_operators_by_password_and_readers_cannot_write
         result["message"].as_str().unwrap_or("").contains("reader"),
         "{result}"
     );
-    let (event_topic, event) = bob
+    let (event_topic, event) = alice
         .next_publish("dps/events/admin/enrollments/by-bob")
         .await
         .expect("the refused write is audited");

@@ -1,7 +1,8 @@
 //! Secrets stay where they are (docs/security.md, promise 5): a whole run of the real
 //! binary at the most verbose log level, then every log line, every message it
 //! published (results, events, retained records, also after a restart) and every answer
-//! a device got is searched for every secret the run handled: enrollment and group
+//! a device got, and what the HTTP listener shows (metrics, the status page) is searched
+//! for every secret the run handled: enrollment and group
 //! keys, derived device keys, SAS tokens and their signatures, private keys, and keys an
 //! operator pasted into the wrong field.
 
@@ -88,7 +89,9 @@ async fn no_secret_reaches_logs_events_retained_records_or_errors() {
     let dir = tempfile::tempdir().unwrap();
     let (devices_port, local_port) = free_ports();
     let pki = pki();
-    let config = "[log]\nformat = \"json\"\n";
+    let http_port = edgedps_device::process::free_port().expect("a free port");
+    let config = format!("[log]\nformat = \"json\"\n[http]\nbind = \"127.0.0.1:{http_port}\"\n");
+    let config = config.as_str();
     let env = [("RUST_LOG", "trace")];
     let mut process = Process::start_env(dir.path(), devices_port, local_port, config, &env).await;
     let (seen, watching) = watcher(local_port).await;
@@ -254,6 +257,30 @@ async fn no_secret_reaches_logs_events_retained_records_or_errors() {
 
     // Everything arrived at the watcher before the process goes.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // What the HTTP listener shows: metrics, the status page with its events, the
+    // registrations looked up, the counts.
+    let base = format!("http://127.0.0.1:{http_port}");
+    let mut pages = Vec::new();
+    for path in [
+        "/metrics",
+        "/",
+        "/overview",
+        "/?registration=secret-sas",
+        "/?registration=secret-member",
+        "/?registration=secret-x509",
+    ] {
+        let answer = http("GET", &format!("{base}{path}"), None).await;
+        assert_eq!(answer.status, 200, "{path}");
+        pages.push(answer.body);
+    }
+    assert!(
+        pages[0].contains("edgedps_registrations_total"),
+        "metrics scraped"
+    );
+    assert!(
+        pages[1].contains("dps/events/registrations/secret-member"),
+        "the page has the events"
+    );
     watching.abort();
     process.kill();
     let first_log = std::fs::read_to_string(dir.path().join("edgedps.log")).unwrap();
@@ -334,6 +361,7 @@ async fn no_secret_reaches_logs_events_retained_records_or_errors() {
         ("published messages", seen),
         ("retained records after restart", republished),
         ("answers", answers),
+        ("metrics and status page", pages),
     ];
     for (place, texts) in &places {
         for text in texts {

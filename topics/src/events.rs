@@ -22,6 +22,9 @@ pub fn attestation_event_topic(registration_id: &str) -> String {
     }
 }
 
+/// Every event's topic starts with this.
+pub const EVENTS_PREFIX: &str = "dps/events/";
+
 pub fn registration_event_topic(registration_id: &str) -> String {
     format!("{PREFIX}events/registrations/{registration_id}")
 }

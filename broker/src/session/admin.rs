@@ -28,9 +28,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             AdminTopic::Record { kind, id } => {
                 self.puback(meta)?;
                 self.flush().await?;
-                responder
+                let answer = responder
                     .apply_admin(&operator, kind, &id, body, encoding)
-                    .await
+                    .await;
+                self.shared
+                    .metrics
+                    .admin_write(kind.segment(), answer.result.ok);
+                answer
             }
             AdminTopic::Retire { registration_id } => {
                 self.puback(meta)?;
@@ -80,6 +84,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.refuse_publish(meta)?;
         if let Some(AdminTopic::Record { kind, id }) = edgedps_topics::admin::parse_topic(topic) {
             let encoding = Encoding::detect(body, None);
+            self.shared.metrics.admin_write(kind.segment(), false);
             let answer = self.shared.responder.refuse_admin(
                 self.operator_name(),
                 kind,

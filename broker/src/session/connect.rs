@@ -66,6 +66,14 @@ where
             let operator = match authenticate(&shared, kind, peer, &chain, login.as_ref()).await {
                 Ok(operator) => operator,
                 Err(refusal) => {
+                    let listener = match kind {
+                        ListenerKind::Operators => "operators",
+                        _ => "local",
+                    };
+                    shared.metrics.connect_refused(listener, refusal.label());
+                    if refusal == Refusal::Throttled {
+                        shared.metrics.throttled("operator_password");
+                    }
                     let username = login.as_ref().map(|l| l.username.as_str()).unwrap_or("");
                     tracing::warn!(target: "edgedps::audit", %peer, %client_id, %username, reason = %refusal, "operator connect refused");
                     refuse(&mut stream, &codec, ConnectRefusal::NotAuthorized).await?;
@@ -88,6 +96,7 @@ where
                 // session; one that wants its session kept must name it.
                 if !connect.clean_session {
                     tracing::info!(%peer, "connect refused: empty client id without a clean session");
+                    shared.metrics.connect_refused("local", "bad_client_id");
                     refuse(&mut stream, &codec, ConnectRefusal::BadClientId).await?;
                     return Ok(None);
                 }
@@ -194,7 +203,9 @@ where
                 }
                 Err(error) => {
                     tracing::warn!(target: "edgedps::audit", %peer, %client_id, hub, reason = %error, "connect refused");
-                    refuse(&mut stream, &codec, refusal(&error)).await?;
+                    let refusal = refusal(&error);
+                    shared.metrics.connect_refused("devices", refusal.label());
+                    refuse(&mut stream, &codec, refusal).await?;
                     return Ok(None);
                 }
             }

@@ -6,11 +6,21 @@ use rumqttd::protocol::{Packet, PublishProperties};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use edgedps_policies::acl::Role;
+use edgedps_topics::admin::AttestationType;
 use edgedps_topics::dps::{self, DeviceRequest};
 use edgedps_topics::encoding::{Encoding, CBOR_CONTENT_TYPE};
 
 use super::{Close, Identity, Session};
 use crate::codec;
+
+/// The attestation kind, for metrics.
+fn attestation_label(kind: AttestationType) -> &'static str {
+    match kind {
+        AttestationType::X509 => "x509",
+        AttestationType::SymmetricKey => "symmetric_key",
+        AttestationType::Tpm => "tpm",
+    }
+}
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn dps_request(
@@ -28,6 +38,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .map_err(|e| Close::Violation(format!("bad DPS request: {e}")))?;
         // PUBACK before the response.
         self.puback(meta)?;
+        let started = std::time::Instant::now();
         let reply = match &request {
             DeviceRequest::Register { .. } => {
                 self.dps_encoding = Encoding::detect(body, content_type);
@@ -47,6 +58,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.shared.responder.poll(&device, operation_id, encoding)
             }
         };
+        let (kind, took) = match &request {
+            DeviceRequest::Register { .. } => ("register", Some(started.elapsed())),
+            DeviceRequest::Poll { .. } => ("poll", None),
+        };
+        self.shared.metrics.registration(
+            kind,
+            attestation_label(device.kind),
+            reply.status,
+            reply.assigned_device_id.is_some(),
+            took,
+        );
         self.publish(reply.publish).await;
         if let (Some(device_id), None) = (reply.assigned_device_id, self.cut()) {
             // After `assigned`, the device may use `devices/{deviceId}/#`.

@@ -160,6 +160,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(());
             }
         };
+        if answer.status == 429 {
+            self.shared.metrics.throttled("twin");
+        }
         self.publish(answer.publish).await;
         let Some(qos) = self.hub.as_ref().and_then(|h| h.twin_qos) else {
             tracing::warn!(client_id = %self.client_id, "twin request before subscribing to $iothub/twin/res/#; no answer sent");

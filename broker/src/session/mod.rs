@@ -98,6 +98,7 @@ pub struct Shared {
     pub operators: Arc<crate::operators::Operators>,
     /// `[listeners.local] anonymous`: a client without a username is an admin there.
     pub local_anonymous: bool,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Shared {
@@ -256,11 +257,16 @@ pub fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let metrics = shared.metrics.clone();
     let accept = Box::pin(connect::accept(stream, chain, kind, peer, shared));
     async move {
         let _slot = slot;
-        match accept.await {
+        let started = Instant::now();
+        let accepted = accept.await;
+        metrics.connect(started.elapsed());
+        match accepted {
             Ok(Some(mut session)) => {
+                let _counted = metrics.session(session.role_label());
                 let result = session.run().await;
                 session.end(&result).await;
                 session.report(result);
@@ -296,6 +302,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// The QoS bookkeeping of router deliveries, made on first use.
     fn settling_mut(&mut self) -> &mut settling::Settling {
         self.settling.get_or_insert_with(Default::default)
+    }
+
+    /// The session's role, for `edgedps_sessions`.
+    fn role_label(&self) -> &'static str {
+        match (&self.role, &self.identity) {
+            (Role::Device { .. }, _) if self.hub.is_some() => "hub_device",
+            (Role::Device { .. }, _) => "device",
+            (Role::Reader, _) => "reader",
+            (Role::Operator, Identity::Operator(None)) => "anonymous",
+            (Role::Operator, _) => "admin",
+        }
     }
 
     /// Logs how the session ended.

@@ -7,6 +7,8 @@
 //! re-provisioning resets its data (`migrateDeviceData: false`). A device assigned
 //! before twins were kept gets its twin from its registration on first use.
 
+use std::sync::atomic::Ordering;
+
 use edgedps_policies::twin::{self, PatchError};
 use edgedps_topics::hub::{self as hub_topics, codes, HubError, TwinResult};
 use edgedps_topics::identity::RegistrationId;
@@ -186,6 +188,7 @@ impl Responder {
             (twin, out)
         };
         self.store.durable().await?;
+        self.twin_updates.fetch_add(1, Ordering::Relaxed);
         Ok(Some((twin, out)))
     }
 
