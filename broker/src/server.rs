@@ -126,14 +126,8 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     // One budget of connections for every listener.
     let connections = Arc::new(Semaphore::new(config.limits.max_connections));
     if let Some(devices) = &config.listeners.devices {
-        let (cert, key) = match (&devices.tls_cert, &devices.tls_key) {
-            (Some(cert), Some(key)) => (cert.clone(), key.clone()),
-            _ => {
-                let dev = devcert::ensure(&config.data_dir)?;
-                running.dev_ca = Some(dev.ca.clone());
-                (dev.cert, dev.key)
-            }
-        };
+        let (cert, key) =
+            server_identity(&devices.tls_cert, &devices.tls_key, &config, &mut running)?;
         let tls_config = tls::server_config(&cert, &key)?;
         let listener = bind("devices", devices.bind).await?;
         running.devices_addr = listener.local_addr().ok();
@@ -149,14 +143,12 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         running.tasks.push(tokio::spawn(accept));
     }
     if let Some(operators) = &config.listeners.operators {
-        let (cert, key) = match (&operators.tls_cert, &operators.tls_key) {
-            (Some(cert), Some(key)) => (cert.clone(), key.clone()),
-            _ => {
-                let dev = devcert::ensure(&config.data_dir)?;
-                running.dev_ca = Some(dev.ca.clone());
-                (dev.cert, dev.key)
-            }
-        };
+        let (cert, key) = server_identity(
+            &operators.tls_cert,
+            &operators.tls_key,
+            &config,
+            &mut running,
+        )?;
         let tls_config = tls::operator_server_config(&cert, &key, operators.client_ca.as_deref())?;
         let listener = bind("operators", operators.bind).await?;
         running.operators_addr = listener.local_addr().ok();
@@ -266,6 +258,24 @@ fn tls_accept_loop(
             }
         }
     })
+}
+
+/// A listener's certificate and key files: the configured ones, or the development
+/// certificate (generated on first start; its CA noted in `running`).
+fn server_identity(
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+    config: &Config,
+    running: &mut Running,
+) -> Result<(PathBuf, PathBuf), Error> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok((cert.clone(), key.clone())),
+        _ => {
+            let dev = devcert::ensure(&config.data_dir)?;
+            running.dev_ca = Some(dev.ca.clone());
+            Ok((dev.cert, dev.key))
+        }
+    }
 }
 
 async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {

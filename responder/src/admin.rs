@@ -77,6 +77,31 @@ pub(crate) struct Write<'a> {
     pub event_topic: String,
 }
 
+impl<'a> Write<'a> {
+    /// A write of a record: a delete when `body` is empty.
+    fn of(
+        operator: &'a str,
+        kind: RecordKind,
+        id: &'a str,
+        body: &[u8],
+        encoding: Encoding,
+    ) -> Write<'a> {
+        Write {
+            operator,
+            kind: kind.segment(),
+            id,
+            operation: if body.is_empty() {
+                AdminOperation::Delete
+            } else {
+                AdminOperation::Write
+            },
+            encoding,
+            result_topic: kind.result_topic(id),
+            event_topic: admin_event_topic(kind, id),
+        }
+    }
+}
+
 impl Responder {
     /// Applies one write of an operator. An empty body deletes the record.
     ///
@@ -95,11 +120,6 @@ impl Responder {
         encoding: Encoding,
     ) -> AdminAnswer {
         let mut publish = Vec::new();
-        let operation = if body.is_empty() {
-            AdminOperation::Delete
-        } else {
-            AdminOperation::Write
-        };
         let outcome = if body.is_empty() {
             self.delete(kind, id, &mut publish).await
         } else {
@@ -108,15 +128,7 @@ impl Responder {
                 Err(e) => Err(e),
             }
         };
-        let write = Write {
-            operator,
-            kind: kind.segment(),
-            id,
-            operation,
-            encoding,
-            result_topic: kind.result_topic(id),
-            event_topic: admin_event_topic(kind, id),
-        };
+        let write = Write::of(operator, kind, id, body, encoding);
         let result = self.report(write, outcome, None, &mut publish);
         AdminAnswer { result, publish }
     }
@@ -133,19 +145,7 @@ impl Responder {
         reason: &str,
     ) -> AdminAnswer {
         let mut publish = Vec::new();
-        let write = Write {
-            operator,
-            kind: kind.segment(),
-            id,
-            operation: if body.is_empty() {
-                AdminOperation::Delete
-            } else {
-                AdminOperation::Write
-            },
-            encoding,
-            result_topic: kind.result_topic(id),
-            event_topic: admin_event_topic(kind, id),
-        };
+        let write = Write::of(operator, kind, id, body, encoding);
         let outcome = Err(Error::Forbidden(reason.to_owned()));
         let result = self.report(write, outcome, None, &mut publish);
         AdminAnswer { result, publish }

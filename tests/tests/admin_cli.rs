@@ -68,6 +68,21 @@ async fn enrollments_and_groups_are_managed_from_the_command_line() {
     );
     let registrations = json(&admin(&server, &["list", "registrations", "--json"]));
     assert_eq!(registrations[0]["registrationId"], "cli-1");
+    // `registrations list|show` say the same.
+    let same = json(&admin(&server, &["registrations", "list", "--json"]));
+    assert_eq!(same, registrations);
+    let table = stdout(&admin(&server, &["registrations", "list"]));
+    assert!(
+        table.contains("cli-1") && table.contains("assigned"),
+        "{table}"
+    );
+    let one = json(&admin(&server, &["registrations", "show", "cli-1"]));
+    assert_eq!(one["assignedHub"], "hub-a.example.net", "{one}");
+    refused(
+        &admin(&server, &["registrations", "show", "never-registered"]),
+        1,
+        "no such record",
+    );
 
     // disable, enable: the stored key is kept.
     stdout(&admin(&server, &["disable", "cli-1"]));

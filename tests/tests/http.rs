@@ -171,3 +171,49 @@ async fn with_operators_everything_but_the_probes_asks_for_a_password() {
         );
     }
 }
+
+/// Opens `/events` on a connection of its own; the status line of the answer.
+async fn follow(addr: std::net::SocketAddr) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connects");
+    stream
+        .write_all(b"GET /events HTTP/1.1\r\nHost: edgedps\r\n\r\n")
+        .await
+        .expect("request");
+    let mut head = vec![0u8; 64];
+    let n = stream.read(&mut head).await.expect("answer");
+    let status = String::from_utf8_lossy(&head[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    (stream, status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_following_the_events_are_bounded() {
+    let server = Server::start_with(with_http).await;
+    let addr = server.running.http_addr.expect("HTTP");
+    let mut open = Vec::new();
+    for _ in 0..edgedps::http::MAX_FOLLOWERS {
+        let (stream, status) = follow(addr).await;
+        assert!(status.contains("200"), "{status}");
+        open.push(stream);
+    }
+    let (_, status) = follow(addr).await;
+    assert!(status.contains("503"), "{status}");
+    // One page closes: another may follow.
+    drop(open.pop());
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (stream, status) = follow(addr).await;
+        if status.contains("200") {
+            open.push(stream);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -38,6 +38,8 @@ use crate::operators::Operators;
 const REMEMBERED: Duration = Duration::from_secs(60);
 /// Password checks remembered at most.
 const REMEMBERED_MAX: usize = 64;
+/// Pages following the live events at once; more are answered 503.
+pub const MAX_FOLLOWERS: usize = 32;
 
 /// What the HTTP handlers read.
 pub struct HttpState {
@@ -50,6 +52,17 @@ pub struct HttpState {
     pub id_scope: String,
     /// Passed checks: (name, SHA-256 of the password) until when.
     remembered: Mutex<HashMap<(String, [u8; 32]), Instant>>,
+    /// Pages following `/events` now.
+    followers: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A page following `/events`, counted while its stream lives.
+struct Follower(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl HttpState {
@@ -68,6 +81,7 @@ impl HttpState {
             ready: AtomicBool::new(false),
             id_scope,
             remembered: Mutex::new(HashMap::new()),
+            followers: Arc::default(),
         }
     }
 }
@@ -221,12 +235,24 @@ async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
     }
 }
 
-/// The live events, as server-sent events named `event`: `{"topic", "body"}`.
-async fn events(
-    State(state): State<Arc<HttpState>>,
-) -> Sse<impl tokio_stream::Stream<Item = Result<Event, std::convert::Infallible>>> {
+/// The live events, as server-sent events named `event`: `{"topic", "body"}`; at most
+/// [`MAX_FOLLOWERS`] pages at once.
+async fn events(State(state): State<Arc<HttpState>>) -> Response {
+    if state.followers.fetch_add(1, Ordering::SeqCst) >= MAX_FOLLOWERS {
+        state.followers.fetch_sub(1, Ordering::SeqCst);
+        tracing::warn!(
+            "status page: {MAX_FOLLOWERS} pages already follow the events; one more refused"
+        );
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_FOLLOWERS} pages already follow the events\n"),
+        )
+            .into_response();
+    }
+    let follower = Follower(state.followers.clone());
     let live = tokio_stream::wrappers::BroadcastStream::new(state.feed.subscribe());
-    let stream = live.map(|event| {
+    let stream = live.map(move |event| {
+        let _counted = &follower;
         let event = match event {
             Ok(event) => Event::default()
                 .event("event")
@@ -236,9 +262,11 @@ async fn events(
                 Event::default().event("lagged").data(missed.to_string())
             }
         };
-        Ok(event)
+        Ok::<Event, std::convert::Infallible>(event)
     });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 #[cfg(test)]
