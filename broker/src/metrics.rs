@@ -17,7 +17,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
-use edgedps_responder::{LatencyHistogram, Responder};
+use edgedps_responder::{LatencyHistogram, Responder, StoreCounts};
 
 /// Seconds: from a millisecond to ten seconds.
 const LATENCY_BUCKETS: [f64; 13] = [
@@ -142,7 +142,10 @@ impl Metrics {
             Unit::Seconds,
             register.clone(),
         );
-        registry.register_collector(Box::new(StoreCollector { responder }));
+        registry.register_collector(Box::new(StoreCollector {
+            responder,
+            counts: Recent::default(),
+        }));
         Metrics {
             registry,
             registrations,
@@ -249,9 +252,45 @@ impl Drop for SessionGuard {
     }
 }
 
-/// What the store holds and how fast it writes, read at each scrape.
+/// How long the store's counts are reused: counting walks every record (about half a
+/// second of a core for 100,000 registrations, BENCHMARKS.md), so scrapes and page loads
+/// that come closer together share one count.
+pub const COUNTS_KEPT: Duration = Duration::from_secs(5);
+
+/// A value computed at most once per [`COUNTS_KEPT`].
+pub struct Recent<T> {
+    kept: std::sync::Mutex<Option<(std::time::Instant, Arc<T>)>>,
+}
+
+impl<T> Default for Recent<T> {
+    fn default() -> Self {
+        Recent {
+            kept: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl<T> Recent<T> {
+    /// The kept value if it is recent, else `make`'s (kept). Callers that come while one
+    /// counts wait for its count instead of counting again.
+    pub fn get<E>(&self, make: impl FnOnce() -> Result<T, E>) -> Result<Arc<T>, E> {
+        let mut kept = crate::session::lock(&self.kept);
+        if let Some((at, value)) = kept.as_ref() {
+            if at.elapsed() < COUNTS_KEPT {
+                return Ok(value.clone());
+            }
+        }
+        let value = Arc::new(make()?);
+        *kept = Some((std::time::Instant::now(), value.clone()));
+        Ok(value)
+    }
+}
+
+/// What the store holds and how fast it writes, read at each scrape (the counts at most
+/// [`COUNTS_KEPT`] old).
 struct StoreCollector {
     responder: Arc<Responder>,
+    counts: Recent<StoreCounts>,
 }
 
 impl std::fmt::Debug for StoreCollector {
@@ -279,6 +318,10 @@ fn encode_latency(
 impl Collector for StoreCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let stats = self.responder.store_stats();
+        let counts = self
+            .counts
+            .get(|| Ok::<_, std::convert::Infallible>(self.responder.store_counts()))
+            .unwrap_or_default();
         {
             let mut family = encoder.encode_descriptor(
                 "store_records",
@@ -286,12 +329,12 @@ impl Collector for StoreCollector {
                 None,
                 MetricType::Gauge,
             )?;
-            for (kind, count) in &stats.records {
+            for (kind, count) in &counts.records {
                 let labels = KindLabels { kind };
                 ConstGauge::new(*count as i64).encode(family.encode_family(&labels)?)?;
             }
         }
-        ConstGauge::new(stats.queued_messages as i64).encode(encoder.encode_descriptor(
+        ConstGauge::new(counts.queued_messages as i64).encode(encoder.encode_descriptor(
             "c2d_queued_messages",
             "Cloud-to-device messages waiting for devices of the local hub",
             None,
@@ -328,5 +371,29 @@ impl Collector for StoreCollector {
             MetricType::Counter,
         )?)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recent_value_is_reused_then_made_again() {
+        let recent = Recent::<u32>::default();
+        let mut made = 0;
+        for _ in 0..3 {
+            let value = recent
+                .get(|| {
+                    made += 1;
+                    Ok::<_, ()>(made)
+                })
+                .unwrap();
+            assert_eq!(*value, 1);
+        }
+        // A failure is not kept.
+        let fresh = Recent::<u32>::default();
+        assert!(fresh.get(|| Err::<u32, _>("no")).is_err());
+        assert_eq!(*fresh.get(|| Ok::<_, ()>(7)).unwrap(), 7);
     }
 }

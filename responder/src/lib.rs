@@ -51,7 +51,7 @@ pub use registration::Reply;
 pub use retire::RetainedMessages;
 pub use sessions::{Cut, Entered, LiveSession, LiveSessions, Scope};
 pub use standing::Standing;
-pub use store::{SledStore, Store, StoreError, StoreStats};
+pub use store::{SledStore, Store, StoreCounts, StoreError, StoreStats};
 pub use throttle::RateLimits;
 
 /// Cut sessions woken at once to close their connections (see `Responder::cut_off`).

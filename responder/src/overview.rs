@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
-use crate::{Error, Responder, StoreStats};
+use crate::{Error, Responder, StoreCounts, StoreStats};
 
 /// The counts of the status page.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -52,9 +52,9 @@ impl Responder {
                 *by_hub.entry(hub.to_ascii_lowercase()).or_default() += 1;
             }
         }
-        let stats = self.store.stats();
+        let counts = self.store.counts();
         let count = |kind: &str| {
-            stats
+            counts
                 .records
                 .iter()
                 .find(|(k, _)| *k == kind)
@@ -91,9 +91,14 @@ impl Responder {
         self.store.healthy()
     }
 
-    /// The store's counts and timings.
+    /// The store's timings and size: cheap.
     pub fn store_stats(&self) -> StoreStats<'_> {
         self.store.stats()
+    }
+
+    /// What the store holds: walks every record.
+    pub fn store_counts(&self) -> StoreCounts {
+        self.store.counts()
     }
 
     /// Twin changes written since start.

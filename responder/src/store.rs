@@ -64,9 +64,14 @@ pub trait Store: Send + Sync + 'static {
     /// How many disk flushes have run: less than the writes when they share flushes.
     fn flush_count(&self) -> u64;
 
-    /// What the store holds and how it performs, for metrics and the status page.
+    /// How the store performs, for metrics: cheap.
     fn stats(&self) -> StoreStats<'_> {
         StoreStats::default()
+    }
+
+    /// What the store holds, for metrics and the status page: may walk every record.
+    fn counts(&self) -> StoreCounts {
+        StoreCounts::default()
     }
 
     /// Can the store take writes? The reason when it cannot (its last flush failed).
@@ -159,18 +164,23 @@ pub struct CrlRecord {
     pub sent_certificates: Vec<Vec<u8>>,
 }
 
-/// What a store can tell of itself (each field when it knows).
+/// How a store performs (each field when it knows).
 #[derive(Default)]
 pub struct StoreStats<'a> {
-    /// Records of each kind: enrollments, groups, hubs, registrations, crls, twins.
-    pub records: Vec<(&'static str, u64)>,
-    /// Cloud-to-device messages waiting, over all devices.
-    pub queued_messages: u64,
     pub size_on_disk: Option<u64>,
     /// How long each flush took.
     pub flush_latency: Option<&'a LatencyHistogram>,
     /// How long writers waited for their writes to be on disk (the group commit).
     pub write_latency: Option<&'a LatencyHistogram>,
+}
+
+/// What a store holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreCounts {
+    /// Records of each kind: enrollments, groups, hubs, registrations, crls, twins.
+    pub records: Vec<(&'static str, u64)>,
+    /// Cloud-to-device messages waiting, over all devices.
+    pub queued_messages: u64,
 }
 
 /// Flush progress shared between writers and the flusher thread.
@@ -385,11 +395,19 @@ impl Store for SledStore {
         Ok(())
     }
 
-    /// Counting records walks each tree: sled keeps no count.
     fn stats(&self) -> StoreStats<'_> {
+        StoreStats {
+            size_on_disk: self.inner.db.size_on_disk().ok(),
+            flush_latency: Some(&self.inner.commit.flush_latency),
+            write_latency: Some(&self.inner.commit.write_latency),
+        }
+    }
+
+    /// Counting records walks each tree: sled keeps no count.
+    fn counts(&self) -> StoreCounts {
         let inner = &self.inner;
         let len = |tree: &sled::Tree| tree.len() as u64;
-        StoreStats {
+        StoreCounts {
             records: vec![
                 ("enrollments", len(&inner.enrollments)),
                 ("enrollment_groups", len(&inner.groups)),
@@ -399,9 +417,6 @@ impl Store for SledStore {
                 ("twins", len(&inner.twins)),
             ],
             queued_messages: len(&inner.messages),
-            size_on_disk: inner.db.size_on_disk().ok(),
-            flush_latency: Some(&inner.commit.flush_latency),
-            write_latency: Some(&inner.commit.write_latency),
         }
     }
 }

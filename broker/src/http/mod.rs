@@ -54,6 +54,8 @@ pub struct HttpState {
     remembered: Mutex<HashMap<(String, [u8; 32]), Instant>>,
     /// Pages following `/events` now.
     followers: Arc<std::sync::atomic::AtomicUsize>,
+    /// The page's counts, shared by the loads and refreshes of a few seconds.
+    overview: crate::metrics::Recent<edgedps_responder::Overview>,
 }
 
 /// A page following `/events`, counted while its stream lives.
@@ -82,7 +84,22 @@ impl HttpState {
             id_scope,
             remembered: Mutex::new(HashMap::new()),
             followers: Arc::default(),
+            overview: Default::default(),
         }
+    }
+
+    /// The counts of the status page, at most `metrics::COUNTS_KEPT` old; off the
+    /// runtime's threads, since counting walks the store.
+    pub async fn overview(self: &Arc<Self>) -> Result<Arc<edgedps_responder::Overview>, String> {
+        let state = self.clone();
+        tokio::task::spawn_blocking(move || {
+            state
+                .overview
+                .get(|| state.responder.overview())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 }
 

@@ -40,12 +40,9 @@ pub async fn status_page(
     State(state): State<Arc<HttpState>>,
     Query(lookup): Query<Lookup>,
 ) -> Response {
-    let reading = state.clone();
-    let overview = tokio::task::spawn_blocking(move || reading.responder.overview()).await;
-    let overview = match overview {
-        Ok(Ok(overview)) => overview,
-        Ok(Err(e)) => return failure(&e.to_string()),
-        Err(e) => return failure(&e.to_string()),
+    let overview = match state.overview().await {
+        Ok(overview) => overview,
+        Err(e) => return failure(&e),
     };
     let registration = lookup
         .registration
@@ -214,9 +211,8 @@ pub fn event_json(topic: &str, body: &str) -> String {
 
 /// The counts of the page, for its script.
 pub async fn overview_json(State(state): State<Arc<HttpState>>) -> Response {
-    let overview = tokio::task::spawn_blocking(move || state.responder.overview()).await;
-    match overview {
-        Ok(Ok(o)) => axum::Json(json!({
+    match state.overview().await {
+        Ok(o) => axum::Json(json!({
             "enrollments": o.enrollments,
             "enrollmentGroups": o.enrollment_groups,
             "liveDeviceSessions": o.live_device_sessions,
@@ -229,8 +225,7 @@ pub async fn overview_json(State(state): State<Arc<HttpState>>) -> Response {
             })).collect::<Vec<_>>(),
         }))
         .into_response(),
-        Ok(Err(e)) => failure(&e.to_string()),
-        Err(e) => failure(&e.to_string()),
+        Err(e) => failure(&e),
     }
 }
 
