@@ -59,7 +59,8 @@ pub struct ThrottleLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdminLabels {
-    /// The record kind's topic segment: `enrollments`, `enrollment-groups`, ...
+    /// The record kind's topic segment (`enrollments`, `enrollment-groups`, ...) or
+    /// `retire`.
     pub kind: &'static str,
     /// `applied` or `rejected`.
     pub outcome: &'static str,

@@ -63,6 +63,10 @@ async fn metrics_move_with_registrations_refusals_and_writes() {
         connack_refusal(server.devices_port, "metrics-0", &config.username(), &token).await;
     assert!(refused.is_some(), "{refused:?}");
 
+    // A retirement, and a refused one (nobody of that name).
+    assert_eq!(operator.retire("metrics-1", b"").await["ok"], true);
+    assert_eq!(operator.retire("nobody-here", b"").await["ok"], false);
+
     let after = scrape(&url, None).await;
     let delta = |name: &str, labels: &[(&str, &str)]| {
         sample(&after, name, labels) - sample(&before, name, labels)
@@ -89,11 +93,20 @@ async fn metrics_move_with_registrations_refusals_and_writes() {
         ),
         1.0
     );
+    for outcome in ["applied", "rejected"] {
+        let labels = [("kind", "retire"), ("outcome", outcome)];
+        assert_eq!(
+            delta("edgedps_admin_writes_total", &labels),
+            1.0,
+            "{outcome}"
+        );
+    }
     // The store's counts are reused for a few seconds (counting walks the store).
     let deadline = tokio::time::Instant::now() + edgedps::metrics::COUNTS_KEPT * 2;
     loop {
         let now = scrape(&url, None).await;
         let records = sample(&now, "edgedps_store_records", &[("kind", "registrations")]);
+        // The retired device's record stays, deregistered.
         if records == 3.0 {
             break;
         }

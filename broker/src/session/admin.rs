@@ -24,22 +24,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let responder = self.shared.responder.clone();
         let operator = self.operator_name().to_owned();
-        let answer = match admin {
+        let (kind, answer) = match admin {
             AdminTopic::Record { kind, id } => {
                 self.puback(meta)?;
                 self.flush().await?;
                 let answer = responder
                     .apply_admin(&operator, kind, &id, body, encoding)
                     .await;
-                self.shared
-                    .metrics
-                    .admin_write(kind.segment(), answer.result.ok);
-                answer
+                (kind.segment(), answer)
             }
             AdminTopic::Retire { registration_id } => {
                 self.puback(meta)?;
                 self.flush().await?;
-                responder
+                let answer = responder
                     .retire(
                         &self.shared.router,
                         &operator,
@@ -47,7 +44,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         body,
                         encoding,
                     )
-                    .await
+                    .await;
+                ("retire", answer)
             }
             AdminTopic::Output | AdminTopic::Unknown => {
                 return Err(Close::Denied(format!(
@@ -55,6 +53,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 )))
             }
         };
+        self.shared.metrics.admin_write(kind, answer.result.ok);
         self.publish(answer.publish).await;
         Ok(())
     }
