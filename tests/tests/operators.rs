@@ -381,3 +381,14 @@ fn the_cli_refuses_bad_connection_options_before_sending_anything() {
         .expect("runs");
     exit(&short, 2, "shorter than 12");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_operators_an_anonymous_listener_ignores_usernames() {
+    // The embedded default's case: applications that always send credentials connect
+    // as before, anonymous admins.
+    let server = Server::start().await;
+    let mut app = Operator::connect_as(server.local_port, "app", "its own password")
+        .await
+        .expect("an application with a username connects");
+    app.enroll("by-an-app").await;
+}

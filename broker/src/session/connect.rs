@@ -291,9 +291,10 @@ where
     Ok(Some(session))
 }
 
-/// Who an operator's CONNECT says it is: a username and password, else (operator
-/// listener) a client certificate, else (local listener, when it takes them) nobody, an
-/// anonymous admin. `Ok(None)`: anonymous.
+/// Who an operator's CONNECT says it is: a username and password (checked when
+/// operators are configured), else (operator listener) a client certificate, else
+/// (local listener, when it takes them) nobody, an anonymous admin. `Ok(None)`:
+/// anonymous.
 async fn authenticate(
     shared: &Shared,
     kind: ListenerKind,
@@ -301,7 +302,12 @@ async fn authenticate(
     chain: &[Vec<u8>],
     login: Option<&rumqttd::protocol::Login>,
 ) -> Result<Option<Authenticated>, Refusal> {
-    if let Some(login) = login.filter(|l| !l.username.is_empty()) {
+    // Without `[[operators]]` there is nothing to check a username against: as with
+    // mosquitto without a password file, a client of an anonymous listener that sends
+    // one (many applications always do) is anonymous.
+    let checked =
+        shared.operators.any() || !(kind == ListenerKind::Local && shared.local_anonymous);
+    if let Some(login) = login.filter(|l| !l.username.is_empty() && checked) {
         return shared
             .operators
             .by_password(peer.ip(), &login.username, login.password.as_bytes())
