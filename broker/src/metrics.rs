@@ -69,6 +69,8 @@ pub struct AdminLabels {
 /// The metrics of one running edgedps.
 pub struct Metrics {
     registry: Registry,
+    /// The store's counts, shared by scrapes and the status page.
+    counts: Arc<Recent<StoreCounts>>,
     registrations: Family<RegistrationLabels, Counter>,
     connect_refusals: Family<RefusalLabels, Counter>,
     throttled: Family<ThrottleLabels, Counter>,
@@ -143,12 +145,14 @@ impl Metrics {
             Unit::Seconds,
             register.clone(),
         );
+        let counts: Arc<Recent<StoreCounts>> = Arc::default();
         registry.register_collector(Box::new(StoreCollector {
             responder,
-            counts: Recent::default(),
+            counts: counts.clone(),
         }));
         Metrics {
             registry,
+            counts,
             registrations,
             connect_refusals,
             throttled,
@@ -158,6 +162,12 @@ impl Metrics {
             connect,
             register,
         }
+    }
+
+    /// What the store holds, at most [`COUNTS_KEPT`] old (counting walks the store: call
+    /// off the runtime's threads).
+    pub fn store_counts(&self, responder: &Responder) -> Arc<StoreCounts> {
+        recent_counts(&self.counts, responder)
     }
 
     /// The Prometheus text exposition of everything now.
@@ -287,11 +297,18 @@ impl<T> Recent<T> {
     }
 }
 
+/// The store's counts kept in `counts`, counted again when they are old.
+fn recent_counts(counts: &Recent<StoreCounts>, responder: &Responder) -> Arc<StoreCounts> {
+    counts
+        .get(|| Ok::<_, std::convert::Infallible>(responder.store_counts()))
+        .unwrap_or_default()
+}
+
 /// What the store holds and how fast it writes, read at each scrape (the counts at most
 /// [`COUNTS_KEPT`] old).
 struct StoreCollector {
     responder: Arc<Responder>,
-    counts: Recent<StoreCounts>,
+    counts: Arc<Recent<StoreCounts>>,
 }
 
 impl std::fmt::Debug for StoreCollector {
@@ -319,10 +336,7 @@ fn encode_latency(
 impl Collector for StoreCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let stats = self.responder.store_stats();
-        let counts = self
-            .counts
-            .get(|| Ok::<_, std::convert::Infallible>(self.responder.store_counts()))
-            .unwrap_or_default();
+        let counts = recent_counts(&self.counts, &self.responder);
         {
             let mut family = encoder.encode_descriptor(
                 "store_records",

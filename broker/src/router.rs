@@ -23,8 +23,8 @@ pub struct Publisher {
     /// Who listens: a message that is not retained goes only where a subscription may
     /// take it.
     interest: Arc<crate::interest::Interest>,
-    /// Events also go to the status page, whoever subscribes.
-    feed: Arc<crate::feed::EventFeed>,
+    /// Events also go to the status page (when there is one), whoever subscribes.
+    feed: Option<Arc<crate::feed::EventFeed>>,
 }
 
 /// A message for the publisher's link.
@@ -52,8 +52,10 @@ impl Publisher {
         let heard = |p: &Publication| {
             kept(p) || !p.topic.starts_with("dps/") || self.interest.matches(&p.topic)
         };
-        for publication in &publications {
-            self.feed.offer(&publication.topic, &publication.payload);
+        if let Some(feed) = &self.feed {
+            for publication in &publications {
+                feed.offer(&publication.topic, &publication.payload);
+            }
         }
         for publication in publications.into_iter().filter(heard) {
             if self.tx.send(Outgoing::Record(publication)).await.is_err() {
@@ -190,7 +192,7 @@ impl Router {
     pub async fn spawn_publisher(
         &self,
         interest: Arc<crate::interest::Interest>,
-        feed: Arc<crate::feed::EventFeed>,
+        feed: Option<Arc<crate::feed::EventFeed>>,
     ) -> Result<Publisher, Error> {
         let (publisher, mut publications) = mpsc::channel::<Outgoing>(4096);
         let (mut tx, mut rx) = self.link("edgedps-responder").await?;

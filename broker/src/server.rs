@@ -67,7 +67,11 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     let router =
         Router::start(config.limits.max_connections + config.limits.max_offline_sessions + 2);
     let interest = Arc::new(crate::interest::Interest::default());
-    let feed = Arc::new(crate::feed::EventFeed::default());
+    // Events are kept for the status page only when there is one.
+    let feed = config
+        .http
+        .as_ref()
+        .map(|_| Arc::new(crate::feed::EventFeed::default()));
     let publisher = router
         .spawn_publisher(interest.clone(), feed.clone())
         .await?;
@@ -103,14 +107,14 @@ pub async fn start(config: Config) -> Result<Running, Error> {
 
     // Metrics, health and the status page: first, so that `/readyz` says "not yet"
     // while the MQTT listeners are being bound.
-    let http = match &config.http {
-        Some(http) => {
+    let http = match (&config.http, feed) {
+        (Some(http), Some(feed)) => {
             let listener = bind("http", http.bind).await?;
             running.http_addr = listener.local_addr().ok();
             let state = Arc::new(crate::http::HttpState::new(
                 running.responder.clone(),
                 metrics.clone(),
-                feed.clone(),
+                feed,
                 shared.operators.clone(),
                 config.id_scope.clone(),
             ));
@@ -120,7 +124,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             tracing::info!(addr = ?running.http_addr, "HTTP listener (metrics, health, status page) ready");
             Some(state)
         }
-        None => None,
+        _ => None,
     };
 
     // One budget of connections for every listener.

@@ -716,9 +716,9 @@ impl Plane {
         use std::io::Write;
         let (client, mut eventloop) = self.connect().await?;
         let lost = |e: String| AdminError::Refused(format!("connection lost: {e}"));
-        let results = RecordKind::Enrollment.result_topic("+");
+        let results = RecordKind::Enrollment.result_topic("");
         client
-            .subscribe(&results, QoS::AtLeastOnce)
+            .subscribe(format!("{results}+"), QoS::AtLeastOnce)
             .await
             .map_err(|e| lost(e.to_string()))?;
         let (mut subscribed, mut next, mut done) = (false, 0, 0);
@@ -750,7 +750,7 @@ impl Plane {
             match event {
                 Event::Incoming(Packet::SubAck(_)) => subscribed = true,
                 Event::Incoming(Packet::Publish(p)) => {
-                    let Some(id) = p.topic.strip_prefix(&results[..results.len() - 1]) else {
+                    let Some(id) = p.topic.strip_prefix(&results) else {
                         continue;
                     };
                     if !waiting.remove(&id.to_ascii_lowercase()) {

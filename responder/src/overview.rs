@@ -30,8 +30,9 @@ pub struct HubOverview {
 }
 
 impl Responder {
-    /// Counts over the store now.
-    pub fn overview(&self) -> Result<Overview, Error> {
+    /// Counts over the store now, with `counts` (what [`Responder::store_counts`] gave,
+    /// shared with the metrics: one walk of the store serves both).
+    pub fn overview(&self, counts: &StoreCounts) -> Result<Overview, Error> {
         use edgedps_topics::registration::RegistrationStatus as S;
         let mut registrations: BTreeMap<&'static str, u64> = [
             S::Unassigned,
@@ -52,15 +53,13 @@ impl Responder {
                 *by_hub.entry(hub.to_ascii_lowercase()).or_default() += 1;
             }
         }
-        let counts = self.store.counts();
-        let count = |kind: &str| {
-            counts
-                .records
-                .iter()
-                .find(|(k, _)| *k == kind)
-                .map(|(_, n)| *n)
-        };
-        let enrollments = match count("enrollments") {
+        let counted = counts
+            .records
+            .iter()
+            .find(|(kind, _)| *kind == "enrollments")
+            .map(|(_, n)| *n);
+        // A store that does not count: the enrollments, read.
+        let enrollments = match counted {
             Some(n) => n,
             None => self.store.scan_enrollments(None).count() as u64,
         };

@@ -95,7 +95,10 @@ impl HttpState {
         tokio::task::spawn_blocking(move || {
             state
                 .overview
-                .get(|| state.responder.overview())
+                .get(|| {
+                    let counts = state.metrics.store_counts(&state.responder);
+                    state.responder.overview(&counts)
+                })
                 .map_err(|e| e.to_string())
         })
         .await

@@ -263,7 +263,11 @@ where
         let _slot = slot;
         let started = Instant::now();
         let accepted = accept.await;
-        metrics.connect(started.elapsed());
+        // Answered with a CONNACK, accepted or refused; not the connections that
+        // never sent a CONNECT.
+        if accepted.is_ok() {
+            metrics.connect(started.elapsed());
+        }
         match accepted {
             Ok(Some(mut session)) => {
                 let _counted = metrics.session(session.role_label());
