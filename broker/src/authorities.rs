@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 
-use edgedps_policies::issuance::CertificateAuthority;
+use edgedps_policies::issuance::{CaError, CertificateAuthority};
 
 use crate::config::CertificateAuthorityConfig;
 use crate::Error;
@@ -34,9 +34,16 @@ pub fn load(
         };
         let authority =
             CertificateAuthority::from_pem(&ca.name, &read(&cert)?, &read(&key)?, ca.validity_days)
-                .map_err(|e| Error::InvalidConfig {
-                    key: "certificate_authorities",
-                    message: format!("`{}` ({}): {e}", ca.name, cert.display()),
+                .map_err(|e| {
+                    // Name the file the operator has to change.
+                    let file = match e {
+                        CaError::BadKey(_) | CaError::KeyMismatch => &key,
+                        _ => &cert,
+                    };
+                    Error::InvalidConfig {
+                        key: "certificate_authorities",
+                        message: format!("`{}` ({}): {e}", ca.name, file.display()),
+                    }
                 })?;
         tracing::info!(name = %ca.name, cert = %cert.display(), validity_days = ca.validity_days, "certificate authority ready to issue device certificates");
         out.insert(ca.name.clone(), Arc::new(authority));

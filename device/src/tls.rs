@@ -2,13 +2,14 @@
 
 use std::sync::Arc;
 
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 
 use crate::DeviceError;
 
 pub fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, DeviceError> {
-    let certs = rustls_pemfile::certs(&mut &pem[..])
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| DeviceError::Pem(e.to_string()))?;
     if certs.is_empty() {
@@ -17,10 +18,9 @@ pub fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, DeviceEr
     Ok(certs)
 }
 
+/// A device's key: PKCS#8, SEC1 or PKCS#1 (`edgedps_policies::keys`).
 pub fn private_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, DeviceError> {
-    rustls_pemfile::private_key(&mut &pem[..])
-        .map_err(|e| DeviceError::Pem(e.to_string()))?
-        .ok_or_else(|| DeviceError::Pem("no private key".into()))
+    edgedps_policies::keys::private_key(pem).map_err(|e| DeviceError::Pem(e.to_string()))
 }
 
 /// A client configuration trusting `server_ca_pem`, presenting `identity` (chain PEM,

@@ -110,8 +110,8 @@ pub enum CaError {
     ChainTooLong(usize),
     #[error("the certificate is not a CA certificate (basic constraints CA:TRUE)")]
     NotCa,
-    #[error("the key is not readable: {0}")]
-    BadKey(String),
+    #[error("the key is not usable: {0}")]
+    BadKey(crate::keys::KeyError),
     #[error("the key does not belong to the certificate")]
     KeyMismatch,
     #[error("the certificate is not readable: {0}")]
@@ -120,8 +120,8 @@ pub enum CaError {
     BadValidity,
 }
 
-/// The key (PEM, PKCS#8) of CA certificate `ca` (DER), once both check out: a CA
-/// certificate, and the key its own.
+/// The key (PEM: PKCS#8, SEC1 or PKCS#1) of CA certificate `ca` (DER), once both check
+/// out: a CA certificate, and the key its own.
 pub fn ca_key(ca: &[u8], key_pem: &str) -> Result<rcgen::KeyPair, CaError> {
     let (_, cert) = x509_parser::parse_x509_certificate(ca)
         .map_err(|e| CaError::BadCertificate(e.to_string()))?;
@@ -133,7 +133,7 @@ pub fn ca_key(ca: &[u8], key_pem: &str) -> Result<rcgen::KeyPair, CaError> {
     if !is_ca {
         return Err(CaError::NotCa);
     }
-    let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| CaError::BadKey(e.to_string()))?;
+    let key = crate::keys::key_pair(key_pem.as_bytes()).map_err(CaError::BadKey)?;
     if cert.public_key().raw != key.subject_public_key_info().as_slice() {
         return Err(CaError::KeyMismatch);
     }
@@ -175,7 +175,7 @@ pub struct Issued {
 
 impl CertificateAuthority {
     /// The authority `name` from its certificate (PEM, the CA first, then its issuers)
-    /// and its key (PEM, PKCS#8).
+    /// and its key (PEM: PKCS#8, SEC1 or PKCS#1).
     pub fn from_pem(
         name: &str,
         cert_pem: &str,

@@ -57,15 +57,24 @@ impl Ca {
 
     /// A certificate with custom parameters.
     pub fn leaf(&self, cn: &str, adjust: impl FnOnce(&mut CertificateParams)) -> Identity {
+        let key = KeyPair::generate().expect("key");
+        Identity {
+            cert_pem: self.leaf_for(cn, &key, adjust),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    /// A certificate for `key` with custom parameters: PEM.
+    pub fn leaf_for(
+        &self,
+        cn: &str,
+        key: &KeyPair,
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> String {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.distinguished_name.push(DnType::CommonName, cn);
         adjust(&mut params);
-        let key = KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &self.issuer).expect("sign");
-        Identity {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        }
+        params.signed_by(key, &self.issuer).expect("sign").pem()
     }
 
     /// A PEM revocation list of this CA that revokes `revoked` (PEM certificates).
@@ -95,6 +104,16 @@ impl Ca {
 
     /// The TLS server certificate for `localhost` and 127.0.0.1.
     pub fn server(&self) -> Identity {
+        let key = KeyPair::generate().expect("key");
+        Identity {
+            cert_pem: self.server_chain(&key),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    /// A TLS server certificate for `localhost` and 127.0.0.1 with `key`, followed by
+    /// this CA: PEM.
+    pub fn server_chain(&self, key: &KeyPair) -> String {
         let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
         params
             .distinguished_name
@@ -103,12 +122,8 @@ impl Ca {
             .subject_alt_names
             .push(SanType::IpAddress([127, 0, 0, 1].into()));
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let key = KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &self.issuer).expect("sign");
-        Identity {
-            cert_pem: format!("{}{}", cert.pem(), self.pem),
-            key_pem: key.serialize_pem(),
-        }
+        let cert = params.signed_by(key, &self.issuer).expect("sign");
+        format!("{}{}", cert.pem(), self.pem)
     }
 }
 
@@ -166,4 +181,92 @@ pub fn pki() -> &'static Pki {
             rogue_root,
         }
     })
+}
+
+/// The three PEM forms of a private key, as operators' tools write them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyForm {
+    /// `openssl genpkey` (EC P-256): `BEGIN PRIVATE KEY`.
+    Pkcs8,
+    /// `openssl ecparam -genkey` (P-256): `BEGIN EC PARAMETERS`, then `BEGIN EC PRIVATE KEY`.
+    Sec1,
+    /// `openssl genrsa -traditional` (2048 bits): `BEGIN RSA PRIVATE KEY`.
+    Pkcs1,
+}
+
+impl KeyForm {
+    pub const ALL: [KeyForm; 3] = [KeyForm::Pkcs8, KeyForm::Sec1, KeyForm::Pkcs1];
+
+    /// A new key in this form, made by the stock `openssl` tool: its PEM text.
+    pub fn openssl_key(self) -> String {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("key.pem");
+        let mut command = std::process::Command::new("openssl");
+        let (label, args): (&str, &[&str]) = match self {
+            KeyForm::Pkcs8 => (
+                "-----BEGIN PRIVATE KEY-----",
+                &[
+                    "genpkey",
+                    "-algorithm",
+                    "EC",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-out",
+                ],
+            ),
+            KeyForm::Sec1 => (
+                "-----BEGIN EC PRIVATE KEY-----",
+                &["ecparam", "-name", "prime256v1", "-genkey", "-out"],
+            ),
+            KeyForm::Pkcs1 => (
+                "-----BEGIN RSA PRIVATE KEY-----",
+                &["genrsa", "-traditional", "-out"],
+            ),
+        };
+        command.args(args).arg(&path);
+        if self == KeyForm::Pkcs1 {
+            command.arg("2048");
+        }
+        let out = command.output().expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pem = std::fs::read_to_string(&path).expect("the key openssl wrote");
+        assert!(pem.contains(label), "{self:?}: openssl wrote {pem}");
+        pem
+    }
+
+    /// A new key in this form with a self-signed CA certificate for it (`openssl req
+    /// -x509`, CA:TRUE, keyCertSign): (certificate PEM, key PEM).
+    pub fn openssl_ca(self, cn: &str) -> (String, String) {
+        let key = self.openssl_key();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key_path = dir.path().join("ca.key");
+        let cert_path = dir.path().join("ca.pem");
+        std::fs::write(&key_path, &key).expect("write key");
+        let out = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-new", "-days", "30", "-subj"])
+            .arg(format!("/CN={cn}"))
+            .args([
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+                "-key",
+            ])
+            .arg(&key_path)
+            .arg("-out")
+            .arg(&cert_path)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl req: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cert = std::fs::read_to_string(&cert_path).expect("the certificate openssl wrote");
+        (cert, key)
+    }
 }

@@ -2,7 +2,12 @@
 //! signing request with its register; an enrollment with a
 //! `clientCertificateIssuancePolicy` gets it signed by the gateway's CA, in both
 //! response modes; every bad request is a 400 (400004) with the reason and changes
-//! nothing; the chain verifies with `openssl verify`.
+//! nothing; the chain verifies with `openssl verify`. Keys as operators make them: every
+//! PEM key file edgedps reads (certificate authorities, the device and operator
+//! listeners, the signing CA `edgedps manufacture` imports) in PKCS#8, SEC1 and PKCS#1,
+//! made by the stock `openssl` tool.
+
+use std::path::PathBuf;
 
 use base64::Engine;
 use edgedps_device::credentials::{chain_pem, issued_chain, CertificateRequest};
@@ -35,6 +40,24 @@ async fn enroll(operator: &mut Operator, id: &str, authority: Option<&str>) -> S
         .put(&format!("dps/enrollments/{id}"), enrollment)
         .await;
     key
+}
+
+/// `openssl verify` accepts `leaf` (DER) as a client certificate of the CA in `ca_file`.
+fn openssl_verifies(ca_file: &std::path::Path, leaf: &[u8]) {
+    let dir = tempfile::tempdir().unwrap();
+    let leaf_file = dir.path().join("leaf.pem");
+    std::fs::write(&leaf_file, chain_pem(&[leaf.to_vec()])).unwrap();
+    let verified = std::process::Command::new("openssl")
+        .args(["verify", "-purpose", "sslclient", "-CAfile"])
+        .arg(ca_file)
+        .arg(&leaf_file)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout) + String::from_utf8_lossy(&verified.stderr)
+    );
 }
 
 /// Registers `id` with `csr`: the status and the answer.
@@ -73,19 +96,7 @@ async fn a_device_gets_a_certificate_chained_to_the_gateway_ca_in_both_modes() {
             edgedps_policies::x509::pem_der(&std::fs::read_to_string(&ca_file).unwrap()).unwrap()
         );
         // The stock tool agrees: a client certificate of the gateway CA.
-        let leaf_file = server.dir.path().join("leaf.pem");
-        std::fs::write(&leaf_file, chain_pem(&chain[..1])).unwrap();
-        let verified = std::process::Command::new("openssl")
-            .args(["verify", "-purpose", "sslclient", "-CAfile"])
-            .arg(&ca_file)
-            .arg(&leaf_file)
-            .output()
-            .expect("openssl runs");
-        assert!(
-            verified.status.success(),
-            "{}",
-            String::from_utf8_lossy(&verified.stdout) + String::from_utf8_lossy(&verified.stderr)
-        );
+        openssl_verifies(&ca_file, &chain[0]);
 
         // Recorded: on the registration record (without the chain) and in the event.
         let thumbprint = edgedps_policies::x509::thumbprint(&chain[0]);
@@ -562,4 +573,255 @@ async fn our_device_client_provisions_from_its_bundle_keeps_its_certificate_and_
         Some(rumqttc::ConnectReturnCode::NotAuthorized),
         "replaced with `*`"
     );
+}
+
+/// `cert` and `key` PEM written into `dir` as `{name}.pem` and `{name}.key`.
+fn write_pair(dir: &std::path::Path, name: &str, cert: &str, key: &str) -> (PathBuf, PathBuf) {
+    let (cert_path, key_path) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    (cert_path, key_path)
+}
+
+#[tokio::test]
+async fn certificate_authorities_with_keys_in_every_form_issue_certificates() {
+    let files = tempfile::tempdir().unwrap();
+    let mut authorities = Vec::new();
+    let mut ca_files = Vec::new();
+    for (name, form) in [
+        ("pkcs8", KeyForm::Pkcs8),
+        ("sec1", KeyForm::Sec1),
+        ("pkcs1", KeyForm::Pkcs1),
+    ] {
+        let (cert, key) = form.openssl_ca(&format!("edgedps test {name} CA"));
+        let (cert_path, key_path) = write_pair(files.path(), name, &cert, &key);
+        ca_files.push((name, cert_path.clone()));
+        authorities.push(edgedps::config::CertificateAuthorityConfig {
+            name: name.into(),
+            cert: Some(cert_path),
+            key: Some(key_path),
+            validity_days: 30,
+        });
+    }
+    let server = Server::start_with(|config| config.certificate_authorities = authorities).await;
+    let mut operator = server.operator().await;
+    for (name, ca_file) in &ca_files {
+        let id = format!("issued-by-{name}");
+        let key = enroll(&mut operator, &id, Some(name)).await;
+        let request = CertificateRequest::new(&id).unwrap();
+        let (status, answer) = register_with(&server, &id, &key, &request.csr).await;
+        assert_eq!(status, 200, "{name}: {answer}");
+        let chain = issued_chain(&answer).expect("issuedCertificateChain");
+        let ca_pem = std::fs::read_to_string(ca_file).unwrap();
+        assert_eq!(chain[1], edgedps_policies::x509::pem_der(&ca_pem).unwrap());
+        let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+        // Signed with the CA's own kind of key.
+        let signature = leaf.signature_algorithm.algorithm.to_id_string();
+        let expected = match *name {
+            "pkcs1" => "1.2.840.113549.1.1.11", // sha256WithRSAEncryption
+            _ => "1.2.840.10045.4.3.2",         // ecdsa-with-SHA256
+        };
+        assert_eq!(signature, expected, "{name}");
+        openssl_verifies(ca_file, &chain[0]);
+    }
+}
+
+#[tokio::test]
+async fn a_key_edgedps_cannot_read_stops_the_start_naming_the_file_and_the_forms() {
+    let files = tempfile::tempdir().unwrap();
+    let (cert, _) = KeyForm::Sec1.openssl_ca("edgedps test CA");
+    // An encrypted PKCS#8 key, and a key of another CA.
+    let encrypted = files.path().join("encrypted.key");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-aes256", "-pass", "pass:secret", "-out"])
+        .arg(&encrypted)
+        .output()
+        .expect("openssl runs");
+    assert!(made.status.success());
+    let (_, other_key) = KeyForm::Pkcs1.openssl_ca("another CA");
+    let (cert_path, other_path) = write_pair(files.path(), "ca", &cert, &other_key);
+    for (key, expected) in [
+        (
+            &encrypted,
+            "no private key in a form edgedps reads (PKCS#8 (BEGIN PRIVATE KEY), SEC1 (BEGIN EC \
+             PRIVATE KEY) or PKCS#1 (BEGIN RSA PRIVATE KEY)); the file holds: ENCRYPTED PRIVATE KEY",
+        ),
+        (&other_path, "the key does not belong to the certificate"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(dir.path());
+        config.certificate_authorities = vec![edgedps::config::CertificateAuthorityConfig {
+            name: "factory".into(),
+            cert: Some(cert_path.clone()),
+            key: Some(key.clone()),
+            validity_days: 30,
+        }];
+        let refused = match edgedps::start(config).await {
+            Ok(_) => panic!("started with {}", key.display()),
+            Err(e) => e.to_string(),
+        };
+        assert!(refused.contains(expected), "{refused}");
+        assert!(refused.contains(&key.display().to_string()), "{refused}");
+    }
+    // A listener's key too.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    if let Some(devices) = config.listeners.devices.as_mut() {
+        devices.tls_key = Some(encrypted.clone());
+    }
+    let refused = match edgedps::start(config).await {
+        Ok(_) => panic!("started with an encrypted listener key"),
+        Err(e) => e.to_string(),
+    };
+    assert!(refused.contains("ENCRYPTED PRIVATE KEY"), "{refused}");
+    assert!(
+        refused.contains(&encrypted.display().to_string()),
+        "{refused}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_keys_in_every_form_serve_devices_and_operators() {
+    use edgedps::config::{OperatorConfig, OperatorListener, OperatorRole};
+    let operator_ca = Ca::root("edgedps test operator CA");
+    for form in KeyForm::ALL {
+        let files = tempfile::tempdir().unwrap();
+        // The server's key as openssl wrote it; its certificate from the test CA.
+        let server_key = form.openssl_key();
+        let signing = edgedps_policies::keys::key_pair(server_key.as_bytes()).expect("readable");
+        let chain = pki().server_ca.server_chain(&signing);
+        let (cert_path, key_path) = write_pair(files.path(), "server", &chain, &server_key);
+        let client_ca = files.path().join("operator-ca.pem");
+        std::fs::write(&client_ca, &operator_ca.pem).unwrap();
+        let server = Server::start_with(|config| {
+            if let Some(devices) = config.listeners.devices.as_mut() {
+                devices.tls_cert = Some(cert_path.clone());
+                devices.tls_key = Some(key_path.clone());
+            }
+            config.listeners.operators = Some(OperatorListener {
+                bind: "127.0.0.1:0".parse().unwrap(),
+                tls_cert: Some(cert_path.clone()),
+                tls_key: Some(key_path.clone()),
+                client_ca: Some(client_ca.clone()),
+            });
+            config.operators = vec![OperatorConfig {
+                name: "carol".into(),
+                role: OperatorRole::Admin,
+                password_hash: None,
+                certificate_cn: Some("ops-carol".into()),
+            }];
+        })
+        .await;
+
+        // A remote operator over TLS, its own client key in the same form.
+        let client_key = form.openssl_key();
+        let client_signing = edgedps_policies::keys::key_pair(client_key.as_bytes()).unwrap();
+        let client_cert = operator_ca.leaf_for("ops-carol", &client_signing, |p| {
+            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        });
+        let tls = edgedps_device::tls::client_config(
+            pki().server_ca.pem.as_bytes(),
+            Some((client_cert.as_bytes(), client_key.as_bytes())),
+        )
+        .expect("client TLS with the key as openssl wrote it");
+        let port = server
+            .running
+            .operators_addr
+            .expect("operator listener")
+            .port();
+        let mut operator = Operator::connect_with(port, |options| {
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls),
+            ));
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{form:?}: operator over TLS: {e}"));
+        let id = format!("keyed-{form:?}").to_lowercase();
+        let device_key = new_key();
+        let result = operator
+            .put(
+                &format!("dps/enrollments/{id}"),
+                symmetric_enrollment(&id, &device_key),
+            )
+            .await;
+        assert_eq!(result["ok"], true, "{form:?}: {result}");
+
+        // A device over the device listener.
+        let outcome = register(&server.device(&id, sas(&device_key)), None)
+            .await
+            .unwrap_or_else(|e| panic!("{form:?}: device over TLS: {e}"));
+        assert_eq!(outcome.status, 200, "{form:?}: {}", outcome.body);
+        assert_eq!(outcome.body["status"], "assigned");
+    }
+}
+
+#[tokio::test]
+async fn manufacture_imports_a_signing_ca_with_a_key_in_any_form_and_its_devices_provision() {
+    use edgedps_device::bundle::Bundle;
+    use edgedps_device::manufacture::batch::{run, BatchArgs, BatchAttestation};
+    use edgedps_device::manufacture::ca::{self, CaArgs};
+    let server = Server::start().await;
+    for form in KeyForm::ALL {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = form.openssl_ca(&format!("edgedps test factory {form:?}"));
+        let (cert_path, key_path) = write_pair(dir.path(), "factory", &cert, &key);
+        let out = dir.path().join("ca");
+        ca::run(&CaArgs {
+            out: out.clone(),
+            name: "unused".into(),
+            import_cert: Some(cert_path.clone()),
+            import_key: Some(key_path),
+            import_root: None,
+        })
+        .unwrap_or_else(|e| panic!("{form:?}: import: {e}"));
+        let trust = dir.path().join("trust.pem");
+        std::fs::write(&trust, &pki().server_ca.pem).unwrap();
+        let prefix = format!("factory-{form:?}-").to_lowercase();
+        let args = BatchArgs {
+            count: 2,
+            id_prefix: prefix.clone(),
+            out: dir.path().join("batch"),
+            attestation: BatchAttestation::X509,
+            ca: Some(out),
+            group_key_file: None,
+            id_scope: ID_SCOPE.into(),
+            host: "localhost".into(),
+            port: server.devices_port,
+            trust,
+            years: 1,
+            resume: false,
+            enroll: true,
+            group_id: None,
+            issuance_policy: None,
+            operator: ([127, 0, 0, 1], server.local_port).into(),
+        };
+        let manifest = run(&args)
+            .await
+            .unwrap_or_else(|e| panic!("{form:?}: batch: {e}"));
+        assert_eq!(manifest.len(), 2);
+        let id = format!("{prefix}00001");
+        let bundle = Bundle::open(&dir.path().join("batch").join(&id)).unwrap();
+        let device_pem =
+            std::fs::read_to_string(dir.path().join("batch").join(&id).join("device.pem")).unwrap();
+        openssl_verifies(
+            &cert_path,
+            &edgedps_policies::x509::pem_der(&device_pem).unwrap(),
+        );
+        let config = bundle
+            .device_config(bundle.factory_auth().unwrap())
+            .unwrap();
+        let outcome = register(&config, None).await.expect("an answer");
+        assert_eq!(outcome.status, 200, "{form:?}: {}", outcome.body);
+        assert_eq!(outcome.body["status"], "assigned", "{}", outcome.body);
+    }
 }

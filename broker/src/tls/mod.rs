@@ -10,14 +10,13 @@ mod stream;
 
 pub use stream::TlsStream;
 
-use std::fs::File;
-use std::io::BufReader;
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::Error;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{ring, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
@@ -85,7 +84,8 @@ pub fn server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerConf
     let config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)?;
+        .with_single_cert(certs, key)
+        .map_err(|e| key_error(key_path, e))?;
     Ok(Arc::new(config))
 }
 
@@ -115,10 +115,11 @@ pub fn operator_server_config(
                     .map_err(|e| file_error(path, e))?;
             builder
                 .with_client_cert_verifier(verifier)
-                .with_single_cert(certs, key)?
+                .with_single_cert(certs, key)
         }
-        None => builder.with_no_client_auth().with_single_cert(certs, key)?,
-    };
+        None => builder.with_no_client_auth().with_single_cert(certs, key),
+    }
+    .map_err(|e| key_error(key_path, e))?;
     Ok(Arc::new(config))
 }
 
@@ -129,9 +130,20 @@ fn file_error(path: &Path, reason: impl ToString) -> Error {
     }
 }
 
+/// rustls refused the key (a kind it cannot sign with, or not the certificate's).
+fn key_error(path: &Path, error: rustls::Error) -> Error {
+    let reason = match error {
+        rustls::Error::InconsistentKeys(_) => {
+            "the key does not belong to the certificate (tls_cert)".to_owned()
+        }
+        other => format!("the key cannot sign TLS handshakes: {other}"),
+    };
+    file_error(path, reason)
+}
+
 pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
-    let file = File::open(path).map_err(|e| file_error(path, e))?;
-    let certs = rustls_pemfile::certs(&mut BufReader::new(file))
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(path, e))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| file_error(path, e))?;
     if certs.is_empty() {
@@ -140,9 +152,8 @@ pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Er
     Ok(certs)
 }
 
+/// A listener's key: PKCS#8, SEC1 or PKCS#1 (`edgedps_policies::keys`).
 pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
-    let file = File::open(path).map_err(|e| file_error(path, e))?;
-    rustls_pemfile::private_key(&mut BufReader::new(file))
-        .map_err(|e| file_error(path, e))?
-        .ok_or_else(|| file_error(path, "no PEM private key in the file"))
+    let pem = std::fs::read(path).map_err(|e| file_error(path, e))?;
+    edgedps_policies::keys::private_key(&pem).map_err(|e| file_error(path, e))
 }

@@ -182,8 +182,10 @@ fn signer(dir: &Path) -> Result<Signer, ManufactureError> {
     let files = CaFiles::of(dir);
     let intermediate_pem = read(&files.intermediate)?;
     let key_pem = read(&files.intermediate_key)?;
-    let key = super::ca::check_signing_ca(&intermediate_pem, &key_pem)
-        .map_err(|e| ManufactureError::file(&files.intermediate, e))?;
+    let key = super::ca::check_signing_ca(
+        (&files.intermediate, &intermediate_pem),
+        (&files.intermediate_key, &key_pem),
+    )?;
     let issuer = Issuer::from_ca_cert_pem(&intermediate_pem, key)?;
     Ok(Signer {
         issuer,
@@ -219,7 +221,8 @@ fn x509_bundle(
     if !cert_path.exists() {
         // A key already there (a batch stopped between two files) is kept and certified.
         let key = if key_path.exists() {
-            KeyPair::from_pem(&read(&key_path)?)?
+            edgedps_policies::keys::key_pair(read(&key_path)?.as_bytes())
+                .map_err(|e| ManufactureError::file(&key_path, e))?
         } else {
             let key = KeyPair::generate()?;
             write_new(&key_path, key.serialize_pem().as_bytes(), true)?;

@@ -20,7 +20,7 @@ pub struct CaArgs {
     /// Import this signing CA (PEM certificate) instead of making one; with --import-key.
     #[arg(long, requires = "import_key")]
     pub import_cert: Option<PathBuf>,
-    /// The imported signing CA's key (PEM, PKCS#8).
+    /// The imported signing CA's key (PEM: PKCS#8, SEC1 or PKCS#1).
     #[arg(long, requires = "import_cert")]
     pub import_key: Option<PathBuf>,
     /// With --import-cert: the root it chains to (PEM), when it is an intermediate.
@@ -62,7 +62,7 @@ pub fn run(args: &CaArgs) -> Result<CaFiles, ManufactureError> {
     if let (Some(cert), Some(key)) = (&args.import_cert, &args.import_key) {
         let cert_pem = read(cert)?;
         let key_pem = read(key)?;
-        check_signing_ca(&cert_pem, &key_pem).map_err(|e| ManufactureError::file(cert, e))?;
+        check_signing_ca((cert, &cert_pem), (key, &key_pem))?;
         let root_pem = match &args.import_root {
             Some(root) => read(root)?,
             None => cert_pem.clone(),
@@ -114,8 +114,17 @@ fn ca_params(name: &str, path_length: u8) -> Result<CertificateParams, rcgen::Er
     Ok(params)
 }
 
-/// A signing CA: a CA certificate and the key that belongs to it; the key.
-pub fn check_signing_ca(cert_pem: &str, key_pem: &str) -> Result<KeyPair, String> {
-    let der = edgedps_policies::x509::pem_to_der(cert_pem).map_err(|e| e.to_string())?;
-    edgedps_policies::issuance::ca_key(&der, key_pem).map_err(|e| e.to_string())
+/// A signing CA: a CA certificate (`cert`) and the key that belongs to it (`key`:
+/// PKCS#8, SEC1 or PKCS#1); the key, or what is wrong with which of the two files.
+pub fn check_signing_ca(
+    (cert, cert_pem): (&Path, &str),
+    (key, key_pem): (&Path, &str),
+) -> Result<KeyPair, ManufactureError> {
+    use edgedps_policies::issuance::CaError;
+    let der = edgedps_policies::x509::pem_to_der(cert_pem)
+        .map_err(|e| ManufactureError::file(cert, e))?;
+    edgedps_policies::issuance::ca_key(&der, key_pem).map_err(|e| match e {
+        CaError::BadKey(_) | CaError::KeyMismatch => ManufactureError::file(key, e),
+        _ => ManufactureError::file(cert, e),
+    })
 }
