@@ -456,7 +456,8 @@ pub async fn main(args: AdminArgs) -> Result<String, AdminError> {
             let twin = twins
                 .pop()
                 .ok_or_else(|| AdminError::Refused(format!("no twin for `{device_id}`")))?;
-            Ok(pretty(&twin))
+            // As the hub wrote it: `$version` after the properties.
+            Ok(pretty(&edgedps_topics::twin::TwinDocument::new(twin)))
         }
         AdminCommand::Twin(TwinCommand::SetDesired { device_id, patch }) => {
             let patch: Value = serde_json::from_str(&patch)
@@ -972,7 +973,7 @@ fn written(result: &Value, generated_key: Option<String>, json_out: bool) -> Str
     out
 }
 
-fn pretty(record: &Value) -> String {
+fn pretty(record: &impl serde::Serialize) -> String {
     format!(
         "{}\n",
         serde_json::to_string_pretty(record).unwrap_or_default()

@@ -8,7 +8,7 @@
 
 use serde_json::{Map, Value};
 
-use edgedps_topics::twin::{Section, Twin, VERSION_KEY};
+use edgedps_topics::twin::{Section, Twin, TwinDocument, VERSION_KEY};
 
 /// The largest patch accepted, in bytes of its JSON.
 pub const MAX_PATCH_BYTES: usize = 32 * 1024;
@@ -61,11 +61,14 @@ pub fn patch_reported(twin: &mut Twin, patch: &Map<String, Value>) -> Result<u64
 /// Applies a desired-properties patch (an operator's). Returns the notification the
 /// device's `$iothub/twin/PATCH/properties/desired/` subscription gets: the patch as
 /// sent (its `null`s included) with the new `"$version"`.
-pub fn patch_desired(twin: &mut Twin, patch: &Map<String, Value>) -> Result<Value, PatchError> {
+pub fn patch_desired(
+    twin: &mut Twin,
+    patch: &Map<String, Value>,
+) -> Result<TwinDocument, PatchError> {
     let version = apply_to_section(&mut twin.desired, patch)?;
     let mut notification = patch.clone();
     notification.insert(VERSION_KEY.to_owned(), Value::from(version));
-    Ok(Value::Object(notification))
+    Ok(TwinDocument::new(Value::Object(notification)))
 }
 
 /// Applies a tags patch (an operator's). Tags carry no version.
@@ -199,7 +202,7 @@ mod tests {
         .unwrap();
         assert_eq!(v, 3);
         assert_eq!(
-            twin.device_body()["reported"],
+            twin.device_body().as_value()["reported"],
             json!({"fw": "1.1", "net": {"rssi": -70}, "$version": 3})
         );
         // Desired untouched.
@@ -215,11 +218,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            note,
-            json!({"interval": null, "mode": {"b": 3}, "$version": 2})
+            note.as_value(),
+            &json!({"interval": null, "mode": {"b": 3}, "$version": 2})
+        );
+        // The device reads the patch up to `$version`: it comes last.
+        assert_eq!(
+            String::from_utf8(note.to_json()).unwrap(),
+            r#"{"interval":null,"mode":{"b":3},"$version":2}"#
         );
         assert_eq!(
-            twin.device_body()["desired"],
+            twin.device_body().as_value()["desired"],
             json!({"mode": {"a": 1, "b": 3}, "$version": 2})
         );
         patch_tags(&mut twin, &object(json!({"site": null, "floor": 2}))).unwrap();

@@ -179,7 +179,28 @@ impl HubDevice {
 
     /// The next packet `wanted` takes within 5 s (others are passed over).
     pub async fn wait(&mut self, what: &str, wanted: impl Fn(&Packet) -> bool) -> Option<Packet> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        self.wait_for(Duration::from_secs(5), what, wanted).await
+    }
+
+    /// Whether a publish whose topic starts with `prefix` arrives within `limit`: for
+    /// checking that nothing comes.
+    pub async fn publish_within(&mut self, limit: Duration, prefix: &str) -> bool {
+        self.wait_for(
+            limit,
+            prefix,
+            |p| matches!(p, Packet::Publish(p) if p.topic.starts_with(prefix)),
+        )
+        .await
+        .is_some()
+    }
+
+    async fn wait_for(
+        &mut self,
+        limit: Duration,
+        what: &str,
+        wanted: impl Fn(&Packet) -> bool,
+    ) -> Option<Packet> {
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             match tokio::time::timeout_at(deadline, self.eventloop.poll()).await {
                 Ok(Ok(Event::Incoming(packet))) if wanted(&packet) => return Some(packet),
@@ -207,6 +228,17 @@ impl HubDevice {
     /// A twin request on `path` (`GET` or `PATCH/properties/reported`): the answer's
     /// status, its topic's `$version`, and its body (JSON, or null when empty).
     pub async fn twin(&mut self, path: &str, body: &[u8]) -> (u16, Option<u64>, Value) {
+        let (status, version, raw) = self.twin_raw(path, body).await;
+        let body = if raw.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&raw).expect("JSON answer")
+        };
+        (status, version, body)
+    }
+
+    /// [`HubDevice::twin`] with the answer's body as the bytes sent.
+    pub async fn twin_raw(&mut self, path: &str, body: &[u8]) -> (u16, Option<u64>, Vec<u8>) {
         self.rid += 1;
         let rid = self.rid;
         self.client
@@ -232,12 +264,11 @@ impl HubDevice {
                 _ => {}
             }
         }
-        let body = if answer.payload.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&answer.payload).expect("JSON answer")
-        };
-        (status.parse().expect("status"), version, body)
+        (
+            status.parse().expect("status"),
+            version,
+            answer.payload.to_vec(),
+        )
     }
 
     /// Whether the session is closed within 5 s.

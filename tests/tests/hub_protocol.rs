@@ -33,6 +33,36 @@ async fn enrolled_here(
     key
 }
 
+/// A provisioning (DPS) session of `id`, MQTT 3.1.1.
+async fn provisioning_session(
+    server: &Server,
+    id: &str,
+    key: &str,
+) -> edgedps_tests::live::LiveDevice {
+    edgedps_tests::live::LiveDevice::connect(
+        server,
+        id,
+        &sas(key),
+        edgedps_tests::live::Protocol::V311,
+    )
+    .await
+    .expect("DPS connect")
+}
+
+/// The next desired-properties notification `device` gets, which must be for
+/// `version`: its body as sent.
+async fn desired_notification(device: &mut HubDevice, version: u64) -> Vec<u8> {
+    let note = device
+        .next_publish("$iothub/twin/PATCH/properties/desired/")
+        .await
+        .expect("the device is told");
+    assert_eq!(
+        note.topic,
+        format!("$iothub/twin/PATCH/properties/desired/?$version={version}")
+    );
+    note.payload.to_vec()
+}
+
 /// The `$.mid` of a cloud-to-device message's topic.
 fn message_id(topic: &str) -> String {
     let bag = topic.rsplit('/').next().unwrap_or_default();
@@ -137,15 +167,8 @@ async fn operators_patch_desired_properties_and_tags_and_devices_are_told() {
     let desired = br#"{"interval": 60, "mode": {"eco": true}}"#;
     let result = patch_twin(&mut operator, "twin-2", "desired", desired).await;
     assert_eq!(result, json!({"ok": true, "version": 2}));
-    let note = device
-        .next_publish("$iothub/twin/PATCH/properties/desired/")
-        .await
-        .expect("the device is told");
-    assert_eq!(
-        note.topic,
-        "$iothub/twin/PATCH/properties/desired/?$version=2"
-    );
-    let body: Value = serde_json::from_slice(&note.payload).expect("JSON");
+    let note = desired_notification(&mut device, 2).await;
+    let body: Value = serde_json::from_slice(&note).expect("JSON");
     assert_eq!(
         body,
         json!({"interval": 60, "mode": {"eco": true}, "$version": 2})
@@ -183,6 +206,94 @@ async fn operators_patch_desired_properties_and_tags_and_devices_are_told() {
         .next_publish("$iothub/twin/PATCH/properties/desired/")
         .await
         .is_none());
+}
+
+/// The raw retained `topic` as a new subscriber reads it.
+async fn retained_raw(server: &Server, topic: &str) -> String {
+    let mut reader = server.operator().await;
+    reader.subscribe(topic).await;
+    let (_, body) = reader.next_publish(topic).await.expect("retained record");
+    String::from_utf8(body).expect("UTF-8")
+}
+
+#[tokio::test]
+async fn twin_documents_put_version_last_as_iot_hub_writes_them() {
+    // Clients that read a section until they meet `$version` (the Embedded C SDK's twin
+    // sample) see every property only when `$version` comes last: checked on the bytes.
+    let server = local_hub_server(false, |_| {}).await;
+    let mut operator = server.operator().await;
+    let initial = json!({"tags": {"site": "lab"},
+        "properties": {"desired": {"device_count": 100, "zone": "b", "$version": 1}}});
+    let key = enrolled_here(&server, &mut operator, "order-1", initial, json!({})).await;
+    // The registration record's initial twin, as written.
+    let record = retained_raw(&server, "dps/registrations/order-1").await;
+    assert!(
+        record.contains(
+            r#""initialTwin":{"properties":{"desired":{"device_count":100,"zone":"b","$version":1}},"tags":{"site":"lab"}}"#
+        ),
+        "{record}"
+    );
+
+    let mut device = HubDevice::connect(&server, "order-1", &key).await;
+    device.subscribe("$iothub/twin/res/#").await;
+    device
+        .subscribe("$iothub/twin/PATCH/properties/desired/#")
+        .await;
+    let (status, _, body) = device.twin_raw("GET", b"").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        String::from_utf8(body).unwrap(),
+        r#"{"desired":{"device_count":100,"zone":"b","$version":1},"reported":{"$version":1}}"#
+    );
+
+    // A reported patch: the answer carries the version in its topic; the GET and the
+    // record show it last.
+    let (status, version, _) = device
+        .twin_raw(
+            "PATCH/properties/reported",
+            br#"{"fw": "1.0", "net": {"rssi": -70}}"#,
+        )
+        .await;
+    assert_eq!((status, version), (204, Some(2)));
+    let (_, _, body) = device.twin_raw("GET", b"").await;
+    assert_eq!(
+        String::from_utf8(body).unwrap(),
+        r#"{"desired":{"device_count":100,"zone":"b","$version":1},"reported":{"fw":"1.0","net":{"rssi":-70},"$version":2}}"#
+    );
+
+    // Three desired patches from an operator: each notification ends with `$version`.
+    for (n, (patch, notification)) in [
+        (
+            r#"{"device_count": 101}"#,
+            r#"{"device_count":101,"$version":2}"#,
+        ),
+        (
+            r#"{"zone": null, "mode": {"eco": true}}"#,
+            r#"{"mode":{"eco":true},"zone":null,"$version":3}"#,
+        ),
+        (
+            r#"{"a": [1, {"b": 2}], "z": "last"}"#,
+            r#"{"a":[1,{"b":2}],"z":"last","$version":4}"#,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let result = patch_twin(&mut operator, "order-1", "desired", patch.as_bytes()).await;
+        assert_eq!(result["ok"], true, "{result}");
+        let note = desired_notification(&mut device, n as u64 + 2).await;
+        assert_eq!(std::str::from_utf8(&note).unwrap(), notification);
+    }
+    let (_, _, body) = device.twin_raw("GET", b"").await;
+    assert_eq!(
+        String::from_utf8(body).unwrap(),
+        r#"{"desired":{"a":[1,{"b":2}],"device_count":101,"mode":{"eco":true},"z":"last","$version":4},"reported":{"fw":"1.0","net":{"rssi":-70},"$version":2}}"#
+    );
+    // The operator plane's record, the same way.
+    assert_eq!(
+        retained_raw(&server, "hub/twins/order-1").await,
+        r#"{"deviceId":"order-1","properties":{"desired":{"a":[1,{"b":2}],"device_count":101,"mode":{"eco":true},"z":"last","$version":4},"reported":{"fw":"1.0","net":{"rssi":-70},"$version":2}},"tags":{"site":"lab"}}"#
+    );
 }
 
 #[tokio::test]
@@ -225,14 +336,7 @@ async fn unknown_iothub_topics_and_oversized_telemetry_close_the_session_and_dps
     );
 
     // A provisioning session of the same device may not use the hub protocol.
-    let mut dps = edgedps_tests::live::LiveDevice::connect(
-        &server,
-        "twin-3",
-        &sas(&key),
-        edgedps_tests::live::Protocol::V311,
-    )
-    .await
-    .expect("DPS connect");
+    let mut dps = provisioning_session(&server, "twin-3", &key).await;
     let (status, _) = dps.register().await;
     assert_eq!(status, 200);
     assert!(
@@ -322,6 +426,142 @@ async fn cloud_to_device_messages_wait_for_their_device_and_arrive_at_least_once
         .next_publish("devices/c2d-1/messages/devicebound")
         .await
         .is_none());
+}
+
+#[tokio::test]
+async fn a_device_subscribed_with_plus_gets_its_own_messages_and_no_one_else_s() {
+    // The Embedded C SDK subscribes `devices/+/messages/devicebound/#`; IoT Hub reads
+    // the `+` as the subscribing device.
+    let server = local_hub_server(false, |_| {}).await;
+    let mut operator = server.operator().await;
+    let key_1 = enrolled_here(&server, &mut operator, "plus-1", interval(1), json!({})).await;
+    let key_2 = enrolled_here(&server, &mut operator, "plus-2", interval(1), json!({})).await;
+    // Queued while both are away; and one for a device the local hub does not serve,
+    // which goes to the router.
+    for (device, n) in [("plus-1", 1), ("plus-2", 1), ("plus-1", 2), ("plus-2", 2)] {
+        operator
+            .send(
+                &format!("devices/{device}/messages/devicebound/n={n}"),
+                format!("{device} #{n}").as_bytes(),
+            )
+            .await;
+    }
+    operator
+        .send("devices/stranger/messages/devicebound/", b"stranger")
+        .await;
+
+    let mut device = HubDevice::connect(&server, "plus-1", &key_1).await;
+    assert_eq!(
+        device.subscribe("devices/+/messages/devicebound/#").await,
+        rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    for n in 1..=2 {
+        let message = device
+            .next_publish("devices/")
+            .await
+            .unwrap_or_else(|| panic!("queued message {n}"));
+        assert!(
+            message
+                .topic
+                .starts_with("devices/plus-1/messages/devicebound/%24.mid="),
+            "{}",
+            message.topic
+        );
+        assert!(
+            message.topic.ends_with(&format!("&n={n}")),
+            "{}",
+            message.topic
+        );
+        assert_eq!(message.payload, format!("plus-1 #{n}").into_bytes());
+        assert_eq!(message.qos, QoS::AtLeastOnce);
+    }
+    // Live: another device's message, then its own. Only its own arrives, and it is
+    // the next thing the session receives.
+    operator
+        .send("devices/plus-2/messages/devicebound/n=3", b"plus-2 #3")
+        .await;
+    operator
+        .send("devices/stranger/messages/devicebound/", b"stranger again")
+        .await;
+    operator
+        .send("devices/plus-1/messages/devicebound/n=3", b"plus-1 #3")
+        .await;
+    let live = device.next_publish("devices/").await.expect("live message");
+    assert_eq!(&live.payload[..], b"plus-1 #3", "{}", live.topic);
+    assert!(
+        !device
+            .publish_within(Duration::from_secs(1), "devices/")
+            .await
+    );
+    // Another device's own filter stays refused.
+    assert_eq!(
+        device
+            .subscribe("devices/plus-2/messages/devicebound/#")
+            .await,
+        rumqttc::SubscribeReasonCode::Failure
+    );
+    // Unsubscribed, it gets nothing more.
+    device
+        .client
+        .unsubscribe("devices/+/messages/devicebound/#")
+        .await
+        .expect("unsubscribe");
+    assert!(device
+        .wait("UNSUBACK", |p| matches!(p, rumqttc::Packet::UnsubAck(_)))
+        .await
+        .is_some());
+    operator
+        .send("devices/plus-1/messages/devicebound/n=4", b"plus-1 #4")
+        .await;
+    assert!(
+        !device
+            .publish_within(Duration::from_secs(1), "devices/")
+            .await
+    );
+    drop(device);
+
+    // The second device, at QoS 0: its three, none of the first device's.
+    let mut device = HubDevice::connect(&server, "plus-2", &key_2).await;
+    device
+        .client
+        .subscribe("devices/+/messages/devicebound/#", QoS::AtMostOnce)
+        .await
+        .expect("subscribe");
+    match device
+        .wait("SUBACK", |p| matches!(p, rumqttc::Packet::SubAck(_)))
+        .await
+    {
+        Some(rumqttc::Packet::SubAck(ack)) => assert_eq!(
+            ack.return_codes,
+            [rumqttc::SubscribeReasonCode::Success(QoS::AtMostOnce)]
+        ),
+        other => panic!("no SUBACK: {other:?}"),
+    }
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let Some(message) = device.next_publish("devices/").await else {
+            break;
+        };
+        assert!(
+            message
+                .topic
+                .starts_with("devices/plus-2/messages/devicebound/"),
+            "{}",
+            message.topic
+        );
+        assert_eq!(message.qos, QoS::AtMostOnce);
+        got.push(String::from_utf8(message.payload.to_vec()).unwrap());
+    }
+    assert_eq!(got, ["plus-2 #1", "plus-2 #2", "plus-2 #3"]);
+    assert!(
+        !device
+            .publish_within(Duration::from_secs(1), "devices/")
+            .await
+    );
+
+    // A provisioning session may not use the `+` filter: it is not a hub session.
+    let mut dps = provisioning_session(&server, "plus-1", &key_1).await;
+    assert!(!dps.subscribe("devices/+/messages/devicebound/#").await);
 }
 
 #[tokio::test]

@@ -433,7 +433,12 @@ pub struct EnrollmentSettings {
     pub iot_hubs: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub allocation_policy: Option<AllocationPolicy>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
+    /// Republished as IoT Hub writes twins (`crate::twin::ordered`): `$version` last.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        default,
+        serialize_with = "crate::twin::ordered"
+    )]
     pub initial_twin: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub capabilities: Option<Value>,

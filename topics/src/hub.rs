@@ -134,9 +134,31 @@ pub fn method_request_topic(method: &str, rid: &str) -> String {
     format!("$iothub/methods/POST/{method}/?$rid={rid}")
 }
 
-/// The filter a device subscribes for its cloud-to-device messages.
-pub fn devicebound_filter(device_id: &str) -> String {
-    format!("devices/{device_id}/messages/devicebound/#")
+/// The cloud-to-device filter with `+` for the device id, as the Embedded C SDK
+/// subscribes it (`AZ_IOT_HUB_CLIENT_C2D_SUBSCRIBE_TOPIC`). IoT Hub reads the `+` as the
+/// subscribing device: it never reaches another device's messages.
+pub const DEVICEBOUND_ANY_ID_FILTER: &str = "devices/+/messages/devicebound/#";
+
+/// The two spellings of a device's cloud-to-device subscription that IoT Hub accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceboundFilter {
+    /// `devices/{deviceId}/messages/devicebound/#`, the device's own id (any case).
+    Own,
+    /// [`DEVICEBOUND_ANY_ID_FILTER`].
+    AnyId,
+}
+
+/// Whether `filter` is device `device_id`'s cloud-to-device subscription, and which
+/// spelling. `None` for any other filter, another device's included.
+pub fn devicebound_subscription(filter: &str, device_id: &str) -> Option<DeviceboundFilter> {
+    if filter.eq_ignore_ascii_case(DEVICEBOUND_ANY_ID_FILTER) {
+        return Some(DeviceboundFilter::AnyId);
+    }
+    let id = filter
+        .strip_prefix("devices/")?
+        .strip_suffix("/messages/devicebound/#")?;
+    // Device ids compare without case, as registration ids do.
+    (!device_id.is_empty() && id.eq_ignore_ascii_case(device_id)).then_some(DeviceboundFilter::Own)
 }
 
 /// The topic a cloud-to-device message reaches its device on.
@@ -496,6 +518,36 @@ mod tests {
         assert_eq!(
             devicebound_topic("dev-1", "k=v"),
             "devices/dev-1/messages/devicebound/k=v"
+        );
+    }
+
+    #[test]
+    fn a_device_subscribes_its_own_messages_by_id_or_with_plus_and_no_one_else_s() {
+        use DeviceboundFilter::*;
+        for (filter, expected) in [
+            ("devices/dev-1/messages/devicebound/#", Some(Own)),
+            ("devices/DEV-1/messages/devicebound/#", Some(Own)),
+            ("devices/+/messages/devicebound/#", Some(AnyId)),
+            ("devices/dev-2/messages/devicebound/#", None),
+            ("devices/dev-1x/messages/devicebound/#", None),
+            ("devices/dev/messages/devicebound/#", None),
+            ("devices/#", None),
+            ("devices/+/messages/#", None),
+            ("devices/+/messages/devicebound/+", None),
+            ("devices/dev-1/messages/devicebound/+", None),
+            ("devices/dev-1/+/devicebound/#", None),
+            ("+/+/messages/devicebound/#", None),
+            ("devices//messages/devicebound/#", None),
+        ] {
+            assert_eq!(
+                devicebound_subscription(filter, "dev-1"),
+                expected,
+                "{filter}"
+            );
+        }
+        assert_eq!(
+            devicebound_subscription("devices//messages/devicebound/#", ""),
+            None
         );
     }
 

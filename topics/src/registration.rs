@@ -181,9 +181,19 @@ pub struct RegistrationState {
     pub x509: Option<AttestationSource>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub symmetric_key: Option<AttestationSource>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
+    /// Written as IoT Hub writes twins (`crate::twin::ordered`): `$version` last.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        default,
+        serialize_with = "crate::twin::ordered"
+    )]
     pub initial_twin: Option<Value>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
+    /// The initial twin when no custom allocator set one; written as a twin.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        default,
+        serialize_with = "crate::twin::ordered"
+    )]
     pub payload: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error_code: Option<u32>,

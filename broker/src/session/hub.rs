@@ -18,7 +18,7 @@ use rumqttd::protocol::{DisconnectReasonCode, Packet, PubAck, PubAckReason};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use edgedps_responder::hub::{HubEvent, HubLink, QueueRefusal};
-use edgedps_topics::hub::{self as hub_topics, HubRequest, OperatorWrite};
+use edgedps_topics::hub::{self as hub_topics, DeviceboundFilter, HubRequest, OperatorWrite};
 
 use super::{Close, Session};
 use crate::codec::{self, Version};
@@ -35,7 +35,10 @@ pub(super) struct HubSession {
     twin_qos: Option<u8>,
     desired_qos: Option<u8>,
     methods_qos: Option<u8>,
+    /// The cloud-to-device subscription, by either spelling IoT Hub accepts (its own
+    /// id, or `+`); messages go at the higher QoS of the two while either is held.
     messages_qos: Option<u8>,
+    messages_any_id_qos: Option<u8>,
     credentials_qos: Option<u8>,
     /// Cloud-to-device messages sent at QoS 1: packet id -> queue sequence.
     in_flight: HashMap<u16, u64>,
@@ -62,6 +65,7 @@ impl HubSession {
             desired_qos: None,
             methods_qos: None,
             messages_qos: None,
+            messages_any_id_qos: None,
             credentials_qos: None,
             in_flight: HashMap::new(),
             last_sent: None,
@@ -77,11 +81,16 @@ impl HubSession {
             hub_topics::DESIRED_FILTER => Some(&mut self.desired_qos),
             hub_topics::METHODS_FILTER => Some(&mut self.methods_qos),
             hub_topics::CREDENTIALS_FILTER => Some(&mut self.credentials_qos),
-            _ if filter.eq_ignore_ascii_case(&hub_topics::devicebound_filter(&self.device_id)) => {
-                Some(&mut self.messages_qos)
-            }
-            _ => None,
+            _ => match hub_topics::devicebound_subscription(filter, &self.device_id)? {
+                DeviceboundFilter::Own => Some(&mut self.messages_qos),
+                DeviceboundFilter::AnyId => Some(&mut self.messages_any_id_qos),
+            },
         }
+    }
+
+    /// The QoS cloud-to-device messages go at; `None` while not subscribed.
+    fn messages_granted(&self) -> Option<u8> {
+        self.messages_qos.max(self.messages_any_id_qos)
     }
 }
 
@@ -247,7 +256,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let Some(hub) = self.hub.as_ref() else {
             return Ok(());
         };
-        let Some(qos) = hub.messages_qos else {
+        let Some(qos) = hub.messages_granted() else {
             return Ok(());
         };
         let room = MESSAGES_IN_FLIGHT.saturating_sub(hub.in_flight.len());
