@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 
-use edgedps_policies::issuance::{CaError, CertificateAuthority};
+use edgedps_policies::issuance::CertificateAuthority;
 
 use crate::config::CertificateAuthorityConfig;
 use crate::Error;
@@ -36,10 +36,7 @@ pub fn load(
             CertificateAuthority::from_pem(&ca.name, &read(&cert)?, &read(&key)?, ca.validity_days)
                 .map_err(|e| {
                     // Name the file the operator has to change.
-                    let file = match e {
-                        CaError::BadKey(_) | CaError::KeyMismatch => &key,
-                        _ => &cert,
-                    };
+                    let file = if e.concerns_key() { &key } else { &cert };
                     Error::InvalidConfig {
                         key: "certificate_authorities",
                         message: format!("`{}` ({}): {e}", ca.name, file.display()),

@@ -120,6 +120,13 @@ pub enum CaError {
     BadValidity,
 }
 
+impl CaError {
+    /// Whether the key file, not the certificate file, is what has to change.
+    pub fn concerns_key(&self) -> bool {
+        matches!(self, CaError::BadKey(_) | CaError::KeyMismatch)
+    }
+}
+
 /// The key (PEM: PKCS#8, SEC1 or PKCS#1) of CA certificate `ca` (DER), once both check
 /// out: a CA certificate, and the key its own.
 pub fn ca_key(ca: &[u8], key_pem: &str) -> Result<rcgen::KeyPair, CaError> {

@@ -76,30 +76,31 @@ fn found(pem_text: &[u8]) -> String {
 
 /// `key` as PKCS#8: as it is, or a SEC1 or PKCS#1 key in a PKCS#8 envelope.
 pub fn pkcs8(key: &PrivateKeyDer<'_>) -> Result<PrivatePkcs8KeyDer<'static>, KeyError> {
+    let form = form(key);
     let info_der = match key {
         PrivateKeyDer::Pkcs8(key) => return Ok(key.clone_key()),
         PrivateKeyDer::Sec1(key) => {
             let der = key.secret_sec1_der();
             let ec = sec1::EcPrivateKey::try_from(der).map_err(|e| KeyError::Malformed {
-                form: "SEC1",
+                form,
                 reason: e.to_string(),
             })?;
             let curve = ec.parameters.and_then(|p| p.named_curve()).ok_or_else(|| {
                 KeyError::Unsupported {
-                    form: "SEC1",
+                    form,
                     what: "on a curve it does not name".to_owned(),
                 }
             })?;
             if curve != P256 && curve != P384 {
                 return Err(KeyError::Unsupported {
-                    form: "SEC1",
+                    form,
                     what: format!("on curve {curve}"),
                 });
             }
             // ring needs the public key beside the private one; openssl writes both.
             if ec.public_key.is_none() {
                 return Err(KeyError::Malformed {
-                    form: "SEC1",
+                    form,
                     reason: "it carries no public key (`openssl ec -in key.pem -out full.pem` writes one)"
                         .to_owned(),
                 });
@@ -113,14 +114,14 @@ pub fn pkcs8(key: &PrivateKeyDer<'_>) -> Result<PrivatePkcs8KeyDer<'static>, Key
         PrivateKeyDer::Pkcs1(key) => {
             let der = key.secret_pkcs1_der();
             pkcs1::RsaPrivateKey::try_from(der).map_err(|e| KeyError::Malformed {
-                form: "PKCS#1",
+                form,
                 reason: e.to_string(),
             })?;
             PrivateKeyInfo::new(pkcs1::ALGORITHM_ID, der).to_der()
         }
         _ => {
             return Err(KeyError::Unsupported {
-                form: "PEM",
+                form,
                 what: "of a kind edgedps does not know".to_owned(),
             })
         }
@@ -146,7 +147,7 @@ pub fn key_pair(pem_text: &[u8]) -> Result<rcgen::KeyPair, KeyError> {
 }
 
 /// The name of `key`'s form, for messages.
-pub fn form(key: &PrivateKeyDer<'_>) -> &'static str {
+fn form(key: &PrivateKeyDer<'_>) -> &'static str {
     match key {
         PrivateKeyDer::Pkcs8(_) => "PKCS#8",
         PrivateKeyDer::Sec1(_) => "SEC1",

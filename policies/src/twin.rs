@@ -223,7 +223,7 @@ mod tests {
         );
         // The device reads the patch up to `$version`: it comes last.
         assert_eq!(
-            String::from_utf8(note.to_json()).unwrap(),
+            serde_json::to_string(&note).unwrap(),
             r#"{"interval":null,"mode":{"b":3},"$version":2}"#
         );
         assert_eq!(

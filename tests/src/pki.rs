@@ -194,6 +194,22 @@ pub enum KeyForm {
     Pkcs1,
 }
 
+/// Runs the stock `openssl` tool with `args`; panics with what it said unless it
+/// succeeds.
+pub fn openssl<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) {
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().into()).collect();
+    let out = std::process::Command::new("openssl")
+        .args(&args)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 impl KeyForm {
     pub const ALL: [KeyForm; 3] = [KeyForm::Pkcs8, KeyForm::Sec1, KeyForm::Pkcs1];
 
@@ -201,38 +217,30 @@ impl KeyForm {
     pub fn openssl_key(self) -> String {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("key.pem");
-        let mut command = std::process::Command::new("openssl");
-        let (label, args): (&str, &[&str]) = match self {
+        let out = path.to_string_lossy();
+        let (label, args): (&str, Vec<&str>) = match self {
             KeyForm::Pkcs8 => (
                 "-----BEGIN PRIVATE KEY-----",
-                &[
+                vec![
                     "genpkey",
                     "-algorithm",
                     "EC",
                     "-pkeyopt",
                     "ec_paramgen_curve:P-256",
                     "-out",
+                    &out,
                 ],
             ),
             KeyForm::Sec1 => (
                 "-----BEGIN EC PRIVATE KEY-----",
-                &["ecparam", "-name", "prime256v1", "-genkey", "-out"],
+                vec!["ecparam", "-name", "prime256v1", "-genkey", "-out", &out],
             ),
             KeyForm::Pkcs1 => (
                 "-----BEGIN RSA PRIVATE KEY-----",
-                &["genrsa", "-traditional", "-out"],
+                vec!["genrsa", "-traditional", "-out", &out, "2048"],
             ),
         };
-        command.args(args).arg(&path);
-        if self == KeyForm::Pkcs1 {
-            command.arg("2048");
-        }
-        let out = command.output().expect("openssl runs");
-        assert!(
-            out.status.success(),
-            "openssl: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        openssl(args);
         let pem = std::fs::read_to_string(&path).expect("the key openssl wrote");
         assert!(pem.contains(label), "{self:?}: openssl wrote {pem}");
         pem
@@ -246,26 +254,24 @@ impl KeyForm {
         let key_path = dir.path().join("ca.key");
         let cert_path = dir.path().join("ca.pem");
         std::fs::write(&key_path, &key).expect("write key");
-        let out = std::process::Command::new("openssl")
-            .args(["req", "-x509", "-new", "-days", "30", "-subj"])
-            .arg(format!("/CN={cn}"))
-            .args([
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-                "-key",
-            ])
-            .arg(&key_path)
-            .arg("-out")
-            .arg(&cert_path)
-            .output()
-            .expect("openssl runs");
-        assert!(
-            out.status.success(),
-            "openssl req: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let subject = format!("/CN={cn}");
+        openssl([
+            "req",
+            "-x509",
+            "-new",
+            "-days",
+            "30",
+            "-subj",
+            &subject,
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-key",
+            &key_path.to_string_lossy(),
+            "-out",
+            &cert_path.to_string_lossy(),
+        ]);
         let cert = std::fs::read_to_string(&cert_path).expect("the certificate openssl wrote");
         (cert, key)
     }

@@ -47,17 +47,8 @@ fn openssl_verifies(ca_file: &std::path::Path, leaf: &[u8]) {
     let dir = tempfile::tempdir().unwrap();
     let leaf_file = dir.path().join("leaf.pem");
     std::fs::write(&leaf_file, chain_pem(&[leaf.to_vec()])).unwrap();
-    let verified = std::process::Command::new("openssl")
-        .args(["verify", "-purpose", "sslclient", "-CAfile"])
-        .arg(ca_file)
-        .arg(&leaf_file)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        verified.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verified.stdout) + String::from_utf8_lossy(&verified.stderr)
-    );
+    let (ca, leaf) = (ca_file.to_string_lossy(), leaf_file.to_string_lossy());
+    openssl(["verify", "-purpose", "sslclient", "-CAfile", &ca, &leaf]);
 }
 
 /// Registers `id` with `csr`: the status and the answer.
@@ -635,19 +626,19 @@ async fn a_key_edgedps_cannot_read_stops_the_start_naming_the_file_and_the_forms
     let (cert, _) = KeyForm::Sec1.openssl_ca("edgedps test CA");
     // An encrypted PKCS#8 key, and a key of another CA.
     let encrypted = files.path().join("encrypted.key");
-    let made = std::process::Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-aes256", "-pass", "pass:secret", "-out"])
-        .arg(&encrypted)
-        .output()
-        .expect("openssl runs");
-    assert!(made.status.success());
+    let out = encrypted.to_string_lossy();
+    openssl([
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-aes256",
+        "-pass",
+        "pass:secret",
+        "-out",
+        &out,
+    ]);
     let (_, other_key) = KeyForm::Pkcs1.openssl_ca("another CA");
     let (cert_path, other_path) = write_pair(files.path(), "ca", &cert, &other_key);
     for (key, expected) in [

@@ -37,12 +37,6 @@ impl TwinDocument {
     pub fn as_value(&self) -> &Value {
         &self.0
     }
-
-    /// The document as JSON, in IoT Hub's order.
-    pub fn to_json(&self) -> Vec<u8> {
-        // A `Value` always serialises: its keys are strings.
-        serde_json::to_vec(self).unwrap_or_default()
-    }
 }
 
 impl Serialize for TwinDocument {
@@ -218,7 +212,7 @@ mod tests {
     }
 
     fn json(document: &TwinDocument) -> String {
-        String::from_utf8(document.to_json()).expect("UTF-8")
+        serde_json::to_string(document).expect("JSON")
     }
 
     #[test]
@@ -264,7 +258,7 @@ mod tests {
                 r#""$version":4}"#
             )
         );
-        let back: Value = serde_json::from_slice(&document.to_json()).expect("JSON");
+        let back: Value = serde_json::from_str(&json(&document)).expect("JSON");
         assert_eq!(&back, document.as_value());
     }
 

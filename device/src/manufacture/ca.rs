@@ -120,11 +120,8 @@ pub fn check_signing_ca(
     (cert, cert_pem): (&Path, &str),
     (key, key_pem): (&Path, &str),
 ) -> Result<KeyPair, ManufactureError> {
-    use edgedps_policies::issuance::CaError;
     let der = edgedps_policies::x509::pem_to_der(cert_pem)
         .map_err(|e| ManufactureError::file(cert, e))?;
-    edgedps_policies::issuance::ca_key(&der, key_pem).map_err(|e| match e {
-        CaError::BadKey(_) | CaError::KeyMismatch => ManufactureError::file(key, e),
-        _ => ManufactureError::file(cert, e),
-    })
+    edgedps_policies::issuance::ca_key(&der, key_pem)
+        .map_err(|e| ManufactureError::file(if e.concerns_key() { key } else { cert }, e))
 }

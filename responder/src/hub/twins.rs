@@ -71,7 +71,7 @@ impl Responder {
         match self.load_twin(device_id) {
             Ok(Some(twin)) => HubAnswer {
                 status: 200,
-                body: twin.device_body().to_json(),
+                body: to_json(&twin.device_body()),
                 version: None,
                 retry_after: None,
                 publish: Vec::new(),
@@ -116,7 +116,7 @@ impl Responder {
             let version = twin.desired.version;
             let event = HubEvent::Desired {
                 version,
-                body: notification.to_json(),
+                body: to_json(&notification),
             };
             Ok((Some(version), Some(event)))
         })
