@@ -29,8 +29,41 @@ pub struct Config {
     pub operators: Vec<OperatorConfig>,
     /// Metrics, health and the status page, when set.
     pub http: Option<HttpConfig>,
+    /// How edgedps talks to cloud hubs' service APIs.
+    pub cloud: CloudConfig,
     pub limits: Limits,
     pub log: LogConfig,
+    /// The `[[hubs]]` connection strings, read at load (from `connection_string_file`
+    /// or `EDGEDPS__HUBS__{n}__CONNECTION_STRING`), by host name. Secret.
+    #[serde(skip)]
+    pub hub_credentials:
+        std::collections::BTreeMap<String, edgedps_policies::cloud::ConnectionString>,
+}
+
+/// `[cloud]`: registration at cloud hubs (their service API).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudConfig {
+    /// PEM certificates trusted for hubs' service APIs, besides the public roots
+    /// (a private CA in front of the hub, a test hub).
+    pub trust_anchors_file: Option<PathBuf>,
+    /// Connect plus one request and its answer, at most.
+    pub request_timeout_seconds: u64,
+    /// The longest wait between two attempts at a hub that is down.
+    pub max_retry_seconds: u64,
+    /// How long a register waits for a `registration = "before_answer"` hub.
+    pub hub_answer_timeout_seconds: u64,
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        CloudConfig {
+            trust_anchors_file: None,
+            request_timeout_seconds: 10,
+            max_retry_seconds: 60,
+            hub_answer_timeout_seconds: 10,
+        }
+    }
 }
 
 /// The service-wide allocation policy; enrollments may name their own.
@@ -136,6 +169,16 @@ pub struct HubConfig {
     pub apply_allocation_policy: bool,
     #[serde(default)]
     pub location: Option<String>,
+    /// A file holding the hub's connection string (a shared access policy with
+    /// registry write): devices assigned here are registered at the hub.
+    #[serde(default)]
+    pub connection_string_file: Option<PathBuf>,
+    /// `host:port` of the hub's service API, when not `{host_name}:443`.
+    #[serde(default)]
+    pub service_address: Option<String>,
+    /// `after_answer` (default) or `before_answer`.
+    #[serde(default)]
+    pub registration: edgedps_topics::cloud::HubRegistrationMode,
 }
 
 /// What the embedded default (no file) adds to the built-in defaults: the gateway is
@@ -196,6 +239,21 @@ pub struct LocalHubConfig {
     /// How long a cloud-to-device message waits for its device, in seconds.
     #[serde(default = "default_message_ttl_seconds")]
     pub message_ttl_seconds: u64,
+}
+
+impl HubConfig {
+    /// A hub named `host_name`, everything else as by default.
+    pub fn named(host_name: &str) -> HubConfig {
+        HubConfig {
+            host_name: host_name.to_owned(),
+            allocation_weight: LinkedHub::default_allocation_weight(),
+            apply_allocation_policy: LinkedHub::default_apply_allocation_policy(),
+            location: None,
+            connection_string_file: None,
+            service_address: None,
+            registration: Default::default(),
+        }
+    }
 }
 
 impl LocalHubConfig {
@@ -280,8 +338,10 @@ impl Default for Config {
             certificate_authorities: Vec::new(),
             operators: Vec::new(),
             http: None,
+            cloud: CloudConfig::default(),
             limits: Limits::default(),
             log: LogConfig::default(),
+            hub_credentials: Default::default(),
         }
     }
 }
@@ -354,10 +414,13 @@ impl Config {
                 config::FileFormat::Toml,
             )),
         };
-        let env: config::Map<String, String> = env
+        // Hub connection strings are secrets read apart: not through the `config` crate,
+        // which would also take them as an array index.
+        let (secrets, env): (Vec<_>, Vec<_>) = env
             .into_iter()
             .filter(|(k, _)| k.starts_with("EDGEDPS__"))
-            .collect();
+            .partition(|(k, _)| hub_secret_variable(k).is_some());
+        let env: config::Map<String, String> = env.into_iter().collect();
         builder = builder.add_source(
             config::Environment::with_prefix("EDGEDPS")
                 .prefix_separator("__")
@@ -365,9 +428,50 @@ impl Config {
                 .try_parsing(true)
                 .source(Some(env)),
         );
-        let config: Config = builder.build()?.try_deserialize()?;
+        let mut config: Config = builder.build()?.try_deserialize()?;
         config.validate()?;
+        config.read_hub_credentials(secrets)?;
         Ok(config)
+    }
+
+    /// Reads each `[[hubs]]` connection string, from its file or its variable, and checks
+    /// it is the hub's. Messages name the key, never the secret.
+    fn read_hub_credentials(&mut self, variables: Vec<(String, String)>) -> Result<(), Error> {
+        use edgedps_policies::cloud::ConnectionString;
+        let mut texts: Vec<Option<(String, String)>> = vec![None; self.hubs.len()];
+        for (i, hub) in self.hubs.iter().enumerate() {
+            if let Some(path) = &hub.connection_string_file {
+                let text = std::fs::read_to_string(path).map_err(|e| Error::InvalidConfig {
+                    key: "hubs.connection_string_file",
+                    message: format!("{}: {e}", path.display()),
+                })?;
+                texts[i] = Some((
+                    format!("hubs.connection_string_file ({})", path.display()),
+                    text,
+                ));
+            }
+        }
+        for (name, value) in variables {
+            let index = hub_secret_variable(&name).unwrap_or_default();
+            let Some(slot) = texts.get_mut(index) else {
+                return Err(Error::InvalidConfig {
+                    key: "hubs.connection_string",
+                    message: format!("{name}: there is no [[hubs]] entry {index} (the first is 0)"),
+                });
+            };
+            *slot = Some((name, value));
+        }
+        for (hub, text) in self.hubs.iter().zip(texts) {
+            let Some((source, text)) = text else { continue };
+            let parsed = ConnectionString::parse_for(&text, &hub.host_name).map_err(|e| {
+                Error::InvalidConfig {
+                    key: "hubs.connection_string",
+                    message: format!("{source} of hub `{}`: {e}", hub.host_name),
+                }
+            })?;
+            self.hub_credentials.insert(hub.host_name.clone(), parsed);
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), Error> {
@@ -587,20 +691,18 @@ impl Config {
         self.hubs
             .iter()
             .map(|h| LinkedHub {
-                host_name: h.host_name.clone(),
                 allocation_weight: h.allocation_weight,
                 apply_allocation_policy: h.apply_allocation_policy,
                 location: h.location.clone(),
-                local: false,
-                etag: None,
+                service_address: h.service_address.clone(),
+                registration: h.registration,
+                ..LinkedHub::named(&h.host_name)
             })
             .chain(self.local_hub.iter().map(|h| LinkedHub {
-                host_name: h.host_name.clone(),
                 allocation_weight: h.allocation_weight,
                 apply_allocation_policy: h.apply_allocation_policy,
-                location: None,
                 local: true,
-                etag: None,
+                ..LinkedHub::named(&h.host_name)
             }))
             .collect()
     }
@@ -630,6 +732,15 @@ impl Config {
             DefaultAllocation::Static => AllocationPolicy::Static,
         }
     }
+}
+
+/// `EDGEDPS__HUBS__{n}__CONNECTION_STRING`: the connection string of the `n`th
+/// `[[hubs]]` entry (from 0). Its index.
+fn hub_secret_variable(name: &str) -> Option<usize> {
+    name.strip_prefix("EDGEDPS__HUBS__")?
+        .strip_suffix("__CONNECTION_STRING")?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 pub mod authorities;
 pub mod baseline;
+pub mod cloud;
 pub mod codec;
 pub mod config;
 pub mod devcert;

@@ -322,6 +322,11 @@ struct KindLabels {
     kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HubLabels {
+    hub: String,
+}
+
 fn encode_latency(
     encoder: &mut DescriptorEncoder,
     name: &str,
@@ -378,6 +383,55 @@ impl Collector for StoreCollector {
                 "How long a write waited until it was on disk",
                 write,
             )?;
+        }
+        let outboxes = self.responder.outbox_stats();
+        type Value = fn(&edgedps_responder::OutboxStats) -> u64;
+        let gauges: [(&str, &str, Value); 2] = [
+            (
+                "hub_outbox_pending",
+                "Operations waiting in a cloud hub's outbox",
+                |s| s.pending,
+            ),
+            (
+                "hub_outbox_failed",
+                "Operations a cloud hub refused for good (until an operator retries them)",
+                |s| s.failed,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for stats in &outboxes {
+                let labels = HubLabels {
+                    hub: stats.hub.clone(),
+                };
+                ConstGauge::new(value(stats) as i64).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let counters: [(&str, &str, Value); 3] = [
+            (
+                "hub_operation_attempts",
+                "Requests of outbox operations sent to a cloud hub (each attempt)",
+                |s| s.attempts,
+            ),
+            (
+                "hub_operation_failures",
+                "Outbox operations a cloud hub refused for good",
+                |s| s.failures,
+            ),
+            (
+                "hub_operations_done",
+                "Outbox operations a cloud hub took",
+                |s| s.done,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for stats in &outboxes {
+                let labels = HubLabels {
+                    hub: stats.hub.clone(),
+                };
+                ConstCounter::new(value(stats)).encode(family.encode_family(&labels)?)?;
+            }
         }
         ConstCounter::new(self.responder.twin_updates()).encode(encoder.encode_descriptor(
             "twin_updates",

@@ -60,6 +60,9 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     settings.hub = config.hub_settings();
     settings.certificate_authorities =
         crate::authorities::load(&config.certificate_authorities, &config.data_dir)?;
+    settings.hub_credentials = config.hub_credentials.clone();
+    settings.hub_answer_timeout = Duration::from_secs(config.cloud.hub_answer_timeout_seconds);
+    let cloud = cloud_settings(&config)?;
     let responder = Arc::new(Responder::open(settings, Arc::new(store))?);
 
     // Every session may hold a link, and every offline session; plus the responder's
@@ -94,6 +97,8 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         metrics: metrics.clone(),
         local_anonymous: config.listeners.local.as_ref().is_some_and(|l| l.anonymous),
     });
+    // Cloud hubs learn of their devices through their outboxes, from the first moment.
+    let supervisor = crate::cloud::supervise(responder.clone(), shared.publisher.clone(), cloud);
     let mut running = Running {
         devices_addr: None,
         local_addr: None,
@@ -102,7 +107,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         dev_ca: None,
         responder,
         offline: shared.offline.clone(),
-        tasks: Vec::new(),
+        tasks: vec![tokio::spawn(supervisor)],
     };
 
     // Metrics, health and the status page: first, so that `/readyz` says "not yet"
@@ -193,6 +198,24 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         http.ready.store(true, std::sync::atomic::Ordering::SeqCst);
     }
     Ok(running)
+}
+
+/// `[cloud]`: the TLS roots and deadlines of the hubs' service APIs.
+fn cloud_settings(config: &Config) -> Result<crate::cloud::CloudSettings, Error> {
+    let cloud = &config.cloud;
+    let extra = match &cloud.trust_anchors_file {
+        Some(path) => tls::read_certificates(path)?,
+        None => Vec::new(),
+    };
+    let tls = crate::cloud::client::tls_config(&extra).map_err(|message| Error::InvalidConfig {
+        key: "cloud.trust_anchors_file",
+        message,
+    })?;
+    Ok(crate::cloud::CloudSettings {
+        tls,
+        request_timeout: Duration::from_secs(cloud.request_timeout_seconds.max(1)),
+        max_retry: Duration::from_secs(cloud.max_retry_seconds.max(1)),
+    })
 }
 
 /// Accepts TLS connections: each handshake in its own task under one deadline, then the

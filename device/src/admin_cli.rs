@@ -226,6 +226,25 @@ pub enum HubsCommand {
         /// The hub is this gateway.
         #[arg(long)]
         local: bool,
+        /// A file holding the hub's connection string (a shared access policy with
+        /// registry write): devices assigned there are registered at the hub.
+        #[arg(long)]
+        connection_string_file: Option<std::path::PathBuf>,
+        /// `host:port` of the hub's service API, when not `{host_name}:443`.
+        #[arg(long)]
+        service_address: Option<String>,
+        /// Answer a device only once the hub has it (and fail it with the hub's reason).
+        #[arg(long)]
+        before_answer: bool,
+    },
+    /// Show a cloud hub's outbox: operations waiting and failed, with their reasons.
+    /// `--retry` sends the failed ones again.
+    ///
+    /// Example: `edgedps admin hubs outbox hub-a.azure-devices.net --retry`
+    Outbox {
+        host_name: String,
+        #[arg(long)]
+        retry: bool,
     },
     /// Unlink a hub.
     ///
@@ -435,15 +454,48 @@ pub async fn main(args: AdminArgs) -> Result<String, AdminError> {
             host_name,
             weight,
             local,
+            connection_string_file,
+            service_address,
+            before_answer,
         }) => {
             let mut body = json!({"allocationWeight": weight});
             if local {
                 body["local"] = json!(true);
             }
+            if let Some(path) = connection_string_file {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| AdminError::Input(format!("{}: {e}", path.display())))?;
+                body["connectionString"] = json!(text.trim());
+            }
+            if let Some(address) = service_address {
+                body["serviceAddress"] = json!(address);
+            }
+            if before_answer {
+                body["registration"] = json!("beforeAnswer");
+            }
             let result = plane
                 .write(&RecordKind::Hub.record_topic(&host_name), &body)
                 .await?;
             Ok(written(&result, None, json_out))
+        }
+        AdminCommand::Hubs(HubsCommand::Outbox { host_name, retry }) => {
+            let body = match retry {
+                true => json!({"retry": true}),
+                false => json!({}),
+            };
+            let bytes = serde_json::to_vec(&body).unwrap_or_default();
+            let report = plane
+                .exchange(
+                    &edgedps_topics::cloud::outbox_topic(&host_name),
+                    &bytes,
+                    false,
+                    &edgedps_topics::cloud::outbox_result_topic(&host_name),
+                )
+                .await?;
+            if json_out {
+                return Ok(format!("{report}\n"));
+            }
+            Ok(outbox_lines(&report))
         }
         AdminCommand::Hubs(HubsCommand::Unlink { host_name }) => {
             let topic = RecordKind::Hub.record_topic(&host_name);
@@ -949,6 +1001,43 @@ fn read_json(path: &PathBuf) -> Result<Value, AdminError> {
 }
 
 /// The output of a write: the result, and a generated key (shown once).
+/// A hub's outbox for people: a summary line, then one line per operation.
+fn outbox_lines(report: &Value) -> String {
+    let mut out = format!(
+        "{}: credentials {}, pending {}, failed {}",
+        report["hostName"].as_str().unwrap_or_default(),
+        if report["credentials"] == true {
+            "set"
+        } else {
+            "none"
+        },
+        report["pending"],
+        report["failed"],
+    );
+    for field in ["retried", "superseded"] {
+        if let Some(n) = report[field].as_u64() {
+            out.push_str(&format!(", {field} {n}"));
+        }
+    }
+    out.push('\n');
+    for op in report["operations"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  #{} {} {} {} (device {}) attempts {}{}\n",
+            op["sequence"],
+            op["state"].as_str().unwrap_or_default(),
+            op["action"].as_str().unwrap_or_default(),
+            op["registrationId"].as_str().unwrap_or_default(),
+            op["deviceId"].as_str().unwrap_or_default(),
+            op["attempts"],
+            op["lastError"]
+                .as_str()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default(),
+        ));
+    }
+    out
+}
+
 fn written(result: &Value, generated_key: Option<String>, json_out: bool) -> String {
     if json_out {
         let mut out = result.clone();

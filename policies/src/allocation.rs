@@ -111,12 +111,9 @@ mod tests {
 
     fn linked(host_name: &str, weight: u32, apply: bool) -> LinkedHub {
         LinkedHub {
-            local: false,
-            host_name: host_name.into(),
             allocation_weight: weight,
             apply_allocation_policy: apply,
-            location: None,
-            etag: None,
+            ..LinkedHub::named(host_name)
         }
     }
 

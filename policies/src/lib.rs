@@ -6,12 +6,13 @@
 //! write be stored (`validation`), what a twin patch makes of a twin (`twin`), which
 //! call a device's method answer belongs to (`methods`), may this certificate signing
 //! request be signed and what is issued for it (`issuance`), does this password match its
-//! hash (`password`), and the private keys of PEM files in every form (`keys`). Values in, verdict out; no IO, no clock (callers pass the time).
+//! hash (`password`), the private keys of PEM files in every form (`keys`), and what a cloud hub is told of a device and what its answers mean (`cloud`). Values in, verdict out; no IO, no clock (callers pass the time).
 
 pub mod access;
 pub mod acl;
 pub mod allocation;
 pub mod attestation;
+pub mod cloud;
 pub mod issuance;
 pub mod keys;
 pub mod methods;

@@ -16,6 +16,7 @@ use edgedps_topics::admin::{
     admin_event_topic, AdminOperation, AdminOutcome, AdminResult, Effects, Enrollment,
     EnrollmentGroup, EnrollmentSettings, LinkedHub, ProvisioningStatus, RecordKind, Retirement,
 };
+use edgedps_topics::cloud::HubAction;
 use edgedps_topics::encoding::Encoding;
 use edgedps_topics::identity::RegistrationId;
 use edgedps_topics::registration::{RegistrationState, RegistrationStatus};
@@ -181,9 +182,20 @@ impl Responder {
                 let before = stored.as_ref().map(|s| s.settings.provisioning_status);
                 let etag = self.stamp(&mut e.settings, stored.as_ref().map(|s| &s.settings));
                 self.store.put_enrollment(&e)?;
-                self.store.durable().await?;
+                let now = e.settings.provisioning_status;
+                let hub_record = match status_action(before, now) {
+                    Some(action) => self.hub_status_of(&registration_id, action)?,
+                    None => None,
+                };
+                self.durable().await?;
                 self.written();
                 let applied = Applied::record(etag, before, e.settings.provisioning_status);
+                if let Some(record) = hub_record {
+                    publish.push(Publication::record(
+                        RecordKind::Registration.record_topic(record.registration_id.as_str()),
+                        &record,
+                    ));
+                }
                 let thumbprints = enrolled_thumbprints(&e.attestation);
                 let topic = kind.record_topic(e.registration_id.as_str());
                 publish.push(Publication::record(topic, &redact_enrollment(e)));
@@ -202,7 +214,17 @@ impl Responder {
                 let etag = self.stamp(&mut g.settings, stored.as_ref().map(|s| &s.settings));
                 let entry = GroupCredentials::new(g.clone()).map_err(|e| bad(e.to_string()))?;
                 self.store.put_group(&g)?;
-                self.store.durable().await?;
+                let hub_records = match status_action(before, g.settings.provisioning_status) {
+                    Some(action) => self.group_hub_status(id, action).await?,
+                    None => Vec::new(),
+                };
+                self.durable().await?;
+                for record in &hub_records {
+                    publish.push(Publication::record(
+                        RecordKind::Registration.record_topic(record.registration_id.as_str()),
+                        record,
+                    ));
+                }
                 write(&self.groups).insert(id.to_owned(), entry);
                 self.written();
                 let status = g.settings.provisioning_status;
@@ -222,10 +244,11 @@ impl Responder {
                 let sent: LinkedHub = validation::parse_body(body, encoding)?;
                 let stored_etag = read(&self.hubs).get(id).and_then(|h| h.etag.clone());
                 let mut hub = validation::hub(id, sent, stored_etag.as_deref())?;
+                self.hub_credentials_written(&mut hub)?;
                 let etag = self.new_etag();
                 hub.etag = Some(etag.clone());
                 self.store.put_hub(&hub)?;
-                self.store.durable().await?;
+                self.durable().await?;
                 let existed = write(&self.hubs).insert(id.to_owned(), hub.clone()).is_some()
                     || self.settings.hubs.iter().any(|h| h.host_name == id);
                 self.written();
@@ -266,7 +289,7 @@ impl Responder {
                 if let Some(record) = record
                     .filter(|r| existed && r.is_assigned() && r.enrollment_group_id().is_none())
                 {
-                    let record = self.deregister(record);
+                    let record = self.deregister(record)?;
                     self.store.put_registration(&record)?;
                     deregistered.push(record);
                 }
@@ -277,6 +300,11 @@ impl Responder {
                 write(&self.groups).remove(id);
                 if existed {
                     deregistered = self.deregister_group(id).await?;
+                    for record in &mut deregistered {
+                        if self.hub_status_changed(record, HubAction::Disable)? {
+                            self.store.put_registration(record)?;
+                        }
+                    }
                 }
                 existed
             }
@@ -288,9 +316,18 @@ impl Responder {
                 }
                 let existed = self.store.remove_hub(id)?;
                 write(&self.hubs).remove(id);
+                self.hub_unlinked(id)?;
                 existed
             }
-            RecordKind::Registration => self.store.remove_registration(&registration_id)?,
+            RecordKind::Registration => {
+                // Deregistered: out at its cloud hub too.
+                if let Some(mut record) = self.store.registration(&registration_id)? {
+                    if record.is_assigned() {
+                        self.hub_status_changed(&mut record, HubAction::Disable)?;
+                    }
+                }
+                self.store.remove_registration(&registration_id)?
+            }
             RecordKind::Crl => {
                 let existed = self.store.remove_crl(id)?;
                 write(&self.crls).remove(id);
@@ -298,7 +335,7 @@ impl Responder {
             }
         };
         if existed {
-            self.store.durable().await?;
+            self.durable().await?;
             self.written();
         }
         // Clear the retained record either way, so subscribers agree with the store.
@@ -352,6 +389,42 @@ impl Responder {
         })
     }
 
+    /// A group disabled or enabled: its assigned devices' identities at their cloud
+    /// hubs follow (enqueued with the group's write). The records changed.
+    async fn group_hub_status(
+        &self,
+        id: &str,
+        action: HubAction,
+    ) -> Result<Vec<RegistrationState>, Error> {
+        if !self.any_cloud_hub() {
+            return Ok(Vec::new());
+        }
+        let store = self.store.clone();
+        let group = id.to_owned();
+        // A scan of every registration: off the async workers.
+        let assigned = tokio::task::spawn_blocking(move || {
+            let mut found = Vec::new();
+            for record in store.scan_registrations(None) {
+                let record = record?;
+                if record.is_assigned() && record.enrollment_group_id() == Some(group.as_str()) {
+                    found.push(record);
+                }
+            }
+            Ok::<_, crate::StoreError>(found)
+        })
+        .await
+        .map_err(|e| Error::Store(crate::StoreError::Flush(format!("scan task: {e}"))))??;
+        let mut changed = Vec::new();
+        for mut record in assigned {
+            if self.hub_status_changed(&mut record, action)? {
+                record.etag = Some(self.new_etag());
+                self.store.put_registration(&record)?;
+                changed.push(record);
+            }
+        }
+        Ok(changed)
+    }
+
     /// Marks the assigned registrations of group `id` `deregistered` in the store.
     async fn deregister_group(&self, id: &str) -> Result<Vec<RegistrationState>, Error> {
         let store = self.store.clone();
@@ -377,9 +450,15 @@ impl Responder {
         .map_err(Error::from)
     }
 
-    /// The record of a registration that no longer grants anything.
-    pub(crate) fn deregister(&self, record: RegistrationState) -> RegistrationState {
-        deregistered(record, &timestamp_now(), self.new_etag())
+    /// The record of a registration that no longer grants anything; its cloud hub's
+    /// identity is disabled through the outbox (enqueued, durable with the record).
+    pub(crate) fn deregister(&self, record: RegistrationState) -> Result<RegistrationState, Error> {
+        let was_assigned = record.is_assigned();
+        let mut record = deregistered(record, &timestamp_now(), self.new_etag());
+        if was_assigned {
+            self.hub_status_changed(&mut record, HubAction::Disable)?;
+        }
+        Ok(record)
     }
 
     /// Sets a new etag and the timestamps of a record about to be stored; returns the
@@ -439,6 +518,19 @@ impl Responder {
             "clientCertificateIssuancePolicy.certificateAuthorityName `{name}` is not a certificate authority of this gateway (configured: {})",
             if known.is_empty() { "none".to_owned() } else { known.join(", ") }
         )))
+    }
+}
+
+/// What a status change of an enrollment or group makes of its devices at their hubs.
+fn status_action(before: Option<ProvisioningStatus>, now: ProvisioningStatus) -> Option<HubAction> {
+    match (before, now) {
+        (Some(ProvisioningStatus::Enabled), ProvisioningStatus::Disabled) => {
+            Some(HubAction::Disable)
+        }
+        (Some(ProvisioningStatus::Disabled), ProvisioningStatus::Enabled) => {
+            Some(HubAction::Enable)
+        }
+        _ => None,
     }
 }
 

@@ -10,6 +10,7 @@
 //! takes devices out of service also cuts their live sessions (`sessions.rs`).
 
 mod admin;
+mod cloud;
 mod connect;
 mod crl;
 mod error;
@@ -39,6 +40,7 @@ use edgedps_policies::revocation::RevocationList;
 use edgedps_topics::admin::{AllocationPolicy, LinkedHub};
 use edgedps_topics::identity::RegistrationId;
 
+pub use cloud::{Attempt, HubTarget, OutboxStats, HUB_ANSWER_TIMEOUT};
 pub use connect::{Admission, Admitted};
 pub use edgedps_policies::attestation::{
     Attested, Credential, EnrollmentSource, PresentedCertificate,
@@ -80,6 +82,11 @@ pub struct Settings {
     /// Certificate authorities that issue device certificates (PROTOCOL F), by name.
     pub certificate_authorities:
         BTreeMap<String, Arc<edgedps_policies::issuance::CertificateAuthority>>,
+    /// Connection strings of the configuration's hubs, by host name (operators may
+    /// write others over `dps/hubs/`).
+    pub hub_credentials: BTreeMap<String, edgedps_policies::cloud::ConnectionString>,
+    /// How long a register waits for a `before_answer` hub.
+    pub hub_answer_timeout: std::time::Duration,
 }
 
 impl Settings {
@@ -95,6 +102,8 @@ impl Settings {
             max_admin_body: 64 * 1024,
             hub: hub::HubSettings::default(),
             certificate_authorities: BTreeMap::new(),
+            hub_credentials: BTreeMap::new(),
+            hub_answer_timeout: cloud::HUB_ANSWER_TIMEOUT,
         }
     }
 }
@@ -178,6 +187,8 @@ pub struct Responder {
     method_calls: Mutex<edgedps_policies::methods::PendingCalls>,
     /// Twin changes written, by devices and operators (for metrics).
     twin_updates: AtomicU64,
+    /// Cloud hubs: credentials, outbox wake-ups, registers waiting (`cloud.rs`).
+    cloud: cloud::CloudHubs,
 }
 
 impl Responder {
@@ -210,7 +221,9 @@ impl Responder {
                 })?;
             crls.insert(record.name, list);
         }
-        Ok(Responder {
+        let cloud = cloud::CloudHubs::new(&settings.hub_credentials);
+        let responder = Responder {
+            cloud,
             throttle: throttle::Throttle::new(&settings.rate_limits),
             register_latency: latency::LatencyHistogram::default(),
             settings,
@@ -230,7 +243,9 @@ impl Responder {
             method_calls: Mutex::new(edgedps_policies::methods::PendingCalls::new(
                 hub::MAX_PENDING_CALLS,
             )),
-        })
+        };
+        responder.load_hub_secrets()?;
+        Ok(responder)
     }
 
     /// Server-side latency of the registrations answered so far.
@@ -332,7 +347,13 @@ impl Responder {
         for (name, hub) in admin.iter() {
             all.insert(name.clone(), hub.clone());
         }
-        all.into_values().collect()
+        drop(admin);
+        all.into_values()
+            .map(|mut hub| {
+                hub.credentials = self.credentials_shown(&hub.host_name);
+                hub
+            })
+            .collect()
     }
 
     /// Marks an operator write applied: what sessions read before is read again.

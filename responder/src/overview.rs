@@ -27,6 +27,11 @@ pub struct HubOverview {
     pub allocation_weight: u32,
     /// Registrations whose assigned hub this is (any status).
     pub devices: u64,
+    /// The policy name of the hub's connection string, when it has one (never the key).
+    pub credentials: Option<String>,
+    /// Its outbox: operations waiting, and refused for good.
+    pub outbox_pending: u64,
+    pub outbox_failed: u64,
 }
 
 impl Responder {
@@ -66,14 +71,21 @@ impl Responder {
         let hubs = self
             .linked_hubs()
             .into_iter()
-            .map(|hub| HubOverview {
-                devices: by_hub
-                    .get(&hub.host_name.to_ascii_lowercase())
-                    .copied()
-                    .unwrap_or(0),
-                host_name: hub.host_name,
-                local: hub.local,
-                allocation_weight: hub.allocation_weight,
+            .map(|hub| {
+                let (outbox_pending, outbox_failed) =
+                    self.store.cloud().operation_counts(&hub.host_name);
+                HubOverview {
+                    credentials: hub.credentials.map(|c| c.shared_access_key_name),
+                    outbox_pending,
+                    outbox_failed,
+                    devices: by_hub
+                        .get(&hub.host_name.to_ascii_lowercase())
+                        .copied()
+                        .unwrap_or(0),
+                    host_name: hub.host_name,
+                    local: hub.local,
+                    allocation_weight: hub.allocation_weight,
+                }
             })
             .collect();
         Ok(Overview {

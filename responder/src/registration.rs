@@ -351,6 +351,10 @@ impl Responder {
             issued_now = Some((record, chain));
             changed = true;
         }
+        // The assigned cloud hub learns of the device through its outbox, in this flush.
+        let hub_before = state.hub_registration.clone();
+        let hub_wait = self.register_at_hub(device, &standing, &mut state, changed)?;
+        changed |= state.hub_registration != hub_before;
         let state = match changed {
             false => state,
             true => {
@@ -368,7 +372,7 @@ impl Responder {
                             .put_device_registration(device_id, &device.registration_id)?;
                     }
                 }
-                self.store.durable().await?;
+                self.durable().await?;
                 publish.push(Publication::record(
                     RecordKind::Registration.record_topic(device.registration_id.as_str()),
                     &state,
@@ -377,6 +381,20 @@ impl Responder {
                 state
             }
         };
+        if let Some(wait) = hub_wait {
+            if let Err(reason) = self.wait_for_hub(wait).await {
+                return self
+                    .hub_refused(device, state, reason, operation_id, publish)
+                    .await;
+            }
+            // The hub's worker published the record as `done` meanwhile: the record this
+            // register publishes is that one, not the `pending` one before it.
+            if let Some(now) = self.store.registration(&device.registration_id)? {
+                let topic = RecordKind::Registration.record_topic(device.registration_id.as_str());
+                publish.retain(|p| p.topic != topic);
+                publish.push(Publication::record(topic, &now));
+            }
+        }
         let (issued_certificate, chain) = issued_now.unzip();
         // The rights the answer grants are the access rule's, with the new record.
         let mut facts = standing.facts(device);
@@ -393,10 +411,13 @@ impl Responder {
             None,
         );
         event.issued_certificate = issued_certificate;
+        event.hub_registration = state.hub_registration.clone();
         publish.push(Publication::event(event.topic(), &event));
-        // The chain goes in the answer only, never in the stored record.
+        // The chain goes in the answer only, never in the stored record; the hub's
+        // registration on the record only.
         let mut answered = state;
         answered.issued_certificate_chain = chain;
+        answered.hub_registration = None;
         Ok(Decision {
             answer: OperationStatus {
                 operation_id: operation_id.to_owned(),
@@ -404,6 +425,62 @@ impl Responder {
                 registration_state: Some(answered),
             },
             device_id,
+        })
+    }
+
+    /// A `before_answer` hub did not take the device: the record is `failed` with the
+    /// hub's reason (the device registers again to try again), and so is the answer.
+    async fn hub_refused(
+        &self,
+        device: &Attested,
+        state: RegistrationState,
+        reason: String,
+        operation_id: &str,
+        publish: &mut Vec<Publication>,
+    ) -> Result<Decision, Error> {
+        let hub = state.assigned_hub.clone().unwrap_or_default();
+        let code = edgedps_topics::registration::codes::INTERNAL;
+        let message = format!("IoT Hub `{hub}` did not register the device: {reason}");
+        tracing::warn!(registration_id = %device.registration_id, %hub, %reason, "registration failed at the hub");
+        let mut failed = None;
+        let etag = self.new_etag();
+        self.store
+            .update_registration(&device.registration_id, &mut |mut record| {
+                record.status = RegistrationStatus::Failed;
+                record.error_code = Some(code);
+                record.error_message = Some(message.clone());
+                record.last_updated_date_time_utc = Some(timestamp_now());
+                record.etag = Some(etag.clone());
+                failed = Some(record.clone());
+                Some(record)
+            })?;
+        self.durable().await?;
+        let record = failed.unwrap_or(state);
+        publish.push(Publication::record(
+            RecordKind::Registration.record_topic(device.registration_id.as_str()),
+            &record,
+        ));
+        let mut event = event_of(
+            device,
+            RegistrationOutcome::Failed,
+            Some(hub),
+            Some(code),
+            Some(message.clone()),
+        );
+        event.hub_registration = record.hub_registration.clone();
+        publish.push(Publication::event(event.topic(), &event));
+        let mut answer =
+            RegistrationState::new(device.registration_id.clone(), RegistrationStatus::Failed);
+        answer.last_updated_date_time_utc = record.last_updated_date_time_utc.clone();
+        answer.error_code = Some(code);
+        answer.error_message = Some(message);
+        Ok(Decision {
+            answer: OperationStatus {
+                operation_id: operation_id.to_owned(),
+                status: RegistrationStatus::Failed,
+                registration_state: Some(answer),
+            },
+            device_id: None,
         })
     }
 
@@ -507,6 +584,7 @@ fn event_of(
         error_code,
         message: message.filter(|m| !m.is_empty()),
         issued_certificate: None,
+        hub_registration: None,
         timestamp_utc: timestamp_now(),
     }
 }
@@ -522,6 +600,7 @@ fn refusal_event(device: &Attested, request: DeviceRequestKind, error: &Error) -
         error_code: Some(error.dps_code()),
         message: Some(error.to_string()),
         issued_certificate: None,
+        hub_registration: None,
         timestamp_utc: timestamp_now(),
     };
     Publication::event(event.topic(), &event)
@@ -538,14 +617,7 @@ mod tests {
     fn responder(dir: &std::path::Path) -> Responder {
         let store = SledStore::open(dir).unwrap();
         let mut settings = Settings::new("scope");
-        settings.hubs = vec![edgedps_topics::admin::LinkedHub {
-            local: false,
-            host_name: "hub-a.example.net".into(),
-            allocation_weight: 1,
-            apply_allocation_policy: true,
-            location: None,
-            etag: None,
-        }];
+        settings.hubs = vec![edgedps_topics::admin::LinkedHub::named("hub-a.example.net")];
         Responder::open(settings, Arc::new(store)).unwrap()
     }
 

@@ -140,7 +140,7 @@ impl Responder {
         let revoked = record.as_ref().map_or(0, |r| {
             r.issued_certificates.iter().filter(|c| !c.revoked).count()
         });
-        let deregistered = record.map(|r| self.deregister(r));
+        let deregistered = record.map(|r| self.deregister(r)).transpose()?;
         if let Some(e) = &blocking {
             self.store.put_enrollment(e)?;
         }
@@ -150,7 +150,7 @@ impl Responder {
         // The local hub's twin and queued messages go with it.
         let twin_cleared = self.hub_purged(&device_id)?;
         if blocking.is_some() || deregistered.is_some() || twin_cleared.is_some() {
-            self.store.durable().await?;
+            self.durable().await?;
             self.written();
         }
         let etag = blocking.as_ref().and_then(|e| e.settings.etag.clone());

@@ -129,7 +129,7 @@ mod tests {
     use edgedps_topics::identity::RegistrationId;
     use edgedps_topics::registration::RegistrationState;
 
-    use crate::store::{CrlRecord, Scan, SledStore, Store, StoreError};
+    use crate::store::{CloudStore, CrlRecord, Scan, SledStore, Store, StoreError};
     use crate::{Responder, Settings};
 
     /// The embedded store, counting the reads of individual enrollments.
@@ -193,6 +193,16 @@ mod tests {
         }
         fn scan_crls(&self) -> Scan<'_, CrlRecord> {
             self.inner.scan_crls()
+        }
+        fn cloud(&self) -> &dyn CloudStore {
+            self.inner.cloud()
+        }
+        fn update_registration(
+            &self,
+            id: &RegistrationId,
+            change: &mut dyn FnMut(RegistrationState) -> Option<RegistrationState>,
+        ) -> Result<Option<RegistrationState>, StoreError> {
+            self.inner.update_registration(id, change)
         }
         fn hub(&self) -> &dyn crate::store::HubStore {
             self.inner.hub()

@@ -4,7 +4,9 @@
 //! Trees: `enrollments` and `registrations` keyed by the canonical registration id,
 //! `groups` by group id, `hubs` by host name, `crls` by the name an operator gave; for
 //! the local hub, `twins` by device id, `messages` by device id and sequence, and
-//! `device_ids` (device id to registration id, for devices whose ids differ). A
+//! `device_ids` (device id to registration id, for devices whose ids differ); for cloud
+//! hubs, `hub_secrets` (connection strings by host name, never in a record), and
+//! `hub_outbox` and `hub_failed` (operations by host name and sequence). A
 //! write is acknowledged only after [`Store::durable`] covers it; writes that arrive
 //! together share one flush (group commit).
 
@@ -17,6 +19,7 @@ use tokio::sync::watch;
 
 use crate::latency::LatencyHistogram;
 use edgedps_topics::admin::{Enrollment, EnrollmentGroup, LinkedHub};
+use edgedps_topics::cloud::HubOperation;
 use edgedps_topics::hub::QueuedMessage;
 use edgedps_topics::identity::RegistrationId;
 use edgedps_topics::registration::RegistrationState;
@@ -45,6 +48,14 @@ pub trait Store: Send + Sync + 'static {
 
     fn registration(&self, id: &RegistrationId) -> Result<Option<RegistrationState>, StoreError>;
     fn put_registration(&self, r: &RegistrationState) -> Result<(), StoreError>;
+    /// Changes the stored record by `change` (which may decline with `None`) unless a
+    /// writer changed it meanwhile, in which case `change` sees the new record. The
+    /// record as left.
+    fn update_registration(
+        &self,
+        id: &RegistrationId,
+        change: &mut dyn FnMut(RegistrationState) -> Option<RegistrationState>,
+    ) -> Result<Option<RegistrationState>, StoreError>;
     fn remove_registration(&self, id: &RegistrationId) -> Result<bool, StoreError>;
     /// Registrations in key order, after `after` as [`Store::scan_enrollments`].
     fn scan_registrations(&self, after: Option<&str>) -> Scan<'_, RegistrationState>;
@@ -55,6 +66,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// The local hub's records: twins and cloud-to-device queues (PROTOCOL E).
     fn hub(&self) -> &dyn HubStore;
+
+    /// Cloud hubs' connection strings and outboxes.
+    fn cloud(&self) -> &dyn CloudStore;
 
     /// Waits until everything written before this call is on disk.
     fn durable(
@@ -138,6 +152,37 @@ pub trait HubStore: Send + Sync {
     fn clear_messages(&self, device_id: &RegistrationId) -> Result<usize, StoreError>;
 }
 
+/// What edgedps keeps for the cloud hubs it registers devices at: their connection
+/// strings (secret), and each hub's outbox of operations in the order they were made,
+/// and the operations the hub refused for good.
+pub trait CloudStore: Send + Sync {
+    fn hub_secret(&self, host_name: &str) -> Result<Option<String>, StoreError>;
+    fn put_hub_secret(&self, host_name: &str, connection_string: &str) -> Result<(), StoreError>;
+    fn remove_hub_secret(&self, host_name: &str) -> Result<bool, StoreError>;
+
+    /// Appends `operation` to its hub's outbox, giving it its sequence number.
+    fn enqueue(&self, operation: &mut HubOperation) -> Result<(), StoreError>;
+    /// The first `limit` operations of `host_name`'s outbox (or of its failed ones).
+    fn operations(
+        &self,
+        host_name: &str,
+        failed: bool,
+        limit: usize,
+    ) -> Result<Vec<HubOperation>, StoreError>;
+    /// Rewrites an operation where it is (its attempts and last error).
+    fn put_operation(&self, operation: &HubOperation, failed: bool) -> Result<(), StoreError>;
+    fn remove_operation(
+        &self,
+        host_name: &str,
+        sequence: u64,
+        failed: bool,
+    ) -> Result<bool, StoreError>;
+    /// How many operations `host_name` has waiting, and failed.
+    fn operation_counts(&self, host_name: &str) -> (u64, u64);
+    /// The hubs with operations waiting.
+    fn hubs_with_operations(&self) -> Result<Vec<String>, StoreError>;
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store: {0}")]
@@ -214,6 +259,9 @@ struct Inner {
     twins: sled::Tree,
     messages: sled::Tree,
     device_ids: sled::Tree,
+    hub_secrets: sled::Tree,
+    hub_outbox: sled::Tree,
+    hub_failed: sled::Tree,
     commit: Arc<GroupCommit>,
 }
 
@@ -248,6 +296,9 @@ impl SledStore {
             twins: db.open_tree("twins")?,
             messages: db.open_tree("messages")?,
             device_ids: db.open_tree("device_ids")?,
+            hub_secrets: db.open_tree("hub_secrets")?,
+            hub_outbox: db.open_tree("hub_outbox")?,
+            hub_failed: db.open_tree("hub_failed")?,
             db,
             commit: Arc::new(GroupCommit {
                 requested: AtomicU64::new(0),
@@ -345,6 +396,30 @@ impl Store for SledStore {
         put(&self.inner.registrations, &r.registration_id.key(), r)
     }
 
+    fn update_registration(
+        &self,
+        id: &RegistrationId,
+        change: &mut dyn FnMut(RegistrationState) -> Option<RegistrationState>,
+    ) -> Result<Option<RegistrationState>, StoreError> {
+        let tree = &self.inner.registrations;
+        let key = id.key();
+        loop {
+            let Some(current) = tree.get(key.as_bytes())? else {
+                return Ok(None);
+            };
+            let record: RegistrationState = decode("registrations", key.as_bytes(), &current)?;
+            let Some(changed) = change(record.clone()) else {
+                return Ok(Some(record));
+            };
+            let bytes = encode(&changed)?;
+            match tree.compare_and_swap(key.as_bytes(), Some(current), Some(bytes))? {
+                Ok(()) => return Ok(Some(changed)),
+                // Another writer came between: look again.
+                Err(_) => continue,
+            }
+        }
+    }
+
     fn remove_registration(&self, id: &RegistrationId) -> Result<bool, StoreError> {
         Ok(self
             .inner
@@ -370,6 +445,10 @@ impl Store for SledStore {
     }
 
     fn hub(&self) -> &dyn HubStore {
+        self
+    }
+
+    fn cloud(&self) -> &dyn CloudStore {
         self
     }
 
@@ -418,6 +497,121 @@ impl Store for SledStore {
             ],
             queued_messages: len(&inner.messages),
         }
+    }
+}
+
+/// An outbox key: the hub's name, a NUL (no host name holds one), the sequence.
+fn operation_key(host_name: &str, sequence: u64) -> Vec<u8> {
+    let mut key = outbox_prefix(host_name);
+    key.extend_from_slice(&sequence.to_be_bytes());
+    key
+}
+
+fn outbox_prefix(host_name: &str) -> Vec<u8> {
+    let mut key = host_name.to_ascii_lowercase().into_bytes();
+    key.push(0);
+    key
+}
+
+impl SledStore {
+    fn outbox(&self, failed: bool) -> &sled::Tree {
+        match failed {
+            false => &self.inner.hub_outbox,
+            true => &self.inner.hub_failed,
+        }
+    }
+}
+
+impl CloudStore for SledStore {
+    fn hub_secret(&self, host_name: &str) -> Result<Option<String>, StoreError> {
+        get(
+            &self.inner.hub_secrets,
+            "hub_secrets",
+            &host_name.to_ascii_lowercase(),
+        )
+    }
+
+    fn put_hub_secret(&self, host_name: &str, connection_string: &str) -> Result<(), StoreError> {
+        put(
+            &self.inner.hub_secrets,
+            &host_name.to_ascii_lowercase(),
+            &connection_string,
+        )
+    }
+
+    fn remove_hub_secret(&self, host_name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .inner
+            .hub_secrets
+            .remove(host_name.to_ascii_lowercase())?
+            .is_some())
+    }
+
+    fn enqueue(&self, operation: &mut HubOperation) -> Result<(), StoreError> {
+        operation.sequence = self.inner.db.generate_id()?;
+        self.inner.hub_outbox.insert(
+            operation_key(&operation.hub, operation.sequence),
+            encode(operation)?,
+        )?;
+        Ok(())
+    }
+
+    fn operations(
+        &self,
+        host_name: &str,
+        failed: bool,
+        limit: usize,
+    ) -> Result<Vec<HubOperation>, StoreError> {
+        let tree = self.outbox(failed);
+        let mut out = Vec::new();
+        for entry in tree.scan_prefix(outbox_prefix(host_name)).take(limit) {
+            let (key, value) = entry?;
+            out.push(decode("hub_outbox", &key, &value)?);
+        }
+        Ok(out)
+    }
+
+    fn put_operation(&self, operation: &HubOperation, failed: bool) -> Result<(), StoreError> {
+        self.outbox(failed).insert(
+            operation_key(&operation.hub, operation.sequence),
+            encode(operation)?,
+        )?;
+        Ok(())
+    }
+
+    fn remove_operation(
+        &self,
+        host_name: &str,
+        sequence: u64,
+        failed: bool,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .outbox(failed)
+            .remove(operation_key(host_name, sequence))?
+            .is_some())
+    }
+
+    fn operation_counts(&self, host_name: &str) -> (u64, u64) {
+        let count = |tree: &sled::Tree| tree.scan_prefix(outbox_prefix(host_name)).count() as u64;
+        (count(&self.inner.hub_outbox), count(&self.inner.hub_failed))
+    }
+
+    fn hubs_with_operations(&self) -> Result<Vec<String>, StoreError> {
+        let mut hubs = Vec::new();
+        let tree = &self.inner.hub_outbox;
+        let mut next = tree.first()?;
+        while let Some((key, _)) = next {
+            let Some(end) = key.iter().position(|b| *b == 0) else {
+                break;
+            };
+            let host = String::from_utf8_lossy(&key[..end]).into_owned();
+            // Past every key of this hub: its name, then a byte above NUL.
+            let mut after = key[..end].to_vec();
+            after.push(1);
+            next = tree.range(after..).next().transpose()?;
+            hubs.push(host);
+        }
+        Ok(hubs)
     }
 }
 
@@ -648,7 +842,116 @@ fn scan_after<'a, T: DeserializeOwned + 'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use edgedps_topics::cloud::HubAction;
     use edgedps_topics::registration::RegistrationStatus;
+
+    fn operation(hub: &str, id: &str) -> HubOperation {
+        HubOperation {
+            hub: hub.into(),
+            sequence: 0,
+            registration_id: id.into(),
+            device_id: id.into(),
+            action: HubAction::Disable,
+            identity: None,
+            twin: None,
+            attempts: 0,
+            last_error: None,
+            enqueued_at: "t".into(),
+        }
+    }
+
+    #[test]
+    fn outboxes_keep_each_hub_s_operations_in_order_and_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let outbox = store.cloud();
+        let mut sent = Vec::new();
+        for (hub, id) in [
+            ("Hub-B", "d1"),
+            ("hub-a", "d1"),
+            ("hub-b", "d2"),
+            ("hub-b", "d1"),
+        ] {
+            let mut op = operation(hub, id);
+            outbox.enqueue(&mut op).unwrap();
+            sent.push(op);
+        }
+        let ids = |ops: Vec<HubOperation>| -> Vec<u64> { ops.iter().map(|o| o.sequence).collect() };
+        assert_eq!(
+            ids(outbox.operations("hub-b", false, 10).unwrap()),
+            [sent[0].sequence, sent[2].sequence, sent[3].sequence]
+        );
+        assert_eq!(
+            ids(outbox.operations("HUB-B", false, 1).unwrap()),
+            [sent[0].sequence]
+        );
+        assert_eq!(outbox.hubs_with_operations().unwrap(), ["hub-a", "hub-b"]);
+        // Failed: moved aside, counted apart.
+        let mut failed = sent[2].clone();
+        failed.last_error = Some("404".into());
+        outbox.put_operation(&failed, true).unwrap();
+        assert!(outbox
+            .remove_operation("hub-b", failed.sequence, false)
+            .unwrap());
+        assert_eq!(outbox.operation_counts("hub-b"), (2, 1));
+        assert_eq!(
+            outbox.operations("hub-b", true, 10).unwrap()[0]
+                .last_error
+                .as_deref(),
+            Some("404")
+        );
+        assert!(outbox
+            .remove_operation("hub-a", sent[1].sequence, false)
+            .unwrap());
+        assert_eq!(outbox.hubs_with_operations().unwrap(), ["hub-b"]);
+        // Secrets by host name in any case.
+        outbox
+            .put_hub_secret("Hub-A", "HostName=hub-a;...")
+            .unwrap();
+        assert!(outbox.hub_secret("hub-a").unwrap().is_some());
+        assert!(outbox.remove_hub_secret("HUB-A").unwrap());
+    }
+
+    #[test]
+    fn an_update_of_a_record_sees_the_write_that_came_between() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let id = RegistrationId::from("dev-1");
+        store
+            .put_registration(&RegistrationState::new(
+                id.clone(),
+                RegistrationStatus::Assigned,
+            ))
+            .unwrap();
+        let mut calls = 0;
+        let updated = store
+            .update_registration(&id, &mut |mut record| {
+                calls += 1;
+                if calls == 1 {
+                    // Another writer, between the read and the swap.
+                    let mut other = record.clone();
+                    other.device_id = Some("written-between".into());
+                    store.put_registration(&other).unwrap();
+                }
+                record.etag = Some("mine".into());
+                Some(record)
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(calls, 2);
+        assert_eq!(updated.device_id.as_deref(), Some("written-between"));
+        assert_eq!(updated.etag.as_deref(), Some("mine"));
+        // Declined: left as it was.
+        let kept = store
+            .update_registration(&id, &mut |_| None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(kept, updated);
+        assert!(store
+            .update_registration(&RegistrationId::from("none"), &mut |r| Some(r))
+            .unwrap()
+            .is_none());
+    }
 
     fn message(n: u8) -> QueuedMessage {
         QueuedMessage {

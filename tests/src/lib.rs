@@ -7,6 +7,7 @@ pub mod browser;
 pub mod devices;
 pub mod http;
 pub mod hub;
+pub mod iothub;
 pub mod live;
 pub mod operator;
 pub mod pki;

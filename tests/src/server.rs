@@ -39,12 +39,7 @@ pub fn test_config(dir: &Path) -> edgedps::Config {
         local.bind = "127.0.0.1:0".parse().expect("addr");
         local.anonymous = true;
     }
-    config.hubs = vec![edgedps::config::HubConfig {
-        host_name: "hub-a.example.net".into(),
-        allocation_weight: 1,
-        apply_allocation_policy: true,
-        location: None,
-    }];
+    config.hubs = vec![edgedps::config::HubConfig::named("hub-a.example.net")];
     config
 }
 

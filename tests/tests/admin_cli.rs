@@ -392,3 +392,76 @@ async fn a_file_of_enrollments_is_imported_with_progress_and_its_refusals_listed
         "no such record",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_hub_is_linked_with_its_connection_string_and_its_outbox_shown_and_retried() {
+    use edgedps_tests::iothub::{FakeHub, Fault};
+    let hub = FakeHub::start("cli-cloud.example.net").await;
+    let anchors = tempfile::tempdir().unwrap();
+    let anchors_file = anchors.path().join("ca.pem");
+    std::fs::write(&anchors_file, &pki().server_ca.pem).unwrap();
+    let server = Server::start_with(|config| {
+        config.cloud.trust_anchors_file = Some(anchors_file.clone());
+        config.cloud.max_retry_seconds = 1;
+    })
+    .await;
+    let secret = anchors.path().join("cs");
+    std::fs::write(&secret, format!("{}\n", hub.connection_string())).unwrap();
+    let linked = stdout(&admin(
+        &server,
+        &[
+            "hubs",
+            "link",
+            &hub.host_name,
+            "--connection-string-file",
+            secret.to_str().unwrap(),
+            "--service-address",
+            &hub.service_address(),
+        ],
+    ));
+    assert!(linked.starts_with("ok"), "{linked}");
+    let listed = stdout(&admin(&server, &["hubs", "list", "--json"]));
+    assert!(listed.contains("registryReadWrite"), "{listed}");
+    assert!(!listed.contains(hub.key()), "{listed}");
+
+    let mut operator = server.operator().await;
+    let key = new_key();
+    let mut e = symmetric_enrollment("cli-cloud-1", &key);
+    e["iotHubs"] = serde_json::json!([hub.host_name]);
+    operator.put("dps/enrollments/cli-cloud-1", e).await;
+    hub.fail_next([Fault::hub(404, "DeviceNotFound", None)]);
+    let outcome = edgedps_device::register(&server.device("cli-cloud-1", sas(&key)), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome.status_word(), Some("assigned"), "{}", outcome.body);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let shown = loop {
+        let shown = stdout(&admin(&server, &["hubs", "outbox", &hub.host_name]));
+        if shown.contains("failed 1") || std::time::Instant::now() > deadline {
+            break shown;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(
+        shown.contains("credentials set, pending 0, failed 1"),
+        "{shown}"
+    );
+    assert!(shown.contains("failed register cli-cloud-1"), "{shown}");
+    assert!(shown.contains("404: ErrorCode:DeviceNotFound"), "{shown}");
+    let retried = json(&admin(
+        &server,
+        &["hubs", "outbox", &hub.host_name, "--retry", "--json"],
+    ));
+    assert_eq!(retried["retried"], 1, "{retried}");
+    hub.wait_for(
+        std::time::Duration::from_secs(10),
+        "the retried device",
+        |h| h.identity("cli-cloud-1").is_some(),
+    )
+    .await;
+    refused(
+        &admin(&server, &["hubs", "outbox", "nowhere.example.net"]),
+        1,
+        "no linked hub",
+    );
+}

@@ -1,6 +1,6 @@
 //! A small version of the load test: every device is assigned, whatever the speed.
 
-use edgedps_device::loadgen::{prepare, run_devices, Attestation};
+use edgedps_device::loadgen::{prepare, run_devices, Attestation, Extras};
 use edgedps_tests::*;
 
 async fn smoke(attestation: Attestation, devices: usize, csr: bool) {
@@ -22,7 +22,10 @@ async fn smoke(attestation: Attestation, devices: usize, csr: bool) {
         server.devices_port,
         Some(admin),
         ca,
-        csr,
+        Extras {
+            csr,
+            cloud_hub: false,
+        },
     )
     .await
     .expect("enrollments accepted");

@@ -12,6 +12,9 @@ use edgedps_policies::sas::derive_device_key;
 use edgedps_tests::*;
 use serde_json::{json, Value};
 
+/// The SDK dials 8883 only: one test at a time holds it.
+static PORT_8883: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn run_sdk(request: Value) -> Vec<Value> {
     run_python(
         "provision.py",
@@ -23,6 +26,7 @@ async fn run_sdk(request: Value) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_python_sdk_provisions_every_attestation_kind_in_both_modes() {
+    let _port = PORT_8883.lock().await;
     let pki = pki();
     for (mode, extra) in [
         ("one round trip", ""),
@@ -176,4 +180,108 @@ async fn stock_python_sdk_provisions_every_attestation_kind_in_both_modes() {
         let results = run_sdk(request).await;
         assert_eq!(results[0]["status"], "assigned", "{mode}: {}", results[0]);
     }
+}
+
+/// The stock SDK provisions a symmetric-key device, an X.509 device and a group device
+/// to a cloud hub with a connection string: the (fake) hub then holds their identities,
+/// with the credentials they attested with, and their initial twins, as IoT Hub would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_python_sdk_devices_are_registered_at_their_cloud_hub() {
+    use edgedps_tests::iothub::FakeHub;
+    let _port = PORT_8883.lock().await;
+    let pki = pki();
+    let hub = FakeHub::start("py-cloud.example.net").await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("hub.connection-string");
+    std::fs::write(&secret, hub.connection_string()).unwrap();
+    let anchors = dir.path().join("hub-ca.pem");
+    std::fs::write(&anchors, &pki.server_ca.pem).unwrap();
+    let extra = format!(
+        "[cloud]\ntrust_anchors_file = \"{}\"\n[[hubs]]\nhost_name = \"{}\"\nservice_address = \"{}\"\nconnection_string_file = \"{}\"\n",
+        anchors.display(),
+        hub.host_name,
+        hub.service_address(),
+        secret.display()
+    );
+    let (_, local_port) = free_ports();
+    let _process = Process::start(dir.path(), 8883, local_port, &extra).await;
+    let mut operator = Operator::connect(local_port).await;
+    let twin = json!({"tags": {"site": "lab"}, "properties": {"desired": {"interval": 30}}});
+    let cloud = json!([hub.host_name]);
+
+    let key = new_key();
+    let mut e = symmetric_enrollment("pyc-sym", &key);
+    e["iotHubs"] = cloud.clone();
+    e["initialTwin"] = twin.clone();
+    operator.put("dps/enrollments/pyc-sym", e).await;
+    let device = pki.device_root.device("pyc-x509");
+    let (cert_file, key_file) = (dir.path().join("x.pem"), dir.path().join("x.key"));
+    std::fs::write(&cert_file, &device.cert_pem).unwrap();
+    std::fs::write(&key_file, &device.key_pem).unwrap();
+    let mut e = x509_enrollment("pyc-x509", &device.cert_pem);
+    e["iotHubs"] = cloud.clone();
+    operator.put("dps/enrollments/pyc-x509", e).await;
+    let group_key = new_key();
+    let mut group = symmetric_group("pyc-group", &group_key);
+    group["iotHubs"] = cloud.clone();
+    group["initialTwin"] = twin.clone();
+    operator.put("dps/enrollment-groups/pyc-group", group).await;
+    let member_key = derive_device_key(&group_key, "pyc-member").unwrap();
+
+    let server_ca = dir.path().join("server-ca.pem");
+    std::fs::write(&server_ca, &pki.server_ca.pem).unwrap();
+    let results = run_sdk(json!({
+        "serverCaFile": server_ca,
+        "cases": [
+            {"name": "symmetric key", "kind": "symmetricKey", "idScope": ID_SCOPE,
+             "registrationId": "pyc-sym", "key": key},
+            {"name": "x509", "kind": "x509", "idScope": ID_SCOPE,
+             "registrationId": "pyc-x509", "certFile": cert_file, "keyFile": key_file},
+            {"name": "group member", "kind": "symmetricKey", "idScope": ID_SCOPE,
+             "registrationId": "pyc-member", "key": member_key},
+        ]
+    }))
+    .await;
+    assert_eq!(results.len(), 3, "{results:?}");
+    for result in &results {
+        assert_eq!(result["status"], "assigned", "{result}");
+        assert_eq!(result["assignedHub"], hub.host_name.as_str(), "{result}");
+    }
+    hub.wait_for(
+        std::time::Duration::from_secs(20),
+        "the three devices and their twins",
+        |h| {
+            ["pyc-sym", "pyc-x509", "pyc-member"].iter().all(|id| {
+                h.twin(id)
+                    .is_some_and(|t| t["properties"]["desired"]["$version"] == 2)
+            })
+        },
+    )
+    .await;
+    let sym = hub.identity("pyc-sym").unwrap();
+    assert_eq!(
+        sym["authentication"]["symmetricKey"]["primaryKey"],
+        key.as_str()
+    );
+    let member = hub.identity("pyc-member").unwrap();
+    assert_eq!(
+        member["authentication"]["symmetricKey"]["primaryKey"],
+        member_key.as_str()
+    );
+    let x509 = hub.identity("pyc-x509").unwrap();
+    assert_eq!(x509["authentication"]["type"], "selfSigned");
+    assert_eq!(
+        x509["authentication"]["x509Thumbprint"]["primaryThumbprint"],
+        device.thumbprint()
+    );
+    for id in ["pyc-sym", "pyc-member"] {
+        let twin = hub.twin(id).unwrap();
+        assert_eq!(twin["tags"], json!({"site": "lab"}), "{id}: {twin}");
+        assert_eq!(
+            twin["properties"]["desired"]["interval"], 30,
+            "{id}: {twin}"
+        );
+    }
+    // The X.509 enrollment has no initial twin: the hub's twin is empty.
+    assert_eq!(hub.twin("pyc-x509").unwrap()["tags"], json!({}));
 }

@@ -90,7 +90,20 @@ async fn no_secret_reaches_logs_events_retained_records_or_errors() {
     let (devices_port, local_port) = free_ports();
     let pki = pki();
     let http_port = edgedps_device::process::free_port().expect("a free port");
-    let config = format!("[log]\nformat = \"json\"\n[http]\nbind = \"127.0.0.1:{http_port}\"\n");
+    // A cloud hub with a connection string in a file: its policy key and every token
+    // signed with it are secrets too.
+    let hub = edgedps_tests::iothub::FakeHub::start("secret-hub.example.net").await;
+    let secret_file = dir.path().join("hub.connection-string");
+    std::fs::write(&secret_file, hub.connection_string()).unwrap();
+    let anchors = dir.path().join("hub-ca.pem");
+    std::fs::write(&anchors, &pki.server_ca.pem).unwrap();
+    let config = format!(
+        "[cloud]\ntrust_anchors_file = \"{}\"\n[[hubs]]\nhost_name = \"{}\"\nservice_address = \"{}\"\nconnection_string_file = \"{}\"\n[log]\nformat = \"json\"\n[http]\nbind = \"127.0.0.1:{http_port}\"\n",
+        anchors.display(),
+        hub.host_name,
+        hub.service_address(),
+        secret_file.display()
+    );
     let config = config.as_str();
     let env = [("RUST_LOG", "trace")];
     let mut process = Process::start_env(dir.path(), devices_port, local_port, config, &env).await;
@@ -182,6 +195,48 @@ async fn no_secret_reaches_logs_events_retained_records_or_errors() {
         .await;
     assert_eq!(result["ok"], false);
     answers.push(result.to_string());
+
+    // A device of the cloud hub; a connection string written over the operator plane
+    // (for another hub), and a malformed one.
+    secrets.extend(key_forms(hub.key()));
+    let cloud_key = new_key();
+    secrets.extend(key_forms(&cloud_key));
+    let mut cloud = symmetric_enrollment("secret-cloud", &cloud_key);
+    cloud["iotHubs"] = json!([hub.host_name]);
+    operator.put("dps/enrollments/secret-cloud", cloud).await;
+    let written_key = new_key();
+    secrets.extend(key_forms(&written_key));
+    operator
+        .put(
+            "dps/hubs/secret-other.example.net",
+            json!({"connectionString": format!("HostName=secret-other.example.net;SharedAccessKeyName=owner;SharedAccessKey={written_key}")}),
+        )
+        .await;
+    let result = operator
+        .write(
+            "dps/hubs/secret-other.example.net",
+            json!({"connectionString": format!("HostName=secret-other.example.net;SharedAccessKey={written_key}")}).to_string().as_bytes(),
+        )
+        .await;
+    assert_eq!(result["ok"], false, "{result}");
+    answers.push(result.to_string());
+    let outcome = register(
+        &device_config(devices_port, "secret-cloud", sas(&cloud_key)),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome.status_word(), Some("assigned"), "{}", outcome.body);
+    answers.push(outcome.body.to_string());
+    hub.wait_for(Duration::from_secs(20), "the cloud device", |h| {
+        h.twin("secret-cloud")
+            .is_some_and(|t| t["properties"]["desired"]["$version"] == 2)
+    })
+    .await;
+    for token in hub.tokens() {
+        secrets.extend(token_forms(&token));
+    }
+    assert!(!hub.tokens().is_empty());
 
     // Devices that provision: both keys, a derived group key, a certificate.
     for (id, key) in [
@@ -301,6 +356,8 @@ async fn no_secret_reaches_logs_events_retained_records_or_errors() {
         "dps/events/admin/enrollments/secret-sas",
         "dps/events/registrations/secret-member",
         "dps/admin/results/enrollments/secret-sas",
+        "\"sharedAccessKeyName\":\"owner\"",
+        "\"outcome\":\"hubRegistration\"",
         "\"refused\"",
     ] {
         assert!(

@@ -112,6 +112,8 @@ pub enum AdminTopic {
     Record { kind: RecordKind, id: String },
     /// `dps/admin/retire/{registrationId}`: take one device out of service in one step.
     Retire { registration_id: String },
+    /// `dps/admin/hub-outbox/{hostName}`: show a cloud hub's outbox, or retry it.
+    HubOutbox { host_name: String },
     /// Results and events: written by edgedps only.
     Output,
     /// Anything else under `dps/`.
@@ -132,13 +134,21 @@ pub fn parse_topic(topic: &str) -> Option<AdminTopic> {
         "registrations" => RecordKind::Registration,
         "crls" => RecordKind::Crl,
         "admin" => {
+            if let Some(host) = id.strip_prefix("hub-outbox/") {
+                return Some(match plain_id(host) {
+                    true => AdminTopic::HubOutbox {
+                        host_name: host.to_owned(),
+                    },
+                    false => AdminTopic::Unknown,
+                });
+            }
             return Some(match id.strip_prefix("retire/") {
                 Some(rid) if plain_id(rid) => AdminTopic::Retire {
                     registration_id: rid.to_owned(),
                 },
                 Some(_) => AdminTopic::Unknown,
                 None => AdminTopic::Output,
-            })
+            });
         }
         "events" => return Some(AdminTopic::Output),
         _ => return Some(AdminTopic::Unknown),
@@ -163,6 +173,7 @@ pub fn result_topic_of(record_topic: &str) -> Option<String> {
     match parse_topic(record_topic)? {
         AdminTopic::Record { kind, id } => Some(kind.result_topic(&id)),
         AdminTopic::Retire { registration_id } => Some(retire_result_topic(&registration_id)),
+        AdminTopic::HubOutbox { host_name } => Some(crate::cloud::outbox_result_topic(&host_name)),
         AdminTopic::Output | AdminTopic::Unknown => None,
     }
 }
@@ -503,11 +514,45 @@ pub struct LinkedHub {
     /// own device listener as IoT Hub devices.
     #[serde(skip_serializing_if = "std::ops::Not::not", default)]
     pub local: bool,
+    /// Where the hub's service API is dialled, when not `{hostName}:443` (a proxy, a
+    /// test hub). The TLS name and the tokens' `sr` stay `hostName`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub service_address: Option<String>,
+    /// How devices assigned here are registered at the hub.
+    #[serde(skip_serializing_if = "is_default", default)]
+    pub registration: crate::cloud::HubRegistrationMode,
+    /// Written by operators, never read back: the hub's connection string. edgedps keeps
+    /// it apart from the record; an empty string removes it.
+    #[serde(skip_serializing, default)]
+    pub connection_string: Option<String>,
+    /// Written by edgedps: the hub has a connection string (its policy's name).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub credentials: Option<crate::cloud::CredentialsShown>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub etag: Option<String>,
 }
 
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
 impl LinkedHub {
+    /// A hub named `host_name` with every setting as by default.
+    pub fn named(host_name: &str) -> LinkedHub {
+        LinkedHub {
+            host_name: host_name.to_owned(),
+            allocation_weight: LinkedHub::default_allocation_weight(),
+            apply_allocation_policy: LinkedHub::default_apply_allocation_policy(),
+            location: None,
+            local: false,
+            service_address: None,
+            registration: Default::default(),
+            connection_string: None,
+            credentials: None,
+            etag: None,
+        }
+    }
+
     /// DPS: a hub takes part in allocation with weight 1 unless it says otherwise.
     pub fn default_allocation_weight() -> u32 {
         1
@@ -599,6 +644,20 @@ mod tests {
 
     #[test]
     fn retire_topics_parse_and_outputs_stay_outputs() {
+        assert_eq!(
+            parse_topic("dps/admin/hub-outbox/hub-a.example.net"),
+            Some(AdminTopic::HubOutbox {
+                host_name: "hub-a.example.net".into()
+            })
+        );
+        assert_eq!(
+            parse_topic("dps/admin/hub-outbox/a/b"),
+            Some(AdminTopic::Unknown)
+        );
+        assert_eq!(
+            result_topic_of("dps/admin/hub-outbox/hub-a").as_deref(),
+            Some("dps/admin/results/hub-outbox/hub-a")
+        );
         assert_eq!(
             parse_topic("dps/admin/retire/dev-1"),
             Some(AdminTopic::Retire {

@@ -79,6 +79,8 @@ pub enum RegistrationOutcome {
     Failed,
     /// An error answer (the request was malformed, throttled, unauthorized...).
     Refused,
+    /// Not a device request: the assigned cloud hub's registration changed state.
+    HubRegistration,
 }
 
 /// Which device request a refusal answered.
@@ -109,6 +111,9 @@ pub struct RegistrationEvent {
     /// The certificate issued with the assignment (PROTOCOL F).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub issued_certificate: Option<crate::registration::IssuedCertificate>,
+    /// The assignment's registration at its cloud hub, and each change of it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub hub_registration: Option<crate::cloud::HubRegistration>,
     pub timestamp_utc: String,
 }
 
@@ -153,6 +158,7 @@ mod tests {
             error_code: Some(404201),
             message: Some("unknown".into()),
             issued_certificate: None,
+            hub_registration: None,
             timestamp_utc: "t".into(),
         };
         assert_eq!(

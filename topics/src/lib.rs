@@ -1,13 +1,14 @@
 //! The edgedps wire contract, without IO: the device topics of Azure DPS over MQTT
 //! (`dps`), the CONNECT username and registration ids (`identity`), the request and
 //! response bodies (`registration`), the operator plane (`admin`), the events
-//! edgedps publishes about both (`events`), a device's twin (`twin`) and the hub side's
-//! topics (`hub`).
+//! edgedps publishes about both (`events`), a device's twin (`twin`), the hub side's
+//! topics (`hub`) and registration at cloud hubs (`cloud`).
 //!
 //! Nothing here touches a socket or a clock: every function takes values and returns
 //! values, so the contract is tested with plain `#[test]`s.
 
 pub mod admin;
+pub mod cloud;
 pub mod dps;
 pub mod encoding;
 pub mod events;

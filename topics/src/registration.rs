@@ -206,6 +206,10 @@ pub struct RegistrationState {
     /// `csr`, base64 DER, leaf first.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub issued_certificate_chain: Option<Vec<String>>,
+    /// On the record only, never in an answer: how far the assigned cloud hub has the
+    /// device (none for the local hub and hubs without credentials).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub hub_registration: Option<crate::cloud::HubRegistration>,
 }
 
 /// A certificate edgedps issued to a device, as its registration record keeps it.
@@ -251,6 +255,7 @@ impl RegistrationState {
             error_message: None,
             issued_certificates: Vec::new(),
             issued_certificate_chain: None,
+            hub_registration: None,
         }
     }
 

@@ -122,7 +122,7 @@ fn render(
                     section id="hubs" {
                         h2 { "Linked hubs" }
                         table {
-                            thead { tr { th { "Host name" } th { "Local" } th { "Weight" } th { "Devices" } } }
+                            thead { tr { th { "Host name" } th { "Local" } th { "Weight" } th { "Devices" } th { "Registered at the hub" } } }
                             tbody {
                                 @for hub in &overview.hubs {
                                     tr data-hub=(hub.host_name) {
@@ -130,6 +130,12 @@ fn render(
                                         td { @if hub.local { "this gateway" } @else { "" } }
                                         td { (hub.allocation_weight) }
                                         td class="devices" { (hub.devices) }
+                                        td class="outbox" {
+                                            @match &hub.credentials {
+                                                Some(policy) => { "by policy " (policy) ": " (hub.outbox_pending) " pending, " (hub.outbox_failed) " failed" }
+                                                None => { @if hub.local { "" } @else { "no connection string" } }
+                                            }
+                                        }
                                     }
                                 }
                             }
@@ -222,6 +228,9 @@ pub async fn overview_json(State(state): State<Arc<HttpState>>) -> Response {
                 "local": h.local,
                 "allocationWeight": h.allocation_weight,
                 "devices": h.devices,
+                "credentials": h.credentials.as_ref().map(|policy| json!({"sharedAccessKeyName": policy})),
+                "outboxPending": h.outbox_pending,
+                "outboxFailed": h.outbox_failed,
             })).collect::<Vec<_>>(),
         }))
         .into_response(),

@@ -47,9 +47,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     .await;
                 ("retire", answer)
             }
+            AdminTopic::HubOutbox { host_name } => {
+                self.puback(meta)?;
+                self.flush().await?;
+                let answer = responder
+                    .hub_outbox(&operator, &host_name, body, encoding)
+                    .await;
+                self.publish(vec![answer]).await;
+                return Ok(());
+            }
             AdminTopic::Output | AdminTopic::Unknown => {
                 return Err(Close::Denied(format!(
-                    "`{topic}` is not an operator record (enrollments, enrollment-groups, hubs, registrations, crls) nor dps/admin/retire/{{registrationId}}"
+                    "`{topic}` is not an operator record (enrollments, enrollment-groups, hubs, registrations, crls), dps/admin/retire/{{registrationId}} nor dps/admin/hub-outbox/{{hostName}}"
                 )))
             }
         };

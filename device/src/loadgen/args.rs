@@ -51,6 +51,10 @@ pub struct LoadgenArgs {
     /// gets a certificate from the server's `gateway` authority (PROTOCOL F).
     #[arg(long)]
     pub csr: bool,
+    /// The linked hub is a cloud hub with a connection string (its service API
+    /// unreachable): every assignment also writes an outbox operation, in the same flush.
+    #[arg(long)]
+    pub cloud_hub: bool,
     /// Print the final report as JSON.
     #[arg(long)]
     pub json: bool,

@@ -1,6 +1,7 @@
 //! The devices of a round: keys or certificates made here, and their enrollments (or
 //! their group) written over the operator topics before the round starts.
 
+use base64::Engine;
 use std::net::SocketAddr;
 
 use serde_json::json;
@@ -12,6 +13,15 @@ use super::run::SimulatedDevice;
 use crate::provision::{self, DeviceAuth, DeviceConfig};
 
 /// Makes the devices of a round and enrolls them over the operator topics.
+/// What a round carries beyond its devices' attestation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Extras {
+    /// Every device sends a certificate signing request.
+    pub csr: bool,
+    /// The linked hub is a cloud hub with a connection string.
+    pub cloud_hub: bool,
+}
+
 pub async fn prepare(
     attestation: Attestation,
     count: usize,
@@ -19,8 +29,9 @@ pub async fn prepare(
     port: u16,
     admin: Option<SocketAddr>,
     server_ca: &[u8],
-    csr: bool,
+    extras: Extras,
 ) -> Result<Vec<SimulatedDevice>, String> {
+    let Extras { csr, cloud_hub } = extras;
     let scope = "0ne00000001";
     let mut enrollments: Vec<(String, serde_json::Value)> = Vec::new();
     let mut devices = Vec::with_capacity(count);
@@ -116,12 +127,21 @@ pub async fn prepare(
         crate::admin::write_all(admin, &enrollments)
             .await
             .map_err(|e| e.to_string())?;
+        let mut hub = json!({"allocationWeight": 1});
+        if cloud_hub {
+            // A cloud hub whose service API refuses connections: every assignment
+            // writes an outbox operation, which stays pending (its worker retries the
+            // oldest one at most every minute).
+            hub["connectionString"] = json!(format!(
+                "HostName=hub-a.example.net;SharedAccessKeyName=loadgen;SharedAccessKey={}",
+                base64::engine::general_purpose::STANDARD
+                    .encode(b"loadgen cloud hub key, not a secret")
+            ));
+            hub["serviceAddress"] = json!("127.0.0.1:9");
+        }
         crate::admin::write_all(
             admin,
-            &[(
-                RecordKind::Hub.record_topic("hub-a.example.net"),
-                json!({"allocationWeight": 1}),
-            )],
+            &[(RecordKind::Hub.record_topic("hub-a.example.net"), hub)],
         )
         .await
         .map_err(|e| e.to_string())?;

@@ -28,7 +28,7 @@ use serde_json::json;
 use crate::process::ProcessStats;
 
 pub use args::{Attestation, LoadgenArgs};
-pub use enroll::prepare;
+pub use enroll::{prepare, Extras};
 pub use report::{Percentiles, Report};
 pub use run::{connect_and_register, run_devices, SimulatedDevice};
 pub use servers::{spawn_baseline, spawn_server};
@@ -106,7 +106,10 @@ pub async fn main(args: LoadgenArgs, exe: &Path) -> Result<Vec<Report>, String> 
             devices_port,
             Some(admin),
             &server_ca,
-            args.csr,
+            Extras {
+                csr: args.csr,
+                cloud_hub: args.cloud_hub,
+            },
         )
         .await?;
         let devices = tune(devices, &args);
@@ -149,7 +152,10 @@ pub async fn main(args: LoadgenArgs, exe: &Path) -> Result<Vec<Report>, String> 
                 *port,
                 None,
                 &server_ca,
-                args.csr,
+                Extras {
+                    csr: args.csr,
+                    cloud_hub: false,
+                },
             )
             .await?;
             let devices = tune(devices, &args);
@@ -204,7 +210,7 @@ async fn cut_off(
         port,
         Some(admin),
         server_ca,
-        false,
+        Extras::default(),
     )
     .await?;
     let report = cutoff::measure(
