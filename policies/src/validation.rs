@@ -105,6 +105,19 @@ pub fn hub(
     if hub.allocation_weight > 1000 {
         return Err(bad("allocationWeight must be 0 to 1000".into()));
     }
+    if let Some(address) = &hub.service_address {
+        let valid = address.rsplit_once(':').is_some_and(|(host, port)| {
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            port.parse::<u16>().is_ok_and(|p| p > 0)
+                && (valid_host_name(host) || host.parse::<std::net::IpAddr>().is_ok())
+        });
+        if !valid {
+            return Err(bad(format!(
+                "serviceAddress {} is not host:port",
+                shown(address)
+            )));
+        }
+    }
     check_etag(hub.etag.as_deref(), stored_etag)?;
     Ok(hub)
 }

@@ -368,23 +368,26 @@ impl Responder {
                 let never = old.hub_registration.is_none();
                 match state.substatus == Some(Substatus::DeviceDataReset) || never {
                     true => TwinWrite::Replace(twin_now),
-                    false => return self.enqueue_register(device, state, hub, device_id, None),
+                    false => {
+                        return self.enqueue_register(device, standing, state, hub, device_id, None)
+                    }
                 }
             }
             _ => TwinWrite::Replace(twin_now),
         };
-        self.enqueue_register(device, state, hub, device_id, Some(twin))
+        self.enqueue_register(device, standing, state, hub, device_id, Some(twin))
     }
 
     fn enqueue_register(
         &self,
         device: &Attested,
+        standing: &Standing,
         state: &mut RegistrationState,
         hub: String,
         device_id: String,
         twin: Option<TwinWrite>,
     ) -> Result<Option<HubWait>, Error> {
-        let credentials = self.credentials_of(device, state);
+        let credentials = self.credentials_of(device, standing, state);
         let Some(identity) =
             policy::identity(&device_id, device.kind, &credentials, DeviceStatus::Enabled)
         else {
@@ -448,7 +451,12 @@ impl Responder {
     }
 
     /// What the hub's registry must hold for the device to connect as it attested.
-    fn credentials_of(&self, device: &Attested, state: &RegistrationState) -> Credentials {
+    fn credentials_of(
+        &self,
+        device: &Attested,
+        standing: &Standing,
+        state: &RegistrationState,
+    ) -> Credentials {
         let mut credentials = Credentials {
             issued: state
                 .issued_certificates
@@ -495,11 +503,9 @@ impl Responder {
                     .as_ref()
                     .and_then(|c| c.chain.first())
                     .map(|der| edgedps_policies::x509::thumbprint(der));
-                let enrolled = self
-                    .store
-                    .enrollment(&device.registration_id)
-                    .ok()
-                    .flatten()
+                let enrolled = standing
+                    .individual
+                    .as_ref()
                     .map(|e| edgedps_policies::validation::enrolled_thumbprints(&e.attestation))
                     .unwrap_or_default();
                 credentials.thumbprints = leaf.into_iter().collect();

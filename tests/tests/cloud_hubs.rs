@@ -733,6 +733,16 @@ async fn connection_strings_are_checked_stored_apart_and_never_shown() {
         );
         assert!(!message.contains(&key_part), "{message}");
     }
+    for address in ["no-port", "host:0", "host:99999", "bad host:443"] {
+        let result = operator
+            .write(
+                &format!("dps/hubs/{CLOUD}"),
+                json!({"serviceAddress": address}).to_string().as_bytes(),
+            )
+            .await;
+        assert_eq!(result["ok"], false, "{address}: {result}");
+        assert!(result.to_string().contains("serviceAddress"), "{result}");
+    }
     operator
         .put(
             &format!("dps/hubs/{CLOUD}"),
