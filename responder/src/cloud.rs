@@ -129,9 +129,10 @@ impl CloudHubs {
             .clone()
     }
 
+    /// Wakes the hub's worker (the supervisor starts one for every hub with credentials,
+    /// and is told when credentials are written).
     fn wake(&self, host_name: &str) {
         self.waker(host_name).notify_one();
-        self.hubs_changed.notify_one();
     }
 
     /// After the flush that made `host_name`'s new operation durable.
@@ -213,11 +214,13 @@ impl Responder {
         })
     }
 
-    /// A linked hub by name, any case.
+    /// A linked hub by name, any case: an operator's link wins over the configuration's.
     fn linked_hub(&self, host_name: &str) -> Option<LinkedHub> {
-        self.linked_hubs()
-            .into_iter()
-            .find(|h| h.host_name.eq_ignore_ascii_case(host_name))
+        let same = |h: &&LinkedHub| h.host_name.eq_ignore_ascii_case(host_name);
+        if let Some(hub) = read(&self.hubs).values().find(same) {
+            return Some(hub.clone());
+        }
+        self.settings.hubs.iter().find(same).cloned()
     }
 
     /// The oldest operation of `host_name`'s outbox.
