@@ -392,3 +392,59 @@ async fn without_operators_an_anonymous_listener_ignores_usernames() {
         .expect("an application with a username connects");
     app.enroll("by-an-app").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_sees_that_a_hub_has_a_connection_string_never_the_string() {
+    let server = Server::start_with(|config| {
+        if let Some(local) = config.listeners.local.as_mut() {
+            local.anonymous = false;
+        }
+        config.operators = vec![
+            password_operator("alice", OperatorRole::Admin, ALICE),
+            password_operator("bob", OperatorRole::Reader, BOB),
+        ];
+    })
+    .await;
+    let port = server.local_port;
+    let mut alice = Operator::connect_as(port, "alice", ALICE)
+        .await
+        .expect("alice connects");
+    let key = new_key();
+    let topic = RecordKind::Hub.record_topic("reader-hub.example.net");
+    alice
+        .put(
+            &topic,
+            serde_json::json!({"connectionString": format!(
+                "HostName=reader-hub.example.net;SharedAccessKeyName=owner;SharedAccessKey={key}"
+            )}),
+        )
+        .await;
+    let mut bob = Operator::connect_as(port, "bob", BOB)
+        .await
+        .expect("bob connects");
+    bob.subscribe("dps/#").await;
+    let (_, record) = bob.next_publish(&topic).await.expect("bob reads the hub");
+    let text = String::from_utf8_lossy(&record).into_owned();
+    let record: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(
+        record["credentials"]["sharedAccessKeyName"], "owner",
+        "{record}"
+    );
+    assert!(
+        !text.contains(&key) && !text.contains("SharedAccessKey="),
+        "{text}"
+    );
+    // Nor can the reader remove it.
+    let refused = bob.write(&topic, br#"{"connectionString": ""}"#).await;
+    assert_eq!(refused["ok"], false, "{refused}");
+    let (_, record) = {
+        let mut again = Operator::connect_as(port, "bob", BOB).await.expect("bob");
+        again.subscribe(&topic).await;
+        again.next_publish(&topic).await.expect("the record")
+    };
+    let record: Value = serde_json::from_slice(&record).expect("JSON");
+    assert!(
+        record["credentials"].is_object(),
+        "the reader removed the credentials: {record}"
+    );
+}
