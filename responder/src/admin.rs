@@ -282,16 +282,29 @@ impl Responder {
         // Registrations the deleted enrollment or group attested: marked `deregistered`
         // before the flush, so the delete and the marks are durable together.
         let mut deregistered = Vec::new();
+        // A group device unblocked: its record, with its hub's operation.
+        let mut reenabled = None;
         let existed = match kind {
             RecordKind::Enrollment => {
+                let removed = self.store.enrollment(&registration_id)?;
                 let existed = self.store.remove_enrollment(&registration_id)?;
                 let record = self.store.registration(&registration_id)?;
-                if let Some(record) = record
-                    .filter(|r| existed && r.is_assigned() && r.enrollment_group_id().is_none())
-                {
-                    let record = self.deregister(record)?;
-                    self.store.put_registration(&record)?;
-                    deregistered.push(record);
+                match record.filter(|r| existed && r.is_assigned()) {
+                    Some(record) if record.enrollment_group_id().is_none() => {
+                        let record = self.deregister(record)?;
+                        self.store.put_registration(&record)?;
+                        deregistered.push(record);
+                    }
+                    // A disabled enrollment that blocked a device of a group is gone:
+                    // the group's device is back in service, at its hub too.
+                    Some(_)
+                        if removed.is_some_and(|e| {
+                            e.settings.provisioning_status == ProvisioningStatus::Disabled
+                        }) =>
+                    {
+                        reenabled = self.hub_status_of(&registration_id, HubAction::Enable)?;
+                    }
+                    _ => {}
                 }
                 existed
             }
@@ -340,7 +353,7 @@ impl Responder {
         }
         // Clear the retained record either way, so subscribers agree with the store.
         publish.push(Publication::cleared(kind.record_topic(id)));
-        for record in &deregistered {
+        for record in deregistered.iter().chain(&reenabled) {
             publish.push(Publication::record(
                 RecordKind::Registration.record_topic(record.registration_id.as_str()),
                 record,
@@ -530,6 +543,9 @@ fn status_action(before: Option<ProvisioningStatus>, now: ProvisioningStatus) ->
         (Some(ProvisioningStatus::Disabled), ProvisioningStatus::Enabled) => {
             Some(HubAction::Enable)
         }
+        // A new disabled enrollment blocks a device that may be registered already (one
+        // certificate of a group blocked).
+        (None, ProvisioningStatus::Disabled) => Some(HubAction::Disable),
         _ => None,
     }
 }

@@ -210,7 +210,17 @@ async fn each_kind_of_device_is_registered_at_its_hub_as_iot_hub_would_hold_it()
 async fn an_uplink_down_during_100_registrations_loses_nothing_and_keeps_each_device_s_order() {
     let hub = FakeHub::start(CLOUD).await;
     hub.go_down();
-    let server = server_with(&[&hub], HubRegistrationMode::AfterAnswer).await;
+    let server = Server::start_with(|config| {
+        link(config, &hub, HubRegistrationMode::AfterAnswer);
+        config.http = Some(edgedps::config::HttpConfig {
+            bind: "127.0.0.1:0".parse().unwrap(),
+        });
+    })
+    .await;
+    let metrics = format!(
+        "http://{}/metrics",
+        server.running.http_addr.expect("http listener")
+    );
     let mut operator = server.operator().await;
     let group_key = new_key();
     let mut group = symmetric_group("up", &group_key);
@@ -245,6 +255,17 @@ async fn an_uplink_down_during_100_registrations_loses_nothing_and_keeps_each_de
     let stats = server.running.responder.outbox_stats();
     assert_eq!(stats.len(), 1, "{stats:?}");
     assert_eq!(stats[0].pending, 110, "{stats:?}");
+    let labels = [("hub", CLOUD)];
+    let scraped = scrape(&metrics, None).await;
+    assert_eq!(
+        sample(&scraped, "edgedps_hub_outbox_pending", &labels),
+        110.0
+    );
+    assert!(sample(&scraped, "edgedps_hub_operation_attempts_total", &labels) >= 1.0);
+    assert_eq!(
+        sample(&scraped, "edgedps_hub_operations_done_total", &labels),
+        0.0
+    );
     let head = hub_registration(&server, "up-0");
     assert!(head["attempts"].as_u64().unwrap_or_default() == 0, "{head}");
 
@@ -293,6 +314,17 @@ async fn an_uplink_down_during_100_registrations_loses_nothing_and_keeps_each_de
     }
     let stats = server.running.responder.outbox_stats();
     assert_eq!((stats[0].pending, stats[0].failed), (0, 0), "{stats:?}");
+    let scraped = scrape(&metrics, None).await;
+    assert_eq!(sample(&scraped, "edgedps_hub_outbox_pending", &labels), 0.0);
+    assert_eq!(sample(&scraped, "edgedps_hub_outbox_failed", &labels), 0.0);
+    assert_eq!(
+        sample(&scraped, "edgedps_hub_operations_done_total", &labels),
+        110.0
+    );
+    assert_eq!(
+        sample(&scraped, "edgedps_hub_operation_failures_total", &labels),
+        0.0
+    );
     eprintln!("100 registrations answered in {answered:?} with the hub down; 110 operations drained in {drained:?}");
 }
 
@@ -386,6 +418,41 @@ async fn disabling_re_enabling_and_deregistering_reach_the_hub() {
         let id = format!("cl-fleet-{i}");
         assigned(&server, &id, &derive_device_key(&group_key, &id).unwrap()).await;
     }
+    // One device of the group blocked by a disabled individual enrollment: out at the
+    // hub; the block deleted: back in.
+    let member = "cl-fleet-0";
+    let member_status = |want: &'static str| {
+        move |h: &FakeHub| h.identity(member).is_some_and(|d| d["status"] == want)
+    };
+    hub.wait_for(
+        Duration::from_secs(10),
+        "the member",
+        member_status("enabled"),
+    )
+    .await;
+    let mut block = symmetric_enrollment(member, &derive_device_key(&group_key, member).unwrap());
+    block["provisioningStatus"] = json!("disabled");
+    operator
+        .put(&format!("dps/enrollments/{member}"), block)
+        .await;
+    hub.wait_for(
+        Duration::from_secs(10),
+        "the blocked member disabled",
+        member_status("disabled"),
+    )
+    .await;
+    assert_eq!(
+        operator
+            .write(&format!("dps/enrollments/{member}"), b"")
+            .await["ok"],
+        true
+    );
+    hub.wait_for(
+        Duration::from_secs(10),
+        "the unblocked member enabled",
+        member_status("enabled"),
+    )
+    .await;
     group["provisioningStatus"] = json!("disabled");
     operator.put("dps/enrollment-groups/cl-fleet", group).await;
     hub.wait_for(Duration::from_secs(10), "the fleet disabled", |h| {
