@@ -6,7 +6,7 @@
 //! write be stored (`validation`), what a twin patch makes of a twin (`twin`), which
 //! call a device's method answer belongs to (`methods`), may this certificate signing
 //! request be signed and what is issued for it (`issuance`), does this password match its
-//! hash (`password`), the private keys of PEM files in every form (`keys`), and what a cloud hub is told of a device and what its answers mean (`cloud`). Values in, verdict out; no IO, no clock (callers pass the time).
+//! hash (`password`), the private keys of PEM files in every form (`keys`), and what a cloud hub is told of a device and what its answers mean (`cloud`), and a TPM's keys read and challenged (`tpm`). Values in, verdict out; no IO, no clock (callers pass the time).
 
 pub mod access;
 pub mod acl;
@@ -20,6 +20,7 @@ pub mod password;
 pub mod reprovision;
 pub mod revocation;
 pub mod sas;
+pub mod tpm;
 pub mod twin;
 pub mod validation;
 pub mod x509;

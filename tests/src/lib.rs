@@ -14,6 +14,7 @@ pub mod pki;
 pub mod process;
 pub mod python;
 pub mod server;
+pub mod tpm;
 
 pub use devices::*;
 pub use edgedps_device::provision::{DeviceAuth, DeviceConfig, Outcome};
