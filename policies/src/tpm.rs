@@ -335,6 +335,154 @@ pub fn id_object(seed: &[u8], object_name: &[u8], credential: &[u8]) -> Result<V
     tpm2b(&id)
 }
 
+/// An HMAC key duplicated to a storage key (TPM2_Duplicate in software, inner and outer
+/// wrapper), as TPM2_Import takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Duplicate {
+    /// The key's TPM2B_PUBLIC: KEYEDHASH, HMAC-SHA-256, `sign|noDA|userWithAuth`.
+    pub public: Vec<u8>,
+    /// The TPM2B_PRIVATE: outer HMAC, then the doubly wrapped sensitive area.
+    pub duplicate: Vec<u8>,
+    /// The TPM2B_ENCRYPTED_SECRET: the outer wrapper's seed, RSA-OAEP to the parent.
+    pub encrypted_seed: Vec<u8>,
+}
+
+/// `sign | noDA | userWithAuth`: importable (neither fixedTPM nor fixedParent), used with
+/// an empty password, as the Azure SDKs sign with it.
+const HMAC_KEY_ATTRIBUTES: u32 = 0x0004_0440;
+const ALG_HMAC: u16 = 0x0005;
+
+/// Duplicates `key` (an HMAC-SHA-256 key of 32 bytes) to `parent` (a storage key:
+/// RSA 2048 with AES-128-CFB), its sensitive area also wrapped with `inner_key`
+/// (AES-128-CFB, the credential the TPM activates first).
+pub fn duplicate_hmac_key(
+    parent: &PublicArea,
+    key: &[u8; 32],
+    inner_key: &[u8; 16],
+    random: &dyn ring::rand::SecureRandom,
+) -> Result<Duplicate, TpmError> {
+    let rsa = parent
+        .rsa
+        .as_ref()
+        .filter(|rsa| {
+            rsa.symmetric == Some((ALG_AES, 128, ALG_CFB)) && parent.name_alg == ALG_SHA256
+        })
+        .ok_or_else(|| {
+            TpmError::Crypto("the storage key is not RSA with SHA-256 and AES-128-CFB".into())
+        })?;
+    let mut seed_value = [0u8; 32];
+    let mut seed = [0u8; 32];
+    random
+        .fill(&mut seed_value)
+        .and_then(|()| random.fill(&mut seed))
+        .map_err(|_| TpmError::Crypto("no randomness".into()))?;
+    let encrypted_seed = tpm2b(&encrypt_seed(rsa, "DUPLICATE\0", &seed, random)?)?;
+    let (public, duplicate) = wrapped_hmac_key(key, inner_key, &seed_value, &seed)?;
+    Ok(Duplicate {
+        public,
+        duplicate,
+        encrypted_seed,
+    })
+}
+
+/// The public area and the TPM2B_PRIVATE of `key` under `seed_value` and the outer
+/// `seed` (the deterministic part of [`duplicate_hmac_key`]).
+pub fn wrapped_hmac_key(
+    key: &[u8; 32],
+    inner_key: &[u8; 16],
+    seed_value: &[u8; 32],
+    seed: &[u8; 32],
+) -> Result<(Vec<u8>, Vec<u8>), TpmError> {
+    let sha256 = |parts: &[&[u8]]| {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        parts.iter().for_each(|p| context.update(p));
+        context.finish()
+    };
+    let unique = sha256(&[seed_value, key]);
+    let mut area = Vec::with_capacity(48);
+    area.extend_from_slice(&ALG_KEYEDHASH.to_be_bytes());
+    area.extend_from_slice(&ALG_SHA256.to_be_bytes());
+    area.extend_from_slice(&HMAC_KEY_ATTRIBUTES.to_be_bytes());
+    area.extend_from_slice(&tpm2b(&[])?);
+    area.extend_from_slice(&ALG_HMAC.to_be_bytes());
+    area.extend_from_slice(&ALG_SHA256.to_be_bytes());
+    area.extend_from_slice(&tpm2b(unique.as_ref())?);
+    let public = tpm2b(&area)?;
+    let name = PublicArea::parse(&public)?.name()?;
+    // TPMT_SENSITIVE: type, authValue (empty), seedValue, the key.
+    let mut sensitive = ALG_KEYEDHASH.to_be_bytes().to_vec();
+    sensitive.extend_from_slice(&tpm2b(&[])?);
+    sensitive.extend_from_slice(&tpm2b(seed_value)?);
+    sensitive.extend_from_slice(&tpm2b(key)?);
+    let sensitive = tpm2b(&sensitive)?;
+    // Inner wrapper: integrity, then AES-CFB under the inner key.
+    let inner_integrity = sha256(&[&sensitive, &name]);
+    let mut wrapped = tpm2b(inner_integrity.as_ref())?;
+    wrapped.extend_from_slice(&sensitive);
+    aes_cfb(inner_key, &mut wrapped)?;
+    // Outer wrapper: AES-CFB under a key from the seed, then its HMAC.
+    let sym_key = kdfa(seed, "STORAGE", &name, &[], 128);
+    aes_cfb(&sym_key, &mut wrapped)?;
+    let hmac_key = kdfa(seed, "INTEGRITY", &[], &[], 256);
+    let hmac_key = hmac::Key::new(hmac::HMAC_SHA256, &hmac_key);
+    let mut context = hmac::Context::with_key(&hmac_key);
+    context.update(&wrapped);
+    context.update(&name);
+    let mut private = tpm2b(context.sign().as_ref())?;
+    private.extend_from_slice(&wrapped);
+    Ok((public, tpm2b(&private)?))
+}
+
+/// The `authenticationKey` Azure's TPM clients activate: an HMAC key for the TPM of
+/// `endorsement_key`, loadable only under `storage_key`. A fresh inner key is sealed
+/// to the EK (MakeCredential, bound to the storage key's name), and the HMAC key is
+/// duplicated to the storage key under that inner key. Layout (766 bytes with RSA 2048
+/// keys): TPM2B_ID_OBJECT, TPM2B_ENCRYPTED_SECRET (to the EK), TPM2B_PRIVATE (the
+/// duplicate), TPM2B_ENCRYPTED_SECRET (to the storage key), TPM2B_PUBLIC (the HMAC key),
+/// an empty TPM2B_DATA (the clients read its size).
+pub fn activation_blob(
+    endorsement_key: &PublicArea,
+    storage_key: &PublicArea,
+    key: &[u8; 32],
+    random: &dyn ring::rand::SecureRandom,
+) -> Result<Vec<u8>, TpmError> {
+    // 16 bytes: the C client imports with AES-128 whatever the size.
+    let mut inner_key = [0u8; 16];
+    random
+        .fill(&mut inner_key)
+        .map_err(|_| TpmError::Crypto("no randomness".into()))?;
+    let credential = make_credential(endorsement_key, &storage_key.name()?, &inner_key, random)?;
+    let duplicate = duplicate_hmac_key(storage_key, key, &inner_key, random)?;
+    let mut blob = credential.id_object;
+    blob.extend_from_slice(&credential.encrypted_secret);
+    blob.extend_from_slice(&duplicate.duplicate);
+    blob.extend_from_slice(&duplicate.encrypted_seed);
+    blob.extend_from_slice(&duplicate.public);
+    blob.extend_from_slice(&tpm2b(&[])?);
+    Ok(blob)
+}
+
+/// The parts of an [`activation_blob`], in order (a client's reading of it).
+pub fn activation_parts(blob: &[u8]) -> Result<[&[u8]; 6], TpmError> {
+    let mut r = Reader { bytes: blob, at: 0 };
+    let mut parts: [&[u8]; 6] = [&[]; 6];
+    for (i, what) in ["credential", "secret", "duplicate", "seed", "public", "uri"]
+        .iter()
+        .enumerate()
+    {
+        let start = r.at;
+        r.sized(what)?;
+        parts[i] = &blob[start..r.at];
+    }
+    if r.at != blob.len() {
+        return Err(malformed(format!(
+            "{} bytes after the activation blob",
+            blob.len() - r.at
+        )));
+    }
+    Ok(parts)
+}
+
 /// `ring`'s system randomness as the `rand_core` generator the `rsa` crate asks for.
 struct RingRng<'a>(&'a dyn ring::rand::SecureRandom);
 
@@ -426,6 +574,34 @@ mod tests {
             registration_id(b"abc"),
             "xj4bnp4pahh6uqkbidpf3lrceoyagyndsylxvhfucd7wd4qacwwq"
         );
+    }
+
+    #[test]
+    fn the_identity_key_has_the_public_area_the_sdks_read() {
+        let (public, private) = wrapped_hmac_key(&[1; 32], &[2; 16], &[3; 32], &[4; 32]).unwrap();
+        // TPM2B size 48, then `0008 000b 00040440 0000 0005 000b 0020 <unique>` (TPM.md).
+        assert_eq!(
+            public[..16],
+            [
+                0x00, 0x30, 0x00, 0x08, 0x00, 0x0b, 0x00, 0x04, 0x04, 0x40, 0x00, 0x00, 0x00, 0x05,
+                0x00, 0x0b
+            ]
+        );
+        assert_eq!(public[16..18], [0x00, 0x20]);
+        let unique = ring::digest::digest(&ring::digest::SHA256, &[[3u8; 32], [1u8; 32]].concat());
+        assert_eq!(&public[18..], unique.as_ref());
+        // TPM2B_PRIVATE: 2 + (2 + 32 outer HMAC) + 108 wrapped sensitive.
+        assert_eq!(private.len(), 144);
+        // Deterministic given its seeds; another inner key changes the wrapped part only.
+        assert_eq!(
+            wrapped_hmac_key(&[1; 32], &[2; 16], &[3; 32], &[4; 32])
+                .unwrap()
+                .1,
+            private
+        );
+        let other = wrapped_hmac_key(&[1; 32], &[9; 16], &[3; 32], &[4; 32]).unwrap();
+        assert_eq!(other.0, public);
+        assert_ne!(other.1, private);
     }
 
     #[test]

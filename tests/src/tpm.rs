@@ -144,6 +144,56 @@ impl SoftwareTpm {
     }
 }
 
+impl SoftwareTpm {
+    /// TPM2_Import of a duplicated key under the SRK (inner wrapper `inner_key`,
+    /// AES-128-CFB), TPM2_Load, then TPM2_HMAC of `data` with it.
+    pub fn import_and_hmac(
+        &self,
+        public: &[u8],
+        duplicate: &[u8],
+        encrypted_seed: &[u8],
+        inner_key: &[u8],
+        data: &[u8],
+    ) -> Result<Vec<u8>, String> {
+        write(&self.path("dup.pub"), public);
+        write(&self.path("dup.dpriv"), duplicate);
+        write(&self.path("dup.seed"), encrypted_seed);
+        write(&self.path("inner.key"), inner_key);
+        write(&self.path("data.bin"), data);
+        self.tool(
+            "tpm2_import",
+            &[
+                "-C",
+                "srk.ctx",
+                "-u",
+                "dup.pub",
+                "-i",
+                "dup.dpriv",
+                "-s",
+                "dup.seed",
+                "-k",
+                "inner.key",
+                "-r",
+                "dup.priv",
+                "-Q",
+            ],
+        )?;
+        self.tool(
+            "tpm2_load",
+            &[
+                "-C", "srk.ctx", "-u", "dup.pub", "-r", "dup.priv", "-c", "dup.ctx", "-Q",
+            ],
+        )?;
+        self.tool(
+            "tpm2_hmac",
+            &[
+                "-c", "dup.ctx", "-g", "sha256", "-o", "hmac.bin", "data.bin",
+            ],
+        )?;
+        Ok(std::fs::read(self.path("hmac.bin")).unwrap_or_default())
+    }
+}
+
 fn write(path: &Path, bytes: &[u8]) {
     std::fs::write(path, bytes).expect("write");
 }

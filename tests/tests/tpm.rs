@@ -55,3 +55,76 @@ fn a_credential_made_in_software_is_activated_by_the_tpm_it_was_made_for() {
         .activate(&theirs.id_object, &theirs.encrypted_secret)
         .is_err());
 }
+
+#[test]
+fn an_hmac_key_duplicated_in_software_is_imported_by_the_tpm_and_signs_as_it_should() {
+    let random = ring::rand::SystemRandom::new();
+    let soft = SoftwareTpm::start();
+    soft.make_keys();
+    let srk = PublicArea::parse(&std::fs::read(soft.path("srk.pub")).unwrap()).unwrap();
+    let key = [0x5au8; 32];
+    let inner = [0x17u8; 16];
+    let dup = tpm::duplicate_hmac_key(&srk, &key, &inner, &random).unwrap();
+    assert_eq!(
+        dup.public.len(),
+        50,
+        "the identity key's TPM2B_PUBLIC the SDKs read"
+    );
+    let data = b"0ne00000001%2Fregistrations%2Fdev-1\n1796626393";
+    let signed = soft
+        .import_and_hmac(
+            &dup.public,
+            &dup.duplicate,
+            &dup.encrypted_seed,
+            &inner,
+            data,
+        )
+        .expect("the TPM imports, loads and signs with the key");
+    let expected = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key), data);
+    assert_eq!(signed, expected.as_ref());
+    // With another inner key the TPM refuses the import.
+    let refused = soft.import_and_hmac(
+        &dup.public,
+        &dup.duplicate,
+        &dup.encrypted_seed,
+        &[0u8; 16],
+        data,
+    );
+    assert!(refused.is_err(), "{refused:?}");
+}
+
+#[test]
+fn an_authentication_key_is_activated_imported_and_signs_sas_tokens_in_the_tpm() {
+    let random = ring::rand::SystemRandom::new();
+    let soft = SoftwareTpm::start();
+    soft.make_keys();
+    let ek = PublicArea::parse(&std::fs::read(soft.path("ek.pub")).unwrap()).unwrap();
+    let srk = PublicArea::parse(&std::fs::read(soft.path("srk.pub")).unwrap()).unwrap();
+    let key = [0xa5u8; 32];
+    let blob = tpm::activation_blob(&ek, &srk, &key, &random).unwrap();
+    assert_eq!(blob.len(), 766, "the size both SDKs parse");
+    let [credential, secret, duplicate, seed, public, uri] = tpm::activation_parts(&blob).unwrap();
+    assert_eq!(
+        [
+            credential.len(),
+            secret.len(),
+            duplicate.len(),
+            seed.len(),
+            public.len(),
+            uri.len()
+        ],
+        [54, 258, 144, 258, 50, 2]
+    );
+    // As the SDKs do: ActivateCredential gives the inner key, Import + Load the HMAC key.
+    let inner = soft.activate(credential, secret).expect("activated");
+    assert_eq!(inner.len(), 16);
+    let sr = "0ne00000001%2Fregistrations%2Fdev-1\n1796626393";
+    let signed = soft
+        .import_and_hmac(public, duplicate, seed, &inner, sr.as_bytes())
+        .expect("imported, loaded, signed");
+    let expected = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key),
+        sr.as_bytes(),
+    );
+    assert_eq!(signed, expected.as_ref());
+}
