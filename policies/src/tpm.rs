@@ -218,6 +218,49 @@ pub fn registration_id(endorsement_key: &[u8]) -> String {
         .to_ascii_lowercase()
 }
 
+/// A TPM individual enrollment's keys, checked: the endorsement key (base64 TPM2B_PUBLIC)
+/// must be one edgedps can challenge and name `registration_id` (its base32, any case),
+/// and the storage root key, when given, a storage key a duplicate can be made to.
+pub fn check_enrollment(
+    registration_id: &str,
+    endorsement_key: &str,
+    storage_root_key: Option<&str>,
+) -> Result<(PublicArea, Option<PublicArea>), TpmError> {
+    use base64::Engine;
+    let decode = |what: &str, b64: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .map_err(|_| TpmError::BadEndorsementKey(format!("{what} is not base64")))
+    };
+    let ek_bytes = decode("endorsementKey", endorsement_key)?;
+    let ek = PublicArea::parse(&ek_bytes)?;
+    ek.check_endorsement_key()?;
+    let derived = self::registration_id(&ek_bytes);
+    if !derived.eq_ignore_ascii_case(registration_id) {
+        return Err(TpmError::BadEndorsementKey(format!(
+            "the registration id of this endorsement key is `{derived}`, not `{registration_id}`"
+        )));
+    }
+    let srk = match storage_root_key {
+        None => None,
+        Some(b64) => {
+            let srk = PublicArea::parse(&decode("storageRootKey", b64)?)?;
+            let storage = srk.name_alg == ALG_SHA256
+                && srk
+                    .rsa
+                    .as_ref()
+                    .is_some_and(|r| r.symmetric == Some((ALG_AES, 128, ALG_CFB)));
+            if !storage {
+                return Err(TpmError::Malformed(
+                    "storageRootKey is not an RSA storage key with SHA-256 and AES-128-CFB".into(),
+                ));
+            }
+            Some(srk)
+        }
+    };
+    Ok((ek, srk))
+}
+
 /// KDFa (SP 800-108 counter mode, HMAC-SHA-256): `bits` of key from `key`, `label`
 /// (one NUL appended) and the two contexts.
 pub fn kdfa(key: &[u8], label: &str, context_u: &[u8], context_v: &[u8], bits: u32) -> Vec<u8> {
@@ -565,6 +608,39 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("after"));
+    }
+
+    #[test]
+    fn an_enrollment_s_keys_must_name_its_registration_id() {
+        use base64::Engine;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let area = ek_area(&[0xc5; 256]);
+        let id = registration_id(&area);
+        let (ek, srk) = check_enrollment(&id.to_ascii_uppercase(), &b64(&area), None).unwrap();
+        assert_eq!(ek.kind, ALG_RSA);
+        assert!(srk.is_none());
+        // The EK's template is also a storage key's: accepted as the SRK too.
+        assert!(check_enrollment(&id, &b64(&area), Some(&b64(&area)))
+            .unwrap()
+            .1
+            .is_some());
+        for (rid, ek, srk, says) in [
+            ("other-id", b64(&area), None, "not `other-id`"),
+            (id.as_str(), "not base64!".to_owned(), None, "not base64"),
+            (id.as_str(), b64(&area[..100]), None, "ends inside"),
+            (id.as_str(), b64(&ek_area(&[1; 128])), None, "2048"),
+            (
+                id.as_str(),
+                b64(&area),
+                Some("%%%".to_owned()),
+                "storageRootKey is not base64",
+            ),
+        ] {
+            let err = check_enrollment(rid, &ek, srk.as_deref())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{err}");
+        }
     }
 
     #[test]

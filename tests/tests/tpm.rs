@@ -22,6 +22,15 @@ fn a_credential_made_in_software_is_activated_by_the_tpm_it_was_made_for() {
     let srk_name = srk.name().unwrap();
     assert_eq!(srk_name, std::fs::read(soft.path("srk.name")).unwrap());
     assert_eq!(tpm::registration_id(&ek_bytes).len(), 52);
+    // The enrollment an operator would write for this TPM is accepted.
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    tpm::check_enrollment(
+        &tpm::registration_id(&ek_bytes),
+        &b64(&ek_bytes),
+        Some(&b64(&srk_bytes)),
+    )
+    .expect("the TPM's own keys enroll");
 
     let secret = b"0123456789abcdef";
     let credential = tpm::make_credential(&ek, &srk_name, secret, &random).unwrap();
