@@ -386,51 +386,50 @@ impl Collector for StoreCollector {
         }
         let outboxes = self.responder.outbox_stats();
         type Value = fn(&edgedps_responder::OutboxStats) -> u64;
-        let gauges: [(&str, &str, Value); 2] = [
+        let families: [(&str, &str, MetricType, Value); 5] = [
             (
                 "hub_outbox_pending",
                 "Operations waiting in a cloud hub's outbox",
+                MetricType::Gauge,
                 |s| s.pending,
             ),
             (
                 "hub_outbox_failed",
                 "Operations a cloud hub refused for good (until an operator retries them)",
+                MetricType::Gauge,
                 |s| s.failed,
             ),
-        ];
-        for (name, help, value) in gauges {
-            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for stats in &outboxes {
-                let labels = HubLabels {
-                    hub: stats.hub.clone(),
-                };
-                ConstGauge::new(value(stats) as i64).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let counters: [(&str, &str, Value); 3] = [
             (
                 "hub_operation_attempts",
-                "Requests of outbox operations sent to a cloud hub (each attempt)",
+                "Attempts at outbox operations (each sends one to three requests to the hub)",
+                MetricType::Counter,
                 |s| s.attempts,
             ),
             (
                 "hub_operation_failures",
                 "Outbox operations a cloud hub refused for good",
+                MetricType::Counter,
                 |s| s.failures,
             ),
             (
                 "hub_operations_done",
                 "Outbox operations a cloud hub took",
+                MetricType::Counter,
                 |s| s.done,
             ),
         ];
-        for (name, help, value) in counters {
-            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (name, help, kind, value) in families {
+            let counter = matches!(kind, MetricType::Counter);
+            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
             for stats in &outboxes {
                 let labels = HubLabels {
                     hub: stats.hub.clone(),
                 };
-                ConstCounter::new(value(stats)).encode(family.encode_family(&labels)?)?;
+                let sample = family.encode_family(&labels)?;
+                match counter {
+                    true => ConstCounter::new(value(stats)).encode(sample)?,
+                    false => ConstGauge::new(value(stats) as i64).encode(sample)?,
+                }
             }
         }
         ConstCounter::new(self.responder.twin_updates()).encode(encoder.encode_descriptor(

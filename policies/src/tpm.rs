@@ -182,6 +182,14 @@ impl PublicArea {
         Ok(name)
     }
 
+    /// The RSA parameters of a storage key a credential or a duplicate can be made for
+    /// (SHA-256 names, AES-128-CFB); `None` for any other key.
+    pub fn storage_key(&self) -> Option<&RsaParameters> {
+        self.rsa.as_ref().filter(|rsa| {
+            self.name_alg == ALG_SHA256 && rsa.symmetric == Some((ALG_AES, 128, ALG_CFB))
+        })
+    }
+
     /// An endorsement key edgedps can challenge: RSA 2048, SHA-256 names, AES-128-CFB.
     pub fn check_endorsement_key(&self) -> Result<&RsaParameters, TpmError> {
         let bad = |why: String| TpmError::BadEndorsementKey(why);
@@ -245,12 +253,7 @@ pub fn check_enrollment(
         None => None,
         Some(b64) => {
             let srk = PublicArea::parse(&decode("storageRootKey", b64)?)?;
-            let storage = srk.name_alg == ALG_SHA256
-                && srk
-                    .rsa
-                    .as_ref()
-                    .is_some_and(|r| r.symmetric == Some((ALG_AES, 128, ALG_CFB)));
-            if !storage {
+            if srk.storage_key().is_none() {
                 return Err(TpmError::Malformed(
                     "storageRootKey is not an RSA storage key with SHA-256 and AES-128-CFB".into(),
                 ));
@@ -404,15 +407,9 @@ pub fn duplicate_hmac_key(
     inner_key: &[u8; 16],
     random: &dyn ring::rand::SecureRandom,
 ) -> Result<Duplicate, TpmError> {
-    let rsa = parent
-        .rsa
-        .as_ref()
-        .filter(|rsa| {
-            rsa.symmetric == Some((ALG_AES, 128, ALG_CFB)) && parent.name_alg == ALG_SHA256
-        })
-        .ok_or_else(|| {
-            TpmError::Crypto("the storage key is not RSA with SHA-256 and AES-128-CFB".into())
-        })?;
+    let rsa = parent.storage_key().ok_or_else(|| {
+        TpmError::Crypto("the storage key is not RSA with SHA-256 and AES-128-CFB".into())
+    })?;
     let mut seed_value = [0u8; 32];
     let mut seed = [0u8; 32];
     random

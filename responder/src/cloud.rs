@@ -397,35 +397,55 @@ impl Responder {
             tracing::warn!(registration_id = %device.registration_id, %hub, "the hub's registry cannot be told of this device's attestation; register it at the hub yourself");
             return Ok(None);
         };
-        let mut operation = HubOperation {
-            hub: hub.clone(),
-            sequence: 0,
-            registration_id: state.registration_id.clone(),
+        let sequence = self.enqueue(
+            state,
+            &hub,
             device_id,
-            action: HubAction::Register,
-            identity: Some(identity),
+            HubAction::Register,
+            Some(identity),
+            twin,
+        )?;
+        let before_answer = self
+            .linked_hub(&hub)
+            .is_some_and(|h| h.registration == HubRegistrationMode::BeforeAnswer);
+        let wait = before_answer.then(|| {
+            let (sender, receiver) = oneshot::channel();
+            lock(&self.cloud.waiters).insert(sequence, sender);
+            HubWait { sequence, receiver }
+        });
+        Ok(wait)
+    }
+
+    /// Appends an operation for `record`'s device to `hub`'s outbox (durable with the
+    /// caller's flush, its worker woken after it) and marks the record `pending` with
+    /// it. The operation's sequence.
+    fn enqueue(
+        &self,
+        record: &mut RegistrationState,
+        hub: &str,
+        device_id: String,
+        action: HubAction,
+        identity: Option<edgedps_topics::cloud::DeviceIdentity>,
+        twin: Option<TwinWrite>,
+    ) -> Result<u64, Error> {
+        let mut operation = HubOperation {
+            hub: hub.to_owned(),
+            sequence: 0,
+            registration_id: record.registration_id.clone(),
+            device_id,
+            action,
+            identity,
             twin,
             attempts: 0,
             last_error: None,
             enqueued_at: timestamp_now(),
         };
         self.store.cloud().enqueue(&mut operation)?;
-        state.hub_registration = Some(
+        record.hub_registration = Some(
             operation.registration(HubRegistrationState::Pending, operation.enqueued_at.clone()),
         );
-        let before_answer = self
-            .linked_hub(&hub)
-            .is_some_and(|h| h.registration == HubRegistrationMode::BeforeAnswer);
-        let wait = before_answer.then(|| {
-            let (sender, receiver) = oneshot::channel();
-            lock(&self.cloud.waiters).insert(operation.sequence, sender);
-            HubWait {
-                sequence: operation.sequence,
-                receiver,
-            }
-        });
-        self.cloud.wake_after_flush(&hub);
-        Ok(wait)
+        self.cloud.wake_after_flush(hub);
+        Ok(operation.sequence)
     }
 
     /// The device's data for a hub it moved to: read at the hub it left when that one
@@ -555,23 +575,7 @@ impl Responder {
         if !self.cloud.has_credentials(&hub) || self.is_local_hub(&hub) {
             return Ok(false);
         }
-        let mut operation = HubOperation {
-            hub: hub.clone(),
-            sequence: 0,
-            registration_id: record.registration_id.clone(),
-            device_id,
-            action,
-            identity: None,
-            twin: None,
-            attempts: 0,
-            last_error: None,
-            enqueued_at: timestamp_now(),
-        };
-        self.store.cloud().enqueue(&mut operation)?;
-        record.hub_registration = Some(
-            operation.registration(HubRegistrationState::Pending, operation.enqueued_at.clone()),
-        );
-        self.cloud.wake_after_flush(&hub);
+        self.enqueue(record, &hub, device_id, action, None, None)?;
         Ok(true)
     }
 

@@ -347,13 +347,17 @@ impl Responder {
         for (name, hub) in admin.iter() {
             all.insert(name.clone(), hub.clone());
         }
-        drop(admin);
-        all.into_values()
-            .map(|mut hub| {
-                hub.credentials = self.credentials_shown(&hub.host_name);
-                hub
-            })
-            .collect()
+        all.into_values().collect()
+    }
+
+    /// Linked hubs as their records show them: with what is set of their credentials.
+    /// (Allocation, on every register, reads [`Responder::linked_hubs`] without it.)
+    fn shown_hubs(&self) -> Vec<LinkedHub> {
+        let mut hubs = self.linked_hubs();
+        for hub in &mut hubs {
+            hub.credentials = self.credentials_shown(&hub.host_name);
+        }
+        hubs
     }
 
     /// Marks an operator write applied: what sessions read before is read again.

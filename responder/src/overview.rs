@@ -69,7 +69,7 @@ impl Responder {
             None => self.store.scan_enrollments(None).count() as u64,
         };
         let hubs = self
-            .linked_hubs()
+            .shown_hubs()
             .into_iter()
             .map(|hub| {
                 let (outbox_pending, outbox_failed) =

@@ -106,7 +106,7 @@ impl Responder {
                     true
                 }
                 (RecordKind::Hub, _) => {
-                    for h in self.linked_hubs() {
+                    for h in self.shown_hubs() {
                         if selection.takes(&h.host_name) {
                             out.push(record(kind, &h.host_name, &h));
                         }

@@ -45,6 +45,32 @@ struct Decision {
     device_id: Option<String>,
 }
 
+impl Decision {
+    /// A registration completed as `failed` (a 200, as DPS): its code and reason in the
+    /// registration state, no hub rights.
+    fn failed(
+        device: &Attested,
+        operation_id: &str,
+        code: u32,
+        message: String,
+        at: String,
+    ) -> Decision {
+        let mut state =
+            RegistrationState::new(device.registration_id.clone(), RegistrationStatus::Failed);
+        state.last_updated_date_time_utc = Some(at);
+        state.error_code = Some(code);
+        state.error_message = Some(message);
+        Decision {
+            answer: OperationStatus {
+                operation_id: operation_id.to_owned(),
+                status: RegistrationStatus::Failed,
+                registration_state: Some(state),
+            },
+            device_id: None,
+        }
+    }
+}
+
 /// The enrollment a registration follows, whichever kind it is.
 struct Resolved {
     group_id: Option<String>,
@@ -144,21 +170,7 @@ impl Responder {
                     Some(message.clone()),
                 ));
                 tracing::info!(code, %message, registration_id = %device.registration_id, "registration failed");
-                let mut state = RegistrationState::new(
-                    device.registration_id.clone(),
-                    RegistrationStatus::Failed,
-                );
-                state.last_updated_date_time_utc = Some(timestamp_now());
-                state.error_code = Some(code);
-                state.error_message = Some(message);
-                Decision {
-                    answer: OperationStatus {
-                        operation_id: operation_id.clone(),
-                        status: RegistrationStatus::Failed,
-                        registration_state: Some(state),
-                    },
-                    device_id: None,
-                }
+                Decision::failed(device, &operation_id, code, message, timestamp_now())
             }
             Err(error) => return Err(error),
         };
@@ -469,19 +481,10 @@ impl Responder {
         );
         event.hub_registration = record.hub_registration.clone();
         publish.push(Publication::event(event.topic(), &event));
-        let mut answer =
-            RegistrationState::new(device.registration_id.clone(), RegistrationStatus::Failed);
-        answer.last_updated_date_time_utc = record.last_updated_date_time_utc.clone();
-        answer.error_code = Some(code);
-        answer.error_message = Some(message);
-        Ok(Decision {
-            answer: OperationStatus {
-                operation_id: operation_id.to_owned(),
-                status: RegistrationStatus::Failed,
-                registration_state: Some(answer),
-            },
-            device_id: None,
-        })
+        let at = record
+            .last_updated_date_time_utc
+            .unwrap_or_else(timestamp_now);
+        Ok(Decision::failed(device, operation_id, code, message, at))
     }
 
     /// The enrollment a device in service follows now.

@@ -208,6 +208,23 @@ impl FakeHub {
         self.addr.to_string()
     }
 
+    /// The configuration that links this hub: `[cloud]` trusting the test CA (and the
+    /// `cloud` lines given), and a `[[hubs]]` entry with its service address and its
+    /// connection string in a file; the files are written into `dir`.
+    pub fn config_toml(&self, dir: &std::path::Path, cloud: &str) -> String {
+        let secret = dir.join(format!("{}.connection-string", self.host_name));
+        std::fs::write(&secret, self.connection_string()).expect("write the connection string");
+        let anchors = dir.join("hub-ca.pem");
+        std::fs::write(&anchors, &pki().server_ca.pem).expect("write the trust anchors");
+        format!(
+            "[cloud]\ntrust_anchors_file = \"{}\"\n{cloud}[[hubs]]\nhost_name = \"{}\"\nservice_address = \"{}\"\nconnection_string_file = \"{}\"\n",
+            anchors.display(),
+            self.host_name,
+            self.service_address(),
+            secret.display()
+        )
+    }
+
     pub fn identity(&self, device_id: &str) -> Option<Value> {
         lock(&self.state).devices.get(device_id).cloned()
     }

@@ -333,13 +333,7 @@ async fn disabling_re_enabling_and_deregistering_reach_the_hub() {
     let hub = FakeHub::start(CLOUD).await;
     let server = server_with(&[&hub], HubRegistrationMode::AfterAnswer).await;
     let mut operator = server.operator().await;
-    let key = new_key();
-    operator
-        .put(
-            "dps/enrollments/cl-life",
-            enrollment_for("cl-life", &key, CLOUD),
-        )
-        .await;
+    let key = enroll_at(&mut operator, "cl-life", CLOUD).await;
     operator.subscribe("dps/events/registrations/cl-life").await;
     assigned(&server, "cl-life", &key).await;
     let status = |want: &'static str| {
@@ -576,13 +570,7 @@ async fn every_fault_of_a_hub_ends_as_a_recorded_state_while_others_keep_working
             json!({"serviceAddress": hub.service_address(), "connectionString": hub.wrong_connection_string()}),
         )
         .await;
-    let key = new_key();
-    operator
-        .put(
-            "dps/enrollments/f-401",
-            enrollment_for("f-401", &key, CLOUD),
-        )
-        .await;
+    let key = enroll_at(&mut operator, "f-401", CLOUD).await;
     assigned(&server, "f-401", &key).await;
     let state = hub_state(&server, "f-401", "failed", Duration::from_secs(10)).await;
     assert!(
@@ -640,10 +628,7 @@ async fn a_before_answer_hub_is_waited_for_and_its_refusal_fails_the_registratio
     let hub = FakeHub::start(CLOUD).await;
     let server = server_with(&[&hub], HubRegistrationMode::BeforeAnswer).await;
     let mut operator = server.operator().await;
-    let key = new_key();
-    operator
-        .put("dps/enrollments/ba-1", enrollment_for("ba-1", &key, CLOUD))
-        .await;
+    let key = enroll_at(&mut operator, "ba-1", CLOUD).await;
     assigned(&server, "ba-1", &key).await;
     // Answered only once the hub had it.
     assert!(hub.identity("ba-1").is_some());
@@ -696,14 +681,7 @@ async fn a_crash_during_a_drain_loses_nothing_and_a_restart_resumes_the_outbox()
     let hub = FakeHub::start(CLOUD).await;
     hub.go_down();
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("cloud-a.connection-string");
-    std::fs::write(&secret, hub.connection_string()).unwrap();
-    let extra = format!(
-        "[cloud]\ntrust_anchors_file = \"{}\"\nmax_retry_seconds = 1\n[[hubs]]\nhost_name = \"{CLOUD}\"\nservice_address = \"{}\"\nconnection_string_file = \"{}\"\n",
-        anchors().display(),
-        hub.service_address(),
-        secret.display()
-    );
+    let extra = hub.config_toml(dir.path(), "max_retry_seconds = 1\n");
     let (devices_port, local_port) = free_ports();
     let mut process = Process::start(dir.path(), devices_port, local_port, &extra).await;
     let mut operator = Operator::connect(local_port).await;

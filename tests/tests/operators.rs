@@ -67,9 +67,10 @@ fn enrollment_exists(server: &Server, registration_id: &str) -> bool {
     .success()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_local_listener_takes_operators_by_password_and_readers_cannot_write() {
-    let server = Server::start_with(|config| {
+/// A server whose local listener takes no anonymous clients: alice (admin) and bob
+/// (reader) by password.
+async fn alice_and_bob() -> Server {
+    Server::start_with(|config| {
         if let Some(local) = config.listeners.local.as_mut() {
             local.anonymous = false;
         }
@@ -78,7 +79,12 @@ async fn the_local_listener_takes_operators_by_password_and_readers_cannot_write
             password_operator("bob", OperatorRole::Reader, BOB),
         ];
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_listener_takes_operators_by_password_and_readers_cannot_write() {
+    let server = alice_and_bob().await;
     let port = server.local_port;
 
     // No credentials: refused on a listener that takes no anonymous clients.
@@ -395,16 +401,7 @@ async fn without_operators_an_anonymous_listener_ignores_usernames() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_sees_that_a_hub_has_a_connection_string_never_the_string() {
-    let server = Server::start_with(|config| {
-        if let Some(local) = config.listeners.local.as_mut() {
-            local.anonymous = false;
-        }
-        config.operators = vec![
-            password_operator("alice", OperatorRole::Admin, ALICE),
-            password_operator("bob", OperatorRole::Reader, BOB),
-        ];
-    })
-    .await;
+    let server = alice_and_bob().await;
     let port = server.local_port;
     let mut alice = Operator::connect_as(port, "alice", ALICE)
         .await

@@ -192,17 +192,7 @@ async fn stock_python_sdk_devices_are_registered_at_their_cloud_hub() {
     let pki = pki();
     let hub = FakeHub::start("py-cloud.example.net").await;
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("hub.connection-string");
-    std::fs::write(&secret, hub.connection_string()).unwrap();
-    let anchors = dir.path().join("hub-ca.pem");
-    std::fs::write(&anchors, &pki.server_ca.pem).unwrap();
-    let extra = format!(
-        "[cloud]\ntrust_anchors_file = \"{}\"\n[[hubs]]\nhost_name = \"{}\"\nservice_address = \"{}\"\nconnection_string_file = \"{}\"\n",
-        anchors.display(),
-        hub.host_name,
-        hub.service_address(),
-        secret.display()
-    );
+    let extra = hub.config_toml(dir.path(), "");
     let (_, local_port) = free_ports();
     let _process = Process::start(dir.path(), 8883, local_port, &extra).await;
     let mut operator = Operator::connect(local_port).await;

@@ -93,16 +93,9 @@ async fn no_secret_reaches_logs_events_retained_records_or_errors() {
     // A cloud hub with a connection string in a file: its policy key and every token
     // signed with it are secrets too.
     let hub = edgedps_tests::iothub::FakeHub::start("secret-hub.example.net").await;
-    let secret_file = dir.path().join("hub.connection-string");
-    std::fs::write(&secret_file, hub.connection_string()).unwrap();
-    let anchors = dir.path().join("hub-ca.pem");
-    std::fs::write(&anchors, &pki.server_ca.pem).unwrap();
     let config = format!(
-        "[cloud]\ntrust_anchors_file = \"{}\"\n[[hubs]]\nhost_name = \"{}\"\nservice_address = \"{}\"\nconnection_string_file = \"{}\"\n[log]\nformat = \"json\"\n[http]\nbind = \"127.0.0.1:{http_port}\"\n",
-        anchors.display(),
-        hub.host_name,
-        hub.service_address(),
-        secret_file.display()
+        "{}[log]\nformat = \"json\"\n[http]\nbind = \"127.0.0.1:{http_port}\"\n",
+        hub.config_toml(dir.path(), "")
     );
     let config = config.as_str();
     let env = [("RUST_LOG", "trace")];
