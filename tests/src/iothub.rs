@@ -251,6 +251,13 @@ impl FakeHub {
         lock(&self.state).seen.clone()
     }
 
+    /// Changes a twin's tags there, as a cloud application would.
+    pub fn set_tags(&self, device_id: &str, tags: Value) {
+        if let Some(twin) = lock(&self.state).twins.get_mut(device_id) {
+            twin["tags"] = tags;
+        }
+    }
+
     /// Puts an identity there as if made at the hub by someone else.
     pub fn put_identity(&self, device_id: &str, identity: Value) {
         let mut state = lock(&self.state);

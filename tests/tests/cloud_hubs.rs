@@ -898,3 +898,87 @@ fn config_reads_connection_strings_from_files_and_the_environment_and_names_bad_
         assert!(!err.contains(&key), "{err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_device_s_twin_follows_it_or_is_reset_as_its_policy_says() {
+    let (a, b) = (FakeHub::start(CLOUD).await, FakeHub::start(OTHER).await);
+    let server = server_with(&[&a, &b], HubRegistrationMode::AfterAnswer).await;
+    let mut operator = server.operator().await;
+    let key = enroll_at(&mut operator, "mover", CLOUD).await;
+    assigned(&server, "mover", &key).await;
+    hub_state(&server, "mover", "done", Duration::from_secs(10)).await;
+    // At hub A the cloud changes the device's tags; the device is moved to B and its
+    // data migrates (the default policy): B gets A's twin, not the enrollment's.
+    a.set_tags("mover", json!({"site": "moved-with-me"}));
+    let mut moved = enrollment_for("mover", &key, OTHER);
+    operator.put("dps/enrollments/mover", moved.clone()).await;
+    let outcome = assigned(&server, "mover", &key).await;
+    assert_eq!(
+        outcome.body["registrationState"]["substatus"],
+        "deviceDataMigrated"
+    );
+    hub_state(&server, "mover", "done", Duration::from_secs(10)).await;
+    assert_eq!(
+        b.twin("mover").unwrap()["tags"],
+        json!({"site": "moved-with-me"})
+    );
+    assert_eq!(
+        b.twin("mover").unwrap()["properties"]["desired"]["interval"],
+        30
+    );
+    // Moved back with its data reset: A gets the enrollment's twin again.
+    moved["iotHubs"] = json!([CLOUD]);
+    moved["reprovisionPolicy"] = json!({"updateHubAssignment": true, "migrateDeviceData": false});
+    operator.put("dps/enrollments/mover", moved).await;
+    let outcome = assigned(&server, "mover", &key).await;
+    assert_eq!(
+        outcome.body["registrationState"]["substatus"],
+        "deviceDataReset"
+    );
+    hub_state(&server, "mover", "done", Duration::from_secs(10)).await;
+    assert_eq!(a.twin("mover").unwrap()["tags"], json!({"site": "plant-7"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_with_an_issued_certificate_is_registered_with_its_thumbprint() {
+    let hub = FakeHub::start(CLOUD).await;
+    let server = Server::start_with(|config| {
+        link(config, &hub, HubRegistrationMode::AfterAnswer);
+        config.certificate_authorities = vec![edgedps::config::CertificateAuthorityConfig {
+            name: "gateway".into(),
+            cert: None,
+            key: None,
+            validity_days: 30,
+        }];
+    })
+    .await;
+    let mut operator = server.operator().await;
+    let key = new_key();
+    let mut e = enrollment_for("issued-cloud", &key, CLOUD);
+    e["clientCertificateIssuancePolicy"] = json!({"certificateAuthorityName": "gateway"});
+    operator.put("dps/enrollments/issued-cloud", e).await;
+    let mut config = server.device("issued-cloud", sas(&key));
+    config.csr = Some(
+        edgedps_device::credentials::CertificateRequest::new("issued-cloud")
+            .unwrap()
+            .csr,
+    );
+    let outcome = edgedps_device::provision::register(&config, None)
+        .await
+        .unwrap();
+    assert_eq!(outcome.status_word(), Some("assigned"), "{}", outcome.body);
+    hub_state(&server, "issued-cloud", "done", Duration::from_secs(10)).await;
+    let record = server
+        .running
+        .responder
+        .registration_record("issued-cloud")
+        .unwrap()
+        .unwrap();
+    let issued = &record.issued_certificates[0].sha256_thumbprint;
+    let identity = hub.identity("issued-cloud").unwrap();
+    assert_eq!(identity["authentication"]["type"], "selfSigned");
+    assert_eq!(
+        identity["authentication"]["x509Thumbprint"]["primaryThumbprint"],
+        issued.as_str()
+    );
+}
