@@ -10,6 +10,14 @@ use tokio::io::AsyncWriteExt;
 
 /// The interpreter: `EDGEDPS_PYTHON`, or `.venv` at the workspace root. A missing venv
 /// fails the test.
+/// The stock SDKs dial 8883 only: one test of the binary at a time holds it.
+static PORT_8883: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Holds 127.0.0.1:8883 for the caller until the guard drops.
+pub async fn hold_port_8883() -> tokio::sync::MutexGuard<'static, ()> {
+    PORT_8883.lock().await
+}
+
 pub fn python() -> PathBuf {
     if let Ok(python) = std::env::var("EDGEDPS_PYTHON") {
         return PathBuf::from(python);

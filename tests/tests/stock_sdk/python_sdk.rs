@@ -12,9 +12,6 @@ use edgedps_policies::sas::derive_device_key;
 use edgedps_tests::*;
 use serde_json::{json, Value};
 
-/// The SDK dials 8883 only: one test at a time holds it.
-static PORT_8883: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 async fn run_sdk(request: Value) -> Vec<Value> {
     run_python(
         "provision.py",
@@ -26,7 +23,7 @@ async fn run_sdk(request: Value) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_python_sdk_provisions_every_attestation_kind_in_both_modes() {
-    let _port = PORT_8883.lock().await;
+    let _port = hold_port_8883().await;
     let pki = pki();
     for (mode, extra) in [
         ("one round trip", ""),
@@ -188,7 +185,7 @@ async fn stock_python_sdk_provisions_every_attestation_kind_in_both_modes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_python_sdk_devices_are_registered_at_their_cloud_hub() {
     use edgedps_tests::iothub::FakeHub;
-    let _port = PORT_8883.lock().await;
+    let _port = hold_port_8883().await;
     let pki = pki();
     let hub = FakeHub::start("py-cloud.example.net").await;
     let dir = tempfile::tempdir().unwrap();

@@ -34,6 +34,7 @@ fn text(path: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manufactured_batch_is_enrolled_and_its_devices_provision_with_the_stock_sdk() {
+    let _port = hold_port_8883().await;
     let dir = tempfile::tempdir().unwrap();
     let (_, local_port) = free_ports();
     let _process = Process::start(dir.path(), 8883, local_port, "").await;

@@ -33,6 +33,7 @@ async fn next_within(operator: &mut Operator, topic_prefix: &str, limit: Duratio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stock_python_sdk_uses_the_gateway_as_its_hub() {
+    let _port = hold_port_8883().await;
     let pki = pki();
     let dir = tempfile::tempdir().unwrap();
     let (_, local_port) = free_ports();
