@@ -28,4 +28,6 @@ pub enum DeviceError {
     Bundle(String),
     #[error("certificate renewal refused: {0}")]
     Renewal(String),
+    #[error("TPM: {0}")]
+    Tpm(String),
 }

@@ -42,6 +42,12 @@ pub async fn connect(
             options.set_credentials(username, "");
             crate::tls::client_config(server_ca_pem, Some((chain_pem, key_pem)))?
         }
+        DeviceAuth::Tpm(tpm) => {
+            let sr = edgedps_policies::sas::hub_resource(host, device_id);
+            let token = crate::tpm::token(tpm, sr, unix_now() + 3600, None).await?;
+            options.set_credentials(username, token);
+            crate::tls::client_config(server_ca_pem, None)?
+        }
     };
     options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
     let (client, mut eventloop) = AsyncClient::new(options, 16);

@@ -15,6 +15,7 @@ pub mod manufacture;
 pub mod process;
 pub mod provision;
 pub mod tls;
+pub mod tpm;
 
 pub use error::DeviceError;
 pub use provision::{register, DeviceAuth, DeviceConfig, Outcome};

@@ -22,6 +22,9 @@ pub enum DeviceAuth {
         chain_pem: Vec<u8>,
         key_pem: Vec<u8>,
     },
+    /// A TPM (PROTOCOL C): a challenge first, then SAS tokens signed in the TPM with
+    /// the key it was sent; after the assignment, with its hub key.
+    Tpm(Arc<dyn crate::tpm::TpmDevice>),
 }
 
 #[derive(Clone)]
@@ -107,7 +110,7 @@ impl Outcome {
 /// for X.509 attestation.
 pub fn tls_config(config: &DeviceConfig) -> Result<Arc<rustls::ClientConfig>, DeviceError> {
     let identity = match &config.auth {
-        DeviceAuth::SymmetricKey { .. } => None,
+        DeviceAuth::SymmetricKey { .. } | DeviceAuth::Tpm(_) => None,
         DeviceAuth::X509 { chain_pem, key_pem } => Some((chain_pem.as_slice(), key_pem.as_slice())),
     };
     crate::tls::client_config(&config.server_ca_pem, identity)
@@ -123,28 +126,36 @@ pub async fn connect_with(
     config: &DeviceConfig,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<(AsyncClient, EventLoop), DeviceError> {
+    let password = match &config.auth {
+        DeviceAuth::SymmetricKey { key } => edgedps_policies::sas::sign(
+            key,
+            &config.id_scope,
+            &config.registration_id,
+            unix_now() + 3600,
+        )?,
+        // A TPM device's first CONNECT has no token: it asks for its challenge.
+        DeviceAuth::X509 { .. } | DeviceAuth::Tpm(_) => String::new(),
+    };
+    connect_as(config, tls, password).await
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// Connects with `password` as the CONNECT's.
+async fn connect_as(
+    config: &DeviceConfig,
+    tls: Arc<rustls::ClientConfig>,
+    password: String,
+) -> Result<(AsyncClient, EventLoop), DeviceError> {
     let mut options = MqttOptions::new(&config.registration_id, &config.host, config.port);
     options.set_keep_alive(Duration::from_secs(30));
     options.set_clean_session(true);
-    match &config.auth {
-        DeviceAuth::SymmetricKey { key } => {
-            let expiry = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or_default()
-                + 3600;
-            let token = edgedps_policies::sas::sign(
-                key,
-                &config.id_scope,
-                &config.registration_id,
-                expiry,
-            )?;
-            options.set_credentials(config.username(), token);
-        }
-        DeviceAuth::X509 { .. } => {
-            options.set_credentials(config.username(), "");
-        }
-    }
+    options.set_credentials(config.username(), password);
     options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
     let (client, mut eventloop) = AsyncClient::new(options, 16);
     eventloop
@@ -163,15 +174,63 @@ pub async fn connect_with(
     }
 }
 
-/// Provisions the device: the whole DPS exchange on one connection.
+/// Provisions the device: the whole DPS exchange on one connection (a TPM device's
+/// on two: the challenge, then the registration it signs).
 pub async fn register(
     config: &DeviceConfig,
     payload: Option<Value>,
 ) -> Result<Outcome, DeviceError> {
+    if let DeviceAuth::Tpm(tpm) = &config.auth {
+        return register_tpm(config, tpm, payload).await;
+    }
     let (client, mut eventloop) = connect(config).await?;
     let result = exchange(config, &client, &mut eventloop, payload).await;
     let _ = client.try_disconnect();
     result
+}
+
+/// PROTOCOL C: register without a token and get a 401 challenge; activate it in the
+/// TPM; connect again with a token the TPM signs and register; activate the hub key of
+/// the answer. An answer that is not a challenge (a refusal) is the outcome.
+async fn register_tpm(
+    config: &DeviceConfig,
+    tpm: &Arc<dyn crate::tpm::TpmDevice>,
+    payload: Option<Value>,
+) -> Result<Outcome, DeviceError> {
+    let tls = tls_config(config)?;
+    let (client, mut eventloop) = connect_as(config, tls.clone(), String::new()).await?;
+    let challenge = exchange(config, &client, &mut eventloop, payload.clone()).await;
+    let _ = client.try_disconnect();
+    let challenge = challenge?;
+    if challenge.status != 401 {
+        return Ok(challenge);
+    }
+    let Some(key) = challenge
+        .body
+        .get("authenticationKey")
+        .and_then(Value::as_str)
+    else {
+        return Ok(challenge);
+    };
+    crate::tpm::activate(tpm, key).await?;
+    let sr =
+        edgedps_policies::sas::registration_resource(&config.id_scope, &config.registration_id);
+    let token = crate::tpm::token(tpm, sr, unix_now() + 3600, Some("registration")).await?;
+    let (client, mut eventloop) = connect_as(config, tls, token).await?;
+    let outcome = exchange(config, &client, &mut eventloop, payload).await;
+    let _ = client.try_disconnect();
+    let outcome = outcome?;
+    if outcome.status_word() == Some("assigned") {
+        let hub_key = outcome
+            .body
+            .pointer("/registrationState/tpm/authenticationKey")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                DeviceError::BadResponse("assigned without registrationState.tpm".into())
+            })?;
+        crate::tpm::activate(tpm, hub_key).await?;
+    }
+    Ok(outcome)
 }
 
 /// Runs register (and polls) on an open connection.
@@ -203,6 +262,9 @@ pub async fn register_on(
     }
     if let Some(csr) = &config.csr {
         body["csr"] = Value::from(csr.as_str());
+    }
+    if let DeviceAuth::Tpm(tpm) = &config.auth {
+        body["tpm"] = crate::tpm::register_member(tpm.as_ref());
     }
     let body = serde_json::to_vec(&body).unwrap_or_default();
     let (mut polls, mut throttled, mut rid) = (0, 0, 1u32);

@@ -61,6 +61,9 @@ pub struct Attested {
     pub certificate: Option<Arc<PresentedCertificate>>,
     /// SAS: when the token it connected with expires (Unix seconds).
     pub token_expires: Option<u64>,
+    /// False only for a TPM device that came without a token: it may ask for a
+    /// challenge (its register is answered 401 with one) and nothing else.
+    pub proven: bool,
 }
 
 /// The certificate chain of an X.509 device, kept for the life of its session so that a
@@ -157,6 +160,9 @@ pub struct Enrollments<'a> {
     pub groups: &'a BTreeMap<String, GroupCredentials>,
     pub revocation_lists: &'a BTreeMap<String, RevocationList>,
     pub now: u64,
+    /// A TPM device's key for this audience (base64): the registration key of the
+    /// challenge it was last sent at provisioning, the hub key it was given at a hub.
+    pub tpm_key: Option<&'a str>,
 }
 
 /// Who a CONNECT says it is: the client id, checked against the username and the
@@ -277,7 +283,7 @@ fn attest_for(
 ) -> Result<Attested, AttestationError> {
     match credential {
         Credential::Sas(password) => attest_sas(registration_id, password, enrollments, audience),
-        Credential::X509(chain) => attest_x509(registration_id, chain, enrollments),
+        Credential::X509(chain) => attest_x509(registration_id, chain, enrollments, audience),
     }
 }
 
@@ -290,9 +296,21 @@ fn attest_sas(
     let token =
         SasToken::parse(password).map_err(|e| AttestationError::Malformed(e.to_string()))?;
     let id = registration_id.as_str();
+    let mut kind = AttestationType::SymmetricKey;
     let source = match enrollments.individual {
         Some(enrollment) => {
-            let verdict = match symmetric_keys(&enrollment.attestation) {
+            let tpm = enrollment.attestation.kind == AttestationType::Tpm;
+            let keys = match (tpm, enrollments.tpm_key) {
+                (true, Some(key)) => Some(vec![key]),
+                (true, None) => {
+                    return Err(AttestationError::NotAuthorized(match audience {
+                        Audience::Dps => format!("TPM device `{id}` has no challenge to answer: it registers without a token first"),
+                        Audience::Hub { .. } => format!("TPM device `{id}` was given no hub key: it registers first"),
+                    }))
+                }
+                (false, _) => symmetric_keys(&enrollment.attestation),
+            };
+            let verdict = match keys {
                 None => Err(AttestationError::NotAuthorized(format!(
                     "individual enrollment `{id}` is not a symmetric-key enrollment"
                 ))),
@@ -301,6 +319,9 @@ fn attest_sas(
                     .map(|_| EnrollmentSource::Individual)
                     .map_err(|e| AttestationError::NotAuthorized(e.to_string())),
             };
+            if tpm && verdict.is_ok() {
+                kind = AttestationType::Tpm;
+            }
             or_group_if_blocked(enrollment, verdict, || {
                 sas_group(id, &token, enrollments, audience)
             })?
@@ -310,9 +331,10 @@ fn attest_sas(
     Ok(Attested {
         registration_id,
         source,
-        kind: AttestationType::SymmetricKey,
+        kind,
         certificate: None,
         token_expires: Some(token.expiry()),
+        proven: true,
     })
 }
 
@@ -371,12 +393,27 @@ fn attest_x509(
     registration_id: RegistrationId,
     chain: &[Vec<u8>],
     enrollments: &Enrollments<'_>,
+    audience: Audience<'_>,
 ) -> Result<Attested, AttestationError> {
     let id = registration_id.as_str();
     let Some(leaf) = chain.first() else {
-        return Err(AttestationError::NotAuthorized(
-            "no password and no client certificate".into(),
-        ));
+        let tpm = enrollments
+            .individual
+            .is_some_and(|e| e.attestation.kind == AttestationType::Tpm);
+        return match (tpm, audience) {
+            // It asks for its challenge.
+            (true, Audience::Dps) => Ok(Attested {
+                registration_id,
+                source: EnrollmentSource::Individual,
+                kind: AttestationType::Tpm,
+                certificate: None,
+                token_expires: None,
+                proven: false,
+            }),
+            _ => Err(AttestationError::NotAuthorized(
+                "no password and no client certificate".into(),
+            )),
+        };
     };
     if id.len() > MAX_X509_REGISTRATION_ID {
         return Err(AttestationError::BadClientId(format!(
@@ -409,6 +446,7 @@ fn attest_x509(
         kind: AttestationType::X509,
         certificate: Some(Arc::new(PresentedCertificate::of(chain, leaf_info.issuer))),
         token_expires: None,
+        proven: true,
     })
 }
 
@@ -586,6 +624,7 @@ mod tests {
             groups,
             revocation_lists: &lists,
             now: NOW,
+            tpm_key: None,
         };
         match hub {
             None => attest(claim(id, &username(id), SCOPE)?, credential, &enrollments),

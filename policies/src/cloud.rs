@@ -147,8 +147,8 @@ pub struct Credentials {
     pub issued: Vec<String>,
 }
 
-/// The identity `device_id` gets at its hub; `None` for an attestation the registry
-/// cannot be told of (TPM: not yet).
+/// The identity `device_id` gets at its hub; `None` when its credentials are not known
+/// (no keys, no thumbprints).
 pub fn identity(
     device_id: &str,
     attestation: AttestationType,
@@ -169,7 +169,8 @@ pub fn identity(
         }
     } else {
         match attestation {
-            AttestationType::SymmetricKey => {
+            // A TPM device signs with the hub key edgedps gave it: a symmetric key.
+            AttestationType::SymmetricKey | AttestationType::Tpm => {
                 let (primary, secondary) = credentials.symmetric_keys.clone()?;
                 // IoT Hub takes both keys or none: an enrollment with one key gives it twice.
                 let secondary = secondary.unwrap_or_else(|| primary.clone());
@@ -192,7 +193,7 @@ pub fn identity(
                 symmetric_key: None,
                 x509_thumbprint: thumbprints(&mut credentials.thumbprints.iter()),
             },
-            AttestationType::X509 | AttestationType::Tpm => return None,
+            AttestationType::X509 => return None,
         }
     };
     Some(DeviceIdentity {
@@ -449,6 +450,16 @@ mod tests {
             DeviceStatus::Enabled
         )
         .is_none());
+        // A TPM device is registered with the hub key it was given, twice.
+        let tpm = Credentials {
+            symmetric_keys: Some(("HUBKEY".into(), None)),
+            ..Credentials::default()
+        };
+        let tpm = identity("d", AttestationType::Tpm, &tpm, DeviceStatus::Enabled).unwrap();
+        assert_eq!(tpm.authentication.kind, AuthenticationType::Sas);
+        let keys = tpm.authentication.symmetric_key.unwrap();
+        assert_eq!(keys.primary_key.as_deref(), Some("HUBKEY"));
+        assert_eq!(keys.secondary_key.as_deref(), Some("HUBKEY"));
     }
 
     #[test]

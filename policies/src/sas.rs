@@ -215,8 +215,11 @@ pub fn sign(
     registration_id: &str,
     expiry: u64,
 ) -> Result<String, SasError> {
-    let resource = format!("{id_scope}/registrations/{registration_id}");
-    sign_resource(key, &encoded(&resource), expiry)
+    sign_resource(
+        key,
+        &registration_resource(id_scope, registration_id),
+        expiry,
+    )
 }
 
 /// Device side: a hub token for `{hostName}/devices/{deviceId}` (PROTOCOL E), the
@@ -227,11 +230,7 @@ pub fn sign_hub(
     device_id: &str,
     expiry: u64,
 ) -> Result<String, SasError> {
-    token(
-        key,
-        &encoded(&format!("{host_name}/devices/{device_id}")),
-        expiry,
-    )
+    token(key, &hub_resource(host_name, device_id), expiry)
 }
 
 /// Signs a resource spelled exactly as given (`sr` is not re-encoded), with the key
@@ -259,9 +258,31 @@ pub fn sign_service(
 fn token(key: &str, sr: &str, expiry: u64) -> Result<String, SasError> {
     let raw_key = BASE64.decode(key).map_err(|_| SasError::BadKey)?;
     let hmac_key = hmac::Key::new(hmac::HMAC_SHA256, &raw_key);
-    let signature = hmac::sign(&hmac_key, format!("{sr}\n{expiry}").as_bytes());
+    token_signed_by(sr, expiry, |data| {
+        Ok(hmac::sign(&hmac_key, data).as_ref().to_vec())
+    })
+}
+
+/// Device side: a token whose HMAC-SHA256 is computed by `sign` (a TPM holds the key),
+/// over `sr` as given (URL-encoded, see [`registration_resource`]) and `expiry`.
+pub fn token_signed_by<E>(
+    sr: &str,
+    expiry: u64,
+    sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, E>,
+) -> Result<String, E> {
+    let signature = sign(format!("{sr}\n{expiry}").as_bytes())?;
     let sig = utf8_percent_encode(&BASE64.encode(signature), ENCODE).to_string();
     Ok(format!("{PREFIX}sr={sr}&sig={sig}&se={expiry}"))
+}
+
+/// `{idScope}/registrations/{registrationId}`, URL-encoded: a provisioning token's `sr`.
+pub fn registration_resource(id_scope: &str, registration_id: &str) -> String {
+    encoded(&format!("{id_scope}/registrations/{registration_id}"))
+}
+
+/// `{hostName}/devices/{deviceId}`, URL-encoded: a hub token's `sr`.
+pub fn hub_resource(host_name: &str, device_id: &str) -> String {
+    encoded(&format!("{host_name}/devices/{device_id}"))
 }
 
 /// A resource URL-encoded as the Python SDK encodes it.

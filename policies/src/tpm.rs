@@ -556,7 +556,7 @@ impl RngCore for RingRng<'_> {
 impl CryptoRng for RingRng<'_> {}
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// An RSA 2048 EK in the TCG default template's shape, with `modulus`.

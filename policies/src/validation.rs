@@ -53,6 +53,9 @@ pub fn enrollment(
     }
     keep_stored_keys(&mut e.attestation, stored.map(|s| &s.attestation));
     validate_attestation(&e.attestation, false)?;
+    if e.attestation.kind == AttestationType::Tpm {
+        validate_tpm(e.registration_id.as_str(), &e.attestation)?;
+    }
     validate_settings(&e.settings)?;
     check_etag(
         e.settings.etag.as_deref(),
@@ -269,8 +272,32 @@ fn validate_attestation(attestation: &Attestation, group: bool) -> Result<(), In
             let pair = pair.ok_or_else(|| bad(format!("attestation.x509.{name} is missing")))?;
             validate_certificates(name, pair, group)
         }
-        AttestationType::Tpm => Err(bad("TPM attestation is not supported yet".into())),
+        AttestationType::Tpm if group => Err(bad(
+            "an enrollment group attests by X.509 or symmetric key: TPM attestation is for individual enrollments".into(),
+        )),
+        // Checked with the registration id it must name (`validate_tpm`).
+        AttestationType::Tpm => Ok(()),
     }
+}
+
+/// A TPM enrollment: an RSA 2048 endorsement key that names `registration_id` (TPM.md),
+/// and a storage root key, when given, that a key can be duplicated to.
+fn validate_tpm(registration_id: &str, attestation: &Attestation) -> Result<(), Invalid> {
+    let tpm = attestation
+        .tpm
+        .as_ref()
+        .ok_or_else(|| bad("attestation.tpm is missing".into()))?;
+    let endorsement_key = tpm
+        .endorsement_key
+        .as_deref()
+        .ok_or_else(|| bad("attestation.tpm.endorsementKey is missing".into()))?;
+    crate::tpm::check_enrollment(
+        registration_id,
+        endorsement_key,
+        tpm.storage_root_key.as_deref(),
+    )
+    .map_err(|e| bad(format!("attestation.tpm: {e}")))?;
+    Ok(())
 }
 
 fn validate_certificates(name: &str, pair: &CertificatePair, group: bool) -> Result<(), Invalid> {
@@ -422,9 +449,55 @@ mod tests {
             "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": "c2hvcnQ="}}}));
         let refused = enrollment("dev-1", short, None).unwrap_err().to_string();
         assert!(refused.contains("16 to 64 bytes"), "{refused}");
-        let tpm = enrollment_body(serde_json::json!({"registrationId": "dev-1",
+    }
+
+    #[test]
+    fn a_tpm_enrollment_must_hold_an_endorsement_key_naming_its_registration_id() {
+        use base64::Engine;
+        let area = crate::tpm::tests::ek_area(&[0xc5; 256]);
+        let ek = base64::engine::general_purpose::STANDARD.encode(&area);
+        let id = crate::tpm::registration_id(&area);
+        let body = |id: &str, tpm: serde_json::Value| {
+            enrollment_body(serde_json::json!({"registrationId": id,
+                "attestation": {"type": "tpm", "tpm": tpm}}))
+        };
+        let accepted = enrollment(
+            &id,
+            body(&id, serde_json::json!({"endorsementKey": ek})),
+            None,
+        );
+        assert!(accepted.is_ok(), "{accepted:?}");
+        for (rid, tpm, says) in [
+            (
+                "dev-1",
+                serde_json::json!({"endorsementKey": ek}),
+                "not `dev-1`",
+            ),
+            (
+                id.as_str(),
+                serde_json::json!({}),
+                "endorsementKey is missing",
+            ),
+            (
+                id.as_str(),
+                serde_json::json!({"endorsementKey": "AAA"}),
+                "attestation.tpm",
+            ),
+        ] {
+            let refused = enrollment(rid, body(rid, tpm), None)
+                .unwrap_err()
+                .to_string();
+            assert!(refused.contains(says), "{refused}");
+        }
+        let missing = enrollment_body(serde_json::json!({"registrationId": "dev-1",
             "attestation": {"type": "tpm"}}));
-        assert!(enrollment("dev-1", tpm, None).is_err());
+        let refused = enrollment("dev-1", missing, None).unwrap_err().to_string();
+        assert!(refused.contains("attestation.tpm is missing"), "{refused}");
+        let group = serde_json::from_value(serde_json::json!({"enrollmentGroupId": "g",
+            "attestation": {"type": "tpm", "tpm": {"endorsementKey": ek}}}))
+        .unwrap();
+        let refused = super::group("g", group, None).unwrap_err().to_string();
+        assert!(refused.contains("individual enrollments"), "{refused}");
     }
 
     #[test]

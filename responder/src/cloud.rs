@@ -538,7 +538,15 @@ impl Responder {
                     }
                 }
             }
-            (_, AttestationType::Tpm) => {}
+            (_, AttestationType::Tpm) => {
+                // Written by this register before the hub is told (`tpm.rs`).
+                match self.store.device_key(&device.registration_id) {
+                    Ok(key) => credentials.symmetric_keys = key.map(|k| (k, None)),
+                    Err(e) => {
+                        tracing::warn!(registration_id = %device.registration_id, error = %e, "cannot read the device's hub key")
+                    }
+                }
+            }
         }
         credentials
     }

@@ -117,6 +117,8 @@ impl Responder {
             let attested_on = self.standing_from(&device, enrollment, None);
             let standing = self.standing(&device, Some(attested_on));
             let (access, standing) = match standing {
+                // A TPM device without a token may only ask for its challenge.
+                Ok(standing) if !device.proven => (Access::Unassigned, Some(standing)),
                 Ok(standing) => (standing.access(&device), Some(standing)),
                 // A hub session needs its standing: without it, refused (the device retries).
                 Err(e) if hub.is_some() => return Err(e),
@@ -175,6 +177,11 @@ impl Responder {
                 return Ok((device, enrollment));
             }
         }
+        let tpm_key = self.tpm_key(
+            &registration_id,
+            enrollment.individual.as_ref(),
+            hub.is_some(),
+        )?;
         let groups = read(&self.groups);
         let lists = read(&self.crls);
         let enrollments = Enrollments {
@@ -183,6 +190,7 @@ impl Responder {
             groups: &groups,
             revocation_lists: &lists,
             now,
+            tpm_key: tpm_key.as_deref(),
         };
         let device = match hub {
             None => attestation::attest(registration_id, credential, &enrollments)?,

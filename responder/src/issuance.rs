@@ -137,6 +137,7 @@ impl Responder {
             kind: AttestationType::X509,
             certificate: Some(Arc::new(presented)),
             token_expires: None,
+            proven: true,
         }))
     }
 }

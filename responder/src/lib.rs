@@ -26,6 +26,7 @@ pub mod sessions;
 mod standing;
 pub mod store;
 mod throttle;
+mod tpm;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -189,6 +190,8 @@ pub struct Responder {
     twin_updates: AtomicU64,
     /// Cloud hubs: credentials, outbox wake-ups, registers waiting (`cloud.rs`).
     cloud: cloud::CloudHubs,
+    /// TPM devices' open challenges (`tpm.rs`).
+    tpm: tpm::Challenges,
 }
 
 impl Responder {
@@ -224,6 +227,7 @@ impl Responder {
         let cloud = cloud::CloudHubs::new(&settings.hub_credentials);
         let responder = Responder {
             cloud,
+            tpm: tpm::Challenges::default(),
             throttle: throttle::Throttle::new(&settings.rate_limits),
             register_latency: latency::LatencyHistogram::default(),
             settings,

@@ -11,7 +11,7 @@ use std::time::Instant;
 use edgedps_policies::access::{self, Access, RegisterAnswer};
 use edgedps_policies::allocation;
 use edgedps_policies::reprovision::{self, Assignment, Registering};
-use edgedps_topics::admin::{EnrollmentSettings, RecordKind};
+use edgedps_topics::admin::{AttestationType, EnrollmentSettings, RecordKind};
 use edgedps_topics::encoding::Encoding;
 use edgedps_topics::events::{DeviceRequestKind, RegistrationEvent, RegistrationOutcome};
 use edgedps_topics::identity::RegistrationId;
@@ -142,6 +142,21 @@ impl Responder {
                 what: "registration rate limit",
                 retry_after,
             })?;
+        if !device.proven {
+            // A TPM device without a token: its challenge, and nothing else.
+            let standing = self.standing(device, carried)?;
+            let challenge =
+                self.tpm_challenge(device, standing.individual.as_ref(), request.tpm.as_ref())?;
+            publish.push(self.challenged_event(device));
+            return Ok(Reply {
+                status: 401,
+                retry_after: None,
+                body: encoding.encode(&challenge),
+                encoding,
+                assigned_device_id: None,
+                publish: Vec::new(),
+            });
+        }
         if !lock(&self.in_flight).insert(key.clone()) {
             return Err(Error::InProgress);
         }
@@ -150,9 +165,8 @@ impl Responder {
             key: key.clone(),
         };
         let operation_id = self.operation_id();
-        let csr = request.csr.as_deref();
         let decision = match self
-            .decide(device, carried, csr, &operation_id, publish)
+            .decide(device, carried, &request, &operation_id, publish)
             .await
         {
             Ok(decision) => decision,
@@ -236,6 +250,13 @@ impl Responder {
         operation_id: &str,
         encoding: Encoding,
     ) -> Result<Reply, Error> {
+        if !device.proven {
+            return Err(Error::Attestation(
+                edgedps_policies::attestation::AttestationError::NotAuthorized(
+                    "a TPM device answers its challenge before it polls".into(),
+                ),
+            ));
+        }
         self.throttle
             .admit_poll(&device.registration_id, Instant::now())
             .map_err(|retry_after| Error::Throttled {
@@ -283,10 +304,11 @@ impl Responder {
         &self,
         device: &Attested,
         carried: Option<Standing>,
-        csr: Option<&str>,
+        request: &RegisterRequest,
         operation_id: &str,
         publish: &mut Vec<Publication>,
     ) -> Result<Decision, Error> {
+        let csr = request.csr.as_deref();
         let standing = self.standing(device, carried)?;
         if let Access::OutOfService(reason) = standing.access(device) {
             return match reason.register_answer() {
@@ -363,6 +385,17 @@ impl Responder {
             issued_now = Some((record, chain));
             changed = true;
         }
+        // A TPM device's hub key: given once, kept in the store, in this flush.
+        let tpm = match device.kind {
+            AttestationType::Tpm => {
+                let individual = standing.individual.as_ref();
+                let (answer, created) =
+                    self.tpm_authentication(device, individual, request.tpm.as_ref())?;
+                changed |= created;
+                Some(answer)
+            }
+            _ => None,
+        };
         // The assigned cloud hub learns of the device through its outbox, in this flush.
         let hub_before = state.hub_registration.clone();
         let hub_wait = self.register_at_hub(device, &standing, &mut state, changed)?;
@@ -430,6 +463,7 @@ impl Responder {
         let mut answered = state;
         answered.issued_certificate_chain = chain;
         answered.hub_registration = None;
+        answered.tpm = tpm;
         Ok(Decision {
             answer: OperationStatus {
                 operation_id: operation_id.to_owned(),
@@ -560,7 +594,7 @@ impl Responder {
     }
 }
 
-fn registration_event(
+pub(crate) fn registration_event(
     device: &Attested,
     outcome: RegistrationOutcome,
     assigned_hub: Option<String>,
@@ -631,6 +665,7 @@ mod tests {
             kind: AttestationType::SymmetricKey,
             certificate: None,
             token_expires: None,
+            proven: true,
         }
     }
 

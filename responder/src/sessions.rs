@@ -297,6 +297,7 @@ mod tests {
             kind: AttestationType::SymmetricKey,
             certificate: None,
             token_expires: None,
+            proven: true,
         }
     }
 

@@ -197,6 +197,15 @@ mod tests {
         fn cloud(&self) -> &dyn CloudStore {
             self.inner.cloud()
         }
+        fn device_key(&self, id: &RegistrationId) -> Result<Option<String>, StoreError> {
+            self.inner.device_key(id)
+        }
+        fn put_device_key(&self, id: &RegistrationId, key: &str) -> Result<(), StoreError> {
+            self.inner.put_device_key(id, key)
+        }
+        fn remove_device_key(&self, id: &RegistrationId) -> Result<bool, StoreError> {
+            self.inner.remove_device_key(id)
+        }
         fn update_registration(
             &self,
             id: &RegistrationId,

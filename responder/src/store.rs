@@ -6,7 +6,8 @@
 //! the local hub, `twins` by device id, `messages` by device id and sequence, and
 //! `device_ids` (device id to registration id, for devices whose ids differ); for cloud
 //! hubs, `hub_secrets` (connection strings by host name, never in a record), and
-//! `hub_outbox` and `hub_failed` (operations by host name and sequence). A
+//! `hub_outbox` and `hub_failed` (operations by host name and sequence); `device_keys`
+//! (keys edgedps gave devices, by registration id, never in a record). A
 //! write is acknowledged only after [`Store::durable`] covers it; writes that arrive
 //! together share one flush (group commit).
 
@@ -63,6 +64,12 @@ pub trait Store: Send + Sync + 'static {
     fn put_crl(&self, record: &CrlRecord) -> Result<(), StoreError>;
     fn remove_crl(&self, name: &str) -> Result<bool, StoreError>;
     fn scan_crls(&self) -> Scan<'_, CrlRecord>;
+
+    /// The key edgedps gave a device (a TPM device's hub key, base64): a secret, kept
+    /// apart from the registration record that is published.
+    fn device_key(&self, id: &RegistrationId) -> Result<Option<String>, StoreError>;
+    fn put_device_key(&self, id: &RegistrationId, key: &str) -> Result<(), StoreError>;
+    fn remove_device_key(&self, id: &RegistrationId) -> Result<bool, StoreError>;
 
     /// The local hub's records: twins and cloud-to-device queues (PROTOCOL E).
     fn hub(&self) -> &dyn HubStore;
@@ -260,6 +267,7 @@ struct Inner {
     messages: sled::Tree,
     device_ids: sled::Tree,
     hub_secrets: sled::Tree,
+    device_keys: sled::Tree,
     hub_outbox: sled::Tree,
     hub_failed: sled::Tree,
     commit: Arc<GroupCommit>,
@@ -297,6 +305,7 @@ impl SledStore {
             messages: db.open_tree("messages")?,
             device_ids: db.open_tree("device_ids")?,
             hub_secrets: db.open_tree("hub_secrets")?,
+            device_keys: db.open_tree("device_keys")?,
             hub_outbox: db.open_tree("hub_outbox")?,
             hub_failed: db.open_tree("hub_failed")?,
             db,
@@ -442,6 +451,22 @@ impl Store for SledStore {
 
     fn scan_crls(&self) -> Scan<'_, CrlRecord> {
         scan(&self.inner.crls, "crls")
+    }
+
+    fn device_key(&self, id: &RegistrationId) -> Result<Option<String>, StoreError> {
+        get(&self.inner.device_keys, "device_keys", &id.key())
+    }
+
+    fn put_device_key(&self, id: &RegistrationId, key: &str) -> Result<(), StoreError> {
+        put(&self.inner.device_keys, &id.key(), &key)
+    }
+
+    fn remove_device_key(&self, id: &RegistrationId) -> Result<bool, StoreError> {
+        Ok(self
+            .inner
+            .device_keys
+            .remove(id.key().as_bytes())?
+            .is_some())
     }
 
     fn hub(&self) -> &dyn HubStore {

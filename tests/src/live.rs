@@ -59,7 +59,8 @@ impl LiveDevice {
                 edgedps_responder::unix_now() + 600,
             )
             .map_err(|e| e.to_string())?,
-            DeviceAuth::X509 { .. } => String::new(),
+            // A TPM device's first CONNECT: no token.
+            DeviceAuth::X509 { .. } | DeviceAuth::Tpm(_) => String::new(),
         };
         let transport = rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls));
         let deadline = Instant::now() + Duration::from_secs(10);

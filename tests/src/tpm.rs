@@ -108,7 +108,11 @@ impl SoftwareTpm {
 
     /// TPM2_ActivateCredential(SRK, EK) of a credential blob (TPM2B_ID_OBJECT and
     /// TPM2B_ENCRYPTED_SECRET): the secret, or the TPM's refusal.
-    pub fn activate(&self, id_object: &[u8], encrypted_secret: &[u8]) -> Result<Vec<u8>, String> {
+    pub fn activate_credential(
+        &self,
+        id_object: &[u8],
+        encrypted_secret: &[u8],
+    ) -> Result<Vec<u8>, String> {
         // tpm2-tools' credential file: magic, version 1, then the two TPM2Bs.
         let mut blob = 0xBADC_C0DEu32.to_be_bytes().to_vec();
         blob.extend_from_slice(&1u32.to_be_bytes());
@@ -155,11 +159,22 @@ impl SoftwareTpm {
         inner_key: &[u8],
         data: &[u8],
     ) -> Result<Vec<u8>, String> {
+        self.import(public, duplicate, encrypted_seed, inner_key)?;
+        self.hmac_with_imported(data)
+    }
+
+    /// TPM2_Import and TPM2_Load of a duplicated key: it is the key `dup.ctx` holds.
+    pub fn import(
+        &self,
+        public: &[u8],
+        duplicate: &[u8],
+        encrypted_seed: &[u8],
+        inner_key: &[u8],
+    ) -> Result<(), String> {
         write(&self.path("dup.pub"), public);
         write(&self.path("dup.dpriv"), duplicate);
         write(&self.path("dup.seed"), encrypted_seed);
         write(&self.path("inner.key"), inner_key);
-        write(&self.path("data.bin"), data);
         self.tool(
             "tpm2_import",
             &[
@@ -184,6 +199,12 @@ impl SoftwareTpm {
                 "-C", "srk.ctx", "-u", "dup.pub", "-r", "dup.priv", "-c", "dup.ctx", "-Q",
             ],
         )?;
+        Ok(())
+    }
+
+    /// TPM2_HMAC of `data` with the key last imported.
+    pub fn hmac_with_imported(&self, data: &[u8]) -> Result<Vec<u8>, String> {
+        write(&self.path("data.bin"), data);
         self.tool(
             "tpm2_hmac",
             &[
@@ -191,6 +212,30 @@ impl SoftwareTpm {
             ],
         )?;
         Ok(std::fs::read(self.path("hmac.bin")).unwrap_or_default())
+    }
+}
+
+/// The device client's TPM (`edgedps_device::tpm`), as the Azure TPM clients use one:
+/// the keys of [`SoftwareTpm::make_keys`], an activation blob taken in with
+/// ActivateCredential, Import and Load, HMAC with the key taken in.
+impl edgedps_device::tpm::TpmDevice for SoftwareTpm {
+    fn endorsement_key(&self) -> Vec<u8> {
+        std::fs::read(self.path("ek.pub")).unwrap_or_default()
+    }
+
+    fn storage_root_key(&self) -> Vec<u8> {
+        std::fs::read(self.path("srk.pub")).unwrap_or_default()
+    }
+
+    fn activate(&self, blob: &[u8]) -> Result<(), String> {
+        let [credential, secret, duplicate, seed, public, _] =
+            edgedps_policies::tpm::activation_parts(blob).map_err(|e| e.to_string())?;
+        let inner = self.activate_credential(credential, secret)?;
+        self.import(public, duplicate, seed, &inner)
+    }
+
+    fn hmac(&self, data: &[u8]) -> Result<Vec<u8>, String> {
+        self.hmac_with_imported(data)
     }
 }
 

@@ -79,6 +79,8 @@ pub enum RegistrationOutcome {
     Failed,
     /// An error answer (the request was malformed, throttled, unauthorized...).
     Refused,
+    /// A TPM device was sent a challenge (a 401 with its registration key).
+    Challenged,
     /// Not a device request: the assigned cloud hub's registration changed state.
     HubRegistration,
 }

@@ -34,6 +34,10 @@ pub struct RegisterRequest {
     /// A certificate signing request (PROTOCOL F): base64 of the DER PKCS#10 request.
     #[serde(default)]
     pub csr: Option<String>,
+    /// A TPM device's keys (base64 TPM2B_PUBLIC): its register asks for a challenge
+    /// with them, and its final answer's `authenticationKey` is made to them.
+    #[serde(default)]
+    pub tpm: Option<crate::admin::TpmAttestation>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -210,6 +214,29 @@ pub struct RegistrationState {
     /// device (none for the local hub and hubs without credentials).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub hub_registration: Option<crate::cloud::HubRegistration>,
+    /// In an answer only, never stored: a TPM device's hub key, sealed to its TPM.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tpm: Option<TpmAuthentication>,
+}
+
+/// `registrationState.tpm` of a TPM device's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TpmAuthentication {
+    /// Base64 of the activation blob (`edgedps_policies::tpm::activation_blob`).
+    pub authentication_key: String,
+}
+
+/// The body of a TPM challenge (status 401), as Azure's TPM clients read it: no
+/// `status` member (the C client tells a challenge from an answer by that).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TpmChallenge {
+    pub message: String,
+    /// Base64 of the activation blob of the registration key.
+    pub authentication_key: String,
+    /// Always `registration`: the `skn` of the SAS token the key signs.
+    pub key_name: String,
 }
 
 /// A certificate edgedps issued to a device, as its registration record keeps it.
@@ -256,6 +283,7 @@ impl RegistrationState {
             issued_certificates: Vec::new(),
             issued_certificate_chain: None,
             hub_registration: None,
+            tpm: None,
         }
     }
 

@@ -542,7 +542,7 @@ async fn our_device_client_provisions_from_its_bundle_keeps_its_certificate_and_
         DeviceAuth::X509 { chain_pem, .. } => {
             edgedps_policies::x509::pem_to_der(std::str::from_utf8(chain_pem).unwrap()).unwrap()
         }
-        DeviceAuth::SymmetricKey { .. } => unreachable!("an issued certificate"),
+        _ => unreachable!("an issued certificate"),
     };
     assert!(!edgedps_device::hub::due_for_renewal(&leaf, 0.3), "fresh");
     assert!(
