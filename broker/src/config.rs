@@ -81,6 +81,27 @@ pub struct Listeners {
     pub local: Option<LocalListener>,
     /// Operators from elsewhere, over TLS.
     pub operators: Option<OperatorListener>,
+    /// The DPS device API over HTTPS (TPM devices, HTTP-only clients).
+    pub https: Option<HttpsListener>,
+}
+
+/// `[listeners.https]`: the DPS device API over HTTPS (Azure's REST device API), the
+/// same registrations as the device listener's.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpsListener {
+    #[serde(default = "default_https_bind")]
+    pub bind: SocketAddr,
+    /// PEM chain of the server certificate; without it and `tls_key`, the device
+    /// listener's (or the development certificate).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+}
+
+fn default_https_bind() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 443))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -359,6 +380,7 @@ impl Default for Listeners {
                 anonymous: false,
             }),
             operators: None,
+            https: None,
         }
     }
 }
@@ -485,6 +507,14 @@ impl Config {
             if devices.tls_cert.is_some() != devices.tls_key.is_some() {
                 return Err(Error::InvalidConfig {
                     key: "listeners.devices.tls_cert",
+                    message: "tls_cert and tls_key go together".into(),
+                });
+            }
+        }
+        if let Some(https) = &self.listeners.https {
+            if https.tls_cert.is_some() != https.tls_key.is_some() {
+                return Err(Error::InvalidConfig {
+                    key: "listeners.https.tls_cert",
                     message: "tls_cert and tls_key go together".into(),
                 });
             }

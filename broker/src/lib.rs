@@ -9,6 +9,7 @@ pub mod cloud;
 pub mod codec;
 pub mod config;
 pub mod devcert;
+pub mod device_api;
 pub mod dollar;
 mod error;
 pub mod feed;

@@ -28,6 +28,8 @@ pub struct Running {
     pub local_addr: Option<SocketAddr>,
     pub operators_addr: Option<SocketAddr>,
     pub http_addr: Option<SocketAddr>,
+    /// `[listeners.https]`: the DPS device API.
+    pub https_addr: Option<SocketAddr>,
     /// The CA of the generated development certificate, when there is one.
     pub dev_ca: Option<PathBuf>,
     pub responder: Arc<Responder>,
@@ -104,6 +106,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         local_addr: None,
         operators_addr: None,
         http_addr: None,
+        https_addr: None,
         dev_ca: None,
         responder,
         offline: shared.offline.clone(),
@@ -145,9 +148,36 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             listener,
             connections.clone(),
             tls_config,
-            ListenerKind::Devices,
             &config,
             shared.clone(),
+            sessions_of(ListenerKind::Devices, shared.clone()),
+        );
+        running.tasks.push(tokio::spawn(accept));
+    }
+    if let Some(https) = &config.listeners.https {
+        let (cert, key) = match (&https.tls_cert, &https.tls_key) {
+            (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+            _ => {
+                let devices = config.listeners.devices.as_ref();
+                let cert = devices.and_then(|d| d.tls_cert.clone());
+                let key = devices.and_then(|d| d.tls_key.clone());
+                server_identity(&cert, &key, &config, &mut running)?
+            }
+        };
+        let tls_config = tls::server_config(&cert, &key)?;
+        let listener = bind("https", https.bind).await?;
+        running.https_addr = listener.local_addr().ok();
+        tracing::info!(addr = ?running.https_addr, "HTTPS listener (the DPS device API) ready");
+        let app = crate::device_api::router(shared.clone());
+        let accept = tls_accept_loop(
+            listener,
+            connections.clone(),
+            tls_config,
+            &config,
+            shared.clone(),
+            move |stream, chain, peer, slot| {
+                crate::device_api::serve_connection(stream, chain, peer, app.clone(), slot)
+            },
         );
         running.tasks.push(tokio::spawn(accept));
     }
@@ -166,9 +196,9 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             listener,
             connections.clone(),
             tls_config,
-            ListenerKind::Operators,
             &config,
             shared.clone(),
+            sessions_of(ListenerKind::Operators, shared.clone()),
         );
         running.tasks.push(tokio::spawn(accept));
     }
@@ -218,22 +248,55 @@ fn cloud_settings(config: &Config) -> Result<crate::cloud::CloudSettings, Error>
     })
 }
 
-/// Accepts TLS connections: each handshake in its own task under one deadline, then the
-/// session.
-fn tls_accept_loop(
+/// A connection being served.
+type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// MQTT sessions of a listener of `kind`, for [`tls_accept_loop`].
+fn sessions_of(
+    kind: ListenerKind,
+    shared: Arc<Shared>,
+) -> impl Fn(TlsStream, Vec<Vec<u8>>, SocketAddr, OwnedSemaphorePermit) -> Serving
+       + Clone
+       + Send
+       + Sync
+       + 'static {
+    move |stream, chain, peer, slot| {
+        Box::pin(session::serve(
+            stream,
+            chain,
+            kind,
+            peer,
+            shared.clone(),
+            slot,
+        ))
+    }
+}
+
+/// Accepts TLS connections: each handshake in its own task under one deadline, then
+/// `serve` (an MQTT session, the HTTPS device API) in a task of its own.
+fn tls_accept_loop<F, Fut>(
     listener: TcpListener,
     connections: Arc<Semaphore>,
     tls_config: Arc<rustls::ServerConfig>,
-    kind: ListenerKind,
     config: &Config,
     shared: Arc<Shared>,
-) -> impl std::future::Future<Output = ()> {
+    serve: F,
+) -> impl std::future::Future<Output = ()>
+where
+    F: Fn(TlsStream, Vec<Vec<u8>>, SocketAddr, OwnedSemaphorePermit) -> Fut
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let handshake = Duration::from_millis(config.limits.handshake_timeout_ms);
     let handshakes = Arc::new(Semaphore::new(config.limits.max_handshakes));
     accept_loop(listener, connections, move |tcp, peer, slot| {
         let tls_config = tls_config.clone();
         let shared = shared.clone();
         let handshakes = handshakes.clone();
+        let serve = serve.clone();
         async move {
             // One deadline for the whole handshake. The ClientHello is read before a
             // handshake slot is taken: a client that never sends one (slowloris)
@@ -278,7 +341,7 @@ fn tls_accept_loop(
                         .collect();
                     // A task of its own: the handshake task's state is not carried
                     // for the life of the session (see BENCHMARKS.md, idle memory).
-                    tokio::spawn(session::serve(stream, chain, kind, peer, shared, slot));
+                    tokio::spawn(serve(stream, chain, peer, slot));
                 }
                 Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::info!(%peer, "TLS handshake timed out"),

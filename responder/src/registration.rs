@@ -110,7 +110,7 @@ impl Responder {
             Ok(reply) => reply,
             Err(error) => {
                 publish.push(refusal_event(device, DeviceRequestKind::Register, &error));
-                self.error(&error, encoding)
+                self.error_reply(&error, encoding)
             }
         };
         self.register_latency.record(started.elapsed());
@@ -238,7 +238,7 @@ impl Responder {
                 let event = refusal_event(device, DeviceRequestKind::Poll, &error);
                 Reply {
                     publish: vec![event],
-                    ..self.error(&error, encoding)
+                    ..self.error_reply(&error, encoding)
                 }
             }
         }
@@ -297,6 +297,54 @@ impl Responder {
             assigned_device_id,
             publish: Vec::new(),
         })
+    }
+
+    /// The device's registration as recorded (the HTTPS API's status lookup, `POST
+    /// /{idScope}/registrations/{registrationId}`): 200 with the registration state, 404
+    /// when it has none. Throttled as polls are.
+    pub fn status_lookup(&self, device: &Attested) -> Reply {
+        let looked_up = (|| {
+            if !device.proven {
+                return Err(Error::Attestation(
+                    edgedps_policies::attestation::AttestationError::NotAuthorized(
+                        "a TPM device answers its challenge before it looks up its registration"
+                            .into(),
+                    ),
+                ));
+            }
+            self.throttle
+                .admit_poll(&device.registration_id, Instant::now())
+                .map_err(|retry_after| Error::Throttled {
+                    what: "more than 5 polls in 10 s",
+                    retry_after,
+                })?;
+            let mut state = self
+                .store
+                .registration(&device.registration_id)?
+                .ok_or_else(|| {
+                    Error::NotFound(format!("`{}` has not registered", device.registration_id))
+                })?;
+            // What an answer carries, never what only the record does.
+            state.hub_registration = None;
+            Ok(state)
+        })();
+        match looked_up {
+            Ok(state) => Reply {
+                status: 200,
+                retry_after: None,
+                body: Encoding::Json.encode(&state),
+                encoding: Encoding::Json,
+                assigned_device_id: None,
+                publish: Vec::new(),
+            },
+            Err(error) => {
+                let event = refusal_event(device, DeviceRequestKind::Poll, &error);
+                Reply {
+                    publish: vec![event],
+                    ..self.error_reply(&error, Encoding::Json)
+                }
+            }
+        }
     }
 
     /// Runs the registration; returns the 200 answer.
@@ -562,7 +610,8 @@ impl Responder {
     }
 
     /// The answer to a request that failed with `error`, in `encoding`.
-    fn error(&self, error: &Error, encoding: Encoding) -> Reply {
+    /// The error answer to a device request refused with `error`.
+    pub fn error_reply(&self, error: &Error, encoding: Encoding) -> Reply {
         let code = error.dps_code();
         let message = error.to_string();
         if code >= edgedps_topics::registration::codes::INTERNAL {

@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod devices;
+pub mod dps_http;
 pub mod http;
 pub mod hub;
 pub mod iothub;

@@ -14,7 +14,7 @@ use super::{Close, Identity, Session};
 use crate::codec;
 
 /// The attestation kind, for metrics.
-fn attestation_label(kind: AttestationType) -> &'static str {
+pub(crate) fn attestation_label(kind: AttestationType) -> &'static str {
     match kind {
         AttestationType::X509 => "x509",
         AttestationType::SymmetricKey => "symmetric_key",

@@ -32,6 +32,7 @@
 mod admin;
 mod connect;
 mod dps;
+pub(crate) use dps::attestation_label;
 mod hub;
 mod link;
 pub mod offline;

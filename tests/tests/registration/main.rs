@@ -7,6 +7,7 @@ mod attacks;
 mod cbor;
 mod cloud_hubs;
 mod crl;
+mod https;
 mod issuance;
 mod provisioning;
 mod reprovisioning;

@@ -1,0 +1,376 @@
+//! `[listeners.https]`: the DPS device API over HTTPS, as Azure serves it to its REST
+//! clients (the Node and C SDKs, and every TPM device). One registration path, two
+//! transports: each request is attested as a CONNECT would be (a `SharedAccessSignature`
+//! in `Authorization`, the TLS client certificate, or neither for a TPM device asking for
+//! its challenge) and answered by the same responder calls as the `$dps` topics.
+//!
+//! - `PUT /{idScope}/registrations/{registrationId}/register`: register.
+//! - `GET /{idScope}/registrations/{registrationId}/operations/{operationId}`: poll.
+//! - `POST /{idScope}/registrations/{registrationId}`: the device's registration as
+//!   recorded (Azure's status lookup).
+//!
+//! Every request names an `api-version` the SDKs send (2019-03-31 and 2021-06-01 among
+//! them, `edgedps_topics::identity::API_VERSIONS`). Answers are JSON
+//! with `Content-Type: application/json; charset=utf-8`, errors Azure's error body;
+//! `Retry-After` goes with 202 and 429. Unknown paths are 404, other methods 405,
+//! bodies over `limits.max_packet_size` 413. TLS is the device listener's: a handshake
+//! runs under the same deadline and slots, and a client slow to send its request
+//! headers is closed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Extension, Router};
+use serde::Deserialize;
+
+use edgedps_policies::attestation::Credential;
+use edgedps_responder::{timestamp_now, unix_now, Admitted, Reply};
+use edgedps_topics::encoding::Encoding;
+use edgedps_topics::registration::ErrorBody;
+
+use crate::session::Shared;
+use crate::tls::TlsStream;
+
+/// A connection that sends no complete request head in this time is closed.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a request's connection says about its client.
+#[derive(Clone)]
+struct Peer {
+    addr: SocketAddr,
+    /// The TLS client chain, DER, leaf first; empty without one.
+    chain: Arc<Vec<Vec<u8>>>,
+}
+
+#[derive(Deserialize)]
+struct ApiQuery {
+    #[serde(rename = "api-version")]
+    api_version: Option<String>,
+}
+
+/// The routes; each connection adds its [`Peer`].
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(
+            "/{id_scope}/registrations/{registration_id}/register",
+            put(register),
+        )
+        .route(
+            "/{id_scope}/registrations/{registration_id}/operations/{operation_id}",
+            get(poll),
+        )
+        .route("/{id_scope}/registrations/{registration_id}", post(lookup))
+        .method_not_allowed_fallback(|| async {
+            http_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
+        })
+        .fallback(|| async { http_error(StatusCode::NOT_FOUND, "no such resource") })
+        .with_state(shared)
+}
+
+/// Serves one TLS connection: HTTP/1.1 with keep-alive, until the client closes it.
+pub async fn serve_connection(
+    stream: TlsStream,
+    chain: Vec<Vec<u8>>,
+    addr: SocketAddr,
+    app: Router,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let peer = Peer {
+        addr,
+        chain: Arc::new(chain),
+    };
+    let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+        request.extensions_mut().insert(peer.clone());
+        let app = app.clone();
+        async move {
+            let request = request.map(Body::new);
+            tower::ServiceExt::oneshot(app, request).await
+        }
+    });
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(64 * 1024)
+        .serve_connection(io, service)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(%addr, error = %e, "HTTPS connection ended");
+    }
+}
+
+async fn register(
+    State(shared): State<Arc<Shared>>,
+    Path((id_scope, registration_id)): Path<(String, String)>,
+    Query(query): Query<ApiQuery>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let body = match checked_body(&shared, &headers, body, true).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let admitted = match admit(
+        &shared,
+        &id_scope,
+        &registration_id,
+        &query,
+        &peer,
+        &headers,
+    )
+    .await
+    {
+        Ok(admitted) => admitted,
+        Err(response) => return response,
+    };
+    let reply = shared
+        .responder
+        .register(&admitted.device, admitted.standing, &body, Encoding::Json)
+        .await;
+    answer(
+        &shared,
+        "register",
+        &admitted.device,
+        reply,
+        Some(started.elapsed()),
+    )
+    .await
+}
+
+async fn poll(
+    State(shared): State<Arc<Shared>>,
+    Path((id_scope, registration_id, operation_id)): Path<(String, String, String)>,
+    Query(query): Query<ApiQuery>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    // The Node client sends `{}` with its GET, the C client nothing: read and ignored.
+    if let Err(response) = checked_body(&shared, &headers, body, false).await {
+        return response;
+    }
+    let admitted = match admit(
+        &shared,
+        &id_scope,
+        &registration_id,
+        &query,
+        &peer,
+        &headers,
+    )
+    .await
+    {
+        Ok(admitted) => admitted,
+        Err(response) => return response,
+    };
+    let reply = shared
+        .responder
+        .poll(&admitted.device, &operation_id, Encoding::Json);
+    answer(&shared, "poll", &admitted.device, reply, None).await
+}
+
+async fn lookup(
+    State(shared): State<Arc<Shared>>,
+    Path((id_scope, registration_id)): Path<(String, String)>,
+    Query(query): Query<ApiQuery>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Err(response) = checked_body(&shared, &headers, body, true).await {
+        return response;
+    }
+    let admitted = match admit(
+        &shared,
+        &id_scope,
+        &registration_id,
+        &query,
+        &peer,
+        &headers,
+    )
+    .await
+    {
+        Ok(admitted) => admitted,
+        Err(response) => return response,
+    };
+    let reply = shared.responder.status_lookup(&admitted.device);
+    answer(&shared, "lookup", &admitted.device, reply, None).await
+}
+
+/// The body, read up to the limit; a request with a body must say it is JSON.
+async fn checked_body(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Body,
+    json_required: bool,
+) -> Result<Vec<u8>, Response> {
+    let limit = shared.limits.max_packet_size;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(http_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("the body is over {limit} bytes"),
+        ));
+    }
+    let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        http_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("the body is over {limit} bytes (or was cut off)"),
+        )
+    })?;
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if json_required && !json {
+        return Err(dps_error(
+            StatusCode::BAD_REQUEST,
+            edgedps_topics::registration::codes::MALFORMED_BODY,
+            "Content-Type must be application/json",
+        ));
+    }
+    Ok(body.to_vec())
+}
+
+/// Attests the request as a CONNECT of `registration_id` would be: the token in
+/// `Authorization`, else the client certificate, else neither (a TPM device asking for
+/// its challenge). The refusal is the answer.
+async fn admit(
+    shared: &Shared,
+    id_scope: &str,
+    registration_id: &str,
+    query: &ApiQuery,
+    peer: &Peer,
+    headers: &HeaderMap,
+) -> Result<Admitted, Response> {
+    use edgedps_topics::identity::API_VERSIONS;
+    let api_version = match query.api_version.as_deref() {
+        Some(v) if API_VERSIONS.contains(&v) => v,
+        Some(v) => {
+            return Err(dps_error(
+                StatusCode::BAD_REQUEST,
+                edgedps_topics::registration::codes::MALFORMED_BODY,
+                &format!(
+                    "api-version `{}` is not supported (use {})",
+                    edgedps_policies::validation::shown(v),
+                    API_VERSIONS.join(", ")
+                ),
+            ))
+        }
+        None => {
+            return Err(dps_error(
+                StatusCode::BAD_REQUEST,
+                edgedps_topics::registration::codes::MALFORMED_BODY,
+                "the api-version query parameter is missing",
+            ))
+        }
+    };
+    let token = match headers.get(header::AUTHORIZATION).map(|v| v.to_str()) {
+        Some(Ok(token)) => Some(token),
+        Some(Err(_)) => {
+            return Err(dps_error(
+                StatusCode::UNAUTHORIZED,
+                edgedps_topics::registration::codes::UNAUTHORIZED,
+                "the Authorization header is not text",
+            ))
+        }
+        None => None,
+    };
+    let credential = match token {
+        Some(token) => Credential::Sas(token),
+        None => Credential::X509(&peer.chain),
+    };
+    let username = format!("{id_scope}/registrations/{registration_id}/api-version={api_version}");
+    let admission = shared
+        .responder
+        .admit(registration_id, &username, credential, unix_now());
+    shared.publisher.publish(vec![admission.event]).await;
+    match admission.outcome {
+        Ok(admitted) => Ok(admitted),
+        Err(error) => {
+            tracing::warn!(target: "edgedps::audit", peer = %peer.addr, client_id = %edgedps_policies::validation::shown(registration_id), reason = %error, "HTTPS request refused");
+            shared.metrics.connect_refused("https", "not_authorized");
+            let reply = shared.responder.error_reply(&error, Encoding::Json);
+            Err(response(reply))
+        }
+    }
+}
+
+/// The responder's reply as the HTTP answer; its records and events published.
+async fn answer(
+    shared: &Shared,
+    request: &'static str,
+    device: &edgedps_policies::attestation::Attested,
+    mut reply: Reply,
+    took: Option<Duration>,
+) -> Response {
+    shared.metrics.registration(
+        request,
+        crate::session::attestation_label(device.kind),
+        reply.status,
+        reply.assigned_device_id.is_some(),
+        took,
+    );
+    shared
+        .publisher
+        .publish(std::mem::take(&mut reply.publish))
+        .await;
+    response(reply)
+}
+
+fn response(reply: Reply) -> Response {
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, reply.body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    if let Some(seconds) = reply.retry_after {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    response
+}
+
+/// An error of the API itself (path, method, size): Azure's error body, its code the
+/// status times a thousand.
+fn http_error(status: StatusCode, message: &str) -> Response {
+    dps_error(status, u32::from(status.as_u16()) * 1000, message)
+}
+
+fn dps_error(status: StatusCode, code: u32, message: &str) -> Response {
+    let body = ErrorBody {
+        error_code: code,
+        tracking_id: tracking_id(),
+        message: message.to_owned(),
+        timestamp_utc: timestamp_now(),
+    };
+    response(Reply {
+        status: status.as_u16(),
+        retry_after: None,
+        body: Encoding::Json.encode(&body),
+        encoding: Encoding::Json,
+        assigned_device_id: None,
+        publish: Vec::new(),
+    })
+}
+
+fn tracking_id() -> String {
+    let mut bytes = [0u8; 12];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
