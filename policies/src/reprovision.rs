@@ -89,9 +89,11 @@ pub fn reprovision(
         enrollment_group_id: registering.enrollment_group_id.map(str::to_owned),
         certificate_info: registering.certificate_info,
     });
+    // A TPM device's answer carries `tpm` (its hub key) instead, added by the caller.
     let (x509, symmetric_key) = match registering.attestation {
         AttestationType::X509 => (source, None),
-        _ => (None, source),
+        AttestationType::SymmetricKey => (None, source),
+        AttestationType::Tpm => (None, None),
     };
     let mut state = RegistrationState::new(
         registering.registration_id.clone(),

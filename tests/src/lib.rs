@@ -10,6 +10,7 @@ pub mod http;
 pub mod hub;
 pub mod iothub;
 pub mod live;
+pub mod node;
 pub mod operator;
 pub mod pki;
 pub mod process;

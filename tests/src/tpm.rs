@@ -21,9 +21,22 @@ impl Drop for SoftwareTpm {
 impl SoftwareTpm {
     /// Starts swtpm (`not-need-init,startup-clear`) on a free port and the next one.
     pub fn start() -> SoftwareTpm {
+        Self::start_at(None)
+    }
+
+    /// Starts swtpm on `port` and the next one: 2323 is where the stock Node TPM client
+    /// (tss.js) looks for a TPM when the machine has none.
+    pub fn start_on(port: u16) -> SoftwareTpm {
+        Self::start_at(Some(port))
+    }
+
+    fn start_at(fixed: Option<u16>) -> SoftwareTpm {
         let dir = tempfile::tempdir().expect("tempdir");
         for _ in 0..10 {
-            let port = edgedps_device::process::free_port().expect("a free port");
+            let port = match fixed {
+                Some(port) => port,
+                None => edgedps_device::process::free_port().expect("a free port"),
+            };
             let pid_file = dir.path().join("swtpm.pid");
             let status = Command::new("swtpm")
                 .arg("socket")
@@ -51,7 +64,7 @@ impl SoftwareTpm {
                 .expect("a pid");
             return SoftwareTpm { dir, port, pid };
         }
-        panic!("swtpm did not start on any port");
+        panic!("swtpm did not start (on {fixed:?} or any free port)");
     }
 
     pub fn path(&self, name: &str) -> PathBuf {

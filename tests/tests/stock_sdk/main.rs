@@ -3,6 +3,7 @@
 //! One test binary per area: each binary links the whole workspace, so few of them keep
 //! the build small and quick.
 
+mod node_http;
 mod python_hub;
 mod python_manufacture;
 mod python_sdk;
