@@ -26,7 +26,16 @@ fn build_edgedps() -> PathBuf {
     let binary = profile_dir.join("edgedps");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = std::process::Command::new(cargo);
-    command.args(["build", "-p", "edgedps-cli", "--bin", "edgedps"]);
+    // With `manufacture tpm`: the tests read swtpm with it.
+    command.args([
+        "build",
+        "-p",
+        "edgedps-cli",
+        "--bin",
+        "edgedps",
+        "--features",
+        "tpm",
+    ]);
     // `cargo test` sets the package's variables for the test; a build script that
     // watches one (ring watches CARGO_MANIFEST_DIR) would rebuild half the tree, and the
     // next `cargo test` would rebuild it back.

@@ -4,11 +4,13 @@
 //! - `batch.rs`: device keys and certificates (or derived symmetric keys) in bundles,
 //!   one directory per device, with a manifest; never overwriting a key; optionally
 //!   enrolled over the operator plane;
+//! - `tpm.rs`: the read-out of TPM devices' keys, their individual enrollments;
 //! - `signing.rs`: the in-memory signing CA the load generator and tests use.
 
 pub mod batch;
 pub mod ca;
 mod signing;
+pub mod tpm;
 
 use std::path::{Path, PathBuf};
 
@@ -34,6 +36,10 @@ pub enum ManufactureCommand {
     /// --id-scope 0ne00000001 --host gateway.local --trust edgedps-data/tls/dev-ca.pem
     /// --out batch-1 --enroll
     Batch(batch::BatchArgs),
+    /// Read TPMs' endorsement keys: their registration ids and individual enrollments.
+    ///
+    /// Example: edgedps manufacture tpm --tcti device:/dev/tpmrm0 --out line-1 --enroll
+    Tpm(tpm::TpmArgs),
 }
 
 /// Why a manufacturing step stopped.
@@ -63,6 +69,7 @@ pub async fn main(args: ManufactureArgs) -> Result<(), ManufactureError> {
     match args.command {
         ManufactureCommand::Ca(args) => ca::run(&args).map(|_| ()),
         ManufactureCommand::Batch(args) => batch::run(&args).await.map(|_| ()),
+        ManufactureCommand::Tpm(args) => tpm::run(&args).await.map(|_| ()),
     }
 }
 

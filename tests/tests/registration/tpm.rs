@@ -515,3 +515,97 @@ mod over_mqtt {
         );
     }
 }
+
+mod esapi {
+    //! Our device client on a TPM through the ESAPI (tss-esapi), and the factory
+    //! read-out, on swtpm: the keys persisted where the Azure clients look, the
+    //! registration over MQTT, the hub key persisted in the TPM.
+
+    use std::sync::Arc;
+
+    use edgedps_device::provision::register;
+    use edgedps_device::tpm::esapi::EsapiTpm;
+    use edgedps_device::tpm::{self as device_tpm, TpmDevice};
+    use edgedps_tests::hub::{local_hub_server, HubDevice, LOCAL};
+    use edgedps_tests::tpm::SoftwareTpm;
+    use edgedps_tests::*;
+    use serde_json::Value;
+
+    fn tcti(soft: &SoftwareTpm) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", soft.port)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_factory_read_out_enrolls_a_tpm_and_our_client_provisions_it_over_mqtt() {
+        let server = local_hub_server(false, |_| {}).await;
+        let soft = SoftwareTpm::start();
+        let out = tempfile::tempdir().unwrap();
+        let operator = format!("127.0.0.1:{}", server.local_port);
+        let read_out = || {
+            std::process::Command::new(edgedps_binary())
+                .args(["manufacture", "tpm", "--tcti", &tcti(&soft), "--enroll"])
+                .args([
+                    "--operator",
+                    &operator,
+                    "--initial-twin",
+                    r#"{"tags": {"line": "a"}}"#,
+                ])
+                .arg("--out")
+                .arg(out.path())
+                .env("TSS2_LOG", "all+none")
+                .output()
+                .expect("edgedps manufacture tpm runs")
+        };
+        let output = read_out();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let id = stdout.split('\t').next().unwrap().trim().to_owned();
+        assert_eq!(id.len(), 52, "{stdout}");
+        let enrollment: Value =
+            serde_json::from_slice(&std::fs::read(out.path().join(format!("{id}.json"))).unwrap())
+                .unwrap();
+        assert_eq!(enrollment["attestation"]["type"], "tpm");
+        let manifest = std::fs::read_to_string(out.path().join("manifest.csv")).unwrap();
+        assert!(manifest.contains(&id), "{manifest}");
+        // Run again: the same keys (persisted), the same enrollment, kept.
+        let again = read_out();
+        assert!(
+            again.status.success(),
+            "{}",
+            String::from_utf8_lossy(&again.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&again.stdout), stdout);
+
+        // Our client on the same TPM: the id is the enrolled one; it provisions.
+        let tpm: Arc<dyn TpmDevice> =
+            Arc::new(EsapiTpm::open(&tcti(&soft)).expect("the TPM opens"));
+        assert_eq!(device_tpm::registration_id(tpm.as_ref()), id);
+        let config = server.device(&id, DeviceAuth::Tpm(tpm.clone()));
+        let outcome = register(&config, None).await.expect("registered");
+        assert_eq!(outcome.status_word(), Some("assigned"), "{}", outcome.body);
+        assert_eq!(
+            outcome.body["registrationState"]["initialTwin"]["tags"]["line"],
+            "a"
+        );
+
+        // The hub key lives in the TPM (0x81000100): a client opened anew signs with it.
+        drop(tpm);
+        let reopened: Arc<dyn TpmDevice> = Arc::new(EsapiTpm::open(&tcti(&soft)).unwrap());
+        let token = device_tpm::token(
+            &reopened,
+            edgedps_policies::sas::hub_resource(LOCAL, &id),
+            edgedps_responder::unix_now() + 600,
+            None,
+        )
+        .await
+        .unwrap();
+        let mut hub = HubDevice::connect_token(server.devices_port, &id, &token, false).await;
+        hub.subscribe("$iothub/twin/res/#").await;
+        let (status, _, twin) = hub.twin("GET", b"").await;
+        assert_eq!(status, 200, "{twin}");
+    }
+}

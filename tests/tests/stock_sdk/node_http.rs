@@ -8,7 +8,6 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use base64::Engine;
 use edgedps_tests::hub::{HubDevice, LOCAL};
 use edgedps_tests::node::run_node;
 use edgedps_tests::tpm::SoftwareTpm;
@@ -47,23 +46,42 @@ const LIMIT: Duration = Duration::from_secs(60);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stock_node_tpm_client_provisions_over_https_and_its_key_opens_the_local_hub() {
     let _port = PORT_2323.lock().await;
-    let _soft = SoftwareTpm::start_on(2323);
-    // The factory read-out, by the stock client: the EK it persists and its id.
+    let soft = SoftwareTpm::start_on(2323);
+    // The factory read-out: `edgedps manufacture tpm` persists the EK and SRK where the
+    // stock client looks and writes the enrollment.
+    let out = tempfile::tempdir().unwrap();
+    let read = std::process::Command::new(edgedps_binary())
+        .args(["manufacture", "tpm", "--tcti"])
+        .arg(format!("swtpm:host=127.0.0.1,port={}", soft.port))
+        .args(["--initial-twin", r#"{"tags": {"line": "node"}}"#, "--out"])
+        .arg(out.path())
+        .env("TSS2_LOG", "all+none")
+        .output()
+        .expect("edgedps manufacture tpm runs");
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let id = String::from_utf8_lossy(&read.stdout)
+        .split('\t')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let enrollment: Value =
+        serde_json::from_slice(&std::fs::read(out.path().join(format!("{id}.json"))).unwrap())
+            .unwrap();
+    // The stock client reads the same EK and derives the same id.
     let mut readout = request(0, "tpm");
     readout["readout"] = json!(true);
-    let read = run_node(&readout, LIMIT).await;
-    assert_eq!(read["ok"], true, "{read}");
-    let ek = base64::engine::general_purpose::STANDARD
-        .decode(read["endorsementKey"].as_str().unwrap())
-        .unwrap();
-    let id = edgedps_policies::tpm::registration_id(&ek);
+    let sdk = run_node(&readout, LIMIT).await;
+    assert_eq!(sdk["ok"], true, "{sdk}");
+    assert_eq!(sdk["registrationId"], id.as_str(), "the SDK's id is ours");
     assert_eq!(
-        read["registrationId"],
-        id.as_str(),
-        "the SDK's id is the EK's base32"
+        sdk["endorsementKey"],
+        enrollment["attestation"]["tpm"]["endorsementKey"]
     );
-    let enrollment = json!({"registrationId": id, "attestation": {"type": "tpm",
-        "tpm": {"endorsementKey": read["endorsementKey"]}}, "initialTwin": {"tags": {"line": "node"}}});
 
     for poll in [false, true] {
         let (server, port) = server(poll).await;

@@ -5,6 +5,9 @@
 
 use std::sync::Arc;
 
+#[cfg(feature = "tpm")]
+pub mod esapi;
+
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 
@@ -25,7 +28,12 @@ pub trait TpmDevice: Send + Sync {
 
 /// The registration id of the TPM: the base32 of its EK's SHA-256 (TPM.md).
 pub fn registration_id(tpm: &dyn TpmDevice) -> String {
-    edgedps_policies::tpm::registration_id(&tpm.endorsement_key())
+    registration_id_of(&tpm.endorsement_key())
+}
+
+/// The registration id of the TPM whose EK is `endorsement_key` (TPM2B_PUBLIC).
+pub fn registration_id_of(endorsement_key: &[u8]) -> String {
+    edgedps_policies::tpm::registration_id(endorsement_key)
 }
 
 /// The `tpm` member of a register body.
