@@ -39,6 +39,10 @@ use crate::tls::TlsStream;
 
 /// A connection that sends no complete request head in this time is closed.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request's body must arrive within this time.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes over the limit still read (and dropped) so that the 413 reaches the client.
+const DRAINED: usize = 1 << 20;
 
 /// What a request's connection says about its client.
 #[derive(Clone)]
@@ -212,22 +216,55 @@ async fn checked_body(
     json_required: bool,
 ) -> Result<Vec<u8>, Response> {
     let limit = shared.limits.max_packet_size;
+    let too_large = || {
+        http_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("the body is over {limit} bytes"),
+        )
+    };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(http_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("the body is over {limit} bytes"),
-        ));
+    // Over the limit by more than a drain's worth: answered at once (the connection then
+    // closes, and the client may see that instead). Otherwise read to the end, what is
+    // over the limit discarded, so that the client reads its 413.
+    if declared.is_some_and(|n| n > limit + DRAINED) {
+        return Err(too_large());
     }
-    let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        http_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("the body is over {limit} bytes (or was cut off)"),
-        )
-    })?;
+    let read = tokio::time::timeout(BODY_TIMEOUT, async {
+        use http_body_util::BodyExt;
+        let mut body = body;
+        let (mut kept, mut seen) = (Vec::new(), 0usize);
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.map(|f| f.into_data()) else {
+                return Err(());
+            };
+            let Ok(data) = data else { continue };
+            seen += data.len();
+            if seen <= limit {
+                kept.extend_from_slice(&data);
+            } else if seen > limit + DRAINED {
+                break;
+            }
+        }
+        Ok((kept, seen))
+    })
+    .await;
+    let body = match read {
+        Ok(Ok((_, seen))) if seen > limit => return Err(too_large()),
+        Ok(Ok((kept, _))) => kept,
+        Ok(Err(())) | Err(_) => {
+            return Err(dps_error(
+                StatusCode::BAD_REQUEST,
+                edgedps_topics::registration::codes::MALFORMED_BODY,
+                &format!(
+                    "the body was cut off or took over {} s",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            ))
+        }
+    };
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -243,7 +280,7 @@ async fn checked_body(
             "Content-Type must be application/json",
         ));
     }
-    Ok(body.to_vec())
+    Ok(body)
 }
 
 /// Attests the request as a CONNECT of `registration_id` would be: the token in
