@@ -340,7 +340,9 @@ async fn admit(
         Ok(admitted) => Ok(admitted),
         Err(error) => {
             tracing::warn!(target: "edgedps::audit", peer = %peer.addr, client_id = %edgedps_policies::validation::shown(registration_id), reason = %error, "HTTPS request refused");
-            shared.metrics.connect_refused("https", "not_authorized");
+            // Counted with the device listener's refusals, by the same reasons.
+            let reason = crate::session::refusal(&error).label();
+            shared.metrics.connect_refused("https", reason);
             let reply = shared.responder.error_reply(&error, Encoding::Json);
             Err(response(reply))
         }

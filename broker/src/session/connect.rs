@@ -327,7 +327,7 @@ async fn authenticate(
 
 /// The CONNACK refusal for a CONNECT the responder refused: the one place its errors
 /// become MQTT refusal codes.
-fn refusal(error: &Error) -> ConnectRefusal {
+pub(crate) fn refusal(error: &Error) -> ConnectRefusal {
     match error {
         Error::Attestation(AttestationError::BadClientId(_)) => ConnectRefusal::BadClientId,
         Error::Attestation(AttestationError::Malformed(_)) => ConnectRefusal::BadCredentials,

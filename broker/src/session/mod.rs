@@ -31,6 +31,7 @@
 
 mod admin;
 mod connect;
+pub(crate) use connect::refusal;
 mod dps;
 pub(crate) use dps::attestation_label;
 mod hub;
