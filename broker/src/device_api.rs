@@ -118,20 +118,14 @@ async fn register(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let body = match checked_body(&shared, &headers, body, true).await {
-        Ok(body) => body,
-        Err(response) => return response,
+    let asked = Asked {
+        id_scope,
+        registration_id,
+        query,
+        peer,
+        headers,
     };
-    let admitted = match admit(
-        &shared,
-        &id_scope,
-        &registration_id,
-        &query,
-        &peer,
-        &headers,
-    )
-    .await
-    {
+    let (body, admitted) = match asked.admitted(&shared, body, true).await {
         Ok(admitted) => admitted,
         Err(response) => return response,
     };
@@ -139,14 +133,8 @@ async fn register(
         .responder
         .register(&admitted.device, admitted.standing, &body, Encoding::Json)
         .await;
-    answer(
-        &shared,
-        "register",
-        &admitted.device,
-        reply,
-        Some(started.elapsed()),
-    )
-    .await
+    let took = Some(started.elapsed());
+    answer(&shared, "register", &admitted.device, reply, took).await
 }
 
 async fn poll(
@@ -157,20 +145,15 @@ async fn poll(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let asked = Asked {
+        id_scope,
+        registration_id,
+        query,
+        peer,
+        headers,
+    };
     // The Node client sends `{}` with its GET, the C client nothing: read and ignored.
-    if let Err(response) = checked_body(&shared, &headers, body, false).await {
-        return response;
-    }
-    let admitted = match admit(
-        &shared,
-        &id_scope,
-        &registration_id,
-        &query,
-        &peer,
-        &headers,
-    )
-    .await
-    {
+    let (_, admitted) = match asked.admitted(&shared, body, false).await {
         Ok(admitted) => admitted,
         Err(response) => return response,
     };
@@ -188,24 +171,44 @@ async fn lookup(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if let Err(response) = checked_body(&shared, &headers, body, true).await {
-        return response;
-    }
-    let admitted = match admit(
-        &shared,
-        &id_scope,
-        &registration_id,
-        &query,
-        &peer,
-        &headers,
-    )
-    .await
-    {
+    let asked = Asked {
+        id_scope,
+        registration_id,
+        query,
+        peer,
+        headers,
+    };
+    let (_, admitted) = match asked.admitted(&shared, body, true).await {
         Ok(admitted) => admitted,
         Err(response) => return response,
     };
     let reply = shared.responder.status_lookup(&admitted.device);
     answer(&shared, "lookup", &admitted.device, reply, None).await
+}
+
+/// What every request of the API names: the device, the api-version, its connection
+/// and headers.
+struct Asked {
+    id_scope: String,
+    registration_id: String,
+    query: ApiQuery,
+    peer: Peer,
+    headers: HeaderMap,
+}
+
+impl Asked {
+    /// The body (which must be JSON when `json_required`) and the attested device; the
+    /// refusal is the answer.
+    async fn admitted(
+        &self,
+        shared: &Shared,
+        body: Body,
+        json_required: bool,
+    ) -> Result<(Vec<u8>, Admitted), Response> {
+        let body = checked_body(shared, &self.headers, body, json_required).await?;
+        let admitted = admit(shared, self).await?;
+        Ok((body, admitted))
+    }
 }
 
 /// The body, read up to the limit; a request with a body must say it is JSON.
@@ -286,16 +289,10 @@ async fn checked_body(
 /// Attests the request as a CONNECT of `registration_id` would be: the token in
 /// `Authorization`, else the client certificate, else neither (a TPM device asking for
 /// its challenge). The refusal is the answer.
-async fn admit(
-    shared: &Shared,
-    id_scope: &str,
-    registration_id: &str,
-    query: &ApiQuery,
-    peer: &Peer,
-    headers: &HeaderMap,
-) -> Result<Admitted, Response> {
+async fn admit(shared: &Shared, asked: &Asked) -> Result<Admitted, Response> {
     use edgedps_topics::identity::API_VERSIONS;
-    let api_version = match query.api_version.as_deref() {
+    let (id_scope, registration_id) = (&asked.id_scope, &asked.registration_id);
+    let api_version = match asked.query.api_version.as_deref() {
         Some(v) if API_VERSIONS.contains(&v) => v,
         Some(v) => {
             return Err(dps_error(
@@ -316,7 +313,7 @@ async fn admit(
             ))
         }
     };
-    let token = match headers.get(header::AUTHORIZATION).map(|v| v.to_str()) {
+    let token = match asked.headers.get(header::AUTHORIZATION).map(|v| v.to_str()) {
         Some(Ok(token)) => Some(token),
         Some(Err(_)) => {
             return Err(dps_error(
@@ -329,7 +326,7 @@ async fn admit(
     };
     let credential = match token {
         Some(token) => Credential::Sas(token),
-        None => Credential::X509(&peer.chain),
+        None => Credential::X509(&asked.peer.chain),
     };
     let username = format!("{id_scope}/registrations/{registration_id}/api-version={api_version}");
     let admission = shared
@@ -339,7 +336,7 @@ async fn admit(
     match admission.outcome {
         Ok(admitted) => Ok(admitted),
         Err(error) => {
-            tracing::warn!(target: "edgedps::audit", peer = %peer.addr, client_id = %edgedps_policies::validation::shown(registration_id), reason = %error, "HTTPS request refused");
+            tracing::warn!(target: "edgedps::audit", peer = %asked.peer.addr, client_id = %edgedps_policies::validation::shown(registration_id), reason = %error, "HTTPS request refused");
             // Counted with the device listener's refusals, by the same reasons.
             let reason = crate::session::refusal(&error).label();
             shared.metrics.connect_refused("https", reason);

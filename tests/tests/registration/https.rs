@@ -213,6 +213,16 @@ async fn a_tpm_device_is_challenged_and_provisions_over_https() {
     );
 }
 
+/// A refused request: what it is, method, path, headers, body, and the status and code.
+type Case<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    Vec<(&'a str, String)>,
+    &'a [u8],
+    (u16, u64),
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_that_are_not_the_api_s_are_refused_with_azure_s_codes() {
     let (server, port) = https_server(false).await;
@@ -224,51 +234,9 @@ async fn requests_that_are_not_the_api_s_are_refused_with_azure_s_codes() {
         .await
         .unwrap();
     let mut api = DpsHttp::connect(port, None).await;
-    let json = [("Content-Type", "application/json")];
-    let auth = [
-        ("Content-Type", "application/json"),
-        ("Authorization", token.as_str()),
-    ];
 
-    // Another id scope: 401002.
-    let answer = api
-        .send(
-            "PUT",
-            "/0ne0000FFFF/registrations/http-bad-1/register?api-version=2019-03-31",
-            &auth,
-            b"{}",
-        )
-        .await;
-    assert_eq!(
-        (answer.status, answer.error_code()),
-        (401, Some(401002)),
-        "{answer:?}"
-    );
-    // No token, a bad token, an expired one: 401002.
     let path = "/0ne00000001/registrations/http-bad-1/register?api-version=2019-03-31";
-    let answer = api.send("PUT", path, &json, b"{}").await;
-    assert_eq!(
-        (answer.status, answer.error_code()),
-        (401, Some(401002)),
-        "{answer:?}"
-    );
     let wrong = dps_token(&new_key(), "http-bad-1");
-    let answer = api
-        .send(
-            "PUT",
-            path,
-            &[
-                ("Content-Type", "application/json"),
-                ("Authorization", &wrong),
-            ],
-            b"{}",
-        )
-        .await;
-    assert_eq!(
-        (answer.status, answer.error_code()),
-        (401, Some(401002)),
-        "{answer:?}"
-    );
     let expired = edgedps_policies::sas::sign(
         &key,
         ID_SCOPE,
@@ -276,100 +244,124 @@ async fn requests_that_are_not_the_api_s_are_refused_with_azure_s_codes() {
         edgedps_responder::unix_now() - 400,
     )
     .unwrap();
-    let answer = api
-        .send(
+    let with_token = |token: &str| {
+        vec![
+            ("Content-Type", "application/json".to_owned()),
+            ("Authorization", token.to_owned()),
+        ]
+    };
+    let auth = with_token(&token);
+    let big = vec![b' '; 300 * 1024];
+    let cases: Vec<Case> = vec![
+        (
+            "another id scope",
+            "PUT",
+            "/0ne0000FFFF/registrations/http-bad-1/register?api-version=2019-03-31",
+            auth.clone(),
+            b"{}",
+            (401, 401002),
+        ),
+        (
+            "no token",
             "PUT",
             path,
-            &[
-                ("Content-Type", "application/json"),
-                ("Authorization", &expired),
-            ],
+            vec![("Content-Type", "application/json".to_owned())],
             b"{}",
-        )
-        .await;
-    assert_eq!(
-        (answer.status, answer.error_code()),
-        (401, Some(401002)),
-        "{answer:?}"
-    );
-    // No Content-Type, or another: 400004. A body that is not JSON: 400004.
-    let answer = api
-        .send("PUT", path, &[("Authorization", token.as_str())], b"{}")
-        .await;
-    assert_eq!(
-        (answer.status, answer.error_code()),
-        (400, Some(400004)),
-        "{answer:?}"
-    );
-    let answer = api
-        .send(
+            (401, 401002),
+        ),
+        (
+            "a bad token",
             "PUT",
             path,
-            &[
-                ("Content-Type", "text/plain"),
-                ("Authorization", token.as_str()),
+            with_token(&wrong),
+            b"{}",
+            (401, 401002),
+        ),
+        (
+            "an expired token",
+            "PUT",
+            path,
+            with_token(&expired),
+            b"{}",
+            (401, 401002),
+        ),
+        (
+            "no Content-Type",
+            "PUT",
+            path,
+            vec![("Authorization", token.clone())],
+            b"{}",
+            (400, 400004),
+        ),
+        (
+            "another Content-Type",
+            "PUT",
+            path,
+            vec![
+                ("Content-Type", "text/plain".to_owned()),
+                ("Authorization", token.clone()),
             ],
             b"{}",
-        )
-        .await;
-    assert_eq!(
-        (answer.status, answer.error_code()),
-        (400, Some(400004)),
-        "{answer:?}"
-    );
-    let answer = api.send("PUT", path, &auth, b"not json").await;
-    assert_eq!(
-        (answer.status, answer.error_code()),
-        (400, Some(400004)),
-        "{answer:?}"
-    );
-    // No api-version, an unknown one: 400004.
-    let answer = api
-        .send(
+            (400, 400004),
+        ),
+        (
+            "a body that is not JSON",
+            "PUT",
+            path,
+            auth.clone(),
+            b"not json",
+            (400, 400004),
+        ),
+        (
+            "no api-version",
             "PUT",
             "/0ne00000001/registrations/http-bad-1/register",
-            &auth,
+            auth.clone(),
             b"{}",
-        )
-        .await;
-    assert_eq!(
-        (answer.status, answer.error_code()),
-        (400, Some(400004)),
-        "{answer:?}"
-    );
-    let answer = api
-        .send(
+            (400, 400004),
+        ),
+        (
+            "an unknown api-version",
             "PUT",
             "/0ne00000001/registrations/http-bad-1/register?api-version=2030-01-01",
-            &auth,
+            auth.clone(),
             b"{}",
-        )
-        .await;
-    assert_eq!(
-        (answer.status, answer.error_code()),
-        (400, Some(400004)),
-        "{answer:?}"
-    );
-    // Another path: 404. Another method: 405. A body over the limit: 413.
-    let answer = api.send("GET", "/nothing/here", &auth, b"").await;
-    assert_eq!(
-        (answer.status, answer.error_code()),
-        (404, Some(404000)),
-        "{answer:?}"
-    );
-    let answer = api.send("DELETE", path, &auth, b"").await;
-    assert_eq!(
-        (answer.status, answer.error_code()),
-        (405, Some(405000)),
-        "{answer:?}"
-    );
-    let big = vec![b' '; 300 * 1024];
-    let answer = api.send("PUT", path, &auth, &big).await;
-    assert_eq!(
-        (answer.status, answer.error_code()),
-        (413, Some(413000)),
-        "{answer:?}"
-    );
+            (400, 400004),
+        ),
+        (
+            "another path",
+            "GET",
+            "/nothing/here",
+            auth.clone(),
+            b"",
+            (404, 404000),
+        ),
+        (
+            "another method",
+            "DELETE",
+            path,
+            auth.clone(),
+            b"",
+            (405, 405000),
+        ),
+        (
+            "a body over the limit",
+            "PUT",
+            path,
+            auth.clone(),
+            &big,
+            (413, 413000),
+        ),
+    ];
+    for (case, method, target, headers, body, (status, code)) in cases {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let answer = api.send(method, target, &headers, body).await;
+        assert_eq!(
+            (answer.status, answer.error_code()),
+            (status, Some(code)),
+            "{case}: {answer:?}"
+        );
+    }
     // Nothing of this was recorded; the device still registers on a new connection.
     assert!(server
         .running
@@ -378,6 +370,16 @@ async fn requests_that_are_not_the_api_s_are_refused_with_azure_s_codes() {
         .unwrap()
         .is_none());
     let mut api = DpsHttp::connect(port, None).await;
-    let answer = api.send("PUT", path, &auth, b"{}").await;
+    let answer = api
+        .send(
+            "PUT",
+            path,
+            &[
+                ("Content-Type", "application/json"),
+                ("Authorization", &token),
+            ],
+            b"{}",
+        )
+        .await;
     assert_eq!(answer.status, 200, "{answer:?}");
 }

@@ -314,12 +314,11 @@ mod over_mqtt {
         body["provisioningStatus"] = json!("disabled");
         operator.put(&format!("dps/enrollments/{id}"), body).await;
         assert!(hub.closed().await, "the hub session is cut off");
-        let refused = connack_with(
+        let refused = connack_refusal(
             server.devices_port,
             &id,
             &edgedps_tests::hub::hub_username(LOCAL, &id),
             &token,
-            edgedps_device::tls::client_config(pki().server_ca.pem.as_bytes(), None).unwrap(),
         )
         .await;
         assert!(
@@ -433,12 +432,11 @@ mod over_mqtt {
         let token = dps_token(&soft, &id, now() + 600);
         let mut proven = session(&server, &id, &token).await.expect("the right key");
         // The challenge's key is not a hub key.
-        let hub_refused = connack_with(
+        let hub_refused = connack_refusal(
             server.devices_port,
             &id,
             &edgedps_tests::hub::hub_username(LOCAL, &id),
             &token,
-            edgedps_device::tls::client_config(pki().server_ca.pem.as_bytes(), None).unwrap(),
         )
         .await;
         assert!(hub_refused.is_some(), "a registration token at the hub");
@@ -446,12 +444,11 @@ mod over_mqtt {
         let sr = edgedps_policies::sas::hub_resource(LOCAL, &id);
         let hub_token =
             edgedps_policies::sas::token_signed_by(&sr, now() + 600, |d| soft.hmac(d)).unwrap();
-        let refused = connack_with(
+        let refused = connack_refusal(
             server.devices_port,
             &id,
             &edgedps_tests::hub::hub_username(LOCAL, &id),
             &hub_token,
-            edgedps_device::tls::client_config(pki().server_ca.pem.as_bytes(), None).unwrap(),
         )
         .await;
         assert!(refused.is_some(), "no hub key yet");
@@ -459,12 +456,11 @@ mod over_mqtt {
         assert_eq!(status, 200, "{assigned}");
         assert!(assigned["registrationState"]["tpm"]["authenticationKey"].is_string());
         // The hub CONNECT with an empty password is refused.
-        let empty = connack_with(
+        let empty = connack_refusal(
             server.devices_port,
             &id,
             &edgedps_tests::hub::hub_username(LOCAL, &id),
             "",
-            edgedps_device::tls::client_config(pki().server_ca.pem.as_bytes(), None).unwrap(),
         )
         .await;
         assert!(empty.is_some(), "no token at the hub");

@@ -137,12 +137,11 @@ async fn the_stock_node_tpm_client_provisions_over_https_and_its_key_opens_the_l
         let retired = operator.retire(&id, b"").await;
         assert_eq!(retired["ok"], true, "{retired}");
         assert!(hub.closed().await, "the hub session is cut off");
-        let refused = connack_with(
+        let refused = connack_refusal(
             server.devices_port,
             &id,
             &edgedps_tests::hub::hub_username(LOCAL, &id),
             &token,
-            edgedps_device::tls::client_config(pki().server_ca.pem.as_bytes(), None).unwrap(),
         )
         .await;
         assert!(refused.is_some(), "a retired TPM device's hub CONNECT");
