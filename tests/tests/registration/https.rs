@@ -119,6 +119,18 @@ async fn an_accepted_registration_is_polled_with_retry_after_and_an_x509_device_
     assert_eq!(done.status, 200, "{done:?}");
     assert_eq!(done.body["status"], "assigned");
     assert_eq!(done.body["operationId"], operation.as_str());
+    // Polled too often (more than 5 in 10 s): 429 with Retry-After, as on MQTT.
+    let mut throttled = None;
+    for _ in 0..6 {
+        let answer = api.poll("http-poll-1", Some(&token), &operation).await;
+        if answer.status == 429 {
+            throttled = Some(answer);
+            break;
+        }
+    }
+    let throttled = throttled.expect("throttled within 6 more polls");
+    assert_eq!(throttled.error_code(), Some(429001), "{throttled:?}");
+    assert!(throttled.retry_after.is_some(), "{throttled:?}");
     // Another device's token does not poll this operation.
     let other = operator.enroll("http-poll-2").await;
     let refused = api
