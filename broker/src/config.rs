@@ -19,6 +19,9 @@ pub struct Config {
     /// Answer register with 202 and the result on the poll, exactly like Azure.
     pub always_accept_then_poll: bool,
     pub retry_after_seconds: u32,
+    /// SIGTERM/SIGINT: how long sessions and requests in flight get to finish before the
+    /// process exits.
+    pub shutdown_timeout_seconds: u64,
     pub listeners: Listeners,
     pub hubs: Vec<HubConfig>,
     /// The hub that is this gateway (PROTOCOL E), when there is one.
@@ -81,12 +84,16 @@ pub struct Listeners {
     pub local: Option<LocalListener>,
     /// Operators from elsewhere, over TLS.
     pub operators: Option<OperatorListener>,
-    /// The DPS device API over HTTPS (TPM devices, HTTP-only clients).
+    /// The DPS device API over HTTPS (TPM devices, HTTP-only clients), and MQTT over
+    /// WebSocket at `/$iothub/websocket`.
     pub https: Option<HttpsListener>,
+    /// MQTT over WebSocket only, on a port of its own (the same keys as `https`).
+    pub websocket: Option<HttpsListener>,
 }
 
 /// `[listeners.https]`: the DPS device API over HTTPS (Azure's REST device API), the
-/// same registrations as the device listener's.
+/// same registrations as the device listener's, and MQTT over WebSocket; also
+/// `[listeners.websocket]`, MQTT over WebSocket alone.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpsListener {
@@ -353,6 +360,7 @@ impl Default for Config {
             allocation_policy: DefaultAllocation::Hashed,
             always_accept_then_poll: false,
             retry_after_seconds: 1,
+            shutdown_timeout_seconds: 10,
             listeners: Listeners::default(),
             hubs: Vec::new(),
             local_hub: None,
@@ -381,6 +389,7 @@ impl Default for Listeners {
             }),
             operators: None,
             https: None,
+            websocket: None,
         }
     }
 }
@@ -511,13 +520,25 @@ impl Config {
                 });
             }
         }
-        if let Some(https) = &self.listeners.https {
-            if https.tls_cert.is_some() != https.tls_key.is_some() {
+        for (key, listener) in [
+            ("listeners.https.tls_cert", &self.listeners.https),
+            ("listeners.websocket.tls_cert", &self.listeners.websocket),
+        ] {
+            if listener
+                .as_ref()
+                .is_some_and(|l| l.tls_cert.is_some() != l.tls_key.is_some())
+            {
                 return Err(Error::InvalidConfig {
-                    key: "listeners.https.tls_cert",
+                    key,
                     message: "tls_cert and tls_key go together".into(),
                 });
             }
+        }
+        if self.shutdown_timeout_seconds == 0 {
+            return Err(Error::InvalidConfig {
+                key: "shutdown_timeout_seconds",
+                message: "must be at least 1".into(),
+            });
         }
         self.validate_operators()?;
         if self.limits.max_packet_size < 1024 {

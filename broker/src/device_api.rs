@@ -46,10 +46,20 @@ const DRAINED: usize = 1 << 20;
 
 /// What a request's connection says about its client.
 #[derive(Clone)]
-struct Peer {
-    addr: SocketAddr,
+pub(crate) struct Peer {
+    pub(crate) addr: SocketAddr,
     /// The TLS client chain, DER, leaf first; empty without one.
-    chain: Arc<Vec<Vec<u8>>>,
+    pub(crate) chain: Arc<Vec<Vec<u8>>>,
+    /// The connection's place in the connection limit, for the session a WebSocket
+    /// upgrade hands it to.
+    slot: Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>,
+}
+
+impl Peer {
+    /// The connection's slot, once: the upgraded session holds it from then on.
+    pub(crate) fn take_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.slot.lock().ok().and_then(|mut slot| slot.take())
+    }
 }
 
 #[derive(Deserialize)]
@@ -58,18 +68,23 @@ struct ApiQuery {
     api_version: Option<String>,
 }
 
-/// The routes; each connection adds its [`Peer`].
-pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .route(
-            "/{id_scope}/registrations/{registration_id}/register",
-            put(register),
-        )
-        .route(
-            "/{id_scope}/registrations/{registration_id}/operations/{operation_id}",
-            get(poll),
-        )
-        .route("/{id_scope}/registrations/{registration_id}", post(lookup))
+/// The routes (the DPS API's when `api`, MQTT over WebSocket always); each connection
+/// adds its [`Peer`].
+pub fn router(shared: Arc<Shared>, api: bool) -> Router {
+    let mut routes = Router::new().route(crate::websocket::PATH, get(crate::websocket::upgrade));
+    if api {
+        routes = routes
+            .route(
+                "/{id_scope}/registrations/{registration_id}/register",
+                put(register),
+            )
+            .route(
+                "/{id_scope}/registrations/{registration_id}/operations/{operation_id}",
+                get(poll),
+            )
+            .route("/{id_scope}/registrations/{registration_id}", post(lookup));
+    }
+    routes
         .method_not_allowed_fallback(|| async {
             http_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
         })
@@ -77,17 +92,20 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// Serves one TLS connection: HTTP/1.1 with keep-alive, until the client closes it.
+/// Serves one TLS connection: HTTP/1.1 with keep-alive, until the client closes it or
+/// upgrades it to MQTT over WebSocket (`websocket.rs`).
 pub async fn serve_connection(
     stream: TlsStream,
     chain: Vec<Vec<u8>>,
     addr: SocketAddr,
     app: Router,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    shutdown: Arc<crate::shutdown::Shutdown>,
+    slot: tokio::sync::OwnedSemaphorePermit,
 ) {
     let peer = Peer {
         addr,
         chain: Arc::new(chain),
+        slot: Arc::new(std::sync::Mutex::new(Some(slot))),
     };
     let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
         request.extensions_mut().insert(peer.clone());
@@ -98,12 +116,21 @@ pub async fn serve_connection(
         }
     });
     let io = hyper_util::rt::TokioIo::new(stream);
-    let served = hyper::server::conn::http1::Builder::new()
+    let connection = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(64 * 1024)
         .serve_connection(io, service)
-        .await;
+        .with_upgrades();
+    let mut connection = std::pin::pin!(connection);
+    // Shutting down: the request in flight is answered, then the connection closes.
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        () = shutdown.wait() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
     if let Err(e) = served {
         tracing::debug!(%addr, error = %e, "HTTPS connection ended");
     }
@@ -384,7 +411,7 @@ fn response(reply: Reply) -> Response {
 
 /// An error of the API itself (path, method, size): Azure's error body, its code the
 /// status times a thousand.
-fn http_error(status: StatusCode, message: &str) -> Response {
+pub(crate) fn http_error(status: StatusCode, message: &str) -> Response {
     dps_error(status, u32::from(status.as_u16()) * 1000, message)
 }
 

@@ -21,7 +21,9 @@ pub mod qos;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod shutdown;
 pub mod tls;
+pub mod websocket;
 
 pub use config::Config;
 pub use error::Error;

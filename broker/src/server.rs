@@ -28,14 +28,65 @@ pub struct Running {
     pub local_addr: Option<SocketAddr>,
     pub operators_addr: Option<SocketAddr>,
     pub http_addr: Option<SocketAddr>,
-    /// `[listeners.https]`: the DPS device API.
+    /// `[listeners.https]`: the DPS device API and MQTT over WebSocket.
     pub https_addr: Option<SocketAddr>,
+    /// `[listeners.websocket]`: MQTT over WebSocket.
+    pub websocket_addr: Option<SocketAddr>,
     /// The CA of the generated development certificate, when there is one.
     pub dev_ca: Option<PathBuf>,
     pub responder: Arc<Responder>,
     /// Persistent sessions whose client is away, and what their queues dropped.
     pub offline: Arc<session::offline::Registry>,
     tasks: Vec<JoinHandle<()>>,
+    shutdown: Arc<crate::shutdown::Shutdown>,
+    /// Every listener's connections, and how many there may be: all given back once
+    /// every connection has closed.
+    connections: Arc<Semaphore>,
+    max_connections: usize,
+    shutdown_timeout: Duration,
+}
+
+/// How a [`Running::shutdown`] went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stopped {
+    /// Connections still open when the timeout came (dropped with the process).
+    pub left_open: usize,
+    /// Whether the store's last flush succeeded.
+    pub flushed: Result<(), String>,
+}
+
+impl Running {
+    /// Shuts down gracefully (`shutdown.rs`): stops accepting, lets every session and
+    /// request finish what it is doing and close, within `shutdown_timeout_seconds`,
+    /// then flushes the store. Whatever is still open then is dropped.
+    pub async fn shutdown(self) -> Stopped {
+        let started = Instant::now();
+        let deadline = started + self.shutdown_timeout;
+        self.shutdown.start();
+        // The flush gets the last tenth of the time (at most a second).
+        let sessions_until = deadline - (self.shutdown_timeout / 10).min(Duration::from_secs(1));
+        let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
+        let closed =
+            tokio::time::timeout_at(sessions_until, self.connections.acquire_many(all)).await;
+        let left_open = match closed {
+            Ok(_) => 0,
+            Err(_) => self
+                .max_connections
+                .saturating_sub(self.connections.available_permits()),
+        };
+        let flushed = match tokio::time::timeout_at(deadline, self.responder.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the store's flush did not finish in time".to_owned()),
+        };
+        tracing::info!(
+            took_ms = started.elapsed().as_millis() as u64,
+            left_open,
+            flushed = flushed.is_ok(),
+            "shut down"
+        );
+        Stopped { left_open, flushed }
+    }
 }
 
 impl Drop for Running {
@@ -98,6 +149,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         operators: Arc::new(crate::operators::Operators::new(&config.operators)),
         metrics: metrics.clone(),
         local_anonymous: config.listeners.local.as_ref().is_some_and(|l| l.anonymous),
+        shutdown: Arc::default(),
     });
     // Cloud hubs learn of their devices through their outboxes, from the first moment.
     let supervisor = crate::cloud::supervise(responder.clone(), shared.publisher.clone(), cloud);
@@ -107,10 +159,15 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         operators_addr: None,
         http_addr: None,
         https_addr: None,
+        websocket_addr: None,
         dev_ca: None,
         responder,
         offline: shared.offline.clone(),
         tasks: vec![tokio::spawn(supervisor)],
+        shutdown: shared.shutdown.clone(),
+        connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+        max_connections: config.limits.max_connections,
+        shutdown_timeout: Duration::from_secs(config.shutdown_timeout_seconds),
     };
 
     // Metrics, health and the status page: first, so that `/readyz` says "not yet"
@@ -136,7 +193,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     };
 
     // One budget of connections for every listener.
-    let connections = Arc::new(Semaphore::new(config.limits.max_connections));
+    let connections = running.connections.clone();
     if let Some(devices) = &config.listeners.devices {
         let (cert, key) =
             server_identity(&devices.tls_cert, &devices.tls_key, &config, &mut running)?;
@@ -154,8 +211,14 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         );
         running.tasks.push(tokio::spawn(accept));
     }
-    if let Some(https) = &config.listeners.https {
-        let (cert, key) = match (&https.tls_cert, &https.tls_key) {
+    // The DPS device API and MQTT over WebSocket (`[listeners.https]`), or MQTT over
+    // WebSocket alone (`[listeners.websocket]`).
+    for (name, listener, api) in [
+        ("https", &config.listeners.https, true),
+        ("websocket", &config.listeners.websocket, false),
+    ] {
+        let Some(listener) = listener else { continue };
+        let (cert, key) = match (&listener.tls_cert, &listener.tls_key) {
             (Some(cert), Some(key)) => (cert.clone(), key.clone()),
             _ => {
                 let devices = config.listeners.devices.as_ref();
@@ -165,18 +228,40 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             }
         };
         let tls_config = tls::server_config(&cert, &key)?;
-        let listener = bind("https", https.bind).await?;
-        running.https_addr = listener.local_addr().ok();
-        tracing::info!(addr = ?running.https_addr, "HTTPS listener (the DPS device API) ready");
-        let app = crate::device_api::router(shared.clone());
+        let bound = bind(name, listener.bind).await?;
+        let addr = bound.local_addr().ok();
+        if api {
+            running.https_addr = addr;
+            tracing::info!(
+                ?addr,
+                "HTTPS listener (the DPS device API, MQTT over WebSocket at {}) ready",
+                crate::websocket::PATH
+            );
+        } else {
+            running.websocket_addr = addr;
+            tracing::info!(
+                ?addr,
+                "WebSocket listener (MQTT over WebSocket at {}) ready",
+                crate::websocket::PATH
+            );
+        }
+        let app = crate::device_api::router(shared.clone(), api);
+        let shutdown = shared.shutdown.clone();
         let accept = tls_accept_loop(
-            listener,
+            bound,
             connections.clone(),
             tls_config,
             &config,
             shared.clone(),
             move |stream, chain, peer, slot| {
-                crate::device_api::serve_connection(stream, chain, peer, app.clone(), slot)
+                crate::device_api::serve_connection(
+                    stream,
+                    chain,
+                    peer,
+                    app.clone(),
+                    shutdown.clone(),
+                    slot,
+                )
             },
         );
         running.tasks.push(tokio::spawn(accept));
@@ -212,16 +297,21 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         }
         tracing::info!(addr = ?running.local_addr, anonymous = local.anonymous, "local listener (MQTT) ready");
         let shared = shared.clone();
-        let accept = accept_loop(listener, connections.clone(), move |tcp, peer, slot| {
-            session::serve(
-                tcp,
-                Vec::new(),
-                ListenerKind::Local,
-                peer,
-                shared.clone(),
-                slot,
-            )
-        });
+        let accept = accept_loop(
+            listener,
+            connections.clone(),
+            shared.shutdown.clone(),
+            move |tcp, peer, slot| {
+                session::serve(
+                    tcp,
+                    Vec::new(),
+                    ListenerKind::Local,
+                    peer,
+                    shared.clone(),
+                    slot,
+                )
+            },
+        );
         running.tasks.push(tokio::spawn(accept));
     }
     if let Some(http) = http {
@@ -292,62 +382,70 @@ where
 {
     let handshake = Duration::from_millis(config.limits.handshake_timeout_ms);
     let handshakes = Arc::new(Semaphore::new(config.limits.max_handshakes));
-    accept_loop(listener, connections, move |tcp, peer, slot| {
-        let tls_config = tls_config.clone();
-        let shared = shared.clone();
-        let handshakes = handshakes.clone();
-        let serve = serve.clone();
-        async move {
-            // One deadline for the whole handshake. The ClientHello is read before a
-            // handshake slot is taken: a client that never sends one (slowloris)
-            // holds a connection until the deadline, never a slot, so the slots
-            // bound only the handshakes that cost CPU.
-            let deadline = Instant::now() + handshake;
-            let mut stream = match TlsStream::new(tcp, tls_config) {
-                Ok(stream) => stream,
-                Err(e) => {
-                    tracing::error!(%peer, error = %e, "cannot start a TLS connection");
-                    return;
+    accept_loop(
+        listener,
+        connections,
+        shared.shutdown.clone(),
+        move |tcp, peer, slot| {
+            let tls_config = tls_config.clone();
+            let shared = shared.clone();
+            let handshakes = handshakes.clone();
+            let serve = serve.clone();
+            async move {
+                // One deadline for the whole handshake. The ClientHello is read before a
+                // handshake slot is taken: a client that never sends one (slowloris)
+                // holds a connection until the deadline, never a slot, so the slots
+                // bound only the handshakes that cost CPU.
+                let deadline = Instant::now() + handshake;
+                let mut stream = match TlsStream::new(tcp, tls_config) {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::error!(%peer, error = %e, "cannot start a TLS connection");
+                        return;
+                    }
+                };
+                match tokio::time::timeout_at(deadline, stream.read_client_hello()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::info!(%peer, error = %e, "TLS handshake failed before the ClientHello");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%peer, "no TLS ClientHello within the handshake deadline; connection closed");
+                        return;
+                    }
                 }
-            };
-            match tokio::time::timeout_at(deadline, stream.read_client_hello()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::info!(%peer, error = %e, "TLS handshake failed before the ClientHello");
+                // A storm queues here instead of starving the sessions already running.
+                let Ok(Ok(permit)) =
+                    tokio::time::timeout_at(deadline, handshakes.acquire_owned()).await
+                else {
+                    tracing::warn!(%peer, "no handshake slot within the deadline; connection closed");
                     return;
-                }
-                Err(_) => {
-                    tracing::info!(%peer, "no TLS ClientHello within the handshake deadline; connection closed");
-                    return;
+                };
+                let started = Instant::now();
+                let accepted = tokio::time::timeout_at(deadline, stream.handshake()).await;
+                drop(permit);
+                match accepted {
+                    Ok(Ok(())) if shared.shutdown.started() => {
+                        tracing::debug!(%peer, "TLS connection closed after its handshake: shutting down");
+                    }
+                    Ok(Ok(())) => {
+                        shared.metrics.handshake(started.elapsed());
+                        let chain = stream
+                            .peer_certificates()
+                            .iter()
+                            .map(|c| c.as_ref().to_vec())
+                            .collect();
+                        // A task of its own: the handshake task's state is not carried
+                        // for the life of the session (see BENCHMARKS.md, idle memory).
+                        tokio::spawn(serve(stream, chain, peer, slot));
+                    }
+                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
                 }
             }
-            // A storm queues here instead of starving the sessions already running.
-            let Ok(Ok(permit)) =
-                tokio::time::timeout_at(deadline, handshakes.acquire_owned()).await
-            else {
-                tracing::warn!(%peer, "no handshake slot within the deadline; connection closed");
-                return;
-            };
-            let started = Instant::now();
-            let accepted = tokio::time::timeout_at(deadline, stream.handshake()).await;
-            drop(permit);
-            match accepted {
-                Ok(Ok(())) => {
-                    shared.metrics.handshake(started.elapsed());
-                    let chain = stream
-                        .peer_certificates()
-                        .iter()
-                        .map(|c| c.as_ref().to_vec())
-                        .collect();
-                    // A task of its own: the handshake task's state is not carried
-                    // for the life of the session (see BENCHMARKS.md, idle memory).
-                    tokio::spawn(serve(stream, chain, peer, slot));
-                }
-                Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
-            }
-        }
-    })
+        },
+    )
 }
 
 /// A listener's certificate and key files: the configured ones, or the development
@@ -376,13 +474,22 @@ async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, Error
     })
 }
 
-async fn accept_loop<F, Fut>(listener: TcpListener, connections: Arc<Semaphore>, on_connection: F)
-where
+/// Accepts connections until the shutdown starts; the listener then closes.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    connections: Arc<Semaphore>,
+    shutdown: Arc<crate::shutdown::Shutdown>,
+    on_connection: F,
+) where
     F: Fn(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.wait() => return,
+        };
+        match accepted {
             Ok((tcp, peer)) => {
                 let Ok(permit) = connections.clone().try_acquire_owned() else {
                     // Full: refuse fast, the device retries.

@@ -32,8 +32,15 @@ enum Command {
     /// Run the broker and the provisioning service.
     Serve {
         /// TOML configuration file; without it the embedded default runs.
-        #[arg(long)]
+        #[arg(long, env = "EDGEDPS_CONFIG")]
         config: Option<PathBuf>,
+    },
+    /// Exit 0 when edgedps answers `GET /healthz` on its HTTP listener (`[http] bind`),
+    /// 1 otherwise: a container's or service manager's health check, without curl.
+    Health {
+        /// The HTTP listener's address.
+        #[arg(long, default_value = "127.0.0.1:8080", env = "EDGEDPS_HEALTH_ADDR")]
+        addr: std::net::SocketAddr,
     },
     /// Provision many simulated devices against a fresh edgedps and report.
     Loadgen(edgedps_device::loadgen::LoadgenArgs),
@@ -67,6 +74,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => serve(config),
+        Command::Health { addr } => match health(addr) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("edgedps health: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Loadgen(args) => loadgen(args),
         Command::Admin(args) => {
             let outcome = runtime()
@@ -219,6 +233,30 @@ fn loadgen(args: edgedps_device::loadgen::LoadgenArgs) -> ExitCode {
     }
 }
 
+/// `GET /healthz` within 2 s: 200 is healthy.
+fn health(addr: std::net::SocketAddr) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let limit = std::time::Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, limit)
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let _ = stream.set_read_timeout(Some(limit));
+    let _ = stream.set_write_timeout(Some(limit));
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("cannot ask {addr}: {e}"))?;
+    let mut head = [0u8; 64];
+    let n = stream
+        .read(&mut head)
+        .map_err(|e| format!("no answer from {addr}: {e}"))?;
+    let status_line = String::from_utf8_lossy(&head[..n]);
+    let status_line = status_line.lines().next().unwrap_or_default();
+    if status_line.split(' ').nth(1) == Some("200") {
+        Ok(())
+    } else {
+        Err(format!("{addr} answered `{status_line}`"))
+    }
+}
+
 fn serve(file: Option<PathBuf>) -> ExitCode {
     let config = match Config::load(file.as_deref()) {
         Ok(config) => config,
@@ -227,6 +265,12 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if file.is_none() {
+        eprintln!(
+            "edgedps: no --config (nor EDGEDPS_CONFIG): running on the embedded default configuration (docs/configuration.md, \"The embedded default\"), data in {}",
+            config.data_dir.display()
+        );
+    }
     let _log = init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -251,6 +295,7 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
             tracing::info!(ca = %ca.display(), "devices trust the development server certificate through this CA");
         }
         wait_for_signal().await;
+        tracing::info!("shutting down: no new connections; sessions finish what they are doing");
         let latency = running.responder.register_latency();
         tracing::info!(
             registrations = latency.count,
@@ -258,10 +303,22 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
             p90_us = latency.p90_us,
             p99_us = latency.p99_us,
             max_us = latency.max_us,
-            "register latency (server side, request to durable answer); shutting down"
+            "register latency (server side, request to durable answer)"
         );
-        drop(running);
-        ExitCode::SUCCESS
+        let stopped = running.shutdown().await;
+        if stopped.left_open > 0 {
+            tracing::warn!(
+                connections = stopped.left_open,
+                "connections still open at the shutdown timeout were dropped"
+            );
+        }
+        match stopped.flushed {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "the store could not be flushed at shutdown");
+                ExitCode::FAILURE
+            }
+        }
     })
 }
 

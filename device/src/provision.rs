@@ -27,6 +27,9 @@ pub enum DeviceAuth {
     Tpm(Arc<dyn crate::tpm::TpmDevice>),
 }
 
+/// The path of MQTT over WebSocket, as Azure serves it.
+pub const WEBSOCKET_PATH: &str = "/$iothub/websocket";
+
 #[derive(Clone)]
 pub struct DeviceConfig {
     pub host: String,
@@ -45,6 +48,9 @@ pub struct DeviceConfig {
     /// A certificate signing request to send with the register (PROTOCOL F): base64 of
     /// the DER request (`credentials::CertificateRequest`).
     pub csr: Option<String>,
+    /// MQTT over WebSocket at `wss://{host}:{port}/$iothub/websocket` (port 443 for a
+    /// device that may only leave its network there) instead of MQTT over TLS.
+    pub websocket: bool,
 }
 
 impl DeviceConfig {
@@ -67,6 +73,7 @@ impl DeviceConfig {
             request_qos: QoS::AtLeastOnce,
             tcp_nodelay: false,
             csr: None,
+            websocket: false,
         }
     }
 
@@ -152,11 +159,20 @@ async fn connect_as(
     tls: Arc<rustls::ClientConfig>,
     password: String,
 ) -> Result<(AsyncClient, EventLoop), DeviceError> {
-    let mut options = MqttOptions::new(&config.registration_id, &config.host, config.port);
+    let tls = TlsConfiguration::Rustls(tls);
+    let mut options = if config.websocket {
+        let url = format!("wss://{}:{}{WEBSOCKET_PATH}", config.host, config.port);
+        let mut options = MqttOptions::new(&config.registration_id, url, config.port);
+        options.set_transport(Transport::wss_with_config(tls));
+        options
+    } else {
+        let mut options = MqttOptions::new(&config.registration_id, &config.host, config.port);
+        options.set_transport(Transport::tls_with_config(tls));
+        options
+    };
     options.set_keep_alive(Duration::from_secs(30));
     options.set_clean_session(true);
     options.set_credentials(config.username(), password);
-    options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
     let (client, mut eventloop) = AsyncClient::new(options, 16);
     eventloop
         .network_options

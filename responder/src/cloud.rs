@@ -157,6 +157,11 @@ impl Responder {
         Ok(())
     }
 
+    /// Puts every write so far on disk (a shutdown's last step).
+    pub async fn flush(&self) -> Result<(), Error> {
+        self.durable().await
+    }
+
     /// Loads the connection strings operators wrote (they override the configuration's).
     pub(crate) fn load_hub_secrets(&self) -> Result<(), Error> {
         let mut credentials = write(&self.cloud.credentials);

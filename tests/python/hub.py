@@ -30,6 +30,7 @@ def hub_client(case, state, server_ca):
         hostname=state.assigned_hub,
         device_id=state.device_id,
         server_verification_cert=server_ca,
+        websockets=case.get("websockets", False),
     )
     if case["kind"] == "symmetricKey":
         return IoTHubDeviceClient.create_from_symmetric_key(

@@ -1,15 +1,18 @@
 """Provision devices with the stock Azure IoT device SDK for Python (azure-iot-device).
 
 Reads a JSON list of cases on stdin, runs each through ProvisioningDeviceClient against
-edgedps on localhost:8883 (the SDK's fixed port), and prints one JSON object per case.
-The SDK is used exactly as a device would use it: nothing here is patched.
+edgedps on localhost:8883 (the SDK's fixed port; 443 for a case with "websockets":
+true, MQTT over WebSocket), and prints one JSON object per case. A case with "hub":
+true then connects IoTHubDeviceClient to the assigned hub the same way, reads its twin
+and sends one telemetry message. The SDK is used exactly as a device would use it:
+nothing here is patched.
 """
 
 import json
 import sys
 import traceback
 
-from azure.iot.device import ProvisioningDeviceClient, X509
+from azure.iot.device import IoTHubDeviceClient, Message, ProvisioningDeviceClient, X509
 
 
 def provisioning_client(case, server_ca):
@@ -19,6 +22,7 @@ def provisioning_client(case, server_ca):
         registration_id=case["registrationId"],
         id_scope=case["idScope"],
         server_verification_cert=server_ca,
+        websockets=case.get("websockets", False),
     )
     if case["kind"] == "symmetricKey":
         return ProvisioningDeviceClient.create_from_symmetric_key(
@@ -39,7 +43,7 @@ def run(case, server_ca):
     # The SDK hands `payload` back as JSON text.
     if isinstance(payload, str):
         payload = json.loads(payload)
-    return {
+    out = {
         "name": case["name"],
         "status": result.status,
         "operationId": result.operation_id,
@@ -49,6 +53,34 @@ def run(case, server_ca):
         "etag": state.etag if state else None,
         "payload": payload,
     }
+    if case.get("hub") and state:
+        out["twin"] = use_hub(case, state, server_ca)
+    return out
+
+
+def use_hub(case, state, server_ca):
+    """The assigned hub through IoTHubDeviceClient, as the device was provisioned: its
+    twin, after one telemetry message."""
+    common = dict(
+        hostname=state.assigned_hub,
+        device_id=state.device_id,
+        server_verification_cert=server_ca,
+        websockets=case.get("websockets", False),
+    )
+    if case["kind"] == "symmetricKey":
+        client = IoTHubDeviceClient.create_from_symmetric_key(
+            symmetric_key=case["key"], **common
+        )
+    else:
+        client = IoTHubDeviceClient.create_from_x509_certificate(
+            x509=X509(cert_file=case["certFile"], key_file=case["keyFile"]), **common
+        )
+    client.connect()
+    try:
+        client.send_message(Message(json.dumps({"over": "websocket"})))
+        return client.get_twin()
+    finally:
+        client.shutdown()
 
 
 def run_cases(run_one):

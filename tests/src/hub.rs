@@ -124,16 +124,35 @@ impl HubDevice {
         token: &str,
         manual_acks: bool,
     ) -> HubDevice {
-        let mut options = rumqttc::MqttOptions::new(device_id, LOCAL, port);
+        Self::connect_over(false, port, device_id, token, manual_acks).await
+    }
+
+    /// As [`HubDevice::connect_token`], over MQTT over WebSocket if `websocket`.
+    pub async fn connect_over(
+        websocket: bool,
+        port: u16,
+        device_id: &str,
+        token: &str,
+        manual_acks: bool,
+    ) -> HubDevice {
+        let tls = rumqttc::TlsConfiguration::Rustls(
+            edgedps_device::tls::client_config(pki().server_ca.pem.as_bytes(), None)
+                .expect("client TLS"),
+        );
+        let mut options = if websocket {
+            let url = format!("wss://{LOCAL}:{port}/$iothub/websocket");
+            let mut options = rumqttc::MqttOptions::new(device_id, url, port);
+            options.set_transport(rumqttc::Transport::wss_with_config(tls));
+            options
+        } else {
+            let mut options = rumqttc::MqttOptions::new(device_id, LOCAL, port);
+            options.set_transport(rumqttc::Transport::tls_with_config(tls));
+            options
+        };
         options.set_credentials(hub_username(LOCAL, device_id), token);
         options.set_keep_alive(Duration::from_secs(30));
         options.set_manual_acks(manual_acks);
         options.set_max_packet_size(1 << 20, 1 << 20);
-        let tls = edgedps_device::tls::client_config(pki().server_ca.pem.as_bytes(), None)
-            .expect("client TLS");
-        options.set_transport(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(tls),
-        ));
         let (client, mut eventloop) = AsyncClient::new(options, 16);
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {

@@ -18,6 +18,14 @@ pub async fn hold_port_8883() -> tokio::sync::MutexGuard<'static, ()> {
     PORT_8883.lock().await
 }
 
+/// With `websockets=True` they dial 443: the same, for that port.
+static PORT_443: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Holds 127.0.0.1:443 for the caller until the guard drops.
+pub async fn hold_port_443() -> tokio::sync::MutexGuard<'static, ()> {
+    PORT_443.lock().await
+}
+
 pub fn python() -> PathBuf {
     if let Ok(python) = std::env::var("EDGEDPS_PYTHON") {
         return PathBuf::from(python);

@@ -101,6 +101,8 @@ pub struct Shared {
     /// `[listeners.local] anonymous`: a client without a username is an admin there.
     pub local_anonymous: bool,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Set when the server shuts down: sessions close at their next wake.
+    pub shutdown: Arc<crate::shutdown::Shutdown>,
 }
 
 impl Shared {
@@ -164,6 +166,8 @@ enum Close {
     Router(String),
     #[error("taken out of service: {0}")]
     OutOfService(Cut),
+    #[error("the server is shutting down")]
+    ShuttingDown,
 }
 
 /// Who is on the other end, once the CONNECT is accepted.
@@ -260,11 +264,20 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let metrics = shared.metrics.clone();
+    let shutdown = shared.shutdown.clone();
     let accept = Box::pin(connect::accept(stream, chain, kind, peer, shared));
     async move {
         let _slot = slot;
         let started = Instant::now();
-        let accepted = accept.await;
+        // A connection still without its CONNECT when the server shuts down is closed:
+        // it has asked nothing yet.
+        let accepted = tokio::select! {
+            accepted = accept => accepted,
+            () = shutdown.wait() => {
+                tracing::debug!(%peer, "connection closed before its CONNECT: shutting down");
+                return;
+            }
+        };
         // Answered with a CONNACK, accepted or refused; not the connections that
         // never sent a CONNECT.
         if accepted.is_ok() {
@@ -302,6 +315,7 @@ enum Event {
     Records,
     /// The local hub sent a hub session something, or its token ran out.
     Hub(hub::HubWake),
+    Shutdown,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -328,6 +342,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(Close::Eof) | Err(Close::Disconnect) | Err(Close::DisconnectWithWill) => {
                 tracing::debug!(%peer, %client_id, "session ended")
             }
+            Err(Close::ShuttingDown) => {
+                tracing::debug!(%peer, %client_id, "session closed: shutting down")
+            }
             Err(e @ Close::Denied(_)) => {
                 tracing::warn!(%peer, %client_id, reason = %e, "session closed")
             }
@@ -348,6 +365,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if let Some(cut) = self.cut() {
                 return self.out_of_service(cut).await;
             }
+            if self.shared.shutdown.started() {
+                return self.shutting_down().await;
+            }
             // MQTT: the server closes after one and a half keep-alive periods in which the
             // client sent nothing (what the router sends it does not count).
             let deadline = (self.keep_alive > 0)
@@ -358,8 +378,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let cut = next_cut(&self.live);
                 let reading = !self.readings.is_empty();
                 let hub = hub::next_wake(&mut self.hub);
+                let shutdown = self.shared.shutdown.wait();
                 tokio::select! {
                     cut = cut => Event::Cut(cut),
+                    () = shutdown => Event::Shutdown,
                     () = std::future::ready(()), if reading => Event::Records,
                     r = async {
                         match deadline {
@@ -384,6 +406,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Event::KeepAliveExpired => return Err(Close::KeepAlive),
                 Event::Router(event) => Box::pin(self.on_router(event)).await?,
                 Event::Cut(cut) => return self.out_of_service(cut).await,
+                Event::Shutdown => return self.shutting_down().await,
                 Event::Records => self.send_records().await?,
                 Event::Hub(wake) => Box::pin(self.on_hub_wake(wake)).await?,
             }
@@ -468,6 +491,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         .await;
         let _ = self.stream.shutdown().await;
         Err(Close::OutOfService(cut))
+    }
+
+    /// Ends a session because the server shuts down: between packets, so whatever it
+    /// asked has been answered; MQTT 5 says why first.
+    async fn shutting_down(&mut self) -> Result<(), Close> {
+        self.say_disconnect(
+            DisconnectReasonCode::ServerShuttingDown,
+            "the server is shutting down".to_owned(),
+        )
+        .await;
+        let _ = self.stream.shutdown().await;
+        Err(Close::ShuttingDown)
     }
 
     /// Tells an MQTT 5 client why the server closes its connection (best effort: it

@@ -14,3 +14,4 @@ mod reprovisioning;
 mod retirement;
 mod throttling;
 mod tpm;
+mod websocket;
