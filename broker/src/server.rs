@@ -391,7 +391,8 @@ where
             let shared = shared.clone();
             let handshakes = handshakes.clone();
             let serve = serve.clone();
-            async move {
+            let shutdown = shared.shutdown.clone();
+            let handshaking = async move {
                 // One deadline for the whole handshake. The ClientHello is read before a
                 // handshake slot is taken: a client that never sends one (slowloris)
                 // holds a connection until the deadline, never a slot, so the slots
@@ -426,9 +427,6 @@ where
                 let accepted = tokio::time::timeout_at(deadline, stream.handshake()).await;
                 drop(permit);
                 match accepted {
-                    Ok(Ok(())) if shared.shutdown.started() => {
-                        tracing::debug!(%peer, "TLS connection closed after its handshake: shutting down");
-                    }
                     Ok(Ok(())) => {
                         shared.metrics.handshake(started.elapsed());
                         let chain = stream
@@ -442,6 +440,14 @@ where
                     }
                     Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                }
+            };
+            async move {
+                // A shutdown closes connections still in their handshake: they have
+                // asked nothing yet, and they hold connection slots.
+                tokio::select! {
+                    () = handshaking => {}
+                    () = shutdown.wait() => {}
                 }
             }
         },

@@ -10,3 +10,4 @@ mod full_disk;
 mod operators;
 mod restart;
 mod secrets;
+mod shutdown;
