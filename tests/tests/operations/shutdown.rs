@@ -217,3 +217,113 @@ async fn sigterm_during_a_registration_storm_answers_flushes_and_exits_0_in_time
         assigned.len()
     );
 }
+
+/// `edgedps serve` with `config` (a file's text, or none) and `env`: its exit status and
+/// stderr, for a start that must fail.
+fn serve_failing(config: Option<&str>, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = std::process::Command::new(edgedps_binary());
+    command.arg("serve");
+    if let Some(text) = config {
+        let path = dir.path().join("edgedps.toml");
+        std::fs::write(&path, text).unwrap();
+        command.arg("--config").arg(path);
+    }
+    command
+        .env("EDGEDPS__DATA_DIR", dir.path().join("data"))
+        .envs(env.iter().copied());
+    let output = command.output().expect("edgedps runs");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_configuration_stops_the_start_naming_the_key_and_none_runs_the_default() {
+    let cases: [(&str, Option<&str>, &[(&str, &str)], &str); 5] = [
+        (
+            "an unknown key",
+            Some("id_scope = \"0ne00000001\"\nshutdown_timeout = 5\n"),
+            &[],
+            "shutdown_timeout",
+        ),
+        (
+            "a value out of range",
+            Some("shutdown_timeout_seconds = 0\n"),
+            &[],
+            "shutdown_timeout_seconds",
+        ),
+        (
+            "a variable out of range",
+            None,
+            &[("EDGEDPS__LIMITS__MAX_PACKET_SIZE", "10")],
+            "limits.max_packet_size",
+        ),
+        (
+            "a WebSocket listener with a certificate but no key",
+            Some("[listeners.websocket]\nbind = \"127.0.0.1:0\"\ntls_cert = \"/x.pem\"\n"),
+            &[],
+            "listeners.websocket.tls_cert",
+        ),
+        (
+            "a missing file",
+            None,
+            &[("EDGEDPS_CONFIG", "/nonexistent/edgedps.toml")],
+            "/nonexistent/edgedps.toml",
+        ),
+    ];
+    for (name, config, env, key) in cases {
+        let (code, stderr) = tokio::task::block_in_place(|| serve_failing(config, env));
+        assert_eq!(code, Some(2), "{name}: {stderr}");
+        assert!(stderr.contains(key), "{name}: no `{key}` in: {stderr}");
+    }
+
+    // No configuration at all: the embedded default runs, says so, answers its health
+    // check, and stops on SIGTERM. Its listeners moved to free ports by variables.
+    let dir = tempfile::tempdir().unwrap();
+    let (devices_port, local_port) = free_ports();
+    let http_port = edgedps_device::process::free_port().unwrap();
+    let bind = |port: u16| format!("127.0.0.1:{port}");
+    let log = std::fs::File::create(dir.path().join("edgedps.log")).unwrap();
+    let child = std::process::Command::new(edgedps_binary())
+        .arg("serve")
+        .env_remove("EDGEDPS_CONFIG")
+        .env("EDGEDPS__DATA_DIR", dir.path().join("data"))
+        .env("EDGEDPS__LISTENERS__DEVICES__BIND", bind(devices_port))
+        .env("EDGEDPS__LISTENERS__LOCAL__BIND", bind(local_port))
+        .env("EDGEDPS__HTTP__BIND", bind(http_port))
+        .stderr(log)
+        .spawn()
+        .expect("edgedps starts");
+    let mut process = Process {
+        child: edgedps_device::process::ChildProcess(child),
+        devices_port,
+        local_port,
+    };
+    edgedps_device::process::wait_for_port(http_port)
+        .await
+        .expect("the HTTP listener");
+    edgedps_device::process::wait_for_port(devices_port)
+        .await
+        .expect("the device listener");
+    let health = |port: u16| {
+        std::process::Command::new(edgedps_binary())
+            .args(["health", "--addr", &bind(port)])
+            .output()
+            .expect("edgedps health runs")
+    };
+    let healthy = tokio::task::block_in_place(|| health(http_port));
+    assert!(healthy.status.success(), "{healthy:?}");
+    let nobody =
+        tokio::task::block_in_place(|| health(edgedps_device::process::free_port().unwrap()));
+    assert_eq!(nobody.status.code(), Some(1), "{nobody:?}");
+    assert!(
+        String::from_utf8_lossy(&nobody.stderr).contains("cannot connect"),
+        "{nobody:?}"
+    );
+    let (status, _) = tokio::task::block_in_place(|| stop(&mut process, "TERM"));
+    assert!(status.success(), "{status}");
+    let log = std::fs::read_to_string(dir.path().join("edgedps.log")).unwrap_or_default();
+    assert!(log.contains("running on the embedded default"), "{log}");
+}

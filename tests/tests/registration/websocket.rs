@@ -261,6 +261,29 @@ async fn upgrades_that_are_not_mqtt_over_websocket_are_refused_and_devices_go_on
         assert!(message.contains(says), "{name}: {message}");
     }
 
+    // Plain HTTP, no TLS, on the same port: closed (at most a TLS alert comes back).
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut plain = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        plain
+            .write_all(
+                b"GET /$iothub/websocket HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut answer))
+            .await
+            .expect("the plain connection is closed");
+        assert!(
+            read.is_err() || !answer.starts_with(b"HTTP"),
+            "plain HTTP was answered: {:?}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+
     // rumqttc dialling another path: refused at the upgrade, nothing connects.
     let (_client, mut eventloop) = AsyncClient::new(wss_options(port, "ws-bad-1", "/mqtt"), 4);
     let dialled = tokio::time::timeout(Duration::from_secs(10), eventloop.poll())
