@@ -239,9 +239,12 @@ fn serve_failing(config: Option<&str>, env: &[(&str, &str)]) -> (Option<i32>, St
     )
 }
 
+/// A start that must fail: its name, the file's text, the variables, the key named.
+type BadStart<'a> = (&'a str, Option<&'a str>, &'a [(&'a str, &'a str)], &'a str);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_configuration_stops_the_start_naming_the_key_and_none_runs_the_default() {
-    let cases: [(&str, Option<&str>, &[(&str, &str)], &str); 5] = [
+    let cases: [BadStart; 5] = [
         (
             "an unknown key",
             Some("id_scope = \"0ne00000001\"\nshutdown_timeout = 5\n"),
