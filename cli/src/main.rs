@@ -233,6 +233,23 @@ fn loadgen(args: edgedps_device::loadgen::LoadgenArgs) -> ExitCode {
     }
 }
 
+/// Raises the soft limit of open files to the hard one (each connection is one), and
+/// warns when even that is below the connection limit.
+fn open_files(max_connections: usize) {
+    // Listeners, the store's files, logs: a margin over the connections.
+    let wanted = max_connections as u64 + 256;
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(got) if got < wanted => tracing::warn!(
+            open_files = got,
+            max_connections,
+            "the process may open fewer files than limits.max_connections needs: connections beyond about {} will be refused; raise LimitNOFILE (systemd) or the container's nofile ulimit, or lower limits.max_connections",
+            got.saturating_sub(256)
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),
+    }
+}
+
 /// `GET /healthz` within 2 s: 200 is healthy.
 fn health(addr: std::net::SocketAddr) -> Result<(), String> {
     use std::io::{Read, Write};
@@ -272,6 +289,7 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
         );
     }
     let _log = init_logging(&config);
+    open_files(config.limits.max_connections);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -294,7 +312,9 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
         if let Some(ca) = &running.dev_ca {
             tracing::info!(ca = %ca.display(), "devices trust the development server certificate through this CA");
         }
+        notify_service_manager("READY=1");
         wait_for_signal().await;
+        notify_service_manager("STOPPING=1");
         tracing::info!("shutting down: no new connections; sessions finish what they are doing");
         let latency = running.responder.register_latency();
         tracing::info!(
@@ -320,6 +340,32 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
             }
         }
     })
+}
+
+/// Tells systemd (`Type=notify`, `$NOTIFY_SOCKET`) how the service is: `READY=1` once
+/// every listener is bound, `STOPPING=1` at the shutdown. Nothing without the variable.
+fn notify_service_manager(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| -> std::io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::net::{SocketAddr, UnixDatagram};
+        let bytes = path.as_bytes();
+        // `@name` is an abstract socket.
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                SocketAddr::from_abstract_name(name)?
+            }
+            None => SocketAddr::from_pathname(std::path::Path::new(&path))?,
+        };
+        UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr)?;
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, state, "cannot notify the service manager (NOTIFY_SOCKET)");
+    }
 }
 
 async fn wait_for_signal() {

@@ -330,3 +330,35 @@ async fn a_bad_configuration_stops_the_start_naming_the_key_and_none_runs_the_de
     let log = std::fs::read_to_string(dir.path().join("edgedps.log")).unwrap_or_default();
     assert!(log.contains("running on the embedded default"), "{log}");
 }
+
+/// Under systemd (`Type=notify`): `READY=1` on `$NOTIFY_SOCKET` once the listeners are
+/// bound, `STOPPING=1` at SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_manager_is_told_ready_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let (devices_port, local_port) = free_ports();
+    let socket_env = socket_path.display().to_string();
+    let mut process = Process::start_env(
+        dir.path(),
+        devices_port,
+        local_port,
+        "",
+        &[("NOTIFY_SOCKET", &socket_env)],
+    )
+    .await;
+    let mut message = [0u8; 64];
+    let n = tokio::task::block_in_place(|| socket.recv(&mut message)).expect("READY=1 sent");
+    assert_eq!(&message[..n], b"READY=1");
+    tokio::net::TcpStream::connect(("127.0.0.1", devices_port))
+        .await
+        .expect("ready means listening");
+    let (status, _) = tokio::task::block_in_place(|| stop(&mut process, "TERM"));
+    assert!(status.success());
+    let n = socket.recv(&mut message).expect("STOPPING=1 sent");
+    assert_eq!(&message[..n], b"STOPPING=1");
+}
