@@ -69,8 +69,10 @@ pub(crate) async fn upgrade(
     }
     let limit = shared.limits.max_packet_size + FRAMING;
     let config = WebSocketConfig::default()
-        // Read and written a message at a time: a session keeps no 128 KiB buffers.
-        .read_buffer_size(4096)
+        // Read 1 KiB at a time, written a message at a time: an idle session keeps no
+        // 128 KiB buffers (tungstenite's defaults). 4 KiB read buffers cost 2.8 KiB more
+        // per idle session (BENCHMARKS.md, issue 26).
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .max_message_size(Some(limit))
         .max_frame_size(Some(limit));

@@ -55,6 +55,10 @@ pub struct LoadgenArgs {
     /// unreachable): every assignment also writes an outbox operation, in the same flush.
     #[arg(long)]
     pub cloud_hub: bool,
+    /// Devices speak MQTT over WebSocket to a `[listeners.websocket]` of the server
+    /// (`/$iothub/websocket`); the baseline stays MQTT over TLS.
+    #[arg(long)]
+    pub websocket: bool,
     /// Print the final report as JSON.
     #[arg(long)]
     pub json: bool,

@@ -208,7 +208,7 @@ async fn round(
 pub async fn main(args: BrokerLoadArgs, exe: &Path) -> Result<Vec<BrokerReport>, String> {
     let dir = std::env::temp_dir().join(format!("edgedps-brokerload-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let (edgedps, _devices, local, _ca) = crate::loadgen::spawn_server(exe, &dir).await?;
+    let (edgedps, _devices, local, _ca) = crate::loadgen::spawn_server(exe, &dir, false).await?;
     let port = free_port().map_err(|e| e.to_string())?;
     let config = dir.join("mosquitto.conf");
     std::fs::write(&config, format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 100\nmax_queued_messages 100000\n"))

@@ -75,8 +75,14 @@ pub async fn main(args: LoadgenArgs, exe: &Path) -> Result<Vec<Report>, String> 
             filled.elapsed().as_secs_f64()
         );
     }
+    if args.websocket && args.cut_off {
+        return Err(
+            "--websocket does not go with --cut-off (its bystanders speak MQTT over TLS)".into(),
+        );
+    }
     let started = Instant::now();
-    let (server, devices_port, local_port, ca_path) = spawn_server(exe, &dir).await?;
+    let (server, devices_port, local_port, ca_path) =
+        spawn_server(exe, &dir, args.websocket).await?;
     let startup = started.elapsed().as_secs_f64();
     let stats = ProcessStats::read(server.0.id());
     if args.json {
@@ -112,7 +118,10 @@ pub async fn main(args: LoadgenArgs, exe: &Path) -> Result<Vec<Report>, String> 
             },
         )
         .await?;
-        let devices = tune(devices, &args);
+        let mut devices = tune(devices, &args);
+        for device in &mut devices {
+            device.config.websocket = args.websocket;
+        }
         let again = (args.hold && round == 0).then(|| devices.clone());
         let devices_for_cut = if args.cut_off && round == 0 {
             devices.clone()

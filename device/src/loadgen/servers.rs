@@ -7,19 +7,30 @@ use std::process::{Command, Stdio};
 use crate::process::{free_port, wait_for_port, ChildProcess};
 
 /// Starts `edgedps serve` with a scratch data directory; returns it, its device and
-/// local ports, and the CA of its development certificate.
+/// local ports, and the CA of its development certificate. With `websocket`, the
+/// device port returned is a `[listeners.websocket]`'s (MQTT over WebSocket).
 pub async fn spawn_server(
     exe: &Path,
     dir: &Path,
+    websocket: bool,
 ) -> Result<(ChildProcess, u16, u16, PathBuf), String> {
     let (devices, local) = (
         free_port().map_err(|e| e.to_string())?,
         free_port().map_err(|e| e.to_string())?,
     );
-    let config = format!(
+    let mut config = format!(
         "id_scope = \"0ne00000001\"\ndata_dir = \"{}\"\n[listeners.devices]\nbind = \"127.0.0.1:{devices}\"\n[listeners.local]\nbind = \"127.0.0.1:{local}\"\nanonymous = true\n[log]\nlevel = \"info\"\n[[certificate_authorities]]\nname = \"gateway\"\n",
         dir.join("data").display()
     );
+    let websocket_port = if websocket {
+        let port = free_port().map_err(|e| e.to_string())?;
+        config.push_str(&format!(
+            "[listeners.websocket]\nbind = \"127.0.0.1:{port}\"\n"
+        ));
+        Some(port)
+    } else {
+        None
+    };
     let path = dir.join("edgedps.toml");
     std::fs::write(&path, config).map_err(|e| e.to_string())?;
     let log = std::fs::File::create(dir.join("edgedps.log")).map_err(|e| e.to_string())?;
@@ -35,7 +46,15 @@ pub async fn spawn_server(
     let child = ChildProcess(child);
     wait_for_port(devices).await?;
     wait_for_port(local).await?;
-    Ok((child, devices, local, dir.join("data/tls/dev-ca.pem")))
+    if let Some(port) = websocket_port {
+        wait_for_port(port).await?;
+    }
+    Ok((
+        child,
+        websocket_port.unwrap_or(devices),
+        local,
+        dir.join("data/tls/dev-ca.pem"),
+    ))
 }
 
 /// Starts `edgedps bench-server` with the same certificate as the server in `dir`.
