@@ -50,23 +50,28 @@ pub(crate) async fn upgrade(
             return refusal.into_response();
         }
     };
-    let (Some(on_upgrade), Some(slot)) = (
-        request
-            .extensions_mut()
-            .remove::<hyper::upgrade::OnUpgrade>(),
-        peer.take_slot(),
-    ) else {
-        return http_error(
-            StatusCode::BAD_REQUEST,
-            "this connection cannot be upgraded to a WebSocket",
-        );
-    };
     if shared.shutdown.started() {
         return http_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the server is shutting down",
         );
     }
+    // The slot is taken last: a refused upgrade leaves it with the HTTP connection.
+    let Some(on_upgrade) = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+    else {
+        return http_error(
+            StatusCode::BAD_REQUEST,
+            "this connection cannot be upgraded to a WebSocket",
+        );
+    };
+    let Some(slot) = peer.take_slot() else {
+        return http_error(
+            StatusCode::BAD_REQUEST,
+            "this connection was upgraded already",
+        );
+    };
     let limit = shared.limits.max_packet_size + FRAMING;
     let config = WebSocketConfig::default()
         // Read 1 KiB at a time, written a message at a time: an idle session keeps no
