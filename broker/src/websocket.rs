@@ -10,7 +10,6 @@
 //! 400. After it, a frame or message over `limits.max_packet_size` (and a text message)
 //! ends the connection.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_tungstenite::tokio::TokioAdapter;
@@ -89,7 +88,8 @@ pub(crate) async fn upgrade(
                 let io = TokioAdapter::new(hyper_util::rt::TokioIo::new(upgraded));
                 let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
                 let stream = Framed(sync_wrapper::SyncWrapper::new(WsStream::new(socket)));
-                serve(stream, chain, addr, shared, slot).await;
+                // A session of the device listener's kind, from its CONNECT on.
+                session::serve(stream, chain, ListenerKind::Devices, addr, shared, slot).await;
             }
             Err(e) => tracing::info!(peer = %addr, error = %e, "WebSocket upgrade failed"),
         }
@@ -101,19 +101,6 @@ pub(crate) async fn upgrade(
     headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept.key);
     headers.insert(header::SEC_WEBSOCKET_PROTOCOL, accept.protocol);
     response
-}
-
-/// A device session over the upgraded connection, the device listener's kind.
-async fn serve<S>(
-    stream: S,
-    chain: Vec<Vec<u8>>,
-    addr: SocketAddr,
-    shared: Arc<Shared>,
-    slot: tokio::sync::OwnedSemaphorePermit,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    session::serve(stream, chain, ListenerKind::Devices, addr, shared, slot).await
 }
 
 /// The WebSocket as the session's byte stream. A session is shared across its awaits

@@ -153,23 +153,44 @@ fn unix_now() -> u64 {
         .unwrap_or_default()
 }
 
+/// MQTT options for `client_id` at `host:port`: over TLS, or over WebSocket over TLS at
+/// `websocket_path` (`wss://{host}:{port}{path}`).
+pub fn mqtt_options(
+    client_id: &str,
+    host: &str,
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+    websocket_path: Option<&str>,
+) -> MqttOptions {
+    let tls = TlsConfiguration::Rustls(tls);
+    match websocket_path {
+        Some(path) => {
+            let url = format!("wss://{host}:{port}{path}");
+            let mut options = MqttOptions::new(client_id, url, port);
+            options.set_transport(Transport::wss_with_config(tls));
+            options
+        }
+        None => {
+            let mut options = MqttOptions::new(client_id, host, port);
+            options.set_transport(Transport::tls_with_config(tls));
+            options
+        }
+    }
+}
+
 /// Connects with `password` as the CONNECT's.
 async fn connect_as(
     config: &DeviceConfig,
     tls: Arc<rustls::ClientConfig>,
     password: String,
 ) -> Result<(AsyncClient, EventLoop), DeviceError> {
-    let tls = TlsConfiguration::Rustls(tls);
-    let mut options = if config.websocket {
-        let url = format!("wss://{}:{}{WEBSOCKET_PATH}", config.host, config.port);
-        let mut options = MqttOptions::new(&config.registration_id, url, config.port);
-        options.set_transport(Transport::wss_with_config(tls));
-        options
-    } else {
-        let mut options = MqttOptions::new(&config.registration_id, &config.host, config.port);
-        options.set_transport(Transport::tls_with_config(tls));
-        options
-    };
+    let mut options = mqtt_options(
+        &config.registration_id,
+        &config.host,
+        config.port,
+        tls,
+        config.websocket.then_some(WEBSOCKET_PATH),
+    );
     options.set_keep_alive(Duration::from_secs(30));
     options.set_clean_session(true);
     options.set_credentials(config.username(), password);

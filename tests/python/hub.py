@@ -11,9 +11,9 @@ properties, sends a cloud-to-device message and calls a method. Nothing is patch
 import json
 import threading
 
-from azure.iot.device import IoTHubDeviceClient, Message, MethodResponse, X509
+from azure.iot.device import Message, MethodResponse
 
-from provision import provisioning_client, run_cases
+from provision import hub_client, provisioning_client, run_cases
 
 WAIT_SECONDS = 60
 
@@ -23,22 +23,6 @@ def provision(case, server_ca):
     if result.status != "assigned":
         raise RuntimeError("not assigned: %s" % result.status)
     return result.registration_state
-
-
-def hub_client(case, state, server_ca):
-    common = dict(
-        hostname=state.assigned_hub,
-        device_id=state.device_id,
-        server_verification_cert=server_ca,
-        websockets=case.get("websockets", False),
-    )
-    if case["kind"] == "symmetricKey":
-        return IoTHubDeviceClient.create_from_symmetric_key(
-            symmetric_key=case["key"], **common
-        )
-    return IoTHubDeviceClient.create_from_x509_certificate(
-        x509=X509(cert_file=case["certFile"], key_file=case["keyFile"]), **common
-    )
 
 
 def run(case, server_ca):

@@ -58,9 +58,9 @@ def run(case, server_ca):
     return out
 
 
-def use_hub(case, state, server_ca):
-    """The assigned hub through IoTHubDeviceClient, as the device was provisioned: its
-    twin, after one telemetry message."""
+def hub_client(case, state, server_ca):
+    """The stock IoTHubDeviceClient for the hub `state` assigned, with the case's
+    credential, over WebSocket if the case says so."""
     common = dict(
         hostname=state.assigned_hub,
         device_id=state.device_id,
@@ -68,13 +68,18 @@ def use_hub(case, state, server_ca):
         websockets=case.get("websockets", False),
     )
     if case["kind"] == "symmetricKey":
-        client = IoTHubDeviceClient.create_from_symmetric_key(
+        return IoTHubDeviceClient.create_from_symmetric_key(
             symmetric_key=case["key"], **common
         )
-    else:
-        client = IoTHubDeviceClient.create_from_x509_certificate(
-            x509=X509(cert_file=case["certFile"], key_file=case["keyFile"]), **common
-        )
+    return IoTHubDeviceClient.create_from_x509_certificate(
+        x509=X509(cert_file=case["certFile"], key_file=case["keyFile"]), **common
+    )
+
+
+def use_hub(case, state, server_ca):
+    """The assigned hub, as the device was provisioned: its twin, after one telemetry
+    message."""
+    client = hub_client(case, state, server_ca)
     client.connect()
     try:
         client.send_message(Message(json.dumps({"over": "websocket"})))

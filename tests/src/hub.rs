@@ -135,20 +135,11 @@ impl HubDevice {
         token: &str,
         manual_acks: bool,
     ) -> HubDevice {
-        let tls = rumqttc::TlsConfiguration::Rustls(
-            edgedps_device::tls::client_config(pki().server_ca.pem.as_bytes(), None)
-                .expect("client TLS"),
-        );
-        let mut options = if websocket {
-            let url = format!("wss://{LOCAL}:{port}/$iothub/websocket");
-            let mut options = rumqttc::MqttOptions::new(device_id, url, port);
-            options.set_transport(rumqttc::Transport::wss_with_config(tls));
-            options
-        } else {
-            let mut options = rumqttc::MqttOptions::new(device_id, LOCAL, port);
-            options.set_transport(rumqttc::Transport::tls_with_config(tls));
-            options
-        };
+        let tls = edgedps_device::tls::client_config(pki().server_ca.pem.as_bytes(), None)
+            .expect("client TLS");
+        let path = websocket.then_some(edgedps_device::provision::WEBSOCKET_PATH);
+        let mut options =
+            edgedps_device::provision::mqtt_options(device_id, LOCAL, port, tls, path);
         options.set_credentials(hub_username(LOCAL, device_id), token);
         options.set_keep_alive(Duration::from_secs(30));
         options.set_manual_acks(manual_acks);

@@ -24,7 +24,7 @@ pub use http::{http, sample, scrape, HttpAnswer};
 pub use operator::*;
 pub use pki::*;
 pub use process::*;
-pub use python::{hold_port_443, hold_port_8883, python, run_python};
+pub use python::{assert_assigned, hold_port_443, hold_port_8883, python, run_python};
 pub use server::*;
 
 pub const ID_SCOPE: &str = "0ne00000001";

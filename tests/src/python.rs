@@ -26,6 +26,19 @@ pub async fn hold_port_443() -> tokio::sync::MutexGuard<'static, ()> {
     PORT_443.lock().await
 }
 
+/// Checks that a script's case raised nothing (its trace shown otherwise) and was
+/// assigned to `hub`; `context` goes in front of every message.
+pub fn assert_assigned(result: &Value, hub: &str, context: &str) {
+    assert!(
+        result.get("error").is_none(),
+        "{context}{}: {}",
+        result["name"],
+        result["trace"].as_str().unwrap_or_default()
+    );
+    assert_eq!(result["status"], "assigned", "{context}{result}");
+    assert_eq!(result["assignedHub"], hub, "{context}{result}");
+}
+
 pub fn python() -> PathBuf {
     if let Ok(python) = std::env::var("EDGEDPS_PYTHON") {
         return PathBuf::from(python);

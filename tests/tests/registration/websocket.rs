@@ -73,16 +73,7 @@ async fn devices_provision_over_websocket_and_reach_the_local_hub_there() {
     assert_eq!(event["outcome"], "assigned", "{event}");
 
     // An X.509 device by its TLS client certificate, through the same upgrade.
-    let config = over_websocket(port, "ws-x509-1", x509(&leaf, &[]));
-    let outcome = edgedps_device::provision::register(&config, None)
-        .await
-        .expect("registers over WebSocket");
-    assert_eq!(
-        outcome.status_word(),
-        Some("assigned"),
-        "{:?}",
-        outcome.body
-    );
+    assigned_over_websocket(port, "ws-x509-1", x509(&leaf, &[])).await;
 
     // The local hub over WebSocket: telemetry reaches an operator, the twin answers.
     operator
@@ -145,12 +136,23 @@ async fn websocket_connack(
 fn wss_options(port: u16, client_id: &str, path: &str) -> MqttOptions {
     let tls = edgedps_device::tls::client_config(pki().server_ca.pem.as_bytes(), None)
         .expect("client TLS");
-    let mut options = MqttOptions::new(client_id, format!("wss://localhost:{port}{path}"), port);
-    options.set_transport(rumqttc::Transport::wss_with_config(
-        rumqttc::TlsConfiguration::Rustls(tls),
-    ));
+    let mut options =
+        edgedps_device::provision::mqtt_options(client_id, "localhost", port, tls, Some(path));
     options.set_max_packet_size(4 << 20, 4 << 20);
     options
+}
+
+/// Registers `id` over WebSocket and checks it is assigned.
+async fn assigned_over_websocket(port: u16, id: &str, auth: DeviceAuth) {
+    let outcome = edgedps_device::provision::register(&over_websocket(port, id, auth), None)
+        .await
+        .unwrap_or_else(|e| panic!("{id} registers over WebSocket: {e}"));
+    assert_eq!(
+        outcome.status_word(),
+        Some("assigned"),
+        "{:?}",
+        outcome.body
+    );
 }
 
 /// A refusal case: its name, method, path and headers, the status and what the message
@@ -332,16 +334,7 @@ async fn upgrades_that_are_not_mqtt_over_websocket_are_refused_and_devices_go_on
     .await
     .expect("the oversized frame ends the session");
     eprintln!("the oversized frame ended the session: {ended}");
-    let config = over_websocket(port, "ws-bad-1", sas(&key));
-    let outcome = edgedps_device::provision::register(&config, None)
-        .await
-        .expect("the device registers after all that");
-    assert_eq!(
-        outcome.status_word(),
-        Some("assigned"),
-        "{:?}",
-        outcome.body
-    );
+    assigned_over_websocket(port, "ws-bad-1", sas(&key)).await;
     // Over TCP too.
     let outcome = edgedps_device::provision::register(&server.device("ws-bad-1", sas(&key)), None)
         .await
@@ -363,16 +356,7 @@ async fn a_websocket_listener_of_its_own_serves_mqtt_only() {
     assert!(server.running.https_addr.is_none());
     let mut operator = server.operator().await;
     let key = operator.enroll("ws-own-1").await;
-    let config = over_websocket(port, "ws-own-1", sas(&key));
-    let outcome = edgedps_device::provision::register(&config, None)
-        .await
-        .expect("registers");
-    assert_eq!(
-        outcome.status_word(),
-        Some("assigned"),
-        "{:?}",
-        outcome.body
-    );
+    assigned_over_websocket(port, "ws-own-1", sas(&key)).await;
     // The DPS HTTPS API is not there.
     let mut api = DpsHttp::connect(port, None).await;
     let token = edgedps_tests::dps_http::dps_token(&key, "ws-own-1");

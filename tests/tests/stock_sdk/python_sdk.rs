@@ -109,17 +109,7 @@ async fn stock_python_sdk_provisions_every_attestation_kind_in_both_modes() {
             "{mode}: {stranded}"
         );
         for result in &results {
-            assert!(
-                result.get("error").is_none(),
-                "{mode}: {}: {}",
-                result["name"],
-                result["trace"].as_str().unwrap_or_default()
-            );
-            assert_eq!(result["status"], "assigned", "{mode}: {result}");
-            assert_eq!(
-                result["assignedHub"], "hub-a.example.net",
-                "{mode}: {result}"
-            );
+            assert_assigned(result, "hub-a.example.net", &format!("{mode}: "));
             assert!(result["etag"].is_string(), "{mode}: {result}");
         }
         assert_eq!(results[0]["deviceId"], "py-sym-1");
@@ -231,8 +221,7 @@ async fn stock_python_sdk_devices_are_registered_at_their_cloud_hub() {
     .await;
     assert_eq!(results.len(), 3, "{results:?}");
     for result in &results {
-        assert_eq!(result["status"], "assigned", "{result}");
-        assert_eq!(result["assignedHub"], hub.host_name.as_str(), "{result}");
+        assert_assigned(result, &hub.host_name, "");
     }
     hub.wait_for(
         std::time::Duration::from_secs(20),
@@ -319,14 +308,7 @@ async fn stock_python_sdk_provisions_and_uses_its_hub_over_websocket_on_443() {
     .await;
     assert_eq!(results.len(), 3, "{results:?}");
     for result in &results[..2] {
-        assert!(
-            result.get("error").is_none(),
-            "{}: {}",
-            result["name"],
-            result["trace"].as_str().unwrap_or_default()
-        );
-        assert_eq!(result["status"], "assigned", "{result}");
-        assert_eq!(result["assignedHub"], "localhost", "{result}");
+        assert_assigned(result, "localhost", "");
     }
     assert_eq!(
         results[0]["twin"]["desired"]["interval"], 15,
