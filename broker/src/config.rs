@@ -16,6 +16,8 @@ pub struct Config {
     pub id_scope: String,
     pub data_dir: PathBuf,
     pub allocation_policy: DefaultAllocation,
+    /// Custom allocators and geoLatency's measurements.
+    pub allocation: AllocationConfig,
     /// Answer register with 202 and the result on the poll, exactly like Azure.
     pub always_accept_then_poll: bool,
     pub retry_after_seconds: u32,
@@ -69,12 +71,47 @@ impl Default for CloudConfig {
     }
 }
 
-/// The service-wide allocation policy; enrollments may name their own.
+/// The service-wide allocation policy; enrollments may name their own (`custom`
+/// needs an enrollment's allocator, so it is not a default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DefaultAllocation {
     Hashed,
     Static,
+    #[serde(rename = "geoLatency", alias = "geolatency")]
+    GeoLatency,
+}
+
+/// `[allocation]`: custom allocators' bounds and geoLatency's measurements.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AllocationConfig {
+    /// The longest a custom allocator (webhook or MQTT) may take; then 400207.
+    pub custom_timeout_ms: u64,
+    /// How long a register waits for a custom allocator before answering `202` (the
+    /// device polls).
+    pub custom_wait_ms: u64,
+    /// The largest webhook answer read; a larger one is a failed allocation.
+    pub webhook_max_answer_bytes: usize,
+    /// How often every linked hub is measured (and at once when hubs change).
+    pub probe_interval_seconds: u64,
+    /// Connections per measurement round; their median is the round's figure.
+    pub probe_samples: u32,
+    /// The longest one sample may take (TCP connect and the TLS ServerHello).
+    pub probe_timeout_ms: u64,
+}
+
+impl Default for AllocationConfig {
+    fn default() -> Self {
+        AllocationConfig {
+            custom_timeout_ms: 5000,
+            custom_wait_ms: 50,
+            webhook_max_answer_bytes: 64 * 1024,
+            probe_interval_seconds: 30,
+            probe_samples: 3,
+            probe_timeout_ms: 2000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -204,6 +241,9 @@ pub struct HubConfig {
     /// `host:port` of the hub's service API, when not `{host_name}:443`.
     #[serde(default)]
     pub service_address: Option<String>,
+    /// `host:port` geoLatency measures, when not `{host_name}:8883`.
+    #[serde(default)]
+    pub probe_address: Option<String>,
     /// `after_answer` (default) or `before_answer`.
     #[serde(default)]
     pub registration: edgedps_topics::cloud::HubRegistrationMode,
@@ -267,6 +307,9 @@ pub struct LocalHubConfig {
     /// How long a cloud-to-device message waits for its device, in seconds.
     #[serde(default = "default_message_ttl_seconds")]
     pub message_ttl_seconds: u64,
+    /// `host:port` geoLatency measures, when not `{host_name}:8883`.
+    #[serde(default)]
+    pub probe_address: Option<String>,
 }
 
 impl HubConfig {
@@ -279,6 +322,7 @@ impl HubConfig {
             location: None,
             connection_string_file: None,
             service_address: None,
+            probe_address: None,
             registration: Default::default(),
         }
     }
@@ -293,6 +337,7 @@ impl LocalHubConfig {
             apply_allocation_policy: LinkedHub::default_apply_allocation_policy(),
             max_queued_messages: default_max_queued_messages(),
             message_ttl_seconds: default_message_ttl_seconds(),
+            probe_address: None,
         }
     }
 }
@@ -358,6 +403,7 @@ impl Default for Config {
             id_scope: "0ne00000001".into(),
             data_dir: PathBuf::from("./edgedps-data"),
             allocation_policy: DefaultAllocation::Hashed,
+            allocation: AllocationConfig::default(),
             always_accept_then_poll: false,
             retry_after_seconds: 1,
             shutdown_timeout_seconds: 10,
@@ -591,6 +637,26 @@ impl Config {
                 });
             }
         }
+        let probes = self
+            .hubs
+            .iter()
+            .map(|h| ("hubs.probe_address", &h.probe_address))
+            .chain(
+                self.local_hub
+                    .iter()
+                    .map(|h| ("local_hub.probe_address", &h.probe_address)),
+            );
+        for (key, address) in probes {
+            if let Some(address) = address {
+                if !edgedps_policies::validation::host_and_port(address) {
+                    return Err(Error::InvalidConfig {
+                        key,
+                        message: format!("`{address}` is not host:port"),
+                    });
+                }
+            }
+        }
+        self.validate_allocation()?;
         let mut names = std::collections::HashSet::new();
         for ca in &self.certificate_authorities {
             let key = "certificate_authorities";
@@ -656,6 +722,51 @@ impl Config {
                 return Err(Error::InvalidConfig {
                     key: "local_hub.host_name",
                     message: format!("`{name}` is also a `[[hubs]]` entry: a hub is local or not"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_allocation(&self) -> Result<(), Error> {
+        let a = &self.allocation;
+        let checks = [
+            (
+                "allocation.custom_timeout_ms",
+                (1..=600_000).contains(&a.custom_timeout_ms),
+                "must be 1 to 600000",
+            ),
+            (
+                "allocation.custom_wait_ms",
+                a.custom_wait_ms <= a.custom_timeout_ms,
+                "must not be more than allocation.custom_timeout_ms",
+            ),
+            (
+                "allocation.webhook_max_answer_bytes",
+                (1024..=16 * 1024 * 1024).contains(&a.webhook_max_answer_bytes),
+                "must be 1024 to 16777216",
+            ),
+            (
+                "allocation.probe_interval_seconds",
+                a.probe_interval_seconds >= 1,
+                "must be at least 1",
+            ),
+            (
+                "allocation.probe_samples",
+                (1..=20).contains(&a.probe_samples),
+                "must be 1 to 20",
+            ),
+            (
+                "allocation.probe_timeout_ms",
+                (1..=60_000).contains(&a.probe_timeout_ms),
+                "must be 1 to 60000",
+            ),
+        ];
+        for (key, ok, message) in checks {
+            if !ok {
+                return Err(Error::InvalidConfig {
+                    key,
+                    message: message.into(),
                 });
             }
         }
@@ -746,12 +857,14 @@ impl Config {
                 apply_allocation_policy: h.apply_allocation_policy,
                 location: h.location.clone(),
                 service_address: h.service_address.clone(),
+                probe_address: h.probe_address.clone(),
                 registration: h.registration,
                 ..LinkedHub::named(&h.host_name)
             })
             .chain(self.local_hub.iter().map(|h| LinkedHub {
                 allocation_weight: h.allocation_weight,
                 apply_allocation_policy: h.apply_allocation_policy,
+                probe_address: h.probe_address.clone(),
                 local: true,
                 ..LinkedHub::named(&h.host_name)
             }))
@@ -781,6 +894,7 @@ impl Config {
         match self.allocation_policy {
             DefaultAllocation::Hashed => AllocationPolicy::Hashed,
             DefaultAllocation::Static => AllocationPolicy::Static,
+            DefaultAllocation::GeoLatency => AllocationPolicy::GeoLatency,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! rumqttd's codec, and the embedded rumqttd router. The decisions live in
 //! `edgedps-policies`, the state in `edgedps-responder`.
 
+pub mod allocators;
 pub mod authorities;
 pub mod baseline;
 pub mod cloud;
@@ -17,6 +18,7 @@ pub mod http;
 pub mod interest;
 pub mod metrics;
 pub mod operators;
+pub mod probe;
 pub mod qos;
 pub mod router;
 pub mod server;

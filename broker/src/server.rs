@@ -115,6 +115,8 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         crate::authorities::load(&config.certificate_authorities, &config.data_dir)?;
     settings.hub_credentials = config.hub_credentials.clone();
     settings.hub_answer_timeout = Duration::from_secs(config.cloud.hub_answer_timeout_seconds);
+    settings.custom_allocation_timeout = Duration::from_millis(config.allocation.custom_timeout_ms);
+    settings.custom_allocation_wait = Duration::from_millis(config.allocation.custom_wait_ms);
     let cloud = cloud_settings(&config)?;
     let responder = Arc::new(Responder::open(settings, Arc::new(store))?);
 
@@ -136,7 +138,26 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     // back after a restart. One per device of the local hub.
     publisher.publish(responder.twin_records()?).await;
 
+    // Custom allocators and the late registrations they complete.
+    let allocators = Arc::new(crate::allocators::Allocators::new(
+        publisher.clone(),
+        interest.clone(),
+        cloud.tls.clone(),
+        config.allocation.webhook_max_answer_bytes,
+    ));
+    responder.attach(allocators.clone());
+    let probes = crate::probe::run(
+        responder.clone(),
+        publisher.clone(),
+        cloud.tls.clone(),
+        crate::probe::ProbeSettings {
+            interval: Duration::from_secs(config.allocation.probe_interval_seconds),
+            samples: config.allocation.probe_samples,
+            timeout: Duration::from_millis(config.allocation.probe_timeout_ms),
+        },
+    );
     let shared = Arc::new(Shared {
+        allocators,
         responder: responder.clone(),
         router,
         publisher,
@@ -163,7 +184,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         dev_ca: None,
         responder,
         offline: shared.offline.clone(),
-        tasks: vec![tokio::spawn(supervisor)],
+        tasks: vec![tokio::spawn(supervisor), tokio::spawn(probes)],
         shutdown: shared.shutdown.clone(),
         connections: Arc::new(Semaphore::new(config.limits.max_connections)),
         max_connections: config.limits.max_connections,

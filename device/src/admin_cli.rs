@@ -139,6 +139,21 @@ pub enum AdminCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// What a registration of a device would do now, and why: the enrollment that
+    /// would match (and why the others do not), its hubs with weights, hash scores and
+    /// latencies, the hub it would get, and its initial twin. Changes nothing.
+    ///
+    /// Examples: `edgedps admin explain dev-1`; `edgedps admin explain truck-7 --chain
+    /// truck-7-chain.pem`; `edgedps admin explain sensor-3 --symmetric-key`
+    Explain {
+        registration_id: String,
+        /// The device's certificate chain (PEM, leaf first): finds its X.509 group.
+        #[arg(long, conflicts_with = "symmetric_key")]
+        chain: Option<PathBuf>,
+        /// The device presents a symmetric key (finds its symmetric-key group).
+        #[arg(long)]
+        symmetric_key: bool,
+    },
     /// Linked hubs.
     #[command(subcommand)]
     Hubs(HubsCommand),
@@ -450,6 +465,30 @@ pub async fn main(args: AdminArgs) -> Result<String, AdminError> {
                 .await?;
             Ok(written(&result, None, json_out))
         }
+        AdminCommand::Explain {
+            registration_id,
+            chain,
+            symmetric_key,
+        } => {
+            let body = match (chain, symmetric_key) {
+                (Some(path), _) => std::fs::read(&path)
+                    .map_err(|e| AdminError::Input(format!("{}: {e}", path.display())))?,
+                (None, true) => br#"{"attestation": "symmetricKey"}"#.to_vec(),
+                (None, false) => Vec::new(),
+            };
+            let explanation = plane
+                .exchange(
+                    &topics::explain_topic(&registration_id),
+                    &body,
+                    false,
+                    &topics::explain_result_topic(&registration_id),
+                )
+                .await?;
+            Ok(match json_out {
+                true => pretty(&explanation),
+                false => explained(&explanation),
+            })
+        }
         AdminCommand::Hubs(HubsCommand::Link {
             host_name,
             weight,
@@ -687,10 +726,13 @@ impl Plane {
                     if result["ok"] == true {
                         return Ok(result);
                     }
+                    let reason = result["message"]
+                        .as_str()
+                        .or(result["reason"].as_str())
+                        .unwrap_or("no reason given");
                     return Err(AdminError::Refused(format!(
-                        "refused ({}): {}",
-                        result["errorCode"],
-                        result["message"].as_str().unwrap_or("no reason given")
+                        "refused ({}): {reason}",
+                        result["errorCode"]
                     )));
                 }
                 _ => {}
@@ -1058,6 +1100,67 @@ fn written(result: &Value, generated_key: Option<String>, json_out: bool) -> Str
     out.push('\n');
     if let Some(key) = generated_key {
         out.push_str(&format!("symmetric key (shown once, keep it): {key}\n"));
+    }
+    out
+}
+
+/// An explanation, for a person: the outcome and its reason, the enrollments looked
+/// at, the candidate hubs, the twin.
+fn explained(e: &Value) -> String {
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    let mut out = format!(
+        "{}: {}{}\n  {}\n",
+        text(&e["registrationId"]),
+        text(&e["outcome"]),
+        e["enrollment"]
+            .as_str()
+            .map(|m| format!(" ({m})"))
+            .unwrap_or_default(),
+        text(&e["reason"]),
+    );
+    if let Some(hub) = e["currentHub"].as_str() {
+        out.push_str(&format!("  assigned now to {hub}\n"));
+    }
+    let considered = e["considered"].as_array().cloned().unwrap_or_default();
+    if !considered.is_empty() {
+        out.push_str("  enrollments considered:\n");
+        for c in &considered {
+            out.push_str(&format!(
+                "    {} {} {} ({}): {}\n",
+                if c["matches"] == true { "*" } else { "-" },
+                text(&c["kind"]),
+                text(&c["id"]),
+                text(&c["provisioningStatus"]),
+                text(&c["reason"]),
+            ));
+        }
+    }
+    let candidates = e["allocation"]["candidates"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !candidates.is_empty() {
+        out.push_str(&format!(
+            "  candidate hubs ({}):\n",
+            text(&e["allocation"]["policy"])
+        ));
+        for c in &candidates {
+            let latency = match (c["latencyMicroseconds"].as_u64(), c["reachable"].as_bool()) {
+                (_, Some(false)) => "  unreachable".to_owned(),
+                (Some(us), _) => format!("  {:.1} ms", us as f64 / 1000.0),
+                _ => String::new(),
+            };
+            out.push_str(&format!(
+                "    {} {}  weight {}  score {:.2}{latency}\n",
+                if c["chosen"] == true { "*" } else { "-" },
+                text(&c["hostName"]),
+                c["weight"],
+                c["hashScore"].as_f64().unwrap_or_default(),
+            ));
+        }
+    }
+    if let Some(twin) = e.get("initialTwin").filter(|t| !t.is_null()) {
+        out.push_str(&format!("  initial twin: {twin}\n"));
     }
     out
 }

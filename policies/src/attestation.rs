@@ -124,6 +124,9 @@ pub struct GroupCredentials {
     pub signing: Vec<SigningCertificate>,
     /// The same, as DER: the CAs a revocation list may come from.
     pub signing_der: Vec<Vec<u8>>,
+    /// `limits.registrationIdPattern`, compiled; `Err` (every id refused) if a stored
+    /// pattern no longer compiles.
+    pub id_pattern: Option<Result<regex::Regex, String>>,
 }
 
 impl GroupCredentials {
@@ -144,11 +147,33 @@ impl GroupCredentials {
                 }
             }
         }
+        let id_pattern = group
+            .limits
+            .as_ref()
+            .and_then(|l| l.registration_id_pattern.as_deref())
+            .map(crate::validation::id_pattern);
         Ok(GroupCredentials {
             group,
             signing,
             signing_der,
+            id_pattern,
         })
+    }
+
+    /// Whether the group's `registrationIdPattern` admits `registration_id`; `Err` with
+    /// the reason when it does not.
+    pub fn admits_id(&self, registration_id: &str) -> Result<(), String> {
+        let group = &self.group.enrollment_group_id;
+        match &self.id_pattern {
+            None => Ok(()),
+            Some(Ok(pattern)) if pattern.is_match(registration_id) => Ok(()),
+            Some(Ok(_)) => Err(format!(
+                "registration id `{registration_id}` does not match enrollment group `{group}`'s registrationIdPattern"
+            )),
+            Some(Err(reason)) => Err(format!(
+                "enrollment group `{group}`'s stored registrationIdPattern is unusable: {reason}"
+            )),
+        }
     }
 }
 
@@ -281,10 +306,19 @@ fn attest_for(
     enrollments: &Enrollments<'_>,
     audience: Audience<'_>,
 ) -> Result<Attested, AttestationError> {
-    match credential {
+    let attested = match credential {
         Credential::Sas(password) => attest_sas(registration_id, password, enrollments, audience),
         Credential::X509(chain) => attest_x509(registration_id, chain, enrollments, audience),
+    }?;
+    // A group admits only the ids its `limits.registrationIdPattern` allows.
+    if let EnrollmentSource::Group(group) = &attested.source {
+        if let Some(entry) = enrollments.groups.get(group) {
+            entry
+                .admits_id(attested.registration_id.as_str())
+                .map_err(AttestationError::NotAuthorized)?;
+        }
     }
+    Ok(attested)
 }
 
 fn attest_sas(

@@ -53,6 +53,15 @@ impl Assignment {
     }
 }
 
+/// Whether a register under `policy` allocates a hub (asks [`reprovision`]'s
+/// `allocate`): always, unless the device is assigned and its policy keeps its hub.
+pub fn allocates(existing: Option<&RegistrationState>, policy: ReprovisionPolicy) -> bool {
+    match existing.filter(|r| r.is_assigned()) {
+        Some(old) => policy.update_hub_assignment || old.assigned_hub.is_none(),
+        None => true,
+    }
+}
+
 /// The record a register leads to, from the stored one (`existing`, any status).
 /// `allocate` picks a hub under the enrollment's allocation policy; it is called only
 /// when the policy moves the device.

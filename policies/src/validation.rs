@@ -10,8 +10,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 
 use edgedps_topics::admin::{
-    AllocationPolicy, Attestation, AttestationType, CertificatePair, Enrollment, EnrollmentGroup,
-    EnrollmentSettings, LinkedHub,
+    AllocationPolicy, Attestation, AttestationType, CertificatePair, CustomAllocationDefinition,
+    Enrollment, EnrollmentGroup, EnrollmentSettings, GroupLimits, LinkedHub,
 };
 use edgedps_topics::encoding::Encoding;
 use edgedps_topics::identity;
@@ -80,6 +80,9 @@ pub fn group(
     keep_stored_keys(&mut g.attestation, stored.map(|s| &s.attestation));
     validate_attestation(&g.attestation, true)?;
     validate_settings(&g.settings)?;
+    if let Some(limits) = &g.limits {
+        validate_limits(limits)?;
+    }
     check_etag(
         g.settings.etag.as_deref(),
         stored.and_then(|s| s.settings.etag.as_deref()),
@@ -108,19 +111,18 @@ pub fn hub(
     if hub.allocation_weight > 1000 {
         return Err(bad("allocationWeight must be 0 to 1000".into()));
     }
-    if let Some(address) = &hub.service_address {
-        let valid = address.rsplit_once(':').is_some_and(|(host, port)| {
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            port.parse::<u16>().is_ok_and(|p| p > 0)
-                && (valid_host_name(host) || host.parse::<std::net::IpAddr>().is_ok())
-        });
-        if !valid {
-            return Err(bad(format!(
-                "serviceAddress {} is not host:port",
-                shown(address)
-            )));
+    for (name, address) in [
+        ("serviceAddress", &hub.service_address),
+        ("probeAddress", &hub.probe_address),
+    ] {
+        if let Some(address) = address {
+            if !host_and_port(address) {
+                return Err(bad(format!("{name} {} is not host:port", shown(address))));
+            }
         }
     }
+    // Measured by edgedps, never taken from a write.
+    hub.latency = None;
     check_etag(hub.etag.as_deref(), stored_etag)?;
     Ok(hub)
 }
@@ -191,6 +193,15 @@ fn registration_id(id: &str) -> Result<(), Invalid> {
     }
 }
 
+/// `host:port` (a host name, an IPv4 address or a bracketed IPv6 one), port not 0.
+pub fn host_and_port(address: &str) -> bool {
+    address.rsplit_once(':').is_some_and(|(host, port)| {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        port.parse::<u16>().is_ok_and(|p| p > 0)
+            && (valid_host_name(host) || host.parse::<std::net::IpAddr>().is_ok())
+    })
+}
+
 fn valid_host_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
@@ -205,13 +216,22 @@ fn valid_host_name(name: &str) -> bool {
 
 fn validate_settings(settings: &EnrollmentSettings) -> Result<(), Invalid> {
     match settings.allocation_policy {
-        Some(AllocationPolicy::GeoLatency) | Some(AllocationPolicy::Custom) => return Err(bad(
-            "allocationPolicy geoLatency and custom are not supported yet; use hashed or static"
-                .into(),
-        )),
         Some(AllocationPolicy::Static) if settings.iot_hubs.len() != 1 => {
             return Err(bad(
                 "allocationPolicy static needs exactly one hub in iotHubs".into(),
+            ))
+        }
+        Some(AllocationPolicy::Custom) => match &settings.custom_allocation_definition {
+            Some(definition) => validate_custom(definition)?,
+            None => {
+                return Err(bad(
+                    "allocationPolicy custom needs customAllocationDefinition with webhookUrl or mqttAllocator".into(),
+                ))
+            }
+        },
+        _ if settings.custom_allocation_definition.is_some() => {
+            return Err(bad(
+                "customAllocationDefinition is used only with allocationPolicy custom".into(),
             ))
         }
         _ => {}
@@ -228,6 +248,99 @@ fn validate_settings(settings: &EnrollmentSettings) -> Result<(), Invalid> {
         }
     }
     Ok(())
+}
+
+/// Longest `webhookUrl` accepted.
+const MAX_WEBHOOK_URL: usize = 2048;
+
+fn validate_custom(definition: &CustomAllocationDefinition) -> Result<(), Invalid> {
+    match (&definition.webhook_url, &definition.mqtt_allocator) {
+        (Some(url), None) => webhook_url(url).map(|_| ()).map_err(bad),
+        (None, Some(name)) => match identity::valid_registration_id(name) {
+            true => Ok(()),
+            false => Err(bad(format!(
+                "mqttAllocator {} is not a valid name (1-128 of a-z A-Z 0-9 - . _ :)",
+                shown(name)
+            ))),
+        },
+        (Some(_), Some(_)) => Err(bad(
+            "customAllocationDefinition takes webhookUrl or mqttAllocator, not both".into(),
+        )),
+        (None, None) => Err(bad(
+            "customAllocationDefinition needs webhookUrl or mqttAllocator".into(),
+        )),
+    }
+}
+
+/// A custom allocation webhook's URL, as edgedps dials it: `https://`, or `http://`
+/// to a loopback address only (a key in the URL is never sent in the clear elsewhere).
+/// The reason quotes no part of the URL but its scheme and host: its query may hold the
+/// function key.
+pub fn webhook_url(url: &str) -> Result<url::Url, String> {
+    if url.len() > MAX_WEBHOOK_URL {
+        return Err(format!("webhookUrl is longer than {MAX_WEBHOOK_URL} bytes"));
+    }
+    let parsed = url::Url::parse(url).map_err(|e| format!("webhookUrl is not a URL: {e}"))?;
+    let host = match parsed.host() {
+        Some(host) => host,
+        None => return Err("webhookUrl has no host".into()),
+    };
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err("webhookUrl must not carry a user name or password".into());
+    }
+    let loopback = match &host {
+        url::Host::Domain(name) => name.eq_ignore_ascii_case("localhost"),
+        url::Host::Ipv4(ip) => ip.is_loopback(),
+        url::Host::Ipv6(ip) => ip.is_loopback(),
+    };
+    match parsed.scheme() {
+        "https" => Ok(parsed),
+        "http" if loopback => Ok(parsed),
+        "http" => Err(format!(
+            "webhookUrl: http:// only to a loopback address, not `{host}`; use https://"
+        )),
+        other => Err(format!("webhookUrl: scheme `{other}` is not https")),
+    }
+}
+
+/// Longest `registrationIdPattern`, and the most memory its compiled form may take.
+const MAX_PATTERN: usize = 1024;
+const MAX_PATTERN_SIZE: usize = 1 << 20;
+
+fn validate_limits(limits: &GroupLimits) -> Result<(), Invalid> {
+    if limits.max_devices == Some(0) {
+        return Err(bad(
+            "limits.maxDevices must be at least 1 (disable the group to admit none)".into(),
+        ));
+    }
+    if let Some(rate) = limits.registrations_per_minute {
+        if !(1..=1_000_000).contains(&rate) {
+            return Err(bad(
+                "limits.registrationsPerMinute must be 1 to 1000000".into()
+            ));
+        }
+    }
+    if let Some(pattern) = &limits.registration_id_pattern {
+        id_pattern(pattern).map_err(bad)?;
+    }
+    Ok(())
+}
+
+/// A group's `registrationIdPattern`, compiled to match the whole id.
+pub fn id_pattern(pattern: &str) -> Result<regex::Regex, String> {
+    if pattern.len() > MAX_PATTERN {
+        return Err(format!(
+            "limits.registrationIdPattern is longer than {MAX_PATTERN} bytes"
+        ));
+    }
+    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(MAX_PATTERN_SIZE)
+        .build()
+        .map_err(|e| {
+            // The regex crate's message spans lines, with a caret under the error.
+            let reason = e.to_string().replace('\n', " ");
+            format!("limits.registrationIdPattern is not a valid regular expression: {reason}")
+        })
 }
 
 fn validate_attestation(attestation: &Attestation, group: bool) -> Result<(), Invalid> {
@@ -509,6 +622,130 @@ mod tests {
         assert!(enrollment("dev-1", e.clone(), None).is_ok());
         e.settings.iot_hubs = vec!["not a host".into()];
         assert!(enrollment("dev-1", e, None).is_err());
+    }
+
+    #[test]
+    fn custom_allocation_needs_one_usable_allocator() {
+        let with = |definition: serde_json::Value| {
+            let mut e = sas_enrollment("dev-1");
+            e.settings.allocation_policy = Some(AllocationPolicy::Custom);
+            e.settings.custom_allocation_definition = serde_json::from_value(definition).unwrap();
+            enrollment("dev-1", e, None)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        for ok in [
+            serde_json::json!({"webhookUrl": "https://alloc.example.net/api/a?code=k"}),
+            serde_json::json!({"webhookUrl": "http://127.0.0.1:9000/a"}),
+            serde_json::json!({"webhookUrl": "http://[::1]:9000/a"}),
+            serde_json::json!({"webhookUrl": "http://localhost/a", "apiVersion": "2021-10-01"}),
+            serde_json::json!({"mqttAllocator": "plant-7"}),
+        ] {
+            assert_eq!(with(ok.clone()), Ok(()), "{ok}");
+        }
+        for (bad, says) in [
+            (serde_json::json!(null), "needs customAllocationDefinition"),
+            (serde_json::json!({}), "needs webhookUrl or mqttAllocator"),
+            (
+                serde_json::json!({"webhookUrl": "https://a.example", "mqttAllocator": "x"}),
+                "not both",
+            ),
+            (
+                serde_json::json!({"webhookUrl": "http://alloc.example.net/?code=SECRET"}),
+                "only to a loopback address",
+            ),
+            (
+                serde_json::json!({"webhookUrl": "ftp://a.example/"}),
+                "scheme `ftp`",
+            ),
+            (serde_json::json!({"webhookUrl": "not a url"}), "not a URL"),
+            (
+                serde_json::json!({"webhookUrl": "https://u:p@a.example/"}),
+                "user name or password",
+            ),
+            (
+                serde_json::json!({"mqttAllocator": "a/b"}),
+                "not a valid name",
+            ),
+        ] {
+            let refused = with(bad.clone()).unwrap_err();
+            assert!(refused.contains(says), "{bad}: {refused}");
+            assert!(!refused.contains("SECRET"), "{refused}");
+        }
+        // A definition without the custom policy is a mistake worth naming.
+        let mut e = sas_enrollment("dev-1");
+        e.settings.custom_allocation_definition =
+            serde_json::from_value(serde_json::json!({"mqttAllocator": "plant-7"})).unwrap();
+        let refused = enrollment("dev-1", e, None).unwrap_err().to_string();
+        assert!(
+            refused.contains("only with allocationPolicy custom"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn group_limits_are_checked_and_a_bad_pattern_is_refused_with_its_reason() {
+        let with = |limits: serde_json::Value| {
+            let g: EnrollmentGroup = serde_json::from_value(serde_json::json!({
+                "enrollmentGroupId": "g",
+                "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": KEY}},
+                "limits": limits}))
+            .unwrap();
+            group("g", g, None).map(|_| ()).map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            with(
+                serde_json::json!({"maxDevices": 10, "registrationsPerMinute": 60,
+                "registrationIdPattern": "sensor-[0-9]+"})
+            ),
+            Ok(())
+        );
+        for (bad, says) in [
+            (serde_json::json!({"maxDevices": 0}), "at least 1"),
+            (
+                serde_json::json!({"registrationsPerMinute": 0}),
+                "1 to 1000000",
+            ),
+            (
+                serde_json::json!({"registrationIdPattern": "sensor-[0-9"}),
+                "not a valid regular expression",
+            ),
+            (
+                serde_json::json!({"registrationIdPattern": "a{1000}{1000}"}),
+                "not a valid regular expression",
+            ),
+        ] {
+            let refused = with(bad.clone()).unwrap_err();
+            assert!(refused.contains(says), "{bad}: {refused}");
+            assert!(!refused.contains('\n'), "{refused}");
+        }
+        let pattern = id_pattern("sensor-[0-9]+").unwrap();
+        assert!(pattern.is_match("sensor-12"));
+        assert!(!pattern.is_match("sensor-12x"), "the whole id must match");
+        assert!(!pattern.is_match("xsensor-12"));
+    }
+
+    #[test]
+    fn a_probe_address_is_host_and_port_and_a_written_latency_is_dropped() {
+        let hub_body = |value| serde_json::from_value::<LinkedHub>(value).unwrap();
+        let accepted = hub(
+            "hub-a.example.net",
+            hub_body(serde_json::json!({"probeAddress": "127.0.0.1:8883",
+                "latency": {"reachable": true, "microseconds": 1, "probeAddress": "x:1",
+                    "measuredAtUtc": "t"}})),
+            None,
+        )
+        .unwrap();
+        assert_eq!(accepted.probe_address.as_deref(), Some("127.0.0.1:8883"));
+        assert_eq!(accepted.latency, None);
+        let refused = hub(
+            "hub-a.example.net",
+            hub_body(serde_json::json!({"probeAddress": "nowhere"})),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(refused.contains("probeAddress"), "{refused}");
     }
 
     #[test]

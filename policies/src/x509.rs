@@ -85,6 +85,24 @@ pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, X509Error> {
     Ok(pem.contents)
 }
 
+/// Every certificate of a PEM text, in order, as DER (a chain, leaf first); each one
+/// must parse. At most 8.
+pub fn pem_chain(text: &str) -> Result<Vec<Vec<u8>>, X509Error> {
+    let mut chain = Vec::new();
+    for pem in x509_parser::pem::Pem::iter_from_buffer(text.as_bytes()) {
+        let pem = pem.map_err(|_| X509Error::BadPem)?;
+        if pem.label != "CERTIFICATE" || chain.len() == 8 {
+            return Err(X509Error::BadPem);
+        }
+        CertificateInfo::read(&pem.contents)?;
+        chain.push(pem.contents);
+    }
+    match chain.is_empty() {
+        true => Err(X509Error::BadPem),
+        false => Ok(chain),
+    }
+}
+
 /// The first certificate of a PEM text, as DER, decoded but not parsed: for enrollment
 /// data that was validated when it was written.
 pub fn pem_der(pem: &str) -> Result<Vec<u8>, X509Error> {

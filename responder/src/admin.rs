@@ -226,6 +226,7 @@ impl Responder {
                     ));
                 }
                 write(&self.groups).insert(id.to_owned(), entry);
+                self.group_gates.forget(id);
                 self.written();
                 let status = g.settings.provisioning_status;
                 let applied = Applied::record(etag, before, status);
@@ -252,6 +253,8 @@ impl Responder {
                 let existed = write(&self.hubs).insert(id.to_owned(), hub.clone()).is_some()
                     || self.settings.hubs.iter().any(|h| h.host_name == id);
                 self.written();
+                self.latencies.changed.notify_one();
+                hub.latency = self.latency_of(id);
                 publish.push(Publication::record(kind.record_topic(id), &hub));
                 Ok(Applied {
                     etag: Some(etag),
@@ -311,6 +314,7 @@ impl Responder {
             RecordKind::EnrollmentGroup => {
                 let existed = self.store.remove_group(id)?;
                 write(&self.groups).remove(id);
+                self.group_gates.forget(id);
                 if existed {
                     deregistered = self.deregister_group(id).await?;
                     for record in &mut deregistered {
@@ -329,6 +333,7 @@ impl Responder {
                 }
                 let existed = self.store.remove_hub(id)?;
                 write(&self.hubs).remove(id);
+                self.latencies.changed.notify_one();
                 self.hub_unlinked(id)?;
                 existed
             }

@@ -804,6 +804,7 @@ fn hub_event(operation: &HubOperation, registration: HubRegistration) -> Publica
         message: registration.last_error.clone(),
         issued_certificate: None,
         hub_registration: Some(registration),
+        allocation: None,
         timestamp_utc: timestamp_now(),
     };
     Publication::event(event.topic(), &event)

@@ -9,6 +9,7 @@ use edgedps_policies::validation::Invalid;
 use edgedps_topics::admin::codes as admin_codes;
 use edgedps_topics::registration::codes;
 
+use crate::limits::GroupRefusal;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,9 @@ pub enum Error {
     NoEnrollment(String),
     #[error(transparent)]
     Allocation(#[from] AllocationError),
+    /// An enrollment group's limits do not admit the device.
+    #[error(transparent)]
+    Group(#[from] crate::limits::GroupRefusal),
 
     /// An operator write that may not be stored.
     #[error(transparent)]
@@ -57,6 +61,8 @@ pub enum Error {
 
     #[error("internal error: {0}")]
     Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A certificate could not be issued (the authority's key or certificate).
     #[error("certificate issuance failed: {0}")]
     Issuance(String),
@@ -71,7 +77,10 @@ impl Error {
     pub fn dps_code(&self) -> u32 {
         match self {
             Error::MalformedBody(_) | Error::Invalid(_) => codes::MALFORMED_BODY,
+            Error::Allocation(AllocationError::Custom(_)) => codes::CUSTOM_ALLOCATION_FAILED,
             Error::Allocation(_) => codes::NO_HUB,
+            Error::Group(GroupRefusal::Full { .. }) => codes::GROUP_FULL,
+            Error::Group(GroupRefusal::IdPattern(_)) => codes::ID_PATTERN,
             Error::Attestation(_) | Error::Forbidden(_) => codes::UNAUTHORIZED,
             Error::OutOfService { reason, .. } => match reason.register_answer() {
                 RegisterAnswer::NotFound => codes::NOT_FOUND,
@@ -83,6 +92,7 @@ impl Error {
             Error::InProgress | Error::Conflict(_) => codes::CONFLICT,
             Error::Throttled { .. } => codes::THROTTLED,
             Error::Store(_)
+            | Error::Internal(_)
             | Error::Issuance(_)
             | Error::BadGroup { .. }
             | Error::BadCrl { .. } => codes::INTERNAL,
@@ -96,6 +106,7 @@ impl Error {
             | Error::MalformedBody(_)
             | Error::Attestation(_)
             | Error::Allocation(_)
+            | Error::Group(_)
             | Error::OutOfService { .. }
             | Error::UnknownOperation(_)
             | Error::Throttled { .. } => admin_codes::BAD_REQUEST,
@@ -104,6 +115,7 @@ impl Error {
             Error::NotFound(_) | Error::NoEnrollment(_) => admin_codes::NOT_FOUND,
             Error::Conflict(_) | Error::InProgress => admin_codes::CONFLICT,
             Error::Store(_)
+            | Error::Internal(_)
             | Error::Issuance(_)
             | Error::BadGroup { .. }
             | Error::BadCrl { .. } => admin_codes::INTERNAL,
@@ -130,6 +142,24 @@ mod tests {
         let cases = [
             (Error::MalformedBody("x".into()), 400004, 400),
             (Error::Allocation(AllocationError::NoHub), 400208, 400),
+            (
+                Error::Allocation(AllocationError::Custom("timed out".into())),
+                400207,
+                400,
+            ),
+            (
+                Error::Group(GroupRefusal::Full {
+                    group: "g".into(),
+                    max: 2,
+                }),
+                403001,
+                403,
+            ),
+            (
+                Error::Group(GroupRefusal::IdPattern("p".into())),
+                400210,
+                400,
+            ),
             (
                 Error::OutOfService {
                     registration_id: "d".into(),

@@ -13,10 +13,14 @@ mod admin;
 mod cloud;
 mod connect;
 mod crl;
+mod custom;
 mod error;
+mod explain;
+mod geo;
 pub mod hub;
 mod issuance;
 mod latency;
+mod limits;
 mod overview;
 mod records;
 mod registration;
@@ -43,11 +47,14 @@ use edgedps_topics::identity::RegistrationId;
 
 pub use cloud::{Attempt, HubTarget, OutboxStats, HUB_ANSWER_TIMEOUT};
 pub use connect::{Admission, Admitted};
+pub use custom::{BoxFuture, Outside};
 pub use edgedps_policies::attestation::{
     Attested, Credential, EnrollmentSource, PresentedCertificate,
 };
 pub use error::Error;
+pub use geo::ProbeTarget;
 pub use latency::{LatencyHistogram, LatencySummary};
+pub use limits::GroupRefusal;
 pub use overview::{HubOverview, Overview};
 pub use records::RecordReading;
 pub use registration::Reply;
@@ -88,6 +95,11 @@ pub struct Settings {
     pub hub_credentials: BTreeMap<String, edgedps_policies::cloud::ConnectionString>,
     /// How long a register waits for a `before_answer` hub.
     pub hub_answer_timeout: std::time::Duration,
+    /// How long a custom allocator may take before the registration fails (400207).
+    pub custom_allocation_timeout: std::time::Duration,
+    /// How long a register waits for a custom allocator before it answers `202
+    /// assigning` and the device polls.
+    pub custom_allocation_wait: std::time::Duration,
 }
 
 impl Settings {
@@ -105,6 +117,8 @@ impl Settings {
             certificate_authorities: BTreeMap::new(),
             hub_credentials: BTreeMap::new(),
             hub_answer_timeout: cloud::HUB_ANSWER_TIMEOUT,
+            custom_allocation_timeout: std::time::Duration::from_secs(5),
+            custom_allocation_wait: std::time::Duration::from_millis(50),
         }
     }
 }
@@ -155,8 +169,9 @@ impl Publication {
 /// A 202 operation a device may poll.
 struct Operation {
     registration_id: RegistrationId,
-    /// The 200 answer, encoded when it is polled.
-    answer: edgedps_topics::registration::OperationStatus,
+    /// The 200 answer, encoded when it is polled; `None` while a custom allocator has
+    /// not answered (polls answer `202 assigning`).
+    answer: Option<edgedps_topics::registration::OperationStatus>,
     encoding: edgedps_topics::encoding::Encoding,
     device_id: Option<String>,
     expires: Instant,
@@ -192,6 +207,14 @@ pub struct Responder {
     cloud: cloud::CloudHubs,
     /// TPM devices' open challenges (`tpm.rs`).
     tpm: tpm::Challenges,
+    /// The broker's custom allocators and publisher (`custom.rs`).
+    outside: std::sync::OnceLock<Arc<dyn Outside>>,
+    /// Round trips of custom allocators that answered.
+    custom_latency: latency::LatencyHistogram,
+    /// Hubs' measured latencies (`geo.rs`).
+    latencies: geo::Latencies,
+    /// Enrollment groups' `maxDevices` and rate (`limits.rs`).
+    group_gates: limits::GroupGates,
 }
 
 impl Responder {
@@ -228,6 +251,10 @@ impl Responder {
         let responder = Responder {
             cloud,
             tpm: tpm::Challenges::default(),
+            outside: std::sync::OnceLock::new(),
+            custom_latency: latency::LatencyHistogram::default(),
+            latencies: geo::Latencies::default(),
+            group_gates: limits::GroupGates::default(),
             throttle: throttle::Throttle::new(&settings.rate_limits),
             register_latency: latency::LatencyHistogram::default(),
             settings,
@@ -255,6 +282,11 @@ impl Responder {
     /// Server-side latency of the registrations answered so far.
     pub fn register_latency(&self) -> LatencySummary {
         self.register_latency.summary()
+    }
+
+    /// Round trips of the custom allocators that answered so far.
+    pub fn custom_allocation_latency(&self) -> LatencySummary {
+        self.custom_latency.summary()
     }
 
     /// The registration record of `registration_id`, as stored.
@@ -354,10 +386,21 @@ impl Responder {
         all.into_values().collect()
     }
 
-    /// Linked hubs as their records show them: with what is set of their credentials.
-    /// (Allocation, on every register, reads [`Responder::linked_hubs`] without it.)
-    fn shown_hubs(&self) -> Vec<LinkedHub> {
+    /// Linked hubs with the latency last measured to each (geoLatency, explain).
+    fn linked_hubs_measured(&self) -> Vec<LinkedHub> {
         let mut hubs = self.linked_hubs();
+        let latencies = read(&self.latencies.by_hub);
+        for hub in &mut hubs {
+            hub.latency = latencies.get(&hub.host_name.to_ascii_lowercase()).cloned();
+        }
+        hubs
+    }
+
+    /// Linked hubs as their records show them: with what is set of their credentials
+    /// and their latency. (Allocation, on every register, reads
+    /// [`Responder::linked_hubs`] without them.)
+    fn shown_hubs(&self) -> Vec<LinkedHub> {
+        let mut hubs = self.linked_hubs_measured();
         for hub in &mut hubs {
             hub.credentials = self.credentials_shown(&hub.host_name);
         }

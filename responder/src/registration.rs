@@ -9,9 +9,14 @@
 use std::time::Instant;
 
 use edgedps_policies::access::{self, Access, RegisterAnswer};
-use edgedps_policies::allocation;
+use std::sync::Arc;
+
+use edgedps_policies::allocation::{self, AllocationError};
 use edgedps_policies::reprovision::{self, Assignment, Registering};
-use edgedps_topics::admin::{AttestationType, EnrollmentSettings, RecordKind};
+use edgedps_topics::admin::{
+    AllocationPolicy, AttestationType, EnrollmentSettings, GroupLimits, RecordKind,
+};
+use edgedps_topics::allocation::AllocationRecord;
 use edgedps_topics::encoding::Encoding;
 use edgedps_topics::events::{DeviceRequestKind, RegistrationEvent, RegistrationOutcome};
 use edgedps_topics::identity::RegistrationId;
@@ -19,6 +24,7 @@ use edgedps_topics::registration::{
     ErrorBody, OperationStatus, RegisterRequest, RegistrationState, RegistrationStatus,
 };
 
+use crate::limits::GroupRefusal;
 use crate::standing::Standing;
 use crate::{
     lock, timestamp_now, Attested, EnrollmentSource, Error, Operation, Publication, Responder,
@@ -72,19 +78,23 @@ impl Decision {
 }
 
 /// The enrollment a registration follows, whichever kind it is.
-struct Resolved {
-    group_id: Option<String>,
-    device_id: String,
-    settings: EnrollmentSettings,
+pub(crate) struct Resolved {
+    pub group_id: Option<String>,
+    /// The group's limits, and whether its id pattern admits the device.
+    pub group_limits: Option<GroupLimits>,
+    pub id_admitted: Result<(), String>,
+    pub device_id: String,
+    pub settings: EnrollmentSettings,
 }
 
-/// Removes a registration id from the in-flight set however the register ends.
-struct InFlight<'a> {
-    responder: &'a Responder,
+/// Removes a registration id from the in-flight set however the register ends (in
+/// the background too, for a custom allocation answered late).
+struct InFlight {
+    responder: Arc<Responder>,
     key: RegistrationId,
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         lock(&self.responder.in_flight).remove(&self.key);
     }
@@ -95,7 +105,7 @@ impl Responder {
     /// [`Encoding::detect`]); the answer is in the same encoding. `carried` is what its
     /// CONNECT read about it, if the session still holds it.
     pub async fn register(
-        &self,
+        self: &Arc<Self>,
         device: &Attested,
         carried: Option<Standing>,
         body: &[u8],
@@ -118,7 +128,7 @@ impl Responder {
     }
 
     async fn register_inner(
-        &self,
+        self: &Arc<Self>,
         device: &Attested,
         carried: Option<Standing>,
         body: &[u8],
@@ -160,72 +170,210 @@ impl Responder {
         if !lock(&self.in_flight).insert(key.clone()) {
             return Err(Error::InProgress);
         }
-        let _guard = InFlight {
-            responder: self,
+        let guard = InFlight {
+            responder: Arc::clone(self),
             key: key.clone(),
         };
         let operation_id = self.operation_id();
-        let decision = match self
-            .decide(device, carried, &request, &operation_id, publish)
-            .await
-        {
-            Ok(decision) => decision,
-            Err(Error::Allocation(e)) => {
-                // DPS: an assignment that cannot be made completes the operation as
-                // `failed` (a 200), with the reason in the registration state.
-                let error = Error::Allocation(e);
-                let code = error.dps_code();
-                let message = error.to_string();
-                publish.push(registration_event(
-                    device,
-                    RegistrationOutcome::Failed,
-                    None,
-                    Some(code),
-                    Some(message.clone()),
-                ));
-                tracing::info!(code, %message, registration_id = %device.registration_id, "registration failed");
-                Decision::failed(device, &operation_id, code, message, timestamp_now())
-            }
-            Err(error) => return Err(error),
-        };
-        if self.settings.always_accept_then_poll {
-            let expires = Instant::now() + self.settings.operation_ttl;
-            let mut operations = lock(&self.operations);
-            let now = Instant::now();
-            operations.retain(|_, op| op.expires > now);
-            operations.insert(
-                operation_id.clone(),
-                Operation {
-                    registration_id: device.registration_id.clone(),
-                    answer: decision.answer,
-                    encoding,
-                    device_id: decision.device_id,
-                    expires,
-                },
-            );
-            drop(operations);
-            let accepted = OperationStatus {
-                operation_id,
-                status: RegistrationStatus::Assigning,
-                registration_state: None,
-            };
-            return Ok(Reply {
-                status: 202,
-                retry_after: Some(self.settings.retry_after_seconds),
-                body: encoding.encode(&accepted),
-                encoding,
-                assigned_device_id: None,
-                publish: Vec::new(),
-            });
+        let standing = self.standing(device, carried)?;
+        if self.allocates_by_custom(device, &standing) {
+            return self
+                .register_custom(device, standing, request, operation_id, encoding, guard)
+                .await;
         }
-        Ok(Reply {
+        let decision = self
+            .decide(device, standing, &request, &operation_id, publish)
+            .await?;
+        drop(guard);
+        Ok(self.answer(device, operation_id, decision, encoding))
+    }
+
+    /// The answer to a decided register: `200` with the decision, or `202` with an
+    /// operation to poll (`always_accept_then_poll`).
+    fn answer(
+        &self,
+        device: &Attested,
+        operation_id: String,
+        decision: Decision,
+        encoding: Encoding,
+    ) -> Reply {
+        if self.settings.always_accept_then_poll {
+            self.keep_operation(device, &operation_id, Some(decision), encoding);
+            return self.accepted(operation_id, encoding);
+        }
+        Reply {
             status: 200,
             retry_after: None,
             body: encoding.encode(&decision.answer),
             encoding,
             assigned_device_id: decision.device_id,
             publish: Vec::new(),
-        })
+        }
+    }
+
+    /// `202 assigning`: the device polls `operation_id`.
+    fn accepted(&self, operation_id: String, encoding: Encoding) -> Reply {
+        let accepted = OperationStatus {
+            operation_id,
+            status: RegistrationStatus::Assigning,
+            registration_state: None,
+        };
+        Reply {
+            status: 202,
+            retry_after: Some(self.settings.retry_after_seconds),
+            body: encoding.encode(&accepted),
+            encoding,
+            assigned_device_id: None,
+            publish: Vec::new(),
+        }
+    }
+
+    /// Keeps an operation for polls: decided, or (`None`) still being decided.
+    fn keep_operation(
+        &self,
+        device: &Attested,
+        operation_id: &str,
+        decision: Option<Decision>,
+        encoding: Encoding,
+    ) {
+        let expires = Instant::now() + self.settings.operation_ttl;
+        let mut operations = lock(&self.operations);
+        let now = Instant::now();
+        operations.retain(|_, op| op.expires > now);
+        let (answer, device_id) = match decision {
+            Some(decision) => (Some(decision.answer), decision.device_id),
+            None => (None, None),
+        };
+        operations.insert(
+            operation_id.to_owned(),
+            Operation {
+                registration_id: device.registration_id.clone(),
+                answer,
+                encoding,
+                device_id,
+                expires,
+            },
+        );
+    }
+
+    /// Whether this register is decided by a custom allocator: the device is in service
+    /// and follows an enrollment whose policy is `custom`.
+    fn allocates_by_custom(&self, device: &Attested, standing: &Standing) -> bool {
+        if !matches!(standing.access(device), Access::OutOfService(_)) {
+            if let Ok(resolved) = self.resolve(device, standing) {
+                return resolved.settings.allocation_policy == Some(AllocationPolicy::Custom);
+            }
+        }
+        false
+    }
+
+    /// A register decided by a custom allocator: answered in one round trip when the
+    /// allocator answers within `custom_allocation_wait`, otherwise `202 assigning` at
+    /// once and the registration completes in the background (its record and event
+    /// published through [`crate::Outside`]), for the device's polls.
+    async fn register_custom(
+        self: &Arc<Self>,
+        device: &Attested,
+        standing: Standing,
+        request: RegisterRequest,
+        operation_id: String,
+        encoding: Encoding,
+        guard: InFlight,
+    ) -> Result<Reply, Error> {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let this = Arc::clone(self);
+        let owned = device.clone();
+        let op = operation_id.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let mut publish = Vec::new();
+            let decided = this
+                .decide(&owned, standing, &request, &op, &mut publish)
+                .await;
+            if let Err((decision, publish)) = tx.send((decided, publish)) {
+                this.completed_late(&owned, &op, decision, encoding, publish);
+            }
+        });
+        let wait = self.settings.custom_allocation_wait;
+        let done = match tokio::time::timeout(wait, &mut rx).await {
+            Ok(Ok(done)) => Some(done),
+            Ok(Err(_)) => return Err(Error::Internal("the registration's task ended".into())),
+            Err(_) => {
+                // Kept before the channel closes: a late answer always finds it.
+                self.keep_operation(device, &operation_id, None, encoding);
+                rx.close();
+                rx.try_recv().ok()
+            }
+        };
+        match done {
+            Some((decision, publish)) => {
+                let decision = decision?;
+                let mut reply = self.answer(device, operation_id, decision, encoding);
+                reply.publish = publish;
+                Ok(reply)
+            }
+            None => Ok(self.accepted(operation_id, encoding)),
+        }
+    }
+
+    /// A custom allocation answered after its register was answered `202`: the
+    /// operation gets its answer and what it published goes out.
+    fn completed_late(
+        &self,
+        device: &Attested,
+        operation_id: &str,
+        decision: Result<Decision, Error>,
+        encoding: Encoding,
+        mut publish: Vec<Publication>,
+    ) {
+        let decision = decision.unwrap_or_else(|error| {
+            publish.push(refusal_event(device, DeviceRequestKind::Register, &error));
+            let code = error.dps_code();
+            Decision::failed(
+                device,
+                operation_id,
+                code,
+                error.to_string(),
+                timestamp_now(),
+            )
+        });
+        self.keep_operation(device, operation_id, Some(decision), encoding);
+        match self.outside.get() {
+            Some(outside) => outside.publish(publish),
+            None => {
+                tracing::warn!(registration_id = %device.registration_id, "a late registration's record and event have no publisher")
+            }
+        }
+    }
+
+    /// An allocation that cannot be made completes the registration as `failed` (a
+    /// 200, as DPS), its reason in the registration state and the event.
+    fn allocation_failed(
+        &self,
+        device: &Attested,
+        policy: AllocationPolicy,
+        failure: AllocationError,
+        operation_id: &str,
+        publish: &mut Vec<Publication>,
+    ) -> Decision {
+        let error = Error::Allocation(failure);
+        let code = error.dps_code();
+        let message = error.to_string();
+        let mut event = event_of(
+            device,
+            RegistrationOutcome::Failed,
+            None,
+            Some(code),
+            Some(message.clone()),
+        );
+        event.allocation = Some(AllocationRecord {
+            policy,
+            hub: None,
+            reason: message.clone(),
+        });
+        publish.push(Publication::event(event.topic(), &event));
+        tracing::info!(code, %message, registration_id = %device.registration_id, "registration failed");
+        Decision::failed(device, operation_id, code, message, timestamp_now())
     }
 
     /// Handles `GET iotdps-get-operationstatus`. The answer is CBOR when `encoding`
@@ -272,6 +420,14 @@ impl Responder {
         let Some((answer, registered_in, assigned)) = found else {
             return Err(Error::UnknownOperation(operation_id.to_owned()));
         };
+        let encoding = match encoding {
+            Encoding::Cbor => Encoding::Cbor,
+            Encoding::Json => registered_in,
+        };
+        // A custom allocator has not answered yet.
+        let Some(answer) = answer else {
+            return Ok(self.accepted(operation_id.to_owned(), encoding));
+        };
         // The answer is the operation's; the rights are the device's now (it may have
         // been taken out of service since its register).
         let assigned_device_id = match assigned.then(|| self.standing(device, None)) {
@@ -284,10 +440,6 @@ impl Responder {
                 None
             }
             None => None,
-        };
-        let encoding = match encoding {
-            Encoding::Cbor => Encoding::Cbor,
-            Encoding::Json => registered_in,
         };
         Ok(Reply {
             status: 200,
@@ -326,6 +478,7 @@ impl Responder {
                 })?;
             // What an answer carries, never what only the record does.
             state.hub_registration = None;
+            state.allocation = None;
             Ok(state)
         })();
         match looked_up {
@@ -351,13 +504,12 @@ impl Responder {
     async fn decide(
         &self,
         device: &Attested,
-        carried: Option<Standing>,
+        standing: Standing,
         request: &RegisterRequest,
         operation_id: &str,
         publish: &mut Vec<Publication>,
     ) -> Result<Decision, Error> {
         let csr = request.csr.as_deref();
-        let standing = self.standing(device, carried)?;
         if let Access::OutOfService(reason) = standing.access(device) {
             return match reason.register_answer() {
                 RegisterAnswer::Disabled => {
@@ -390,11 +542,62 @@ impl Responder {
             };
         }
         let resolved = self.resolve(device, &standing)?;
+        // A group's limits: its id pattern (a group edited since the CONNECT), its rate
+        // and its size. A device already assigned through it never counts twice.
+        if let Some(id) = &resolved.group_id {
+            resolved
+                .id_admitted
+                .clone()
+                .map_err(|reason| Error::Group(GroupRefusal::IdPattern(reason)))?;
+            if let Some(limits) = &resolved.group_limits {
+                let member = standing.registration.as_ref().is_some_and(|r| {
+                    r.is_assigned() && r.enrollment_group_id() == Some(id.as_str())
+                });
+                self.admit_to_group(id, limits, &device.registration_id, member)?;
+            }
+        }
         // A certificate request is checked before anything is written: a refused one
         // leaves the record as it was.
         let issuance = csr
             .map(|csr| self.issuance_for(device, &resolved.settings, csr))
             .transpose()?;
+        let policy = resolved
+            .settings
+            .allocation_policy
+            .unwrap_or(self.settings.allocation_policy);
+        let reprovision_policy = resolved.settings.reprovision_policy.unwrap_or_default();
+        let existing = standing.registration.as_ref();
+        // A custom allocator is asked only when the policy moves the device.
+        let custom = match (
+            policy,
+            &resolved.settings.custom_allocation_definition,
+            reprovision::allocates(existing, reprovision_policy),
+        ) {
+            (AllocationPolicy::Custom, Some(definition), true) => {
+                let asked = self
+                    .custom_allocate(
+                        device,
+                        &standing,
+                        definition,
+                        &resolved.settings.iot_hubs,
+                        request.payload.as_ref(),
+                    )
+                    .await;
+                match asked {
+                    Ok(outcome) => Some(outcome),
+                    Err(failure) => {
+                        return Ok(self.allocation_failed(
+                            device,
+                            policy,
+                            failure,
+                            operation_id,
+                            publish,
+                        ))
+                    }
+                }
+            }
+            _ => None,
+        };
         let now = timestamp_now();
         let registering = Registering {
             registration_id: &device.registration_id,
@@ -407,14 +610,33 @@ impl Responder {
                 .as_ref()
                 .and_then(|c| c.chain.first())
                 .and_then(|leaf| edgedps_policies::x509::describe(leaf).ok()),
-            policy: resolved.settings.reprovision_policy.unwrap_or_default(),
-            initial_twin: resolved.settings.initial_twin.as_ref(),
+            policy: reprovision_policy,
+            // A custom allocator's twin replaces the enrollment's.
+            initial_twin: custom
+                .as_ref()
+                .and_then(|c| c.initial_twin.as_ref())
+                .or(resolved.settings.initial_twin.as_ref()),
             now: &now,
         };
-        let assignment =
-            reprovision::reprovision(standing.registration.as_ref(), registering, || {
-                self.allocate(&device.registration_id, &resolved.settings)
-            })?;
+        let mut allocated: Option<AllocationRecord> = None;
+        let assignment = reprovision::reprovision(existing, registering, || match &custom {
+            Some(outcome) => {
+                allocated = Some(outcome.record.clone());
+                Ok(outcome.hub.clone())
+            }
+            None => {
+                let (hub, record) =
+                    self.allocate(&device.registration_id, policy, &resolved.settings)?;
+                allocated = Some(record);
+                Ok(hub)
+            }
+        });
+        let assignment = match assignment {
+            Ok(assignment) => assignment,
+            Err(failure) => {
+                return Ok(self.allocation_failed(device, policy, failure, operation_id, publish))
+            }
+        };
         let (mut state, mut changed) = match assignment {
             Assignment::Unchanged(state) => (state, false),
             Assignment::Changed(mut state) => {
@@ -422,9 +644,28 @@ impl Responder {
                 if let Some(old) = &standing.registration {
                     state.issued_certificates = old.issued_certificates.clone();
                 }
+                state.allocation = allocated.or_else(|| {
+                    // The policy kept the device where it was.
+                    Some(AllocationRecord {
+                        policy,
+                        hub: state.assigned_hub.clone(),
+                        reason: "kept: reprovisionPolicy.updateHubAssignment is false".into(),
+                    })
+                });
                 (state, true)
             }
         };
+        // The allocator's payload is what the device receives; a new one is a change.
+        if let Some(payload) = custom.as_ref().and_then(|c| c.payload.clone()) {
+            if state.payload.as_ref() != Some(&payload) {
+                state.payload = Some(payload);
+                state.last_updated_date_time_utc = Some(now.clone());
+                if let Some(outcome) = &custom {
+                    state.allocation = Some(outcome.record.clone());
+                }
+                changed = true;
+            }
+        }
         let mut issued_now = None;
         if let Some((checked, ca)) = issuance {
             let (record, chain) = self.issue(&checked, &ca, &resolved.device_id)?;
@@ -505,12 +746,14 @@ impl Responder {
         );
         event.issued_certificate = issued_certificate;
         event.hub_registration = state.hub_registration.clone();
+        event.allocation = state.allocation.clone();
         publish.push(Publication::event(event.topic(), &event));
         // The chain goes in the answer only, never in the stored record; the hub's
         // registration on the record only.
         let mut answered = state;
         answered.issued_certificate_chain = chain;
         answered.hub_registration = None;
+        answered.allocation = None;
         answered.tpm = tpm;
         Ok(Decision {
             answer: OperationStatus {
@@ -570,13 +813,19 @@ impl Responder {
     }
 
     /// The enrollment a device in service follows now.
-    fn resolve(&self, device: &Attested, standing: &Standing) -> Result<Resolved, Error> {
+    pub(crate) fn resolve(
+        &self,
+        device: &Attested,
+        standing: &Standing,
+    ) -> Result<Resolved, Error> {
         let gone = || Error::NoEnrollment(device.registration_id.to_string());
         match &device.source {
             EnrollmentSource::Individual => {
                 let enrollment = standing.individual.as_ref().ok_or_else(gone)?;
                 Ok(Resolved {
                     group_id: None,
+                    group_limits: None,
+                    id_admitted: Ok(()),
                     device_id: enrollment
                         .device_id
                         .clone()
@@ -584,29 +833,41 @@ impl Responder {
                     settings: enrollment.settings.clone(),
                 })
             }
-            EnrollmentSource::Group(group_id) => Ok(Resolved {
-                group_id: Some(group_id.clone()),
-                device_id: device.registration_id.to_string(),
-                settings: crate::read(&self.groups)
-                    .get(group_id)
-                    .map(|e| e.group.settings.clone())
-                    .ok_or_else(gone)?,
-            }),
+            EnrollmentSource::Group(group_id) => {
+                let groups = crate::read(&self.groups);
+                let entry = groups.get(group_id).ok_or_else(gone)?;
+                Ok(Resolved {
+                    group_id: Some(group_id.clone()),
+                    group_limits: entry.group.limits.clone(),
+                    id_admitted: entry.admits_id(device.registration_id.as_str()),
+                    device_id: device.registration_id.to_string(),
+                    settings: entry.group.settings.clone(),
+                })
+            }
         }
     }
 
-    /// Picks a hub by the enrollment's policy (or the service default).
+    /// Picks a hub by `policy` (the enrollment's, or the service default), with the
+    /// rule that chose it.
     fn allocate(
         &self,
         registration_id: &RegistrationId,
+        policy: AllocationPolicy,
         settings: &EnrollmentSettings,
-    ) -> Result<String, allocation::AllocationError> {
-        let linked = self.linked_hubs();
-        let policy = settings
-            .allocation_policy
-            .unwrap_or(self.settings.allocation_policy);
-        allocation::allocate(policy, registration_id, &settings.iot_hubs, &linked)
-            .map(str::to_owned)
+    ) -> Result<(String, AllocationRecord), AllocationError> {
+        // Only geoLatency reads the latencies: other registrations skip copying them.
+        let linked = match policy {
+            AllocationPolicy::GeoLatency => self.linked_hubs_measured(),
+            _ => self.linked_hubs(),
+        };
+        let chosen = allocation::allocate(policy, registration_id, &settings.iot_hubs, &linked)?;
+        let hub = chosen.hub.to_owned();
+        let record = AllocationRecord {
+            policy,
+            hub: Some(hub.clone()),
+            reason: chosen.reason,
+        };
+        Ok((hub, record))
     }
 
     /// The answer to a request that failed with `error`, in `encoding`.
@@ -671,6 +932,7 @@ fn event_of(
         message: message.filter(|m| !m.is_empty()),
         issued_certificate: None,
         hub_registration: None,
+        allocation: None,
         timestamp_utc: timestamp_now(),
     }
 }
@@ -687,6 +949,7 @@ fn refusal_event(device: &Attested, request: DeviceRequestKind, error: &Error) -
         message: Some(error.to_string()),
         issued_certificate: None,
         hub_registration: None,
+        allocation: None,
         timestamp_utc: timestamp_now(),
     };
     Publication::event(event.topic(), &event)
@@ -700,11 +963,11 @@ mod tests {
     use edgedps_topics::registration::codes;
     use std::sync::Arc;
 
-    fn responder(dir: &std::path::Path) -> Responder {
+    fn responder(dir: &std::path::Path) -> Arc<Responder> {
         let store = SledStore::open(dir).unwrap();
         let mut settings = Settings::new("scope");
         settings.hubs = vec![edgedps_topics::admin::LinkedHub::named("hub-a.example.net")];
-        Responder::open(settings, Arc::new(store)).unwrap()
+        Arc::new(Responder::open(settings, Arc::new(store)).unwrap())
     }
 
     fn device(id: &str) -> Attested {
@@ -722,7 +985,7 @@ mod tests {
     async fn second_register_of_the_same_device_at_once_is_a_conflict_and_an_event() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path()).unwrap();
-        let responder = Responder::open(Settings::new("scope"), Arc::new(store)).unwrap();
+        let responder = Arc::new(Responder::open(Settings::new("scope"), Arc::new(store)).unwrap());
         lock(&responder.in_flight).insert("dev-1".into());
         let reply = responder
             .register(&device("DEV-1"), None, b"", Encoding::Json)
@@ -778,11 +1041,11 @@ mod tests {
             "4.op".into(),
             Operation {
                 registration_id: "dev-2".into(),
-                answer: OperationStatus {
+                answer: Some(OperationStatus {
                     operation_id: "4.op".into(),
                     status: RegistrationStatus::Assigned,
                     registration_state: None,
-                },
+                }),
                 encoding: Encoding::Json,
                 device_id: Some("dev-2".into()),
                 expires: Instant::now() + std::time::Duration::from_secs(60),

@@ -248,7 +248,7 @@ mod tests {
                 serde_json::from_value(serde_json::json!({"hostName": "hub-a.example.net"}))
                     .unwrap(),
             ];
-        let responder = Responder::open(settings, store.clone()).unwrap();
+        let responder = Arc::new(Responder::open(settings, store.clone()).unwrap());
         for id in ["dev-1", "dev-2"] {
             let answer = responder
                 .apply_admin(

@@ -84,25 +84,36 @@ impl Windows {
     }
 }
 
-/// A token bucket holding one second of the rate.
-struct Bucket {
+/// A token bucket: `capacity` at most, refilled at `rate` per second.
+pub(crate) struct Bucket {
     tokens: f64,
+    capacity: f64,
     rate: f64,
     updated: Instant,
 }
 
 impl Bucket {
-    fn admit(&mut self, now: Instant) -> Result<(), Duration> {
-        let elapsed = now.duration_since(self.updated).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate.max(1.0));
+    /// A full bucket.
+    pub(crate) fn new(capacity: f64, rate: f64, now: Instant) -> Bucket {
+        let capacity = capacity.max(1.0);
+        Bucket {
+            tokens: capacity,
+            capacity,
+            rate: rate.max(f64::MIN_POSITIVE),
+            updated: now,
+        }
+    }
+
+    /// Takes a token, or says how long until there is one.
+    pub(crate) fn admit(&mut self, now: Instant) -> Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
         self.updated = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64(
-                (1.0 - self.tokens) / self.rate.max(1.0),
-            ))
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
         }
     }
 }
@@ -123,11 +134,8 @@ impl Throttle {
                 limits.registrations_per_device,
                 limits.register_window,
             )),
-            global: Mutex::new(Bucket {
-                tokens: rate,
-                rate,
-                updated: Instant::now(),
-            }),
+            // One second of the rate.
+            global: Mutex::new(Bucket::new(rate, rate.max(1.0), Instant::now())),
             twin_requests: Mutex::new(Windows::new(
                 limits.twin_requests_per_device,
                 limits.twin_window,
@@ -161,7 +169,7 @@ impl Throttle {
     }
 }
 
-fn whole_seconds(wait: Duration) -> u32 {
+pub(crate) fn whole_seconds(wait: Duration) -> u32 {
     u32::try_from(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
         .unwrap_or(u32::MAX)
         .max(1)

@@ -17,6 +17,7 @@ pub mod process;
 pub mod python;
 pub mod server;
 pub mod tpm;
+pub mod webhook;
 
 pub use devices::*;
 pub use edgedps_device::provision::{DeviceAuth, DeviceConfig, Outcome};

@@ -108,6 +108,31 @@ impl Operator {
         serde_json::from_slice(&result).expect("result is JSON")
     }
 
+    /// Asks `dps/admin/explain/{id}` (not retained) and returns the explanation.
+    pub async fn explain(&mut self, registration_id: &str, body: &[u8]) -> Value {
+        let result_topic = edgedps_topics::admin::explain_result_topic(registration_id);
+        self.client
+            .publish(
+                edgedps_topics::admin::explain_topic(registration_id),
+                QoS::AtLeastOnce,
+                false,
+                body.to_vec(),
+            )
+            .await
+            .expect("publish");
+        let packet = edgedps_device::provision::wait_for(
+            &mut self.eventloop,
+            "explanation",
+            |p| matches!(p, Packet::Publish(p) if p.topic == result_topic),
+        )
+        .await
+        .expect("the explanation arrives");
+        match packet {
+            Packet::Publish(p) => serde_json::from_slice(&p.payload).expect("explanation is JSON"),
+            _ => Value::Null,
+        }
+    }
+
     /// Publishes (retained) and returns the first message on `result_topic`.
     pub async fn publish_for_result(
         &mut self,

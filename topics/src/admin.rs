@@ -114,6 +114,13 @@ pub enum AdminTopic {
     Retire { registration_id: String },
     /// `dps/admin/hub-outbox/{hostName}`: show a cloud hub's outbox, or retry it.
     HubOutbox { host_name: String },
+    /// `dps/admin/explain/{registrationId}`: what a registration would do now, and why.
+    Explain { registration_id: String },
+    /// `dps/allocators/{name}/responses/{correlationId}`: an MQTT allocator's answer.
+    AllocatorResponse {
+        name: String,
+        correlation_id: String,
+    },
     /// Results and events: written by edgedps only.
     Output,
     /// Anything else under `dps/`.
@@ -133,7 +140,32 @@ pub fn parse_topic(topic: &str) -> Option<AdminTopic> {
         "hubs" => RecordKind::Hub,
         "registrations" => RecordKind::Registration,
         "crls" => RecordKind::Crl,
+        "allocators" => {
+            let mut levels = id.split('/');
+            return Some(
+                match (levels.next(), levels.next(), levels.next(), levels.next()) {
+                    (Some(name), Some("responses"), Some(cid), None)
+                        if plain_id(name) && plain_id(cid) =>
+                    {
+                        AdminTopic::AllocatorResponse {
+                            name: name.to_owned(),
+                            correlation_id: cid.to_owned(),
+                        }
+                    }
+                    (Some(_), Some("requests"), Some(_), None) => AdminTopic::Output,
+                    _ => AdminTopic::Unknown,
+                },
+            );
+        }
         "admin" => {
+            if let Some(rid) = id.strip_prefix("explain/") {
+                return Some(match plain_id(rid) {
+                    true => AdminTopic::Explain {
+                        registration_id: rid.to_owned(),
+                    },
+                    false => AdminTopic::Unknown,
+                });
+            }
             if let Some(host) = id.strip_prefix("hub-outbox/") {
                 return Some(match plain_id(host) {
                     true => AdminTopic::HubOutbox {
@@ -174,8 +206,29 @@ pub fn result_topic_of(record_topic: &str) -> Option<String> {
         AdminTopic::Record { kind, id } => Some(kind.result_topic(&id)),
         AdminTopic::Retire { registration_id } => Some(retire_result_topic(&registration_id)),
         AdminTopic::HubOutbox { host_name } => Some(crate::cloud::outbox_result_topic(&host_name)),
-        AdminTopic::Output | AdminTopic::Unknown => None,
+        AdminTopic::Explain { registration_id } => Some(explain_result_topic(&registration_id)),
+        AdminTopic::AllocatorResponse { .. } | AdminTopic::Output | AdminTopic::Unknown => None,
     }
+}
+
+/// Where an operator asks what a registration would do: `dps/admin/explain/{registrationId}`.
+pub fn explain_topic(registration_id: &str) -> String {
+    format!("{PREFIX}admin/explain/{registration_id}")
+}
+
+/// Where the explanation goes: `dps/admin/results/explain/{registrationId}`.
+pub fn explain_result_topic(registration_id: &str) -> String {
+    format!("{PREFIX}admin/results/explain/{registration_id}")
+}
+
+/// Where edgedps asks MQTT allocator `name`: `dps/allocators/{name}/requests/{correlationId}`.
+pub fn allocator_request_topic(name: &str, correlation_id: &str) -> String {
+    format!("{PREFIX}allocators/{name}/requests/{correlation_id}")
+}
+
+/// Where MQTT allocator `name` answers: `dps/allocators/{name}/responses/{correlationId}`.
+pub fn allocator_response_topic(name: &str, correlation_id: &str) -> String {
+    format!("{PREFIX}allocators/{name}/responses/{correlation_id}")
 }
 
 /// Where an operator retires a device: `dps/admin/retire/{registrationId}`.
@@ -444,6 +497,9 @@ pub struct EnrollmentSettings {
     pub iot_hubs: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub allocation_policy: Option<AllocationPolicy>,
+    /// Who decides under `allocationPolicy: custom` (PROTOCOL C).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub custom_allocation_definition: Option<CustomAllocationDefinition>,
     /// Republished as IoT Hub writes twins (`crate::twin::ordered`): `$version` last.
     #[serde(
         skip_serializing_if = "Option::is_none",
@@ -466,6 +522,36 @@ pub struct EnrollmentSettings {
     pub created_date_time_utc: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub last_updated_date_time_utc: Option<String>,
+}
+
+/// `customAllocationDefinition`: a webhook (Azure's) or an MQTT allocator, exactly one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CustomAllocationDefinition {
+    /// HTTPS (or HTTP to a loopback address): edgedps POSTs Azure's allocation request.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub webhook_url: Option<String>,
+    /// Sent as `api-version` on the webhook's query string, as Azure does.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub api_version: Option<String>,
+    /// An operator-role MQTT client answering on `dps/allocators/{name}/...`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub mqtt_allocator: Option<String>,
+}
+
+/// `limits` of an enrollment group: how many devices, how fast, which ids.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GroupLimits {
+    /// Distinct devices the group may hold registered at once.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub max_devices: Option<u32>,
+    /// Registrations through the group per minute (every device together).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub registrations_per_minute: Option<u32>,
+    /// A regular expression the whole registration id must match.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub registration_id_pattern: Option<String>,
 }
 
 /// `clientCertificateIssuancePolicy`: which certificate authority of the configuration
@@ -494,6 +580,8 @@ pub struct Enrollment {
 pub struct EnrollmentGroup {
     pub enrollment_group_id: String,
     pub attestation: Attestation,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub limits: Option<GroupLimits>,
     #[serde(flatten)]
     pub settings: EnrollmentSettings,
 }
@@ -518,6 +606,13 @@ pub struct LinkedHub {
     /// test hub). The TLS name and the tokens' `sr` stay `hostName`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub service_address: Option<String>,
+    /// Where geoLatency measures the hub, when not `{hostName}:8883`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub probe_address: Option<String>,
+    /// Written by edgedps: the latest latency measured to the hub (`probeAddress`).
+    /// What an operator writes here is ignored.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub latency: Option<HubLatency>,
     /// How devices assigned here are registered at the hub.
     #[serde(skip_serializing_if = "is_default", default)]
     pub registration: crate::cloud::HubRegistrationMode,
@@ -530,6 +625,24 @@ pub struct LinkedHub {
     pub credentials: Option<crate::cloud::CredentialsShown>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub etag: Option<String>,
+}
+
+/// The connect latency edgedps measured to a hub: TCP connect plus the TLS ServerHello,
+/// the median of a round of samples, smoothed over rounds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HubLatency {
+    /// Whether the last round reached the hub at all.
+    pub reachable: bool,
+    /// The smoothed latency, in microseconds; absent while the hub has never answered.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub microseconds: Option<u64>,
+    /// Where it was measured.
+    pub probe_address: String,
+    /// Why the last round failed.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+    pub measured_at_utc: String,
 }
 
 fn is_default<T: Default + PartialEq>(value: &T) -> bool {
@@ -546,6 +659,8 @@ impl LinkedHub {
             location: None,
             local: false,
             service_address: None,
+            probe_address: None,
+            latency: None,
             registration: Default::default(),
             connection_string: None,
             credentials: None,
@@ -688,6 +803,41 @@ mod tests {
             Some("dps/admin/results/retire/dev-1")
         );
         assert_eq!(result_topic_of("dps/events/x"), None);
+        assert_eq!(
+            parse_topic("dps/admin/explain/dev-1"),
+            Some(AdminTopic::Explain {
+                registration_id: "dev-1".into()
+            })
+        );
+        assert_eq!(
+            result_topic_of("dps/admin/explain/dev-1").as_deref(),
+            Some("dps/admin/results/explain/dev-1")
+        );
+        assert_eq!(
+            parse_topic("dps/admin/explain/a/b"),
+            Some(AdminTopic::Unknown)
+        );
+        assert_eq!(
+            parse_topic(&allocator_response_topic("plant-7", "c1")),
+            Some(AdminTopic::AllocatorResponse {
+                name: "plant-7".into(),
+                correlation_id: "c1".into()
+            })
+        );
+        // Requests are edgedps's to publish; anything else under allocators is unknown.
+        assert_eq!(
+            parse_topic(&allocator_request_topic("plant-7", "c1")),
+            Some(AdminTopic::Output)
+        );
+        for topic in [
+            "dps/allocators/plant-7",
+            "dps/allocators/plant-7/responses",
+            "dps/allocators/plant-7/responses/c1/x",
+            "dps/allocators/+/responses/c1",
+            "dps/allocators/plant-7/other/c1",
+        ] {
+            assert_eq!(parse_topic(topic), Some(AdminTopic::Unknown), "{topic}");
+        }
         assert_eq!(
             crate::events::acl_event_topic("dev-1"),
             "dps/events/acl/dev-1"

@@ -116,6 +116,9 @@ pub struct RegistrationEvent {
     /// The assignment's registration at its cloud hub, and each change of it.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub hub_registration: Option<crate::cloud::HubRegistration>,
+    /// Which policy chose the hub, and why (assignments and custom-allocation failures).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub allocation: Option<crate::allocation::AllocationRecord>,
     pub timestamp_utc: String,
 }
 
@@ -161,6 +164,7 @@ mod tests {
             message: Some("unknown".into()),
             issued_certificate: None,
             hub_registration: None,
+            allocation: None,
             timestamp_utc: "t".into(),
         };
         assert_eq!(

@@ -1,6 +1,7 @@
 //! The edgedps wire contract, without IO: the device topics of Azure DPS over MQTT
 //! (`dps`), the CONNECT username and registration ids (`identity`), the request and
-//! response bodies (`registration`), the operator plane (`admin`), the events
+//! response bodies (`registration`), the operator plane (`admin`), how hubs are
+//! allocated, custom allocators' bodies and explanations (`allocation`), the events
 //! edgedps publishes about both (`events`), a device's twin (`twin`), the hub side's
 //! topics (`hub`) and registration at cloud hubs (`cloud`).
 //!
@@ -8,6 +9,7 @@
 //! values, so the contract is tested with plain `#[test]`s.
 
 pub mod admin;
+pub mod allocation;
 pub mod cloud;
 pub mod dps;
 pub mod encoding;

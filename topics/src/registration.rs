@@ -11,7 +11,11 @@ pub mod codes {
     pub const MALFORMED_BODY: u32 = 400004;
     pub const CUSTOM_ALLOCATION_FAILED: u32 = 400207;
     pub const NO_HUB: u32 = 400208;
+    /// edgedps: the registration id does not match its group's `registrationIdPattern`.
+    pub const ID_PATTERN: u32 = 400210;
     pub const UNAUTHORIZED: u32 = 401002;
+    /// edgedps: the enrollment group holds its `maxDevices`.
+    pub const GROUP_FULL: u32 = 403001;
     pub const NOT_FOUND: u32 = 404201;
     pub const CONFLICT: u32 = 409203;
     pub const THROTTLED: u32 = 429001;
@@ -217,6 +221,9 @@ pub struct RegistrationState {
     /// In an answer only, never stored: a TPM device's hub key, sealed to its TPM.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub tpm: Option<TpmAuthentication>,
+    /// On the record only, never in an answer: which policy chose the hub, and why.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub allocation: Option<crate::allocation::AllocationRecord>,
 }
 
 /// `registrationState.tpm` of a TPM device's answer.
@@ -284,6 +291,7 @@ impl RegistrationState {
             issued_certificate_chain: None,
             hub_registration: None,
             tpm: None,
+            allocation: None,
         }
     }
 

@@ -56,9 +56,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.publish(vec![answer]).await;
                 return Ok(());
             }
+            AdminTopic::Explain { registration_id } => {
+                self.puback(meta)?;
+                self.flush().await?;
+                let answer = responder.explain(&registration_id, body, encoding);
+                self.publish(vec![answer]).await;
+                return Ok(());
+            }
+            AdminTopic::AllocatorResponse {
+                name,
+                correlation_id,
+            } => {
+                self.puback(meta)?;
+                if !self.shared.allocators.answered(&name, &correlation_id, body) {
+                    tracing::warn!(allocator = %name, %correlation_id, operator = %operator, "an MQTT allocator answered a request nobody waits for (late, answered twice, or never asked); ignored");
+                }
+                return Ok(());
+            }
             AdminTopic::Output | AdminTopic::Unknown => {
                 return Err(Close::Denied(format!(
-                    "`{topic}` is not an operator record (enrollments, enrollment-groups, hubs, registrations, crls), dps/admin/retire/{{registrationId}} nor dps/admin/hub-outbox/{{hostName}}"
+                    "`{topic}` is not an operator record (enrollments, enrollment-groups, hubs, registrations, crls), dps/admin/retire/{{registrationId}}, dps/admin/hub-outbox/{{hostName}}, dps/admin/explain/{{registrationId}} nor dps/allocators/{{name}}/responses/{{correlationId}}"
                 )))
             }
         };

@@ -103,6 +103,8 @@ pub struct Shared {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Set when the server shuts down: sessions close at their next wake.
     pub shutdown: Arc<crate::shutdown::Shutdown>,
+    /// Custom allocators: MQTT allocators' answers go here.
+    pub allocators: Arc<crate::allocators::Allocators>,
 }
 
 impl Shared {

@@ -465,3 +465,66 @@ async fn a_cloud_hub_is_linked_with_its_connection_string_and_its_outbox_shown_a
         "no linked hub",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_prints_what_a_registration_would_do() {
+    let server = Server::start().await;
+    let mut operator = server.operator().await;
+    let pki = pki();
+    operator
+        .put(
+            "dps/enrollment-groups/fleet",
+            x509_group("fleet", &pki.device_root.pem),
+        )
+        .await;
+    let device = pki.device_intermediate.device("van-3");
+    let chain = server.dir.path().join("van-3.pem");
+    std::fs::write(
+        &chain,
+        format!("{}{}", device.cert_pem, pki.device_intermediate.pem),
+    )
+    .expect("chain");
+    let chain_arg = chain.display().to_string();
+    let text = stdout(&admin(
+        &server,
+        &["explain", "van-3", "--chain", &chain_arg],
+    ));
+    assert!(text.starts_with("van-3: group (group:fleet)\n"), "{text}");
+    assert!(
+        text.contains("would be assigned to hub-a.example.net: hashed: highest score"),
+        "{text}"
+    );
+    assert!(
+        text.contains("* group fleet (enabled): accepts the device"),
+        "{text}"
+    );
+    assert!(
+        text.contains("* hub-a.example.net  weight 1  score "),
+        "{text}"
+    );
+    let explained = json(&admin(
+        &server,
+        &["explain", "van-3", "--chain", &chain_arg, "--json"],
+    ));
+    assert_eq!(
+        explained["allocation"]["hub"], "hub-a.example.net",
+        "{explained}"
+    );
+    let text = stdout(&admin(&server, &["explain", "nobody"]));
+    assert!(text.starts_with("nobody: unknown\n"), "{text}");
+    // A chain that is not one never leaves the command's answer unexplained.
+    let junk = server.dir.path().join("junk.pem");
+    std::fs::write(
+        &junk,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .expect("junk");
+    refused(
+        &admin(
+            &server,
+            &["explain", "van-3", "--chain", &junk.display().to_string()],
+        ),
+        1,
+        "certificate chain",
+    );
+}

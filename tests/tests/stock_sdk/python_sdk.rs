@@ -333,3 +333,67 @@ async fn stock_python_sdk_provisions_and_uses_its_hub_over_websocket_on_443() {
         ["pyws-sym", "pyws-x509"]
     );
 }
+
+/// The stock SDK under custom allocation: the payload it sends reaches the webhook, and
+/// the payload the webhook answers is what the SDK hands back, assigned to the hub the
+/// webhook chose; both in one round trip and after Azure's 202 and poll (a webhook
+/// slower than the register's short wait).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_python_sdk_receives_the_custom_allocators_payload() {
+    use edgedps_tests::webhook::{Behaviour, Webhook};
+    let _port = hold_port_8883().await;
+    let hook = Webhook::start(
+        false,
+        Behaviour::Assign {
+            hub: "hub-b.example.net".into(),
+            twin: None,
+        },
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, local_port) = free_ports();
+    let _process = Process::start(
+        dir.path(),
+        8883,
+        local_port,
+        "[[hubs]]\nhost_name = \"hub-b.example.net\"\n",
+    )
+    .await;
+    let mut operator = Operator::connect(local_port).await;
+    let group_key = new_key();
+    let mut group = symmetric_group("py-custom", &group_key);
+    group["allocationPolicy"] = json!("custom");
+    group["customAllocationDefinition"] = json!({"webhookUrl": hook.url()});
+    operator.put("dps/enrollment-groups/py-custom", group).await;
+    let server_ca = dir.path().join("server-ca.pem");
+    std::fs::write(&server_ca, &pki().server_ca.pem).unwrap();
+    let case = |id: &str, model: &str| {
+        json!({"name": id, "kind": "symmetricKey", "idScope": ID_SCOPE, "registrationId": id,
+               "key": derive_device_key(&group_key, id).unwrap(), "payload": {"model": model}})
+    };
+    let results =
+        run_sdk(json!({"serverCaFile": server_ca, "cases": [case("py-cus-1", "m1")]})).await;
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_assigned(&results[0], "hub-b.example.net", "");
+    assert_eq!(
+        results[0]["payload"],
+        json!({"allocatedBy": "webhook", "echo": {"model": "m1"}}),
+        "{}",
+        results[0]
+    );
+    // Slower than the register's wait: 202, the SDK polls, and gets the same.
+    hook.behave(Behaviour::Slow(
+        std::time::Duration::from_millis(400),
+        "hub-b.example.net".into(),
+    ));
+    let results =
+        run_sdk(json!({"serverCaFile": server_ca, "cases": [case("py-cus-2", "m2")]})).await;
+    assert_assigned(&results[0], "hub-b.example.net", "after a poll: ");
+    assert_eq!(
+        results[0]["payload"],
+        json!({"allocatedBy": "webhook", "echo": {"model": "m2"}}),
+        "{}",
+        results[0]
+    );
+    assert_eq!(hook.seen().len(), 2);
+}
