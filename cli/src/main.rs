@@ -325,6 +325,17 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
             max_us = latency.max_us,
             "register latency (server side, request to durable answer)"
         );
+        let custom = running.responder.custom_allocation_latency();
+        if custom.count > 0 {
+            tracing::info!(
+                allocations = custom.count,
+                p50_us = custom.p50_us,
+                p90_us = custom.p90_us,
+                p99_us = custom.p99_us,
+                max_us = custom.max_us,
+                "custom allocation latency (server side, request to the allocator's answer)"
+            );
+        }
         let stopped = running.shutdown().await;
         if stopped.left_open > 0 {
             tracing::warn!(

@@ -59,9 +59,22 @@ pub struct LoadgenArgs {
     /// (`/$iothub/websocket`); the baseline stays MQTT over TLS.
     #[arg(long)]
     pub websocket: bool,
+    /// Every enrollment allocates by `custom`: an MQTT allocator (an operator client of
+    /// loadgen's own on the server's local listener) or a webhook (loadgen's own, plain
+    /// HTTP on loopback), each answering at once with the linked hub. Compare with a
+    /// run without it for the cost of the allocator's round trip.
+    #[arg(long)]
+    pub custom_allocator: Option<CustomAllocator>,
     /// Print the final report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CustomAllocator {
+    Mqtt,
+    Webhook,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]

@@ -14,12 +14,14 @@ use crate::provision::{self, DeviceAuth, DeviceConfig};
 
 /// Makes the devices of a round and enrolls them over the operator topics.
 /// What a round carries beyond its devices' attestation.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Extras {
     /// Every device sends a certificate signing request.
     pub csr: bool,
     /// The linked hub is a cloud hub with a connection string.
     pub cloud_hub: bool,
+    /// Every enrollment allocates by `custom` with this `customAllocationDefinition`.
+    pub custom: Option<serde_json::Value>,
 }
 
 pub async fn prepare(
@@ -31,7 +33,11 @@ pub async fn prepare(
     server_ca: &[u8],
     extras: Extras,
 ) -> Result<Vec<SimulatedDevice>, String> {
-    let Extras { csr, cloud_hub } = extras;
+    let Extras {
+        csr,
+        cloud_hub,
+        custom,
+    } = extras;
     let scope = "0ne00000001";
     let mut enrollments: Vec<(String, serde_json::Value)> = Vec::new();
     let mut devices = Vec::with_capacity(count);
@@ -121,6 +127,12 @@ pub async fn prepare(
                 crate::credentials::CertificateRequest::new(&device.config.registration_id)
                     .map_err(|e| e.to_string())?;
             device.config.csr = Some(request.csr);
+        }
+    }
+    if let Some(definition) = custom {
+        for (_, enrollment) in &mut enrollments {
+            enrollment["allocationPolicy"] = json!("custom");
+            enrollment["customAllocationDefinition"] = definition.clone();
         }
     }
     if let Some(admin) = admin {

@@ -10,6 +10,7 @@
 //! `servers.rs` the child processes, `run.rs` the devices at work, `report.rs` the
 //! figures; `cutoff.rs` the `--cut-off` measurement. Here: the rounds.
 
+mod allocator;
 mod args;
 pub mod broker;
 pub mod cutoff;
@@ -103,6 +104,11 @@ pub async fn main(args: LoadgenArgs, exe: &Path) -> Result<Vec<Report>, String> 
         None
     };
     let admin: SocketAddr = ([127, 0, 0, 1], local_port).into();
+    // The custom allocator every enrollment names, answering at once.
+    let custom = match args.custom_allocator {
+        Some(kind) => Some(allocator::start(kind, local_port).await?),
+        None => None,
+    };
     let mut reports = Vec::new();
     for round in 0..args.rounds {
         let devices = prepare(
@@ -115,6 +121,7 @@ pub async fn main(args: LoadgenArgs, exe: &Path) -> Result<Vec<Report>, String> 
             Extras {
                 csr: args.csr,
                 cloud_hub: args.cloud_hub,
+                custom: custom.as_ref().map(|c| c.definition.clone()),
             },
         )
         .await?;
@@ -164,6 +171,7 @@ pub async fn main(args: LoadgenArgs, exe: &Path) -> Result<Vec<Report>, String> 
                 Extras {
                     csr: args.csr,
                     cloud_hub: false,
+                    custom: None,
                 },
             )
             .await?;
@@ -187,7 +195,10 @@ pub async fn main(args: LoadgenArgs, exe: &Path) -> Result<Vec<Report>, String> 
     drop(server);
     // The server logs its own register latency when it stops.
     let log = std::fs::read_to_string(dir.join("edgedps.log")).unwrap_or_default();
-    for line in log.lines().filter(|l| l.contains("register latency")) {
+    for line in log
+        .lines()
+        .filter(|l| l.contains("register latency") || l.contains("custom allocation latency"))
+    {
         println!("server   {}", line.trim());
     }
     let _ = std::fs::remove_dir_all(&dir);
