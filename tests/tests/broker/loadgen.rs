@@ -25,6 +25,7 @@ async fn smoke(attestation: Attestation, devices: usize, csr: bool) {
         Extras {
             csr,
             cloud_hub: false,
+            custom: None,
         },
     )
     .await
@@ -119,6 +120,32 @@ fn loadgen_command_runs_edgedps_and_the_baseline_and_reports_json() {
                 > 0.0),
         "{stdout}"
     );
+}
+
+#[test]
+fn loadgen_measures_custom_allocation_by_an_mqtt_allocator_and_a_webhook() {
+    for kind in ["mqtt", "webhook"] {
+        let (lines, stdout) = loadgen(&[
+            "--devices",
+            "40",
+            "--concurrency",
+            "8",
+            "--attestation",
+            "sas-group",
+            "--custom-allocator",
+            kind,
+        ]);
+        let round = lines
+            .iter()
+            .find(|l| l.get("target").is_some())
+            .unwrap_or_else(|| panic!("{kind}: no round: {stdout}"));
+        assert_eq!(round["assigned"], 40, "{kind}: {round}");
+        // The server's own figures say every assignment went through the allocator.
+        assert!(
+            stdout.contains("custom allocation latency") && stdout.contains("allocations=40"),
+            "{kind}: {stdout}"
+        );
+    }
 }
 
 #[test]
