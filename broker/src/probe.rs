@@ -7,7 +7,8 @@
 //! responder, which republishes the hub's retained record with them.
 //!
 //! A local hub (the gateway itself) without a `probeAddress` is not dialled: it is
-//! reachable at 0 ms.
+//! reachable at 0 ms. Nothing is dialled at all until something allocates by geoLatency
+//! (`Responder::latencies_wanted`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,6 +42,11 @@ pub async fn run(
     let mut smoothed: HashMap<String, u64> = HashMap::new();
     let mut reachable: HashMap<String, bool> = HashMap::new();
     loop {
+        if !responder.latencies_wanted() {
+            // Nothing allocates by geoLatency: no hub is dialled.
+            changed.notified().await;
+            continue;
+        }
         let targets = responder.probe_targets();
         let mut rounds = tokio::task::JoinSet::new();
         for target in targets.clone() {

@@ -486,6 +486,10 @@ impl Responder {
         settings: &mut EnrollmentSettings,
         stored: Option<&EnrollmentSettings>,
     ) -> String {
+        // An enrollment or group that allocates by geoLatency starts the measurements.
+        if settings.allocation_policy == Some(edgedps_topics::admin::AllocationPolicy::GeoLatency) {
+            self.latencies.want();
+        }
         let now = timestamp_now();
         let etag = self.new_etag();
         settings.etag = Some(etag.clone());

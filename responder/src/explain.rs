@@ -205,6 +205,9 @@ impl Responder {
             .unwrap_or(self.settings.allocation_policy);
         let reprovision_policy = settings.reprovision_policy.unwrap_or_default();
         let existing = standing.registration.as_ref();
+        if policy == AllocationPolicy::GeoLatency {
+            self.latencies.want();
+        }
         let linked = self.linked_hubs_measured();
         let mut allocated = match reprovision::allocates(existing, reprovision_policy) {
             true => allocation::explain(policy, &id, &settings.iot_hubs, &linked),

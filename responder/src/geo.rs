@@ -2,8 +2,14 @@
 //! background (`edgedps::probe`) and reports here; allocation reads the latest figure
 //! of every hub from [`Responder::linked_hubs`], and the hub's retained record shows it.
 //! The figures live in memory only: after a restart the first round measures again.
+//!
+//! Nothing is dialled until something allocates by geoLatency: the service's default
+//! policy, a group (at start or when written), an individual enrollment when written, or
+//! the first registration under it (an individual geoLatency enrollment stored before a
+//! restart: that first device is hashed, with the reason saying so).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use edgedps_topics::admin::{HubLatency, RecordKind};
@@ -26,6 +32,18 @@ pub(crate) struct Latencies {
     pub(crate) by_hub: std::sync::RwLock<HashMap<String, HubLatency>>,
     /// Woken when a hub is linked, changed or unlinked: it is measured at once.
     pub(crate) changed: Arc<tokio::sync::Notify>,
+    /// Whether anything allocates by geoLatency: until then no hub is dialled.
+    pub(crate) wanted: AtomicBool,
+}
+
+impl Latencies {
+    /// Something allocates by geoLatency: the measurements start (at once, the first
+    /// time).
+    pub(crate) fn want(&self) {
+        if !self.wanted.swap(true, Ordering::SeqCst) {
+            self.changed.notify_one();
+        }
+    }
 }
 
 impl Responder {
@@ -49,9 +67,16 @@ impl Responder {
             .collect()
     }
 
-    /// Woken when the linked hubs change.
+    /// Woken when the linked hubs change, or measurements are first wanted.
     pub fn linked_hubs_changed(&self) -> Arc<tokio::sync::Notify> {
         self.latencies.changed.clone()
+    }
+
+    /// Whether the hubs are to be measured: something allocates by geoLatency (the
+    /// service default, an enrollment or group written with it, or a device that
+    /// registered under it). Until then edgedps dials no hub.
+    pub fn latencies_wanted(&self) -> bool {
+        self.latencies.wanted.load(Ordering::SeqCst)
     }
 
     /// Records a round of measurements of `host_name`; returns its record to republish

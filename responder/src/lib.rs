@@ -276,6 +276,14 @@ impl Responder {
             )),
         };
         responder.load_hub_secrets()?;
+        let geo = Some(AllocationPolicy::GeoLatency);
+        if responder.settings.allocation_policy == AllocationPolicy::GeoLatency
+            || read(&responder.groups)
+                .values()
+                .any(|g| g.group.settings.allocation_policy == geo)
+        {
+            responder.latencies.want();
+        }
         Ok(responder)
     }
 

@@ -857,7 +857,10 @@ impl Responder {
     ) -> Result<(String, AllocationRecord), AllocationError> {
         // Only geoLatency reads the latencies: other registrations skip copying them.
         let linked = match policy {
-            AllocationPolicy::GeoLatency => self.linked_hubs_measured(),
+            AllocationPolicy::GeoLatency => {
+                self.latencies.want();
+                self.linked_hubs_measured()
+            }
             _ => self.linked_hubs(),
         };
         let chosen = allocation::allocate(policy, registration_id, &settings.iot_hubs, &linked)?;

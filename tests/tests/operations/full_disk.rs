@@ -107,27 +107,43 @@ async fn full_disk_fails_writes_clearly_and_loses_nothing_acknowledged() {
     );
     assert!(!acknowledged.is_empty());
 
-    // Devices registering now: assigned while a record still fits, then 500000 with
-    // the store's reason; never `assigned` without the record on disk.
-    let mut failed = None;
+    // Devices registering now: assigned while a record still fits, then refused with
+    // the store's reason: 500000 at the register, or, once the store's writes have
+    // failed (sled then fails its reads too), the CONNECT refused as server
+    // unavailable; never `assigned` without the record on disk.
+    let mut refused = false;
     for i in 0..200 {
         let id = format!("late-{i}");
         let key = edgedps_policies::sas::derive_device_key(&group_key, &id).unwrap();
-        let outcome = register(&device_config(devices_port, &id, sas(&key)), None)
-            .await
-            .unwrap();
-        if outcome.status_word() == Some("assigned") {
-            assigned.insert(id);
-        } else {
-            failed = Some(outcome);
-            break;
+        match register(&device_config(devices_port, &id, sas(&key)), None).await {
+            Ok(outcome) if outcome.status_word() == Some("assigned") => {
+                assigned.insert(id);
+            }
+            Ok(failed) => {
+                assert_eq!(failed.status, 500, "{}", failed.body);
+                assert_eq!(failed.body["errorCode"], 500000, "{}", failed.body);
+                let message = failed.body["message"].as_str().unwrap_or_default();
+                assert!(message.contains("store"), "{message}");
+                refused = true;
+                break;
+            }
+            Err(edgedps_device::DeviceError::Refused(
+                rumqttc::ConnectReturnCode::ServiceUnavailable,
+            )) => {
+                let log = std::fs::read_to_string(dir.path().join("edgedps.log")).unwrap();
+                assert!(
+                    log.lines().any(|l| l.contains("connect refused")
+                        && l.contains(&format!("client_id={id}"))
+                        && l.contains("store")),
+                    "no audit line with the store's reason for {id}"
+                );
+                refused = true;
+                break;
+            }
+            Err(other) => panic!("{id}: {other:?}"),
         }
     }
-    let failed = failed.expect("a full disk still assigned 200 devices");
-    assert_eq!(failed.status, 500, "{}", failed.body);
-    assert_eq!(failed.body["errorCode"], 500000, "{}", failed.body);
-    let message = failed.body["message"].as_str().unwrap_or_default();
-    assert!(message.contains("store"), "{message}");
+    assert!(refused, "a full disk still assigned 200 devices");
 
     // Still up: the operator connection works and the process lives.
     assert!(

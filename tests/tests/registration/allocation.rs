@@ -106,6 +106,11 @@ async fn geo_latency_assigns_the_nearest_reachable_hub_and_never_an_unreachable_
             )
             .await;
     }
+    // No hub is dialled until something allocates by geoLatency: the group does.
+    let group_key = new_key();
+    let mut group = symmetric_group("geo", &group_key);
+    group["allocationPolicy"] = json!("geoLatency");
+    operator.put("dps/enrollment-groups/geo", group).await;
     // The figures are published on the hubs' records.
     let down = hub_latency(&mut operator, "down.example.net", |l| {
         l["reachable"] == false
@@ -128,10 +133,6 @@ async fn geo_latency_assigns_the_nearest_reachable_hub_and_never_an_unreachable_
     })
     .await;
 
-    let group_key = new_key();
-    let mut group = symmetric_group("geo", &group_key);
-    group["allocationPolicy"] = json!("geoLatency");
-    operator.put("dps/enrollment-groups/geo", group).await;
     operator.subscribe("dps/events/registrations/#").await;
     for i in 0..6 {
         let id = format!("geo-{i}");
