@@ -151,6 +151,23 @@ host_name = "hub-a.example.net"
     }
 }
 
+/// Waits up to five seconds for a line of `{dir}/edgedps.log` that `wanted` accepts:
+/// edgedps writes its log from a background thread, so a line may land just after
+/// the answer it explains. The log read last when none arrived.
+pub async fn log_line(dir: &Path, wanted: impl Fn(&str) -> bool) -> Result<String, String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = std::fs::read_to_string(dir.join("edgedps.log")).unwrap_or_default();
+        if let Some(line) = log.lines().find(|l| wanted(l)) {
+            return Ok(line.to_string());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(log);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
         self.kill();

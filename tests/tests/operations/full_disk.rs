@@ -130,13 +130,16 @@ async fn full_disk_fails_writes_clearly_and_loses_nothing_acknowledged() {
             Err(edgedps_device::DeviceError::Refused(
                 rumqttc::ConnectReturnCode::ServiceUnavailable,
             )) => {
-                let log = std::fs::read_to_string(dir.path().join("edgedps.log")).unwrap();
-                assert!(
-                    log.lines().any(|l| l.contains("connect refused")
-                        && l.contains(&format!("client_id={id}"))
-                        && l.contains("store")),
-                    "no audit line with the store's reason for {id}"
-                );
+                let client_id = format!("client_id={id}");
+                let line = log_line(dir.path(), |l| {
+                    l.contains("connect refused") && l.contains(&client_id)
+                })
+                .await
+                .unwrap_or_else(|log| {
+                    let tail: Vec<_> = log.lines().rev().take(20).collect();
+                    panic!("no audit line for {id}; the log ends: {tail:#?}")
+                });
+                assert!(line.contains("store"), "not the store's reason: {line}");
                 refused = true;
                 break;
             }
