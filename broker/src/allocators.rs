@@ -19,7 +19,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -92,7 +91,7 @@ impl Allocators {
     }
 
     fn ask_mqtt(&self, name: &str, request: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> {
-        let correlation_id = random_id();
+        let correlation_id = edgedps_responder::random_hex(16);
         let topic = allocator_request_topic(name, &correlation_id);
         if !self.interest.matches(&topic) {
             let reason = format!(
@@ -259,26 +258,13 @@ async fn send<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let mut sender = crate::cloud::client::http1(stream)
         .await
         .map_err(|e| format!("HTTP with the webhook failed: {e}"))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "webhook connection ended");
-        }
-    });
     sender
         .send_request(request)
         .await
         .map_err(|e| format!("the webhook closed the connection before answering: {e}"))
-}
-
-/// A correlation id: 16 random bytes, URL-safe.
-fn random_id() -> String {
-    use base64::Engine;
-    let mut bytes = [0u8; 16];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -433,7 +433,5 @@ fn dps_error(status: StatusCode, code: u32, message: &str) -> Response {
 }
 
 fn tracking_id() -> String {
-    let mut bytes = [0u8; 12];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    edgedps_responder::random_hex(12)
 }

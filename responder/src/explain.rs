@@ -353,14 +353,8 @@ impl Responder {
         if member {
             return Ok(None);
         }
-        let mut held = 0u64;
-        for record in self.store.scan_registrations(None) {
-            let record = record?;
-            if record.is_assigned() && record.enrollment_group_id() == Some(group) {
-                held += 1;
-            }
-        }
-        Ok((held >= u64::from(max)).then(|| {
+        let held = self.group_members(group)?.len();
+        Ok((held >= usize::try_from(max).unwrap_or(usize::MAX)).then(|| {
             format!(
                 "enrollment group `{group}` holds {held} of its {max} devices (limits.maxDevices): a register would be refused (403001)"
             )

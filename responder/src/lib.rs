@@ -436,6 +436,15 @@ impl Responder {
     }
 }
 
+/// `bytes` random bytes in lower-case hex: tracking ids, correlation ids, assigned
+/// client ids.
+pub fn random_hex(bytes: usize) -> String {
+    random_bytes(&SystemRandom::new(), bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 fn random_bytes(random: &SystemRandom, bytes: usize) -> Vec<u8> {
     let mut buf = vec![0u8; bytes];
     // SystemRandom fails only if the OS has no entropy source; fall back to time.

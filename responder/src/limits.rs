@@ -123,7 +123,7 @@ impl Responder {
     }
 
     /// The devices assigned through `group`, as the store has them.
-    fn group_members(&self, group: &str) -> Result<HashSet<RegistrationId>, Error> {
+    pub(crate) fn group_members(&self, group: &str) -> Result<HashSet<RegistrationId>, Error> {
         let mut members = HashSet::new();
         for record in self.store.scan_registrations(None) {
             let record = record?;

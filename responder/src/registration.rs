@@ -87,6 +87,15 @@ pub(crate) struct Resolved {
     pub settings: EnrollmentSettings,
 }
 
+/// A register a custom allocator decides, handed to its own task.
+struct Custom {
+    standing: Standing,
+    request: RegisterRequest,
+    operation_id: String,
+    encoding: Encoding,
+    guard: InFlight,
+}
+
 /// Removes a registration id from the in-flight set however the register ends (in
 /// the background too, for a custom allocation answered late).
 struct InFlight {
@@ -177,9 +186,14 @@ impl Responder {
         let operation_id = self.operation_id();
         let standing = self.standing(device, carried)?;
         if self.allocates_by_custom(device, &standing) {
-            return self
-                .register_custom(device, standing, request, operation_id, encoding, guard)
-                .await;
+            let custom = Custom {
+                standing,
+                request,
+                operation_id,
+                encoding,
+                guard,
+            };
+            return self.register_custom(device, custom, publish).await;
         }
         let decision = self
             .decide(device, standing, &request, &operation_id, publish)
@@ -258,13 +272,19 @@ impl Responder {
 
     /// Whether this register is decided by a custom allocator: the device is in service
     /// and follows an enrollment whose policy is `custom`.
+    /// On every register: the policy is peeked at, nothing is copied.
     fn allocates_by_custom(&self, device: &Attested, standing: &Standing) -> bool {
-        if !matches!(standing.access(device), Access::OutOfService(_)) {
-            if let Ok(resolved) = self.resolve(device, standing) {
-                return resolved.settings.allocation_policy == Some(AllocationPolicy::Custom);
-            }
-        }
-        false
+        let policy = match &device.source {
+            EnrollmentSource::Individual => standing
+                .individual
+                .as_ref()
+                .and_then(|e| e.settings.allocation_policy),
+            EnrollmentSource::Group(group) => crate::read(&self.groups)
+                .get(group)
+                .and_then(|e| e.group.settings.allocation_policy),
+        };
+        policy == Some(AllocationPolicy::Custom)
+            && !matches!(standing.access(device), Access::OutOfService(_))
     }
 
     /// A register decided by a custom allocator: answered in one round trip when the
@@ -274,12 +294,16 @@ impl Responder {
     async fn register_custom(
         self: &Arc<Self>,
         device: &Attested,
-        standing: Standing,
-        request: RegisterRequest,
-        operation_id: String,
-        encoding: Encoding,
-        guard: InFlight,
+        custom: Custom,
+        publish: &mut Vec<Publication>,
     ) -> Result<Reply, Error> {
+        let Custom {
+            standing,
+            request,
+            operation_id,
+            encoding,
+            guard,
+        } = custom;
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let this = Arc::clone(self);
         let owned = device.clone();
@@ -306,11 +330,11 @@ impl Responder {
             }
         };
         match done {
-            Some((decision, publish)) => {
+            Some((decision, published)) => {
+                // Its records and events go out with the answer, as any register's.
+                publish.extend(published);
                 let decision = decision?;
-                let mut reply = self.answer(device, operation_id, decision, encoding);
-                reply.publish = publish;
-                Ok(reply)
+                Ok(self.answer(device, operation_id, decision, encoding))
             }
             None => Ok(self.accepted(operation_id, encoding)),
         }

@@ -122,28 +122,7 @@ impl FakeHub {
     /// A hub named `host_name` on a port of 127.0.0.1, with a policy key of its own.
     pub async fn start(host_name: &str) -> FakeHub {
         let key = BASE64.encode(format!("fake hub key of {host_name} for tests!").as_bytes());
-        let identity = pki().server_ca.leaf(host_name, |params| {
-            params.subject_alt_names.push(rcgen::SanType::DnsName(
-                host_name.try_into().expect("dns name"),
-            ));
-            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        });
-        use rustls::pki_types::pem::PemObject;
-        let certs =
-            vec![
-                rustls::pki_types::CertificateDer::from_pem_slice(identity.cert_pem.as_bytes())
-                    .expect("cert"),
-            ];
-        let private = rustls::pki_types::PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes())
-            .expect("key");
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(certs, private)
-            .expect("server config");
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let acceptor = crate::pki::tls_acceptor(host_name);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

@@ -276,3 +276,30 @@ impl KeyForm {
         (cert, key)
     }
 }
+
+/// A TLS server for `host_name` (a DNS name), its certificate signed by the test server
+/// CA: test servers the gateway dials (fake hubs, webhooks).
+pub fn tls_acceptor(host_name: &str) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    let identity = pki().server_ca.leaf(host_name, |params| {
+        params
+            .subject_alt_names
+            .push(SanType::DnsName(host_name.try_into().expect("dns name")));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    });
+    let certs =
+        vec![
+            rustls::pki_types::CertificateDer::from_pem_slice(identity.cert_pem.as_bytes())
+                .expect("cert"),
+        ];
+    let key =
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes()).expect("key");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server config");
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+}

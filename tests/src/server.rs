@@ -70,6 +70,36 @@ impl Server {
     pub fn device(&self, registration_id: &str, auth: DeviceAuth) -> DeviceConfig {
         device_config(self.devices_port, registration_id, auth)
     }
+
+    /// A device of a symmetric-key group, its key derived from `group_key`.
+    pub fn member(&self, group_key: &str, registration_id: &str) -> DeviceConfig {
+        let key = edgedps_policies::sas::derive_device_key(group_key, registration_id)
+            .expect("derived key");
+        self.device(registration_id, sas(&key))
+    }
+
+    /// Registers a device of a symmetric-key group (with `payload`); its answer.
+    pub async fn register_member(
+        &self,
+        group_key: &str,
+        registration_id: &str,
+        payload: Option<serde_json::Value>,
+    ) -> Outcome {
+        edgedps_device::provision::register(&self.member(group_key, registration_id), payload)
+            .await
+            .unwrap_or_else(|e| panic!("{registration_id} got no answer: {e}"))
+    }
+
+    /// The registration record of `registration_id` as stored, as JSON.
+    pub fn record(&self, registration_id: &str) -> serde_json::Value {
+        let record = self
+            .running
+            .responder
+            .registration_record(registration_id)
+            .expect("store")
+            .unwrap_or_else(|| panic!("{registration_id} has no record"));
+        serde_json::to_value(record).expect("json")
+    }
 }
 
 impl Server {
@@ -90,9 +120,7 @@ impl Server {
             .await;
         let mut tasks = Vec::new();
         for i in 0..count {
-            let id = format!("{group}-{i}");
-            let key = edgedps_policies::sas::derive_device_key(&group_key, &id).expect("key");
-            let config = self.device(&id, sas(&key));
+            let config = self.member(&group_key, &format!("{group}-{i}"));
             tasks.push(tokio::spawn(async move {
                 edgedps_device::provision::register(&config, None).await
             }));

@@ -13,8 +13,6 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
-use crate::pki;
-
 /// How the webhook answers.
 #[derive(Debug, Clone)]
 pub enum Behaviour {
@@ -62,29 +60,7 @@ impl Webhook {
     /// A webhook on 127.0.0.1, over TLS (`localhost`, signed by the test server CA) or
     /// plain HTTP.
     pub async fn start(tls: bool, behaviour: Behaviour) -> Webhook {
-        let acceptor = tls.then(|| {
-            let identity = pki().server_ca.leaf("localhost", |params| {
-                params.subject_alt_names.push(rcgen::SanType::DnsName(
-                    "localhost".try_into().expect("dns"),
-                ));
-                params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-            });
-            use rustls::pki_types::pem::PemObject;
-            let certs = vec![rustls::pki_types::CertificateDer::from_pem_slice(
-                identity.cert_pem.as_bytes(),
-            )
-            .expect("cert")];
-            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes())
-                .expect("key");
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ServerConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .expect("versions")
-                .with_no_client_auth()
-                .with_single_cert(certs, key)
-                .expect("server config");
-            tokio_rustls::TlsAcceptor::from(Arc::new(config))
-        });
+        let acceptor = tls.then(|| crate::pki::tls_acceptor("localhost"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

@@ -183,14 +183,23 @@ impl HubClient {
             .connect(name, tcp)
             .await
             .map_err(|e| format!("TLS with {address} failed: {e}"))?;
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        http1(tls)
             .await
-            .map_err(|e| format!("HTTP with {address} failed: {e}"))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "hub connection ended");
-            }
-        });
-        Ok(sender)
+            .map_err(|e| format!("HTTP with {address} failed: {e}"))
     }
+}
+
+/// An HTTP/1.1 client connection over `stream`, driven by a task of its own until it
+/// closes: hubs' service APIs and custom allocation webhooks.
+pub async fn http1<S>(stream: S) -> Result<SendRequest<Full<Bytes>>, hyper::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "HTTP client connection ended");
+        }
+    });
+    Ok(sender)
 }

@@ -378,10 +378,7 @@ async fn refuse<S: AsyncWrite + Unpin>(
 
 /// Random id material for an assigned client id.
 fn assigned_suffix() -> String {
-    use ring::rand::SecureRandom;
-    let mut bytes = [0u8; 9];
-    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    edgedps_responder::random_hex(9)
 }
 
 async fn read_more<S: AsyncRead + Unpin>(

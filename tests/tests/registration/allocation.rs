@@ -46,17 +46,6 @@ async fn closed_port() -> u16 {
     listener.local_addr().expect("addr").port()
 }
 
-/// The registration record as stored, as JSON.
-fn record(server: &Server, id: &str) -> Value {
-    let record = server
-        .running
-        .responder
-        .registration_record(id)
-        .expect("store")
-        .unwrap_or_else(|| panic!("{id} has no record"));
-    serde_json::to_value(record).expect("json")
-}
-
 /// Waits until `hub`'s retained record shows a latency for which `check` holds.
 async fn hub_latency(operator: &mut Operator, hub: &str, check: impl Fn(&Value) -> bool) -> Value {
     let topic = format!("dps/hubs/{hub}");
@@ -136,10 +125,7 @@ async fn geo_latency_assigns_the_nearest_reachable_hub_and_never_an_unreachable_
     operator.subscribe("dps/events/registrations/#").await;
     for i in 0..6 {
         let id = format!("geo-{i}");
-        let key = edgedps_policies::sas::derive_device_key(&group_key, &id).expect("key");
-        let outcome = register(&server.device(&id, sas(&key)), None)
-            .await
-            .expect("registers");
+        let outcome = server.register_member(&group_key, &id, None).await;
         assert_eq!(
             outcome.assigned_hub(),
             Some("near.example.net"),
@@ -150,7 +136,7 @@ async fn geo_latency_assigns_the_nearest_reachable_hub_and_never_an_unreachable_
         assert!(outcome.body["registrationState"]
             .get("allocation")
             .is_none());
-        let allocation = &record(&server, &id)["allocation"];
+        let allocation = &server.record(&id)["allocation"];
         assert_eq!(allocation["policy"], "geoLatency", "{allocation}");
         assert_eq!(allocation["hub"], "near.example.net", "{allocation}");
         let reason = allocation["reason"].as_str().expect("reason");
@@ -174,10 +160,7 @@ async fn geo_latency_assigns_the_nearest_reachable_hub_and_never_an_unreachable_
     })
     .await;
     let id = "geo-after";
-    let key = edgedps_policies::sas::derive_device_key(&group_key, id).expect("key");
-    let outcome = register(&server.device(id, sas(&key)), None)
-        .await
-        .expect("registers");
+    let outcome = server.register_member(&group_key, id, None).await;
     assert_eq!(
         outcome.assigned_hub(),
         Some("mid.example.net"),
@@ -273,18 +256,6 @@ fn custom_group(group_id: &str, key: &str, definition: Value) -> Value {
     group
 }
 
-async fn register_in(
-    server: &Server,
-    group_key: &str,
-    id: &str,
-    payload: Option<Value>,
-) -> Outcome {
-    let key = edgedps_policies::sas::derive_device_key(group_key, id).expect("key");
-    register(&server.device(id, sas(&key)), payload)
-        .await
-        .expect("answered")
-}
-
 fn failed_with(outcome: &Outcome, says: &str) {
     assert_eq!(outcome.status_word(), Some("failed"), "{}", outcome.body);
     let state = &outcome.body["registrationState"];
@@ -305,7 +276,7 @@ async fn an_mqtt_allocator_decides_the_hub_twin_and_payload() {
         )
         .await;
     // Nobody answers for plant-7 yet: failed at once, saying so.
-    let outcome = register_in(&server, &group_key, "early", None).await;
+    let outcome = server.register_member(&group_key, "early", None).await;
     failed_with(
         &outcome,
         "no MQTT client is subscribed to dps/allocators/plant-7/requests/#",
@@ -330,7 +301,9 @@ async fn an_mqtt_allocator_decides_the_hub_twin_and_payload() {
         Some(answer.to_string().into_bytes())
     });
     operator.subscribe("dps/events/registrations/#").await;
-    let outcome = register_in(&server, &group_key, "press-1", Some(json!({"model": "m1"}))).await;
+    let outcome = server
+        .register_member(&group_key, "press-1", Some(json!({"model": "m1"})))
+        .await;
     assert_eq!(
         outcome.assigned_hub(),
         Some("hub-b.example.net"),
@@ -366,8 +339,28 @@ async fn an_mqtt_allocator_decides_the_hub_twin_and_payload() {
         !request.to_string().contains(&group_key),
         "a key reached the allocator"
     );
+    // Answered in one round trip, its event goes out as any registration's.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no assigned event for `press-1`"
+        );
+        let Some((topic, body)) = operator
+            .next_publish("dps/events/registrations/press-1")
+            .await
+        else {
+            continue;
+        };
+        let event: Value = serde_json::from_slice(&body).expect("event");
+        if topic.ends_with("/press-1") && event["outcome"] == "assigned" {
+            assert_eq!(event["allocation"]["policy"], "custom", "{event}");
+            assert_eq!(event["assignedHub"], "hub-b.example.net", "{event}");
+            break;
+        }
+    }
     // The record says who decided.
-    let allocation = &record(&server, "press-1")["allocation"];
+    let allocation = &server.record("press-1")["allocation"];
     assert_eq!(allocation["policy"], "custom");
     assert_eq!(allocation["hub"], "hub-b.example.net");
     let reason = allocation["reason"].as_str().unwrap_or_default();
@@ -377,7 +370,7 @@ async fn an_mqtt_allocator_decides_the_hub_twin_and_payload() {
     );
 
     // The allocator's twin replaces the enrollment's.
-    let outcome = register_in(&server, &group_key, "twin", None).await;
+    let outcome = server.register_member(&group_key, "twin", None).await;
     assert_eq!(
         outcome.body["registrationState"]["initialTwin"]["tags"]["from"], "allocator",
         "{}",
@@ -385,14 +378,14 @@ async fn an_mqtt_allocator_decides_the_hub_twin_and_payload() {
     );
     // Every failure is `failed` with 400207 and its reason, and an event.
     failed_with(
-        &register_in(&server, &group_key, "unlinked", None).await,
+        &server.register_member(&group_key, "unlinked", None).await,
         "hub `hub-z.example.net`, which is not one of the linked hubs offered",
     );
     failed_with(
-        &register_in(&server, &group_key, "garbled", None).await,
+        &server.register_member(&group_key, "garbled", None).await,
         "not an allocation",
     );
-    let silent = register_in(&server, &group_key, "silent", None).await;
+    let silent = server.register_member(&group_key, "silent", None).await;
     failed_with(&silent, "did not answer within 2000 ms");
     assert!(silent.polls >= 1, "a late answer is polled for: {silent:?}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -415,7 +408,7 @@ async fn an_mqtt_allocator_decides_the_hub_twin_and_payload() {
         }
     }
     // A failed device has no hub record and may try again.
-    assert_eq!(record(&server, "press-1")["status"], "assigned");
+    assert_eq!(server.record("press-1")["status"], "assigned");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -446,10 +439,7 @@ async fn a_slow_allocator_answers_by_poll_while_other_devices_provision_at_full_
         )
     });
     let waiting = {
-        let config = server.device(
-            "slow-1",
-            sas(&edgedps_policies::sas::derive_device_key(&group_key, "slow-1").expect("key")),
-        );
+        let config = server.member(&group_key, "slow-1");
         tokio::spawn(async move { register(&config, None).await })
     };
     // 200 devices of a hashed group meanwhile.
@@ -511,13 +501,9 @@ async fn a_webhook_allocates_in_azures_format_and_each_bad_answer_fails_with_its
             ),
         )
         .await;
-    let outcome = register_in(
-        &server,
-        &group_key,
-        "hooked-1",
-        Some(json!({"site": "north"})),
-    )
-    .await;
+    let outcome = server
+        .register_member(&group_key, "hooked-1", Some(json!({"site": "north"})))
+        .await;
     assert_eq!(
         outcome.assigned_hub(),
         Some("hub-b.example.net"),
@@ -549,7 +535,7 @@ async fn a_webhook_allocates_in_azures_format_and_each_bad_answer_fails_with_its
         json!({"site": "north"})
     );
     assert_eq!(asked.body["enrollmentGroup"]["enrollmentGroupId"], "hooked");
-    let reason = record(&server, "hooked-1")["allocation"]["reason"].clone();
+    let reason = server.record("hooked-1")["allocation"]["reason"].clone();
     assert!(
         reason
             .as_str()
@@ -584,7 +570,9 @@ async fn a_webhook_allocates_in_azures_format_and_each_bad_answer_fails_with_its
     .enumerate()
     {
         hook.behave(behaviour);
-        let outcome = register_in(&server, &group_key, &format!("bad-{n}"), None).await;
+        let outcome = server
+            .register_member(&group_key, &format!("bad-{n}"), None)
+            .await;
         failed_with(&outcome, says);
         // The operator sees why on the record's event; other devices are unaffected.
         bystander_provisions(&server, &mut operator).await;

@@ -78,13 +78,7 @@ async fn enroll_at(operator: &mut Operator, registration_id: &str, hub: &str) ->
 }
 
 fn hub_registration(server: &Server, registration_id: &str) -> Value {
-    let record = server
-        .running
-        .responder
-        .registration_record(registration_id)
-        .expect("store")
-        .unwrap_or_else(|| panic!("no record of {registration_id}"));
-    serde_json::to_value(record).expect("json")["hubRegistration"].clone()
+    server.record(registration_id)["hubRegistration"].clone()
 }
 
 /// Waits until the record's `hubRegistration.state` is `state`; the record's field.

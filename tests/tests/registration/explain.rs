@@ -84,15 +84,7 @@ async fn explain_says_which_enrollment_and_hub_and_the_registration_agrees() {
         "{}",
         outcome.body
     );
-    let recorded = serde_json::to_value(
-        server
-            .running
-            .responder
-            .registration_record("solo")
-            .expect("store")
-            .expect("record"),
-    )
-    .expect("json");
+    let recorded = server.record("solo");
     assert_eq!(
         recorded["allocation"]["reason"], allocation["reason"],
         "{recorded}"
@@ -174,8 +166,7 @@ async fn explain_says_which_enrollment_and_hub_and_the_registration_agrees() {
         .await;
     assert_eq!(off["outcome"], "disabled", "{off}");
     assert_eq!(off["enrollment"], "group:off", "{off}");
-    let key = edgedps_policies::sas::derive_device_key(&group_key, "off-1").expect("key");
-    let outcome = register(&server.device("off-1", sas(&key)), None)
+    let outcome = register(&server.member(&group_key, "off-1"), None)
         .await
         .expect("answered");
     assert_eq!(outcome.status_word(), Some("disabled"), "{}", outcome.body);

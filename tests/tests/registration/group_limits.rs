@@ -43,18 +43,11 @@ async fn max_devices_counts_distinct_devices_once_and_frees_a_place_on_deregistr
     operator.subscribe("dps/events/registrations/#").await;
     let key = limited_group(&mut operator, "two", json!({"maxDevices": 2})).await;
     for id in ["two-a", "two-b"] {
-        let outcome = register(&server.device(id, sas(&device_key(&key, id))), None)
-            .await
-            .expect("registers");
+        let outcome = server.register_member(&key, id, None).await;
         assert_eq!(outcome.status_word(), Some("assigned"), "{}", outcome.body);
     }
     // The third is refused with its reason, in the answer and the event.
-    let third = register(
-        &server.device("two-c", sas(&device_key(&key, "two-c"))),
-        None,
-    )
-    .await
-    .expect("answered");
+    let third = server.register_member(&key, "two-c", None).await;
     assert_eq!(third.status, 403, "{}", third.body);
     assert_eq!(third.body["errorCode"], 403001, "{}", third.body);
     let message = third.body["message"].as_str().unwrap_or_default();
@@ -69,7 +62,7 @@ async fn max_devices_counts_distinct_devices_once_and_frees_a_place_on_deregistr
     let mut racing = Vec::new();
     for i in 0..4 {
         let id = format!("one-{i}");
-        let config = server.device(&id, sas(&device_key(&one, &id)));
+        let config = server.member(&one, &id);
         racing.push(tokio::spawn(async move { register(&config, None).await }));
     }
     let mut assigned = 0;
@@ -83,23 +76,13 @@ async fn max_devices_counts_distinct_devices_once_and_frees_a_place_on_deregistr
     }
     assert_eq!(assigned, 1);
     // A device already in the group re-registers: it never counts twice.
-    let again = register(
-        &server.device("two-a", sas(&device_key(&key, "two-a"))),
-        None,
-    )
-    .await
-    .expect("registers");
+    let again = server.register_member(&key, "two-a", None).await;
     assert_eq!(again.status_word(), Some("assigned"), "{}", again.body);
     // Deregistering one frees its place (within a second).
     let cleared = operator.write("dps/registrations/two-b", b"").await;
     assert_eq!(cleared["ok"], true, "{cleared}");
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let third = register(
-        &server.device("two-c", sas(&device_key(&key, "two-c"))),
-        None,
-    )
-    .await
-    .expect("answered");
+    let third = server.register_member(&key, "two-c", None).await;
     assert_eq!(third.status_word(), Some("assigned"), "{}", third.body);
 }
 
@@ -116,9 +99,7 @@ async fn a_group_over_its_rate_answers_429_with_retry_after() {
     .await;
     for i in 0..3 {
         let id = format!("slowgroup-{i}");
-        let outcome = register(&server.device(&id, sas(&device_key(&key, &id))), None)
-            .await
-            .expect("registers");
+        let outcome = server.register_member(&key, &id, None).await;
         assert_eq!(outcome.status_word(), Some("assigned"), "{}", outcome.body);
     }
     let (client, mut eventloop) = server
@@ -161,19 +142,14 @@ async fn an_id_outside_the_pattern_is_refused_at_connect_and_a_bad_pattern_at_th
         json!({"registrationIdPattern": "sensor-[0-9]+"}),
     )
     .await;
-    let ok = register(
-        &server.device("sensor-17", sas(&device_key(&key, "sensor-17"))),
-        None,
-    )
-    .await
-    .expect("registers");
+    let ok = server.register_member(&key, "sensor-17", None).await;
     assert_eq!(ok.status_word(), Some("assigned"), "{}", ok.body);
     // The key is right, the id is not the group's: 401 at CONNECT, with the reason.
     for id in ["camera-1", "sensor-17x", "xsensor-1"] {
         let now = edgedps_responder::unix_now();
         let token = edgedps_policies::sas::sign(&device_key(&key, id), ID_SCOPE, id, now + 3600)
             .expect("token");
-        let config = server.device(id, sas(&device_key(&key, id)));
+        let config = server.member(&key, id);
         let refused = connack_refusal(server.devices_port, id, &config.username(), &token).await;
         assert_eq!(
             refused,
