@@ -22,7 +22,8 @@ use crate::tls::{self, TlsStream};
 const MAX_PACKET: usize = 256 * 1024;
 const CONNACK: &[u8] = &[0x20, 0x02, 0x00, 0x00];
 const PINGRESP: &[u8] = &[0xd0, 0x00];
-const RESPONSE_TOPIC: &[u8] = b"$dps/registrations/res/200/?$rid=1";
+/// The response topic up to the request's `$rid`, which it echoes.
+const RESPONSE_TOPIC: &[u8] = b"$dps/registrations/res/200/?$rid=";
 const RESPONSE_BODY: &[u8] = br#"{"operationId":"4.baseline","status":"assigned","registrationState":{"registrationId":"baseline","assignedHub":"hub-a.example.net","deviceId":"baseline","status":"assigned","substatus":"initialAssignment","etag":"\"baseline\""}}"#;
 
 /// Serves until the process ends.
@@ -94,13 +95,16 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                             out.extend_from_slice(&[0x40, 0x02, pkid[0], pkid[1]]);
                         }
                     }
+                    let rid = request_id(body);
+                    let topic_len = RESPONSE_TOPIC.len() + rid.len();
                     let pkid_len = if granted > 0 { 2 } else { 0 };
-                    let remaining = 2 + RESPONSE_TOPIC.len() + pkid_len + RESPONSE_BODY.len();
+                    let remaining = 2 + topic_len + pkid_len + RESPONSE_BODY.len();
                     out.extend_from_slice(&[0x30 | (granted << 1)]);
                     v4::write_remaining_length(&mut out, remaining)
                         .map_err(|e| std::io::Error::other(e.to_string()))?;
-                    out.extend_from_slice(&(RESPONSE_TOPIC.len() as u16).to_be_bytes());
+                    out.extend_from_slice(&(topic_len as u16).to_be_bytes());
                     out.extend_from_slice(RESPONSE_TOPIC);
+                    out.extend_from_slice(rid);
                     if granted > 0 {
                         out.extend_from_slice(&[0x00, 0x01]);
                     }
@@ -118,5 +122,48 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         if !out.is_empty() {
             stream.write_all(&out).await?;
         }
+    }
+}
+
+/// The `$rid` of a PUBLISH body's topic (empty without one), at most 64 bytes: clients
+/// match the response to their request by it.
+fn request_id(body: &[u8]) -> &[u8] {
+    let Some(&[high, low]) = body.get(..2) else {
+        return &[];
+    };
+    let topic = body
+        .get(2..2 + usize::from(u16::from_be_bytes([high, low])))
+        .unwrap_or(&[]);
+    let Some(start) = topic.windows(5).position(|w| w == b"$rid=") else {
+        return &[];
+    };
+    let rid = &topic[start + 5..];
+    let end = rid.iter().position(|&b| b == b'&').unwrap_or(rid.len());
+    &rid[..end.min(64)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::request_id;
+
+    fn publish_body(topic: &[u8]) -> Vec<u8> {
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(topic);
+        body.extend_from_slice(&[0, 7, b'{', b'}']);
+        body
+    }
+
+    #[test]
+    fn the_response_echoes_the_requests_rid() {
+        let body = publish_body(b"$dps/registrations/PUT/iotdps-register/?$rid=9f1c&x=1");
+        assert_eq!(request_id(&body), b"9f1c");
+        let body = publish_body(b"$dps/registrations/GET/iotdps-get-operationstatus/?$rid=42");
+        assert_eq!(request_id(&body), b"42");
+        assert_eq!(
+            request_id(&publish_body(b"devices/d/messages/events/")),
+            b""
+        );
+        assert_eq!(request_id(&[0x00]), b"");
+        assert_eq!(request_id(&[0xff, 0xff, b'$']), b"");
     }
 }
