@@ -81,11 +81,12 @@ pub fn server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerConf
     let verifier = Arc::new(PresentedChainVerifier {
         algorithms: provider.signature_verification_algorithms,
     });
-    let config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
         .map_err(|e| key_error(key_path, e))?;
+    without_resumption(&mut config);
     Ok(Arc::new(config))
 }
 
@@ -102,7 +103,7 @@ pub fn operator_server_config(
     let provider = Arc::new(ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])?;
-    let config = match client_ca {
+    let mut config = match client_ca {
         Some(path) => {
             let mut roots = rustls::RootCertStore::empty();
             for ca in read_certificates(path)? {
@@ -120,7 +121,18 @@ pub fn operator_server_config(
         None => builder.with_no_client_auth().with_single_cert(certs, key),
     }
     .map_err(|e| key_error(key_path, e))?;
+    without_resumption(&mut config);
     Ok(Arc::new(config))
+}
+
+/// No session resumption: every client offers it (rustls's and OpenSSL's send
+/// `psk_key_exchange_modes` in every TLS 1.3 hello), so by default two tickets would be
+/// made, encrypted, sent and cached per handshake: about 5% of a registration's server
+/// CPU (BENCHMARKS.md, issue 28). No DPS client resumes: the device SDKs open a new
+/// connection for each registration.
+fn without_resumption(config: &mut ServerConfig) {
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
 }
 
 fn file_error(path: &Path, reason: impl ToString) -> Error {

@@ -523,6 +523,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_client_that_offers_resumption_gets_a_full_handshake_every_time() {
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            // One client configuration, so its session cache (on by default) would
+            // resume the second connection if the server had given it a ticket or id.
+            let connector = client(&[version]);
+            for attempt in 0..2 {
+                let (server_end, client_end) = tokio::io::duplex(64 * 1024);
+                let name = ServerName::try_from("localhost").unwrap();
+                let connector = connector.clone();
+                let client = tokio::spawn(async move { connector.connect(name, client_end).await });
+                let mut server = TlsStream::new(server_end, pki().server.clone()).unwrap();
+                server.read_client_hello().await.unwrap();
+                server.handshake().await.unwrap();
+                let mut client = client.await.unwrap().unwrap();
+                // Traffic both ways: TLS 1.3 tickets would have gone with it.
+                server.write_all(b"hello").await.unwrap();
+                server.flush().await.unwrap();
+                let mut got = [0u8; 5];
+                client.read_exact(&mut got).await.unwrap();
+                client.write_all(b"bye").await.unwrap();
+                client.flush().await.unwrap();
+                server.read_exact(&mut [0u8; 3]).await.unwrap();
+                assert_eq!(
+                    client.get_ref().1.handshake_kind(),
+                    Some(rustls::HandshakeKind::Full),
+                    "{version:?} connection {attempt} was resumed"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn an_idle_connection_holds_no_buffers() {
         let (mut server, mut client) = pair(64 * 1024, &[&rustls::version::TLS13]).await;
         client.write_all(&payload(20_000)).await.unwrap();
