@@ -193,7 +193,7 @@ impl Responder {
                 encoding,
                 guard,
             };
-            return self.register_custom(device, custom, publish).await;
+            return Box::pin(self.register_custom(device, custom, publish)).await;
         }
         let decision = self
             .decide(device, standing, &request, &operation_id, publish)
@@ -598,15 +598,16 @@ impl Responder {
             reprovision::allocates(existing, reprovision_policy),
         ) {
             (AllocationPolicy::Custom, Some(definition), true) => {
-                let asked = self
-                    .custom_allocate(
-                        device,
-                        &standing,
-                        definition,
-                        &resolved.settings.iot_hubs,
-                        request.payload.as_ref(),
-                    )
-                    .await;
+                // Boxed, as the other rare paths below: inline, their futures (an HTTP
+                // client's among them) would make every register's future as large.
+                let asked = Box::pin(self.custom_allocate(
+                    device,
+                    &standing,
+                    definition,
+                    &resolved.settings.iot_hubs,
+                    request.payload.as_ref(),
+                ))
+                .await;
                 match asked {
                     Ok(outcome) => Some(outcome),
                     Err(failure) => {
@@ -740,9 +741,8 @@ impl Responder {
             }
         };
         if let Some(wait) = hub_wait {
-            if let Err(reason) = self.wait_for_hub(wait).await {
-                return self
-                    .hub_refused(device, state, reason, operation_id, publish)
+            if let Err(reason) = Box::pin(self.wait_for_hub(wait)).await {
+                return Box::pin(self.hub_refused(device, state, reason, operation_id, publish))
                     .await;
             }
             // The hub's worker published the record as `done` meanwhile: the record this

@@ -532,8 +532,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn drain_input(&mut self) -> Result<(), Close> {
         while let Some(frame) = self.codec.decode(&mut self.inbuf)? {
-            // Boxed: the register path is a deep future; inline, every idle session
-            // would carry its size (see BENCHMARKS.md, idle session memory).
+            // Boxed, small: the deep paths (a register, the local hub, admin writes) are
+            // boxed where `handle` calls them, so that the packets without one (SUBSCRIBE,
+            // PUBACK, DISCONNECT) do not allocate and copy their size (BENCHMARKS.md,
+            // issue 28); inline, every idle session would carry it.
             Box::pin(self.handle(frame)).await?;
         }
         Ok(())
@@ -591,21 +593,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     .to_owned();
                 let content_type = properties.as_ref().and_then(|p| p.content_type.as_deref());
                 if topic.starts_with(edgedps_topics::hub::IOTHUB_PREFIX) && !self.passthrough {
-                    return self.hub_request(&topic, &publish.payload, meta).await;
+                    return Box::pin(self.hub_request(&topic, &publish.payload, meta)).await;
                 }
                 if self.role == Role::Reader {
-                    return self.reader_publish(&topic, &publish.payload, meta).await;
+                    return Box::pin(self.reader_publish(&topic, &publish.payload, meta)).await;
                 }
                 if let Identity::Operator(_) = self.identity {
                     if let Some(write) = edgedps_topics::hub::parse_operator_topic(&topic) {
-                        return self
-                            .hub_operator_write(&topic, write, &publish.payload, meta)
-                            .await;
+                        return Box::pin(self.hub_operator_write(
+                            &topic,
+                            write,
+                            &publish.payload,
+                            meta,
+                        ))
+                        .await;
                     }
                     if let Some((device_id, bag)) = edgedps_topics::hub::parse_devicebound(&topic) {
                         let (device_id, bag) = (device_id.to_owned(), bag.to_owned());
-                        if self
-                            .queue_message(&device_id, &bag, &publish.payload, meta)
+                        if Box::pin(self.queue_message(&device_id, &bag, &publish.payload, meta))
                             .await?
                         {
                             return Ok(());
@@ -613,15 +618,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                 }
                 if dps_topics::is_dps_topic(&topic) {
-                    return self
-                        .dps_request(&topic, &publish.payload, content_type, meta)
-                        .await;
+                    return Box::pin(self.dps_request(
+                        &topic,
+                        &publish.payload,
+                        content_type,
+                        meta,
+                    ))
+                    .await;
                 }
                 if let Some(admin) = admin_topics::parse_topic(&topic) {
                     let encoding = Encoding::detect(&publish.payload, content_type);
-                    return self
-                        .admin_write(&topic, admin, &publish.payload, encoding, meta)
-                        .await;
+                    return Box::pin(self.admin_write(
+                        &topic,
+                        admin,
+                        &publish.payload,
+                        encoding,
+                        meta,
+                    ))
+                    .await;
                 }
                 if crate::dollar::forbidden(&topic) {
                     return Err(Close::Violation("topic holds U+0000".into()));
@@ -630,11 +644,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if self.passthrough {
                         // A full MQTT session keeps its connection: the publish is
                         // refused (MQTT 5: reason 0x87) and dropped.
-                        self.refused("publish", &topic, "reserved to the server ($SYS, $dps)")
-                            .await;
+                        Box::pin(self.refused(
+                            "publish",
+                            &topic,
+                            "reserved to the server ($SYS, $dps)",
+                        ))
+                        .await;
                         return self.refuse_publish(meta);
                     }
-                    return Err(self.denied("publish", &topic).await);
+                    return Err(Box::pin(self.denied("publish", &topic)).await);
                 }
                 if self.passthrough {
                     // The router stores it and acknowledges it (PUBACK, PUBREC).
@@ -644,7 +662,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         publish.topic = routed.into();
                     }
                     let properties = crate::qos::tag(properties, meta.qos, publish.retain);
-                    return self.router_send(Packet::Publish(publish, properties)).await;
+                    return Box::pin(self.router_send(Packet::Publish(publish, properties))).await;
                 }
                 let forward = rumqttd::protocol::Publish::new(
                     publish.topic.clone(),
@@ -653,13 +671,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 );
                 let properties =
                     crate::qos::tag(self.codec.properties(properties), meta.qos, publish.retain);
-                self.router_send(Packet::Publish(forward, properties))
-                    .await?;
+                Box::pin(self.router_send(Packet::Publish(forward, properties))).await?;
                 self.puback(meta)
             }
-            Packet::Subscribe(subscribe, properties) => self.subscribe(subscribe, properties).await,
+            Packet::Subscribe(subscribe, properties) => {
+                Box::pin(self.subscribe(subscribe, properties)).await
+            }
             Packet::Unsubscribe(unsubscribe, properties) => {
-                self.unsubscribe(unsubscribe, properties).await
+                Box::pin(self.unsubscribe(unsubscribe, properties)).await
             }
             Packet::PingReq(_) => self.send(Packet::PingResp(PingResp)),
             Packet::Disconnect(disconnect, properties) => {
@@ -691,13 +710,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Packet::PubAck(PubAck { pkid, .. }, _) | Packet::PubRec(PubRec { pkid, .. }, _)
                 if self.passthrough =>
             {
-                self.acknowledged(pkid).await
+                Box::pin(self.acknowledged(pkid)).await
             }
             Packet::PubComp(PubComp { pkid, .. }, _) if self.passthrough => {
-                self.completed(pkid).await
+                Box::pin(self.completed(pkid)).await
             }
             // The release of a QoS 2 publish the router holds.
-            release @ Packet::PubRel(..) if self.passthrough => self.router_send(release).await,
+            release @ Packet::PubRel(..) if self.passthrough => {
+                Box::pin(self.router_send(release)).await
+            }
             // Device sessions: router deliveries are QoS 0, nothing to settle; a hub
             // session's cloud-to-device messages leave their queue.
             Packet::PubAck(PubAck { pkid, .. }, _) => self.hub_acknowledged(pkid),
