@@ -256,6 +256,27 @@ fn custom_group(group_id: &str, key: &str, definition: Value) -> Value {
     group
 }
 
+/// The first registration event of `id` with `outcome`, within five seconds.
+async fn registration_event(operator: &mut Operator, id: &str, outcome: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {outcome} event for `{id}`"
+        );
+        let Some((topic, body)) = operator
+            .next_publish(&format!("dps/events/registrations/{id}"))
+            .await
+        else {
+            continue;
+        };
+        let event: Value = serde_json::from_slice(&body).expect("event");
+        if topic.ends_with(&format!("/{id}")) && event["outcome"] == outcome {
+            return event;
+        }
+    }
+}
+
 fn failed_with(outcome: &Outcome, says: &str) {
     assert_eq!(outcome.status_word(), Some("failed"), "{}", outcome.body);
     let state = &outcome.body["registrationState"];
@@ -340,25 +361,9 @@ async fn an_mqtt_allocator_decides_the_hub_twin_and_payload() {
         "a key reached the allocator"
     );
     // Answered in one round trip, its event goes out as any registration's.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no assigned event for `press-1`"
-        );
-        let Some((topic, body)) = operator
-            .next_publish("dps/events/registrations/press-1")
-            .await
-        else {
-            continue;
-        };
-        let event: Value = serde_json::from_slice(&body).expect("event");
-        if topic.ends_with("/press-1") && event["outcome"] == "assigned" {
-            assert_eq!(event["allocation"]["policy"], "custom", "{event}");
-            assert_eq!(event["assignedHub"], "hub-b.example.net", "{event}");
-            break;
-        }
-    }
+    let event = registration_event(&mut operator, "press-1", "assigned").await;
+    assert_eq!(event["allocation"]["policy"], "custom", "{event}");
+    assert_eq!(event["assignedHub"], "hub-b.example.net", "{event}");
     // The record says who decided.
     let allocation = &server.record("press-1")["allocation"];
     assert_eq!(allocation["policy"], "custom");
@@ -388,25 +393,9 @@ async fn an_mqtt_allocator_decides_the_hub_twin_and_payload() {
     let silent = server.register_member(&group_key, "silent", None).await;
     failed_with(&silent, "did not answer within 2000 ms");
     assert!(silent.polls >= 1, "a late answer is polled for: {silent:?}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no failed event for `silent`"
-        );
-        let Some((topic, body)) = operator
-            .next_publish("dps/events/registrations/silent")
-            .await
-        else {
-            continue;
-        };
-        let event: Value = serde_json::from_slice(&body).expect("event");
-        if topic.ends_with("/silent") && event["outcome"] == "failed" {
-            assert_eq!(event["errorCode"], 400207, "{event}");
-            assert_eq!(event["allocation"]["policy"], "custom", "{event}");
-            break;
-        }
-    }
+    let event = registration_event(&mut operator, "silent", "failed").await;
+    assert_eq!(event["errorCode"], 400207, "{event}");
+    assert_eq!(event["allocation"]["policy"], "custom", "{event}");
     // A failed device has no hub record and may try again.
     assert_eq!(server.record("press-1")["status"], "assigned");
 }
