@@ -271,8 +271,8 @@ impl Responder {
     }
 
     /// Whether this register is decided by a custom allocator: the device is in service
-    /// and follows an enrollment whose policy is `custom`.
-    /// On every register: the policy is peeked at, nothing is copied.
+    /// and follows an enrollment whose policy is `custom`. Asked on every register, so
+    /// it peeks at the policy and copies nothing.
     fn allocates_by_custom(&self, device: &Attested, standing: &Standing) -> bool {
         let policy = match &device.source {
             EnrollmentSource::Individual => standing

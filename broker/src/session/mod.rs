@@ -532,10 +532,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn drain_input(&mut self) -> Result<(), Close> {
         while let Some(frame) = self.codec.decode(&mut self.inbuf)? {
-            // Boxed, small: the deep paths (a register, the local hub, admin writes) are
-            // boxed where `handle` calls them, so that the packets without one (SUBSCRIBE,
-            // PUBACK, DISCONNECT) do not allocate and copy their size (BENCHMARKS.md,
-            // issue 28); inline, every idle session would carry it.
+            // Boxed, small: the deep paths (a register, the local hub, admin writes,
+            // SUBSCRIBE) are boxed where `handle` calls them, so that the packets without
+            // one (a device's PUBACK and DISCONNECT, a full session's PUBLISH and its
+            // acknowledgements) do not allocate and copy their size (BENCHMARKS.md, issue
+            // 28); inline, every idle session would carry it.
             Box::pin(self.handle(frame)).await?;
         }
         Ok(())
@@ -662,7 +663,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         publish.topic = routed.into();
                     }
                     let properties = crate::qos::tag(properties, meta.qos, publish.retain);
-                    return Box::pin(self.router_send(Packet::Publish(publish, properties))).await;
+                    return self.router_send(Packet::Publish(publish, properties)).await;
                 }
                 let forward = rumqttd::protocol::Publish::new(
                     publish.topic.clone(),
@@ -671,7 +672,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 );
                 let properties =
                     crate::qos::tag(self.codec.properties(properties), meta.qos, publish.retain);
-                Box::pin(self.router_send(Packet::Publish(forward, properties))).await?;
+                self.router_send(Packet::Publish(forward, properties))
+                    .await?;
                 self.puback(meta)
             }
             Packet::Subscribe(subscribe, properties) => {
@@ -710,15 +712,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Packet::PubAck(PubAck { pkid, .. }, _) | Packet::PubRec(PubRec { pkid, .. }, _)
                 if self.passthrough =>
             {
-                Box::pin(self.acknowledged(pkid)).await
+                self.acknowledged(pkid).await
             }
             Packet::PubComp(PubComp { pkid, .. }, _) if self.passthrough => {
-                Box::pin(self.completed(pkid)).await
+                self.completed(pkid).await
             }
             // The release of a QoS 2 publish the router holds.
-            release @ Packet::PubRel(..) if self.passthrough => {
-                Box::pin(self.router_send(release)).await
-            }
+            release @ Packet::PubRel(..) if self.passthrough => self.router_send(release).await,
             // Device sessions: router deliveries are QoS 0, nothing to settle; a hub
             // session's cloud-to-device messages leave their queue.
             Packet::PubAck(PubAck { pkid, .. }, _) => self.hub_acknowledged(pkid),
